@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# awsfun worker bootstrap: EC2 user-data for one S3 object.
+#
+# lambda_function.render_user_data replaces the marker line below with the job:
+# bucket, key and friends as base64 values, so no part of a key is ever parsed
+# by the shell. Runs as root under cloud-init, or under plain bash anywhere
+# with AWS credentials, AWS_DEFAULT_REGION and optionally AWS_ENDPOINT_URL.
+# Whatever happens, it ends with `shutdown -h now`.
+set -euo pipefail
+umask 077
+
+: __AWSFUN_JOB__
+
+export HOME="${HOME:-/root}"
+REPORTED=""
+WORK_DIR=""
+LOG_FILE=""
+TEE_PID=""
+
+log() {
+  printf '%s awsfun-bootstrap: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2
+}
+
+# b64_decode VAR VALUE: decode into VAR, keeping trailing newlines.
+b64_decode() {
+  local decoded
+  decoded="$(printf '%s' "$2" | base64 -d && printf x)"
+  printf -v "$1" '%s' "${decoded%x}"
+}
+
+# json_string TEXT: TEXT as a JSON string literal (UTF-8 passes through).
+json_string() {
+  local LC_ALL=C
+  local text="$1" out="" ch code i
+  for ((i = 0; i < ${#text}; i++)); do
+    ch="${text:i:1}"
+    case "$ch" in
+      '"') out+='\"' ;;
+      \\) out+="\\\\" ;;
+      [[:cntrl:]]) printf -v code '\\u%04x' "'$ch"; out+="$code" ;;
+      *) out+="$ch" ;;
+    esac
+  done
+  printf '"%s"' "$out"
+}
+
+# report_key KEY SUFFIX: where a report for KEY goes (same rule as AwsS3.report_key).
+report_key() {
+  local key="$1" suffix="$2" candidate
+  candidate="analysis/${key}${suffix}"
+  if (($(printf '%s' "$candidate" | wc -c) > 1024)); then
+    printf 'analysis/_long/%s%s' "$(printf '%s' "$key" | sha256sum | cut -d' ' -f1)" "$suffix"
+  else
+    printf '%s' "$candidate"
+  fi
+}
+
+have_python() {
+  command -v python3 >/dev/null 2>&1 && python3 -c 'import boto3' >/dev/null 2>&1
+}
+
+# s3_copy get|put BUCKET KEY FILE [CONTENT_TYPE]: boto3 if usable, else the AWS CLI.
+s3_copy() {
+  local op="$1" bucket="$2" key="$3" file="$4" content_type="${5:-text/plain}"
+  if have_python; then
+    python3 - "$op" "$bucket" "$key" "$file" "$content_type" <<'PY'
+import os, sys
+import boto3
+from botocore.config import Config
+op, bucket, key, path, content_type = (os.fsencode(a).decode("utf-8") for a in sys.argv[1:6])
+s3 = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+if op == "get":
+    s3.download_file(bucket, key, path)
+else:
+    with open(path, "rb") as body:
+        s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+PY
+  elif command -v aws >/dev/null 2>&1; then
+    if [[ "$op" == get ]]; then
+      aws s3api get-object --bucket "$bucket" --key "$key" "$file" >/dev/null
+    else
+      aws s3api put-object --bucket "$bucket" --key "$key" --body "$file" \
+        --content-type "$content_type" >/dev/null
+    fi
+  else
+    log "neither python3 with boto3 nor the aws CLI is available for S3"
+    return 127
+  fi
+}
+
+instance_id() {
+  local tag=/sys/devices/virtual/dmi/id/board_asset_tag
+  if [[ -r "$tag" && "$(cat "$tag")" == i-* ]]; then
+    cat "$tag"
+  else
+    printf '%s' "${AWSFUN_INSTANCE_ID:-unknown}"
+  fi
+}
+
+# write_error_report STAGE MESSAGE EXIT_CODE: the report for a job the worker could not finish.
+write_error_report() {
+  local stage="$1" message="$2" code="$3" file
+  file="$WORK_DIR/error.json"
+  printf '{"input": {"bucket": %s, "key": %s, "etag": %s}, "status": "error", "stage": %s, "error": %s, "exit_code": %s, "instance_id": %s, "written_by": "bootstrap", "time": "%s"}\n' \
+    "$(json_string "$JOB_BUCKET")" "$(json_string "$JOB_KEY")" "$(json_string "$JOB_ETAG")" \
+    "$(json_string "$stage")" "$(json_string "$message")" "$code" \
+    "$(json_string "$(instance_id)")" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$file"
+  if s3_copy put "$JOB_BUCKET" "$(report_key "$JOB_KEY" .error.json)" "$file" application/json; then
+    REPORTED=yes
+    log "wrote error report for stage $stage"
+  else
+    log "could not write the error report for stage $stage"
+  fi
+}
+
+on_exit() {
+  local status=$?
+  set +e
+  trap - ERR EXIT
+  if ((status != 0)) && [[ -z "$REPORTED" && -n "${JOB_KEY+set}" && -n "$WORK_DIR" ]]; then
+    write_error_report bootstrap "bootstrap failed with status $status" "$status"
+  fi
+  log "finished with status $status; shutting down"
+  if [[ -n "$TEE_PID" ]]; then
+    exec 1>&3 2>&4
+    wait "$TEE_PID" 2>/dev/null
+  fi
+  if [[ -n "${JOB_KEY+set}" && -s "$LOG_FILE" ]]; then
+    s3_copy put "$JOB_BUCKET" "$(report_key "$JOB_KEY" .log)" "$LOG_FILE" text/plain ||
+      log "could not upload the log"
+  fi
+  [[ -n "$WORK_DIR" ]] && rm -rf "$WORK_DIR"
+  shutdown -h now
+}
+
+ensure_boto3() {
+  command -v python3 >/dev/null 2>&1 || return 1
+  python3 -c 'import boto3' >/dev/null 2>&1 && return 0
+  log "boto3 missing; installing it"
+  if command -v dnf >/dev/null 2>&1; then
+    dnf install -y -q python3-boto3 || python3 -m pip install -q boto3
+  else
+    python3 -m pip install -q boto3
+  fi
+}
+
+main() {
+  trap on_exit EXIT
+  trap 'exit 143' TERM INT HUP
+  WORK_DIR="$(mktemp -d "${TMPDIR:-/tmp}/awsfun.XXXXXX")"
+  LOG_FILE="$WORK_DIR/bootstrap.log"
+  exec 3>&1 4>&2
+  exec > >(tee -a "$LOG_FILE") 2>&1
+  TEE_PID=$!
+  if [[ -z "${JOB_BUCKET_B64:-}" ]]; then
+    log "this is the unrendered template: lambda_function.render_user_data fills in the job"
+    return 2
+  fi
+  b64_decode JOB_BUCKET "$JOB_BUCKET_B64"
+  b64_decode JOB_KEY "$JOB_KEY_B64"
+  b64_decode JOB_ETAG "$JOB_ETAG_B64"
+  b64_decode JOB_SOFTWARE_BUCKET "$JOB_SOFTWARE_BUCKET_B64"
+  b64_decode JOB_WORKER_KEY "$JOB_WORKER_KEY_B64"
+  b64_decode JOB_REGION "$JOB_REGION_B64"
+  export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-$JOB_REGION}"
+  log "job: s3://$JOB_BUCKET/$JOB_KEY on $(instance_id); watchdog ${JOB_WATCHDOG_MINUTES} min"
+  # Last resort for a hung machine; the worker's own time limit below fires first.
+  shutdown -h "+$JOB_WATCHDOG_MINUTES" "awsfun watchdog" || log "could not arm the watchdog"
+
+  if ! ensure_boto3; then
+    # write_error_report falls back to the AWS CLI when Python cannot do it.
+    write_error_report start "python3 with boto3 is not available on this machine" 127
+    return 127
+  fi
+  local worker="$WORK_DIR/AwsS3.py"
+  if ! s3_copy get "$JOB_SOFTWARE_BUCKET" "$JOB_WORKER_KEY" "$worker"; then
+    write_error_report fetch "cannot fetch s3://$JOB_SOFTWARE_BUCKET/$JOB_WORKER_KEY" 1
+    return 1
+  fi
+  local status=0
+  AWSFUN_EXPECTED_ETAG="$JOB_ETAG" timeout -k 30 "$JOB_TIMEOUT_SECONDS" \
+    python3 "$worker" "s3://$JOB_BUCKET/$JOB_KEY" || status=$?
+  case "$status" in
+    0) log "worker succeeded" ;;
+    1) log "worker failed and wrote its error report"; REPORTED=yes ;;
+    124 | 137) write_error_report worker "worker exceeded its time limit of ${JOB_TIMEOUT_SECONDS}s" "$status" ;;
+    *) write_error_report worker "worker exited with status $status" "$status" ;;
+  esac
+  return "$status"
+}
+
+main "$@"

@@ -1,0 +1,63 @@
+"""Shared fixtures: fake credentials, an in-process moto server, a recording `shutdown`."""
+
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lambda_function  # noqa: E402
+from support import ShutdownStub  # noqa: E402
+
+REGION = "us-east-1"
+
+
+@pytest.fixture(autouse=True)
+def aws_credentials(monkeypatch):
+    """Fake credentials for every test; no test may reach a real account or IMDS."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                 "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "DRY_RUN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    lambda_function._clients.clear()
+    lambda_function._template_cache.clear()
+    yield
+    lambda_function._clients.clear()
+    lambda_function._template_cache.clear()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A moto server on a free loopback port for the whole session."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def local_aws(moto_endpoint, monkeypatch):
+    """Point boto3 (and child processes) at the moto server; reset its state afterwards."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    yield moto_endpoint
+    request = urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+@pytest.fixture
+def shutdown_stub(tmp_path):
+    """A `shutdown` first on PATH that records its arguments instead of powering off."""
+    return ShutdownStub(tmp_path / "stub")
