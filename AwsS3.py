@@ -14,9 +14,13 @@ import hashlib
 import io
 import json
 import logging
+import mimetypes
 import os
+import re
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 import zlib
 
@@ -412,7 +416,7 @@ def put_report(s3, bucket, key, report, suffix):
     return target
 
 
-def analyse_s3_object(s3, bucket, key, expected_etag=""):
+def analyse_s3_object(s3, bucket, key, expected_etag="", command=None):
     """Analyse s3://bucket/key and write its report; return the report (None if done before)."""
     started = time.time()
     head = s3.head_object(Bucket=bucket, Key=key)
@@ -437,11 +441,71 @@ def analyse_s3_object(s3, bucket, key, expected_etag=""):
         "status": "ok",
     }
     logger.info("analysing s3://%s/%s (%d bytes)", bucket, key, head["ContentLength"])
-    report.update(analyse_stream(body.iter_chunks(CHUNK_SIZE), total=head["ContentLength"]))
+    chunks = body.iter_chunks(CHUNK_SIZE)
+    if command:
+        report["route"] = run_route_command(s3, bucket, key, command, chunks, report)
+    else:
+        report.update(analyse_stream(chunks, total=head["ContentLength"]))
     report["worker"] = worker_info(started, report["bytes"])
     target = put_report(s3, bucket, key, report, ".json")
     logger.info("wrote s3://%s/%s: %s, %d lines", bucket, target, report["format"], report["lines"])
     return report
+
+
+def local_input_name(key):
+    """Return a safe file name for a key's local copy, keeping its extensions for the tool."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", key.rsplit("/", 1)[-1])[-100:]
+    return "input-" + (name or "object")
+
+
+def _tee_to_file(chunks, path):
+    with open(path, "wb") as handle:
+        for chunk in chunks:
+            handle.write(chunk)
+            yield chunk
+
+
+def run_route_command(s3, bucket, key, command, chunks, report):
+    """Copy the object locally (analysing it on the way), run a route's argument list, upload its outputs."""
+    with tempfile.TemporaryDirectory(prefix="awsfun-route-") as work:
+        input_path = os.path.join(work, local_input_name(key))
+        output_dir = os.path.join(work, "output")
+        os.mkdir(output_dir)
+        report.update(analyse_stream(_tee_to_file(chunks, input_path), total=report["input"]["size"]))
+        argv = [arg.format(input=input_path, output_dir=output_dir) for arg in command]
+        logger.info("running route command %s", argv)
+        started = time.monotonic()
+        try:
+            # An argument list, never a shell: nothing in the key or the table is parsed.
+            done = subprocess.run(argv, cwd=work, capture_output=True, check=False)
+        except OSError as err:
+            raise AnalysisError(f"cannot run route command {command[0]!r}: {err}") from None
+        for stream, text in (("stdout", done.stdout), ("stderr", done.stderr)):
+            if text:
+                logger.info("command %s:\n%s", stream, text.decode("utf-8", "replace")[-4000:])
+        outputs = upload_outputs(s3, bucket, key, output_dir)
+        route = {"command": command, "exit_code": done.returncode, "outputs": outputs,
+                 "seconds": round(time.monotonic() - started, 3),
+                 "stdout_tail": done.stdout.decode("utf-8", "replace")[-2000:],
+                 "stderr_tail": done.stderr.decode("utf-8", "replace")[-2000:]}
+        if done.returncode != 0:
+            raise AnalysisError(f"route command {command[0]!r} exited with status {done.returncode}: "
+                                + route["stderr_tail"][-500:].strip())
+        return route
+
+
+def upload_outputs(s3, bucket, key, output_dir):
+    """Upload every file a route command wrote to analysis/KEY/...; return their keys."""
+    uploaded = []
+    for root, _, files in os.walk(output_dir):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, output_dir).replace(os.sep, "/")
+            target = report_key(key, "/" + relative)
+            content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+            s3.upload_file(path, bucket, target, ExtraArgs={"ContentType": content_type})
+            uploaded.append(target)
+    return uploaded
 
 
 def error_report(stage, err, inputs):
@@ -459,13 +523,13 @@ def error_report(stage, err, inputs):
     }
 
 
-def run_s3(uri, s3=None):
+def run_s3(uri, s3=None, command=None):
     """Process one S3 object end to end; return the process exit status."""
     bucket, key = parse_s3_uri(uri)
     expected = os.environ.get("AWSFUN_EXPECTED_ETAG", "")
     try:
         s3 = s3 or make_s3_client()
-        analyse_s3_object(s3, bucket, key, expected)
+        analyse_s3_object(s3, bucket, key, expected, command)
         return EXIT_OK
     except Exception as err:  # noqa: BLE001 - every failure must leave an error report
         code, message = _error_code(err)
@@ -503,6 +567,9 @@ def main(argv=None):
         "3 failed and the error report could not be written.",
     )
     parser.add_argument("target", help="s3://BUCKET/KEY or a local file path")
+    parser.add_argument("--command", metavar="JSON",
+                        help="a route's argument list as JSON, with {input} and {output_dir}: "
+                        "run it on a local copy and upload its outputs to analysis/KEY/ (S3 only)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -514,12 +581,22 @@ def main(argv=None):
         logging.getLogger("botocore").setLevel(logging.WARNING)
     # Arguments arrive as the locale decoded them; S3 keys are UTF-8 whatever the locale.
     target = os.fsencode(args.target).decode("utf-8")
+    command = None
+    if args.command:
+        try:
+            command = json.loads(args.command)
+        except json.JSONDecodeError as err:
+            parser.error(f"--command is not JSON: {err}")
+        if not (isinstance(command, list) and command and all(isinstance(a, str) for a in command)):
+            parser.error("--command must be a JSON list of strings")
     if target.startswith("s3://"):
         try:
             parse_s3_uri(target)
         except ValueError as err:
             parser.error(str(err))
-        return run_s3(target)
+        return run_s3(target, command=command)
+    if command:
+        parser.error("--command works on s3:// objects only")
     return run_local(target)
 
 

@@ -6,11 +6,13 @@ CONTRACT.md for the names and the result shape.
 """
 
 import base64
+import fnmatch
 import hashlib
 import json
 import logging
 import os
 import re
+import string
 import unicodedata
 from urllib.parse import unquote_plus
 
@@ -27,12 +29,18 @@ TAG_VALUE_LIMIT = 256
 CLIENT_TOKEN_LIMIT = 64
 JOB_MARKER = ": __AWSFUN_JOB__"
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+LAUNCH_TEMPLATE_NAME = re.compile(r"^[a-zA-Z0-9().\-/_]{3,128}$")
+INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
+ROUTE_FIELDS = {"name", "match", "launch_template", "instance_type", "watchdog_minutes",
+                "worker_timeout_seconds", "command"}
+COMMAND_PLACEHOLDERS = {"input", "output_dir"}
 
 DEFAULTS = {
     "LAUNCH_TEMPLATE": "su2cw_worker",
     "SOFTWARE_BUCKET": "su2csoftware",
     "BOOTSTRAP_KEY": "bootstrap/bootstrap.sh",
     "WORKER_KEY": "AwsS3.py",
+    "ROUTES_KEY": "routes.json",
     "SKIP_SUBSTRING": "analysis",
     "WATCHDOG_MINUTES": "120",
     "WORKER_TIMEOUT_SECONDS": "",
@@ -56,6 +64,10 @@ class LaunchFailed(RuntimeError):
     """One or more records could not be launched; raised so Lambda retries."""
 
 
+class RoutesError(ValueError):
+    """The routing table (routes.json) is invalid."""
+
+
 def load_settings(environ=None):
     """Return the handler's settings: CONTRACT defaults overridden by the environment."""
     environ = os.environ if environ is None else environ
@@ -66,11 +78,17 @@ def load_settings(environ=None):
     if settings["WATCHDOG_MINUTES"] < 1:
         raise ValueError("WATCHDOG_MINUTES must be a whole number of minutes >= 1")
     timeout = settings["WORKER_TIMEOUT_SECONDS"]
-    # The worker must stop (and report) before the watchdog powers the machine off.
     settings["WORKER_TIMEOUT_SECONDS"] = (
-        int(timeout) if timeout else max(60, settings["WATCHDOG_MINUTES"] * 60 - 300)
+        int(timeout) if timeout else default_worker_timeout(settings["WATCHDOG_MINUTES"])
     )
+    settings["COMMAND"] = None
+    settings["ROUTE"] = "default"
     return settings
+
+
+def default_worker_timeout(watchdog_minutes):
+    """Return the worker's time limit: it must stop (and report) before the watchdog fires."""
+    return max(60, watchdog_minutes * 60 - 300)
 
 
 def get_client(service):
@@ -194,6 +212,7 @@ def render_user_data(template, obj, settings):
         "JOB_SOFTWARE_BUCKET_B64": _b64(settings["SOFTWARE_BUCKET"]),
         "JOB_WORKER_KEY_B64": _b64(settings["WORKER_KEY"]),
         "JOB_REGION_B64": _b64(settings["REGION"]),
+        "JOB_COMMAND_B64": _b64(json.dumps(settings["COMMAND"])) if settings.get("COMMAND") else "",
         "JOB_WATCHDOG_MINUTES": str(int(settings["WATCHDOG_MINUTES"])),
         "JOB_TIMEOUT_SECONDS": str(int(settings["WORKER_TIMEOUT_SECONDS"])),
     }
@@ -208,32 +227,123 @@ def render_user_data(template, obj, settings):
     return user_data
 
 
-def load_bootstrap_template(settings, s3=None, local_dir=None):
-    """Return the bootstrap template: packaged beside the handler if present, else from S3, cached."""
+def read_software_file(key, settings, s3=None, local_dir=None, missing_ok=False):
+    """Return a published file: packaged beside the handler if present, else from S3, cached."""
     local_dir = os.path.dirname(os.path.abspath(__file__)) if local_dir is None else local_dir
-    cache_key = (local_dir, settings["SOFTWARE_BUCKET"], settings["BOOTSTRAP_KEY"])
+    cache_key = (local_dir, settings["SOFTWARE_BUCKET"], key)
     if cache_key in _template_cache:
         return _template_cache[cache_key]
-    local_path = os.path.join(local_dir, settings["BOOTSTRAP_KEY"])
+    local_path = os.path.join(local_dir, key)
     if os.path.isfile(local_path):
         with open(local_path, encoding="utf-8") as handle:
-            template = handle.read()
+            text = handle.read()
     else:
         s3 = s3 or get_client("s3")
         try:
-            body = s3.get_object(Bucket=settings["SOFTWARE_BUCKET"], Key=settings["BOOTSTRAP_KEY"])
+            body = s3.get_object(Bucket=settings["SOFTWARE_BUCKET"], Key=key)
+            text = body["Body"].read().decode("utf-8")
         except ClientError as err:
-            logger.error(
-                "cannot read s3://%s/%s: %s %s",
-                settings["SOFTWARE_BUCKET"],
-                settings["BOOTSTRAP_KEY"],
-                err.response["Error"]["Code"],
-                err.response["Error"]["Message"],
-            )
-            raise
-        template = body["Body"].read().decode("utf-8")
-    _template_cache[cache_key] = template
-    return template
+            code = err.response["Error"]["Code"]
+            if missing_ok and code == "NoSuchKey":
+                text = None
+            else:
+                logger.error("cannot read s3://%s/%s: %s %s", settings["SOFTWARE_BUCKET"], key,
+                             code, err.response["Error"]["Message"])
+                raise
+    _template_cache[cache_key] = text
+    return text
+
+
+def load_bootstrap_template(settings, s3=None, local_dir=None):
+    """Return the bootstrap template: packaged beside the handler if present, else from S3, cached."""
+    return read_software_file(settings["BOOTSTRAP_KEY"], settings, s3, local_dir)
+
+
+def load_routes(settings, s3=None, local_dir=None):
+    """Return the validated routes of routes.json (packaged or in S3); none if it is absent."""
+    text = read_software_file(settings["ROUTES_KEY"], settings, s3, local_dir, missing_ok=True)
+    if text is None:
+        return []
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RoutesError(f"{settings['ROUTES_KEY']} is not valid JSON: {err}") from None
+    return validate_routes(table)
+
+
+def validate_routes(table):
+    """Return the routing table's routes, or raise RoutesError naming the first problem."""
+    if not isinstance(table, dict) or not isinstance(table.get("routes"), list):
+        raise RoutesError('the routing table must be a JSON object {"routes": [...]}')
+    unknown = set(table) - {"routes", "comment"}
+    if unknown:
+        raise RoutesError(f"unknown top-level field(s) {sorted(unknown)}; expected 'routes'")
+    names = set()
+    for index, route in enumerate(table["routes"]):
+        _validate_route(route, f"route #{index}", names)
+    return table["routes"]
+
+
+def _validate_route(route, where, names):
+    if not isinstance(route, dict):
+        raise RoutesError(f"{where} must be an object")
+    unknown = set(route) - ROUTE_FIELDS
+    if unknown:
+        raise RoutesError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(ROUTE_FIELDS)}")
+    for field in ("name", "match", "launch_template"):
+        if not isinstance(route.get(field), str) or not route[field]:
+            raise RoutesError(f"{where}: '{field}' must be a non-empty string")
+    if route["name"] in names:
+        raise RoutesError(f"{where}: the name {route['name']!r} is used twice")
+    names.add(route["name"])
+    if not LAUNCH_TEMPLATE_NAME.match(route["launch_template"]):
+        raise RoutesError(f"{where}: {route['launch_template']!r} is not a launch template name")
+    if "instance_type" in route and not (
+            isinstance(route["instance_type"], str) and INSTANCE_TYPE.match(route["instance_type"])):
+        raise RoutesError(f"{where}: instance_type {route.get('instance_type')!r} is not like 't3.small'")
+    for field in ("watchdog_minutes", "worker_timeout_seconds"):
+        value = route.get(field, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RoutesError(f"{where}: '{field}' must be a whole number >= 1")
+    if "command" in route:
+        _validate_command(route["command"], where)
+
+
+def _validate_command(command, where):
+    if not isinstance(command, list) or not command or not all(
+            isinstance(arg, str) and arg for arg in command):
+        raise RoutesError(f"{where}: 'command' must be a non-empty list of strings (an argument "
+                          "list, never a shell string)")
+    for arg in command:
+        try:
+            fields = {field for _, field, _, _ in string.Formatter().parse(arg) if field is not None}
+        except ValueError as err:
+            raise RoutesError(f"{where}: command argument {arg!r}: {err}") from None
+        if fields - COMMAND_PLACEHOLDERS:
+            raise RoutesError(f"{where}: command argument {arg!r} uses {sorted(fields - COMMAND_PLACEHOLDERS)}; "
+                              "only {input} and {output_dir} are filled in")
+
+
+def choose_route(key, routes):
+    """Return the first route whose glob matches the whole key, or None for the default."""
+    for route in routes:
+        if fnmatch.fnmatchcase(key, route["match"]):
+            return route
+    return None
+
+
+def apply_route(settings, route):
+    """Return the settings for one launch: the route's template, limits and command over the defaults."""
+    if route is None:
+        return settings
+    merged = dict(settings, LAUNCH_TEMPLATE=route["launch_template"], ROUTE=route["name"],
+                  COMMAND=route.get("command"))
+    if "watchdog_minutes" in route:
+        merged["WATCHDOG_MINUTES"] = route["watchdog_minutes"]
+        merged["WORKER_TIMEOUT_SECONDS"] = default_worker_timeout(route["watchdog_minutes"])
+    if "worker_timeout_seconds" in route:
+        merged["WORKER_TIMEOUT_SECONDS"] = route["worker_timeout_seconds"]
+    return merged
 
 
 def launch_worker(ec2, obj, user_data, settings, dry_run=False):
@@ -287,14 +397,15 @@ def lambda_handler(event, context):
             continue
         try:
             template = load_bootstrap_template(settings)
-            user_data = render_user_data(template, obj, settings)
+            launch = apply_route(settings, choose_route(obj["key"], load_routes(settings)))
+            user_data = render_user_data(template, obj, launch)
             if settings["DRY_RUN"]:
-                entry = check_launch_permission(get_client("ec2"), obj, user_data, settings)
+                entry = check_launch_permission(get_client("ec2"), obj, user_data, launch)
                 logger.info("dry run for s3://%s/%s: %s %s", obj["bucket"], obj["key"],
                             entry["code"] or "allowed", entry["message"])
                 result.setdefault("dry_run", []).append(entry)
                 continue
-            instance_id = launch_worker(get_client("ec2"), obj, user_data, settings)
+            instance_id = launch_worker(get_client("ec2"), obj, user_data, launch)
         except ClientError as err:
             code, message = err.response["Error"]["Code"], err.response["Error"]["Message"]
             logger.error("failed s3://%s/%s: %s %s", obj["bucket"], obj["key"], code, message)
@@ -304,10 +415,10 @@ def lambda_handler(event, context):
             logger.error("failed s3://%s/%s: %s", obj["bucket"], obj["key"], err)
             failures.append(f"{obj['key']!r}: {err}")
             continue
-        logger.info("launched %s for s3://%s/%s", instance_id, obj["bucket"], obj["key"])
-        result["launched"].append(
-            {"bucket": obj["bucket"], "key": obj["key"], "instance_id": instance_id}
-        )
+        logger.info("launched %s for s3://%s/%s (route %s, template %s)", instance_id,
+                    obj["bucket"], obj["key"], launch["ROUTE"], launch["LAUNCH_TEMPLATE"])
+        result["launched"].append({"bucket": obj["bucket"], "key": obj["key"],
+                                   "instance_id": instance_id, "route": launch["ROUTE"]})
     if failures:
         # Raising (not returning) lets Lambda's retries and on-failure destination act;
         # the retry re-uses the ClientTokens, so records that did launch do not launch twice.

@@ -162,6 +162,7 @@ main() {
   b64_decode JOB_SOFTWARE_BUCKET "$JOB_SOFTWARE_BUCKET_B64"
   b64_decode JOB_WORKER_KEY "$JOB_WORKER_KEY_B64"
   b64_decode JOB_REGION "$JOB_REGION_B64"
+  b64_decode JOB_COMMAND "${JOB_COMMAND_B64:-}"
   export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-$JOB_REGION}"
   log "job: s3://$JOB_BUCKET/$JOB_KEY on $(instance_id); watchdog ${JOB_WATCHDOG_MINUTES} min"
   # Last resort for a hung machine; the worker's own time limit below fires first.
@@ -178,8 +179,13 @@ main() {
     return 1
   fi
   local status=0
+  local -a worker_args=()
+  if [[ -n "$JOB_COMMAND" ]]; then
+    # The route's argument list, as JSON: the worker runs it without a shell.
+    worker_args=(--command "$JOB_COMMAND")
+  fi
   AWSFUN_EXPECTED_ETAG="$JOB_ETAG" timeout -k 30 "$JOB_TIMEOUT_SECONDS" \
-    python3 "$worker" "s3://$JOB_BUCKET/$JOB_KEY" || status=$?
+    python3 "$worker" "${worker_args[@]}" "s3://$JOB_BUCKET/$JOB_KEY" || status=$?
   case "$status" in
     0) log "worker succeeded" ;;
     1) log "worker failed and wrote its error report"; REPORTED=yes ;;
