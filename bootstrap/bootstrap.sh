@@ -189,7 +189,8 @@ main() {
   case "$status" in
     0) log "worker succeeded" ;;
     1) log "worker failed and wrote its error report"; REPORTED=yes ;;
-    124 | 137) write_error_report worker "worker exceeded its time limit of ${JOB_TIMEOUT_SECONDS}s" "$status" ;;
+    124) write_error_report worker "worker exceeded its time limit of ${JOB_TIMEOUT_SECONDS}s" "$status" ;;
+    137) write_error_report worker "worker was killed (SIGKILL: out of memory, or still running 30s past its time limit of ${JOB_TIMEOUT_SECONDS}s)" "$status" ;;
     *) write_error_report worker "worker exited with status $status" "$status" ;;
   esac
   return "$status"
