@@ -1,8 +1,13 @@
 """Helpers the test modules share: run user-data under bash, publish the worker files."""
 
+import json
 import os
+import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
+from urllib.parse import quote_plus
 
 REPO = Path(__file__).resolve().parent.parent
 PUBLISHED = ("AwsS3.py", "bootstrap/bootstrap.sh")
@@ -42,3 +47,125 @@ def publish_software(s3, bucket, files=PUBLISHED):
     """Upload the published worker files to the software bucket at their repo paths."""
     for name in files:
         s3.upload_file(str(REPO / name), bucket, name)
+
+
+# --- S3 events, PATHs and fault injection (used by the pipeline tests) -----------------
+
+#: Commands bootstrap.sh runs besides bash builtins; what a bare machine must still offer.
+BOOTSTRAP_TOOLS = ("bash", "base64", "cat", "cut", "date", "mktemp", "rm", "sha256sum", "tee",
+                   "timeout", "wc")
+
+
+def s3_record(bucket, key, *, etag="0123456789abcdef0123456789abcdef",
+              event_name="ObjectCreated:Put", version_id=None, sequencer="0055AED6DCD90281E5",
+              size=1, raw_key=None):
+    """One S3 event record as S3 delivers it: the key URL-encoded with quote_plus."""
+    obj = {"key": quote_plus(key) if raw_key is None else raw_key, "size": size,
+           "eTag": etag, "sequencer": sequencer}
+    if version_id is not None:
+        obj["versionId"] = version_id
+    return {
+        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
+        "eventTime": "2024-01-01T00:00:00.000Z", "eventName": event_name,
+        "s3": {"s3SchemaVersion": "1.0", "configurationId": "tests",
+               "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"}, "object": obj},
+    }
+
+
+def s3_event(*records):
+    """An S3 notification event holding `records`."""
+    return {"Records": list(records)}
+
+
+def python_path(path=None):
+    """PATH with the test interpreter (and its boto3) first, so user-data's python3 is it."""
+    return os.pathsep.join([str(Path(sys.executable).parent), path or os.environ["PATH"]])
+
+
+def bare_path(directory, tools=BOOTSTRAP_TOOLS, extra=()):
+    """A directory of symlinks to `tools` (found on PATH) and `extra` paths: a bare machine's PATH."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for tool in tools:
+        found = shutil.which(tool)
+        if found is None:
+            raise FileNotFoundError(f"{tool} is not on PATH")
+        (directory / tool).symlink_to(found)
+    for target in extra:
+        (directory / Path(target).name).symlink_to(target)
+    return str(directory)
+
+
+def find_aws_cli():
+    """Return a self-contained AWS CLI executable (one that runs with an empty PATH), or None."""
+    candidates = [os.environ.get("AWSFUN_TEST_AWS_CLI"), str(Path(sys.executable).parent / "aws")]
+    found = shutil.which("aws")
+    if found:
+        candidates.append(found)
+        if "pyenv" in Path(found).read_text(errors="replace")[:2000]:  # a pyenv shim
+            shim = subprocess.run(["pyenv", "which", "aws"], capture_output=True, text=True,
+                                  check=False)
+            candidates.append(shim.stdout.strip() if shim.returncode == 0 else None)
+    for candidate in filter(None, candidates):
+        if not os.access(candidate, os.X_OK):
+            continue
+        probe = subprocess.run([candidate, "--version"], env={"PATH": "", "HOME": "/nonexistent"},
+                               capture_output=True, check=False)
+        if probe.returncode == 0:
+            return os.path.realpath(candidate)
+    return None
+
+
+def receive_s3_records(sqs, queue_url, count, timeout=10.0):
+    """Take `count` S3 event records from an SQS queue (skipping s3:TestEvent); return the events."""
+    events, records, deadline = [], 0, time.monotonic() + timeout
+    while records < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {records} of {count} S3 records arrived in {timeout}s")
+        reply = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+        for message in reply.get("Messages", []):
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+            body = json.loads(message["Body"])
+            if body.get("Event") == "s3:TestEvent":
+                continue
+            events.append(body)
+            records += len(body.get("Records", []))
+    return events
+
+
+def fail_operation(client, operation, code, status=403, message=None):
+    """Make every `operation` call (e.g. 'PutObject') on `client` fail with `code`.
+
+    Returns the list of the refused calls' parameters. Other clients are not affected.
+    """
+    from botocore.awsrequest import AWSResponse
+
+    calls = []
+
+    def note(params, **_):
+        calls.append(dict(params))
+
+    def refuse(**_):
+        return (AWSResponse(None, status, {}, None),
+                {"Error": {"Code": code, "Message": message or f"{code} (injected by the tests)"},
+                 "ResponseMetadata": {"HTTPStatusCode": status}})
+
+    service = client.meta.service_model.service_id.hyphenize()
+    client.meta.events.register(f"provide-client-params.{service}.{operation}", note)
+    client.meta.events.register(f"before-call.{service}.{operation}", refuse)
+    return calls
+
+
+def record_calls(client):
+    """Record the name and parameters (as the caller passed them) of every API call `client`
+    makes, Stubber or not; return the list of (operation name, params)."""
+    import copy
+
+    calls = []
+
+    def record(model, params, **_):
+        calls.append((model.name, copy.deepcopy(params)))
+
+    service = client.meta.service_model.service_id.hyphenize()
+    client.meta.events.register(f"provide-client-params.{service}", record)
+    return calls

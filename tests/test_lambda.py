@@ -1,0 +1,687 @@
+"""Unit tests of lambda_function: event parsing, skip rule, tokens, tags, rendering, launching.
+
+AWS is never reached: EC2 and S3 are botocore Stubbers (or moto in-process) injected into
+lambda_function._clients, so every AWS call the handler makes is visible and counted.
+"""
+
+import base64
+import io
+import json
+import logging
+import re
+import subprocess
+from urllib.parse import quote_plus
+
+import boto3
+import pytest
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
+from moto import mock_aws
+
+import lambda_function as lf
+from support import REPO, record_calls, s3_event, s3_record
+
+TEMPLATE = (REPO / "bootstrap" / "bootstrap.sh").read_text(encoding="utf-8")
+TEST_EVENT = REPO / "lambda_test_event.json"
+BUCKET = "awsfun-data"
+JOB_LINE = re.compile(r"^(JOB_[A-Z0-9_]+)='([^']*)'$", re.M)
+
+
+def settings(**env):
+    return lf.load_settings({"AWS_REGION": "us-east-1", **env})
+
+
+def obj(key="inbox/a.csv", bucket=BUCKET, etag="0123456789abcdef0123456789abcdef", version_id="",
+        sequencer="0055AED6DCD90281E5"):
+    return {"bucket": bucket, "key": key, "event_name": "ObjectCreated:Put", "etag": etag,
+            "version_id": version_id, "sequencer": sequencer, "size": 1}
+
+
+def job_values(user_data):
+    """The JOB_* assignments of rendered user-data, base64 values decoded."""
+    values = {}
+    for name, value in JOB_LINE.findall(user_data):
+        values[name] = base64.b64decode(value, validate=True).decode("utf-8") \
+            if name.endswith("_B64") else value
+    return values
+
+
+def instance(instance_id):
+    return {"Instances": [{"InstanceId": instance_id}]}
+
+
+class Clients:
+    """Stubbed EC2 and S3 clients and the calls each received."""
+
+    def __init__(self):
+        self.ec2 = boto3.client("ec2", region_name="us-east-1")
+        self.s3 = boto3.client("s3", region_name="us-east-1")
+        self.ec2_calls, self.s3_calls = record_calls(self.ec2), record_calls(self.s3)
+        self.ec2_stub, self.s3_stub = Stubber(self.ec2), Stubber(self.s3)
+
+    def operations(self):
+        return [name for name, _ in self.ec2_calls + self.s3_calls]
+
+
+@pytest.fixture
+def clients():
+    """EC2 and S3 clients behind Stubbers, injected where the handler looks for its clients.
+
+    Nothing is queued: a test queues exactly the calls it expects, and any other call fails
+    with UnStubbedResponseError. The calls made are recorded in order.
+    """
+    c = Clients()
+    c.ec2_stub.activate()
+    c.s3_stub.activate()
+    lf._clients.update(ec2=c.ec2, s3=c.s3)
+    yield c
+    c.ec2_stub.deactivate()
+    c.s3_stub.deactivate()
+
+
+# --- parse_records --------------------------------------------------------------------
+
+
+def test_parse_records_handles_every_record_in_order():
+    keys = ["inbox/a.csv", "inbox/b c.csv", "ü/€.txt"]
+    event = s3_event(*(s3_record(BUCKET, key, etag=f"etag{i}") for i, key in enumerate(keys)))
+    objects, skipped = lf.parse_records(event)
+    assert skipped == []
+    assert [o["key"] for o in objects] == keys
+    assert [o["etag"] for o in objects] == ["etag0", "etag1", "etag2"]
+    assert {o["bucket"] for o in objects} == {BUCKET}
+
+
+@pytest.mark.parametrize("raw, decoded", [
+    ("my+file.csv", "my file.csv"),               # S3 writes a space as '+'
+    ("dir%2Fsub%2Ffile.csv", "dir/sub/file.csv"),
+    ("dir/sub/file.csv", "dir/sub/file.csv"),     # '/' may also arrive unencoded
+    ("%C3%BC%E2%82%AC%F0%9F%98%80.txt", "ü€😀.txt"),  # percent-encoded UTF-8
+    ("a%2Bb.csv", "a+b.csv"),                     # a literal '+' arrives as %2B
+    ("100%252B.csv", "100%2B.csv"),               # a literal '%2B' arrives as %252B: decoded once
+    ("50%25+off", "50% off"),
+])
+def test_keys_are_decoded_exactly_once(raw, decoded):
+    objects, skipped = lf.parse_records(s3_event(s3_record(BUCKET, "", raw_key=raw)))
+    assert skipped == []
+    assert objects[0]["key"] == decoded
+
+
+@pytest.mark.parametrize("key", ["%2B", "%252B", "a+b", "100% sure", "dir/../x y", "%", "+%+"])
+def test_quote_plus_roundtrip(key):
+    objects, _ = lf.parse_records(s3_event(s3_record(BUCKET, key)))
+    assert objects[0]["key"] == key
+
+
+def test_record_fields_carry_the_object_version():
+    record = s3_record(BUCKET, "k.csv", etag="abc", version_id="v1", sequencer="seq")
+    record["s3"]["object"]["eTag"] = '"abc"'  # some producers quote the eTag
+    [parsed], _ = lf.parse_records(s3_event(record))
+    assert (parsed["etag"], parsed["version_id"], parsed["sequencer"]) == ("abc", "v1", "seq")
+    assert parsed["event_name"] == "ObjectCreated:Put"
+
+
+def _without(record, *path):
+    record = json.loads(json.dumps(record))
+    target = record
+    for part in path[:-1]:
+        target = target[part]
+    del target[path[-1]]
+    return record
+
+
+MALFORMED = [
+    ("not a dict", "record is a str"),
+    (dict(s3_record(BUCKET, "k"), eventSource="aws:sqs"), "eventSource is 'aws:sqs'"),
+    (_without(s3_record(BUCKET, "k"), "eventSource"), "eventSource is None"),
+    (_without(s3_record(BUCKET, "k"), "s3"), "missing field 's3'"),
+    (_without(s3_record(BUCKET, "k"), "s3", "object", "key"), "missing field 'key'"),
+    (_without(s3_record(BUCKET, "k"), "s3", "bucket"), "missing field 'bucket'"),
+    (s3_record("Bad_Bucket", "k"), "invalid bucket name 'Bad_Bucket'"),
+    (s3_record(BUCKET, "", raw_key=""), "object key is missing or empty"),
+    (s3_record(BUCKET, "", raw_key=None), "object key is missing or empty"),
+]
+
+
+def test_malformed_records_are_skipped_with_a_reason_and_the_rest_parsed():
+    good = s3_record(BUCKET, "inbox/good.csv")
+    records = [record for record, _ in MALFORMED]
+    objects, skipped = lf.parse_records(s3_event(records[0], good, *records[1:]))
+    assert [o["key"] for o in objects] == ["inbox/good.csv"]
+    assert len(skipped) == len(MALFORMED)
+    indexes = [0] + list(range(2, len(MALFORMED) + 1))
+    for entry, index, (_, reason) in zip(skipped, indexes, MALFORMED):
+        assert set(entry) == {"bucket", "key", "reason"}
+        assert entry["reason"].startswith(f"malformed record #{index}: ")
+        assert reason in entry["reason"]
+
+
+@pytest.mark.parametrize("event", [
+    {}, {"Records": []}, {"Records": "x"}, {"Records": None}, [], "text", None, 42,
+    {"detail-type": "Object Created", "detail": {"bucket": {"name": BUCKET}}},  # EventBridge shape
+    {"key1": "value1", "key2": "value2", "key3": "value3"},  # the console's default test event
+])
+def test_an_event_without_records_raises_saying_what_was_expected(event, clients):
+    with pytest.raises(lf.EventError) as raised:
+        lf.lambda_handler(event, None)
+    message = str(raised.value)
+    assert "Records" in message and "'aws:s3'" in message and "lambda_test_event.json" in message
+    assert "got " in message
+    assert clients.operations() == []
+
+
+def test_the_error_names_the_keys_it_got():
+    with pytest.raises(lf.EventError, match=r"got keys \['key1', 'key2'\]"):
+        lf.parse_records({"key1": 1, "key2": 2})
+
+
+# --- the skip rule --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, skipped", [
+    ("analysis/inbox/a.csv.json", True),
+    ("inbox/my-analysis.csv", True),
+    ("analysis", True),
+    ("inbox/analyses.csv", False),
+    ("inbox/a.csv", False),
+])
+def test_skip_rule_default_substring(key, skipped):
+    reason = lf.should_process(obj(key), settings()["SKIP_SUBSTRING"])
+    assert (reason is not None) == skipped
+    if skipped:
+        assert "'analysis'" in reason
+
+
+@pytest.mark.parametrize("event_name", ["ObjectRemoved:Delete", "ObjectRestore:Completed",
+                                        "LifecycleExpiration:Delete", ""])
+def test_non_object_created_events_are_skipped(event_name):
+    reason = lf.should_process(dict(obj(), event_name=event_name), "analysis")
+    assert reason is not None and "not ObjectCreated" in reason
+
+
+@pytest.mark.parametrize("event_name", ["ObjectCreated:Put", "ObjectCreated:Copy",
+                                        "ObjectCreated:CompleteMultipartUpload", "ObjectCreated:Post"])
+def test_object_created_events_are_processed(event_name):
+    assert lf.should_process(dict(obj(), event_name=event_name), "analysis") is None
+
+
+def test_handler_skips_with_reasons_and_makes_no_call(clients):
+    event = s3_event(
+        s3_record(BUCKET, "analysis/inbox/a.csv.json"),
+        s3_record(BUCKET, "inbox/gone.csv", event_name="ObjectRemoved:Delete"),
+    )
+    result = lf.lambda_handler(event, None)
+    assert result["launched"] == []
+    assert [(s["key"], "analysis" in s["reason"] or "not ObjectCreated" in s["reason"])
+            for s in result["skipped"]] == [("analysis/inbox/a.csv.json", True), ("inbox/gone.csv", True)]
+    assert "not ObjectCreated" in result["skipped"][1]["reason"]
+    assert clients.operations() == []
+
+
+def test_skip_substring_is_overridable(clients, monkeypatch):
+    monkeypatch.setenv("SKIP_SUBSTRING", "/tmp/")
+    clients.ec2_stub.add_response("run_instances", instance("i-0000000000000000a"))
+    result = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/tmp/x.csv"),
+                                        s3_record(BUCKET, "inbox/x.csv")), None)
+    assert [s["key"] for s in result["skipped"]] == ["inbox/tmp/x.csv"]
+    assert "'/tmp/'" in result["skipped"][0]["reason"]
+    assert [l["key"] for l in result["launched"]] == ["inbox/x.csv"]
+    clients.ec2_stub.assert_no_pending_responses()
+
+
+# --- client tokens --------------------------------------------------------------------
+
+
+def test_client_token_is_deterministic_and_short():
+    token = lf.client_token(obj())
+    assert token == lf.client_token(obj())
+    assert 1 <= len(token) <= 64
+    assert token.isascii() and token.isprintable()
+
+
+def test_client_token_fits_for_the_longest_keys():
+    assert len(lf.client_token(obj("€" * 341, bucket="b" * 63, version_id="v" * 1024))) <= 64
+
+
+@pytest.mark.parametrize("change", [
+    {"key": "inbox/b.csv"}, {"bucket": "other-bucket"}, {"etag": "ffff"}, {"version_id": "v2"},
+    {"key": "inbox/a.csv "}, {"key": "inbox/A.csv"},
+])
+def test_client_token_differs_per_object_version(change):
+    assert lf.client_token(obj()) != lf.client_token(obj(**change))
+
+
+def test_client_token_uses_the_sequencer_when_there_is_no_etag():
+    assert lf.client_token(obj(etag="", sequencer="A")) != lf.client_token(obj(etag="", sequencer="B"))
+
+
+def test_client_token_is_the_same_for_a_duplicate_delivery():
+    record = s3_record(BUCKET, "inbox/dup licate+€.csv", etag="e1", version_id="v1")
+    [first], _ = lf.parse_records(s3_event(record))
+    [second], _ = lf.parse_records(json.loads(json.dumps(s3_event(record))))
+    assert lf.client_token(first) == lf.client_token(second)
+
+
+def test_client_token_does_not_mix_fields():
+    # A key that looks like the other fields' encoding cannot collide with them.
+    assert lf.client_token(obj('x", "v1/e', version_id="", etag="")) != \
+        lf.client_token(obj("x", version_id="v1", etag="e"))
+    assert lf.client_token(obj("a", bucket="bkt-b")) != lf.client_token(obj("b", bucket="bkt-a"))
+
+
+# --- tags -----------------------------------------------------------------------------
+
+
+def test_short_tag_values_pass_unchanged():
+    assert lf.shorten_tag_value("inbox/a b ü.csv") == "inbox/a b ü.csv"
+    assert lf.shorten_tag_value("x" * 256) == "x" * 256
+
+
+def test_long_tag_values_keep_both_ends():
+    value = "HEAD-" + "m" * 2000 + "-TAIL.csv"
+    short = lf.shorten_tag_value(value)
+    assert len(short) == 256
+    assert short.startswith("HEAD-mmm") and short.endswith("mmm-TAIL.csv")
+
+
+def test_long_tag_values_that_differ_in_the_middle_stay_distinct():
+    a = lf.shorten_tag_value("x" * 300 + "A" + "x" * 300)
+    b = lf.shorten_tag_value("x" * 300 + "B" + "x" * 300)
+    assert a != b and len(a) <= 256 and len(b) <= 256
+
+
+def test_tag_values_replace_control_characters():
+    short = lf.shorten_tag_value("a\nb\tc\rd\x00e\x7ff\x1bg")
+    assert short == "a?b?c?d?e?f?g"
+    assert all(ch.isprintable() for ch in short)
+
+
+@pytest.mark.parametrize("unit", ["€", "😀", "漢", "e\u0301"])
+def test_long_unicode_tag_values(unit):
+    value = unit * 600 + "\n"
+    short = lf.shorten_tag_value(value)
+    assert len(short) <= 256
+    assert short.startswith(unit * 10) and short.endswith("?")
+    assert "\n" not in short
+    short.encode("utf-8")  # valid text: no lone surrogate from a cut
+
+
+def test_build_tags_name_the_job_on_instance_and_volume():
+    key = "inbox/" + "k" * 400 + "\n.csv"
+    token = lf.client_token(obj(key))
+    specs = lf.build_tags(obj(key), token, settings())
+    assert sorted(spec["ResourceType"] for spec in specs) == ["instance", "volume"]
+    for spec in specs:
+        tags = {tag["Key"]: tag["Value"] for tag in spec["Tags"]}
+        assert tags["awsfun:bucket"] == BUCKET
+        assert tags["awsfun:token"] == token
+        assert tags["awsfun:key"].startswith("inbox/kkk") and tags["awsfun:key"].endswith("k?.csv")
+        assert tags["Name"].startswith("awsfun") and "inbox/" in tags["Name"]
+        assert all(len(value) <= 256 for value in tags.values())
+        assert all(len(name) <= 128 and not name.startswith("aws:") for name in tags)
+
+
+# --- render_user_data -----------------------------------------------------------------
+
+
+HOSTILE_KEYS = [
+    "$(touch /tmp/awsfun-canary-render)",
+    "`reboot`; rm -rf / #",
+    "x'; shutdown -h now; echo '",
+    "a\nJOB_KEY_B64='Zm9v'\nb",
+    "--help && curl http://169.254.169.254/ | sh",
+    "${IFS}cat${IFS}/etc/passwd",
+    "ü €😀 \t\"quoted\" \\back\\slash",
+]
+
+
+@pytest.mark.parametrize("key", HOSTILE_KEYS)
+def test_render_keeps_hostile_keys_out_of_the_script(key):
+    job = obj(key, etag="e$(id)")
+    user_data = lf.render_user_data(TEMPLATE, job, settings(SOFTWARE_BUCKET="soft-ware"))
+    assert key not in user_data
+    for line in key.splitlines():
+        if len(line) > 3:
+            assert line not in user_data
+    values = job_values(user_data)
+    assert values["JOB_KEY_B64"] == key
+    assert values["JOB_BUCKET_B64"] == BUCKET
+    assert values["JOB_ETAG_B64"] == "e$(id)"
+    assert values["JOB_SOFTWARE_BUCKET_B64"] == "soft-ware"
+    assert values["JOB_WORKER_KEY_B64"] == "AwsS3.py"
+    assert values["JOB_REGION_B64"] == "us-east-1"
+    assert values["JOB_WATCHDOG_MINUTES"] == "120"
+    # Exactly one rendered job block, replacing the marker.
+    assert lf.JOB_MARKER not in user_data
+    assert user_data.count("JOB_KEY_B64='") == 1
+
+
+def test_rendered_user_data_is_valid_bash_that_decodes_the_key():
+    key = HOSTILE_KEYS[3] + "\n\n"  # trailing newlines must survive too
+    user_data = lf.render_user_data(TEMPLATE, obj(key), settings())
+    prelude = user_data.split('\nmain "$@"')[0]
+    script = prelude + '\nb64_decode JOB_KEY "$JOB_KEY_B64"\nprintf "%s" "$JOB_KEY"\n'
+    done = subprocess.run(["bash", "-c", script], capture_output=True, check=False, timeout=10)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == key.encode("utf-8")
+
+
+def test_render_carries_the_settings():
+    user_data = lf.render_user_data(TEMPLATE, obj(), settings(WATCHDOG_MINUTES="30",
+                                                              WORKER_TIMEOUT_SECONDS="7"))
+    values = job_values(user_data)
+    assert (values["JOB_WATCHDOG_MINUTES"], values["JOB_TIMEOUT_SECONDS"]) == ("30", "7")
+
+
+def test_default_worker_timeout_stops_before_the_watchdog():
+    for minutes in ("2", "120", "600"):
+        values = settings(WATCHDOG_MINUTES=minutes)
+        assert values["WORKER_TIMEOUT_SECONDS"] < values["WATCHDOG_MINUTES"] * 60 or \
+            values["WORKER_TIMEOUT_SECONDS"] == 60
+
+
+def test_render_fits_the_longest_s3_key():
+    key = "€" * 341  # 1,023 bytes: close to S3's 1,024-byte key limit, all multi-byte
+    user_data = lf.render_user_data(TEMPLATE, obj(key, etag="f" * 32 + "-10000"), settings())
+    assert len(user_data.encode("utf-8")) < lf.USER_DATA_LIMIT
+    assert job_values(user_data)["JOB_KEY_B64"] == key
+
+
+def test_render_refuses_user_data_over_16_kb():
+    pad = "#" * 100 + "\n"
+    base = len(lf.render_user_data(TEMPLATE, obj("k"), settings()).encode("utf-8"))
+    template = TEMPLATE + "# " + "p" * (lf.USER_DATA_LIMIT - base - 3) + "\n"
+    exact = lf.render_user_data(template, obj("k"), settings())
+    assert len(exact.encode("utf-8")) == lf.USER_DATA_LIMIT  # exactly 16 KB is allowed
+    with pytest.raises(lf.UserDataTooLarge) as raised:
+        lf.render_user_data(template, obj("kkkk"), settings())  # 4 more base64 bytes
+    message = str(raised.value)
+    assert "16384" in message and str(lf.USER_DATA_LIMIT + 4) in message
+    with pytest.raises(lf.UserDataTooLarge):
+        lf.render_user_data(TEMPLATE + pad * 200, obj("k"), settings())
+
+
+def test_render_refuses_a_template_without_the_marker():
+    with pytest.raises(ValueError, match="__AWSFUN_JOB__"):
+        lf.render_user_data(TEMPLATE.replace(lf.JOB_MARKER, ": nothing here"), obj(), settings())
+
+
+# --- load_bootstrap_template ----------------------------------------------------------
+
+
+def _body(text):
+    data = text.encode("utf-8")
+    return {"Body": StreamingBody(io.BytesIO(data), len(data))}
+
+
+def test_template_from_s3_is_read_once_per_container(tmp_path):
+    s3 = boto3.client("s3", region_name="us-east-1")
+    calls = record_calls(s3)
+    with Stubber(s3) as stub:
+        stub.add_response("get_object", _body("#!/bin/bash\n: __AWSFUN_JOB__\n"),
+                          {"Bucket": "su2csoftware", "Key": "bootstrap/bootstrap.sh"})
+        first = lf.load_bootstrap_template(settings(), s3=s3, local_dir=str(tmp_path))
+        second = lf.load_bootstrap_template(settings(), s3=s3, local_dir=str(tmp_path))
+        stub.assert_no_pending_responses()
+    assert first == second == "#!/bin/bash\n: __AWSFUN_JOB__\n"
+    assert [name for name, _ in calls] == ["GetObject"]
+
+
+def test_template_beside_the_handler_needs_no_s3_call(tmp_path):
+    (tmp_path / "bootstrap").mkdir()
+    (tmp_path / "bootstrap" / "bootstrap.sh").write_text("local template\n", encoding="utf-8")
+    s3 = boto3.client("s3", region_name="us-east-1")
+    calls = record_calls(s3)
+    with Stubber(s3):  # nothing queued: any S3 call would raise
+        assert lf.load_bootstrap_template(settings(), s3=s3, local_dir=str(tmp_path)) == "local template\n"
+    assert calls == []
+
+
+def test_the_packaged_template_is_the_repository_file():
+    assert lf.load_bootstrap_template(settings()) == TEMPLATE
+
+
+def test_an_unreadable_template_fails_the_record_not_silently(clients, monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(lf, "__file__", str(tmp_path / "lambda_function.py"))
+    clients.s3_stub.add_client_error("get_object", "AccessDenied", "Access Denied", 403)
+    with pytest.raises(lf.LaunchFailed, match="AccessDenied"):
+        lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
+    assert "cannot read s3://su2csoftware/bootstrap/bootstrap.sh: AccessDenied" in caplog.text
+    assert [name for name, _ in clients.ec2_calls] == []
+
+
+# --- the handler's launches -----------------------------------------------------------
+
+
+def test_a_packaged_launch_makes_exactly_one_call_run_instances(clients):
+    clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
+    result = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
+    assert clients.operations() == ["RunInstances"]
+    assert result["launched"][0]["instance_id"] == "i-0123456789abcdef0"
+    clients.ec2_stub.assert_no_pending_responses()
+
+
+def test_a_warm_console_launch_makes_exactly_one_call_run_instances(clients, monkeypatch, tmp_path):
+    """Pasted into the console (nothing beside the handler): S3 on the cold start only."""
+    monkeypatch.setattr(lf, "__file__", str(tmp_path / "lambda_function.py"))
+    stubbed_s3 = clients.s3
+    with mock_aws():
+        software = boto3.client("s3", region_name="us-east-1")
+        software.create_bucket(Bucket="su2csoftware")
+        software.put_object(Bucket="su2csoftware", Key="bootstrap/bootstrap.sh", Body=TEMPLATE.encode())
+        cold_calls = record_calls(software)
+        lf._clients["s3"] = software
+        clients.ec2_stub.add_response("run_instances", instance("i-00000000000000001"))
+        lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/cold.csv")), None)
+    assert cold_calls and {name for name, _ in cold_calls} == {"GetObject"}
+    assert ("GetObject", {"Bucket": "su2csoftware", "Key": "bootstrap/bootstrap.sh"}) in cold_calls
+
+    # Warm: the S3 client is a Stubber with nothing queued, so any S3 call would raise.
+    lf._clients["s3"] = stubbed_s3
+    del clients.ec2_calls[:]
+    clients.ec2_stub.add_response("run_instances", instance("i-00000000000000002"))
+    result = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/warm.csv")), None)
+    assert clients.operations() == ["RunInstances"]
+    assert result["launched"][0]["instance_id"] == "i-00000000000000002"
+    user_data = clients.ec2_calls[0][1]["UserData"]
+    assert job_values(user_data)["JOB_KEY_B64"] == "inbox/warm.csv"
+
+
+def test_launch_parameters(clients):
+    key = "inbox/" + "long name " * 40 + "ü.csv"
+    record = s3_record(BUCKET, key, etag="e" * 32, version_id="3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY")
+    clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
+    lf.lambda_handler(s3_event(record), None)
+    [(name, params)] = clients.ec2_calls
+    [parsed], _ = lf.parse_records(s3_event(record))
+    token = lf.client_token(parsed)
+    assert name == "RunInstances"
+    assert params["LaunchTemplate"] == {"LaunchTemplateName": "su2cw_worker", "Version": "$Latest"}
+    assert (params["MinCount"], params["MaxCount"]) == (1, 1)
+    assert params["ClientToken"] == token and len(token) <= 64
+    assert params["InstanceInitiatedShutdownBehavior"] == "terminate"
+    assert params["MetadataOptions"]["HttpTokens"] == "required"
+    assert params.get("DryRun") in (None, False)
+    specs = {spec["ResourceType"]: {t["Key"]: t["Value"] for t in spec["Tags"]}
+             for spec in params["TagSpecifications"]}
+    assert set(specs) == {"instance", "volume"}
+    for tags in specs.values():
+        assert tags["awsfun:bucket"] == BUCKET
+        assert tags["awsfun:token"] == token
+        assert tags["awsfun:key"] == lf.shorten_tag_value(key)
+        assert "Name" in tags
+        assert all(len(value) <= 256 for value in tags.values())
+    values = job_values(params["UserData"])
+    assert (values["JOB_BUCKET_B64"], values["JOB_KEY_B64"], values["JOB_ETAG_B64"]) == \
+        (BUCKET, key, "e" * 32)
+
+
+def test_launch_template_name_is_overridable(clients, monkeypatch):
+    monkeypatch.setenv("LAUNCH_TEMPLATE", "other_template")
+    clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
+    lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
+    assert clients.ec2_calls[0][1]["LaunchTemplate"]["LaunchTemplateName"] == "other_template"
+
+
+def test_result_shape_and_one_log_line_per_record(clients, caplog):
+    caplog.set_level(logging.INFO)
+    clients.ec2_stub.add_response("run_instances", instance("i-0000000000000000a"))
+    clients.ec2_stub.add_response("run_instances", instance("i-0000000000000000b"))
+    event = s3_event(
+        s3_record(BUCKET, "inbox/one+1.csv"),
+        s3_record(BUCKET, "analysis/inbox/one.csv.json"),
+        "garbage",
+        s3_record(BUCKET, "inbox/two ü.csv"),
+    )
+    result = lf.lambda_handler(event, None)
+    assert set(result) >= {"launched", "skipped"}
+    launched = [(e["bucket"], e["key"], e["instance_id"]) for e in result["launched"]]
+    assert launched == [(BUCKET, "inbox/one+1.csv", "i-0000000000000000a"),
+                        (BUCKET, "inbox/two ü.csv", "i-0000000000000000b")]
+    for entry in result["skipped"]:
+        assert {"bucket", "key", "reason"} <= set(entry) and entry["reason"]
+    assert sorted(e["key"] for e in result["skipped"]) == ["", "analysis/inbox/one.csv.json"]
+    json.dumps(result)  # Lambda must be able to serialise it
+    lines = [r.getMessage() for r in caplog.records if r.name == "root"]
+    assert sum("launched i-0000000000000000a" in line and "inbox/one+1.csv" in line for line in lines) == 1
+    assert sum("launched i-0000000000000000b" in line for line in lines) == 1
+    assert sum(line.startswith("skipped") and "analysis/inbox/one.csv.json" in line for line in lines) == 1
+    assert sum(line.startswith("skipped") and "malformed record #2" in line for line in lines) == 1
+
+
+# --- DRY_RUN --------------------------------------------------------------------------
+
+
+def test_dry_run_allowed(clients, monkeypatch):
+    monkeypatch.setenv("DRY_RUN", "1")
+    clients.ec2_stub.add_client_error(
+        "run_instances", "DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412)
+    result = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
+    assert clients.ec2_calls[0][1]["DryRun"] is True
+    assert result["launched"] == []
+    [entry] = result["dry_run"]
+    assert entry["allowed"] is True and entry["code"] == "DryRunOperation"
+    assert entry["key"] == "inbox/a.csv"
+
+
+def test_dry_run_not_allowed_reports_the_encoded_reason(clients, monkeypatch, caplog):
+    encoded = "AbC123-encoded-authorization-failure-XyZ"
+    monkeypatch.setenv("DRY_RUN", "true")
+    clients.ec2_stub.add_client_error(
+        "run_instances", "UnauthorizedOperation",
+        f"You are not authorized to perform this operation. Encoded authorization failure "
+        f"message: {encoded}", 403)
+    result = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
+    [entry] = result["dry_run"]
+    assert entry["allowed"] is False and entry["code"] == "UnauthorizedOperation"
+    assert encoded in entry["message"]
+    assert encoded in caplog.text
+    assert result["launched"] == []
+
+
+def test_dry_run_other_errors_fail(clients, monkeypatch):
+    monkeypatch.setenv("DRY_RUN", "1")
+    clients.ec2_stub.add_client_error(
+        "run_instances", "InvalidLaunchTemplateName.NotFoundException", "no such template", 400)
+    with pytest.raises(lf.LaunchFailed, match="InvalidLaunchTemplateName.NotFoundException"):
+        lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
+
+
+# --- failed launches ------------------------------------------------------------------
+
+
+def test_failed_launches_raise_after_the_other_records_launch(clients, caplog):
+    keys = ["inbox/1.csv", "inbox/2 denied.csv", "inbox/3 full.csv", "inbox/4.csv"]
+    stub = clients.ec2_stub
+    stub.add_response("run_instances", instance("i-00000000000000001"))
+    stub.add_client_error("run_instances", "UnauthorizedOperation",
+                          "You are not authorized to perform this operation.", 403)
+    stub.add_client_error("run_instances", "InsufficientInstanceCapacity",
+                          "We currently do not have sufficient capacity.", 500)
+    stub.add_response("run_instances", instance("i-00000000000000004"))
+    event = s3_event(*(s3_record(BUCKET, key, etag=f"e{i}") for i, key in enumerate(keys)))
+    with pytest.raises(lf.LaunchFailed) as raised:
+        lf.lambda_handler(event, None)
+    stub.assert_no_pending_responses()  # all four records were tried
+    message = str(raised.value)
+    assert "2 of 4" in message
+    assert "'inbox/2 denied.csv': UnauthorizedOperation" in message
+    assert "'inbox/3 full.csv': InsufficientInstanceCapacity" in message
+    assert "inbox/1.csv" not in message and "inbox/4.csv" not in message
+    assert "launched i-00000000000000001 for s3://awsfun-data/inbox/1.csv" in caplog.text
+    assert "launched i-00000000000000004 for s3://awsfun-data/inbox/4.csv" in caplog.text
+    assert "failed s3://awsfun-data/inbox/2 denied.csv: UnauthorizedOperation" in caplog.text
+    assert "failed s3://awsfun-data/inbox/3 full.csv: InsufficientInstanceCapacity" in caplog.text
+
+    # Lambda's retry delivers the same event: every record gets the same ClientToken again,
+    # so EC2 returns the instances already launched instead of starting new ones.
+    first_tokens = [params["ClientToken"] for _, params in clients.ec2_calls]
+    del clients.ec2_calls[:]
+    for i in range(4):
+        stub.add_response("run_instances", instance(f"i-0000000000000000{i + 1}"))
+    result = lf.lambda_handler(json.loads(json.dumps(event)), None)
+    assert [params["ClientToken"] for _, params in clients.ec2_calls] == first_tokens
+    assert len(set(first_tokens)) == 4
+    assert [e["key"] for e in result["launched"]] == keys
+
+
+def test_user_data_too_large_fails_that_record_only(clients, monkeypatch, tmp_path):
+    (tmp_path / "bootstrap").mkdir()
+    base = len(lf.render_user_data(TEMPLATE, obj("k"), settings()).encode("utf-8"))
+    padded = TEMPLATE + "# " + "p" * (lf.USER_DATA_LIMIT - base - 3 - 200) + "\n"
+    (tmp_path / "bootstrap" / "bootstrap.sh").write_text(padded, encoding="utf-8")
+    monkeypatch.setattr(lf, "__file__", str(tmp_path / "lambda_function.py"))
+    clients.s3_stub.add_client_error("get_object", "NoSuchKey", "no routes.json", 404)
+    clients.ec2_stub.add_response("run_instances", instance("i-0000000000000000a"))
+    event = s3_event(s3_record(BUCKET, "short.csv"), s3_record(BUCKET, "€" * 300))
+    with pytest.raises(lf.LaunchFailed, match="1 of 2 records failed: .*16384"):
+        lf.lambda_handler(event, None)
+    assert [name for name, _ in clients.ec2_calls] == ["RunInstances"]
+
+
+# --- lambda_test_event.json -----------------------------------------------------------
+
+
+def load_test_event():
+    return json.loads(TEST_EVENT.read_text(encoding="utf-8"))
+
+
+def test_test_event_has_the_console_s3_put_shape():
+    event = load_test_event()
+    [record] = event["Records"]
+    assert record["eventSource"] == "aws:s3" and record["eventName"] == "ObjectCreated:Put"
+    for field in ("eventVersion", "awsRegion", "eventTime", "userIdentity", "requestParameters",
+                  "responseElements", "s3"):
+        assert field in record
+    s3 = record["s3"]
+    assert {"s3SchemaVersion", "configurationId", "bucket", "object"} <= set(s3)
+    assert {"name", "ownerIdentity", "arn"} <= set(s3["bucket"])
+    assert {"key", "size", "eTag", "sequencer"} <= set(s3["object"])
+    assert s3["bucket"]["arn"] == "arn:aws:s3:::" + s3["bucket"]["name"]
+    assert "REPLACE-ME" in s3["bucket"]["name"] and "REPLACE-ME" in s3["object"]["key"]
+
+
+def test_test_event_pasted_unchanged_launches_nothing_and_says_why(clients):
+    result = lf.lambda_handler(load_test_event(), None)
+    assert result["launched"] == []
+    [entry] = result["skipped"]
+    assert entry["bucket"] == load_test_event()["Records"][0]["s3"]["bucket"]["name"]
+    assert "invalid bucket name" in entry["reason"] and "placeholder" in entry["reason"]
+    assert "REPLACE-ME" in entry["reason"]
+    assert clients.operations() == []
+
+
+def test_test_event_with_placeholders_replaced_parses_and_launches(clients):
+    event = load_test_event()
+    s3 = event["Records"][0]["s3"]
+    s3["bucket"]["name"] = "my-data-bucket"
+    s3["bucket"]["arn"] = "arn:aws:s3:::my-data-bucket"
+    s3["object"]["key"] = quote_plus("inbox/run 7/sample ü.csv")
+    [parsed], skipped = lf.parse_records(event)
+    assert skipped == []
+    assert (parsed["bucket"], parsed["key"]) == ("my-data-bucket", "inbox/run 7/sample ü.csv")
+    assert parsed["etag"] == s3["object"]["eTag"]
+    clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
+    result = lf.lambda_handler(event, None)
+    assert [(e["bucket"], e["key"]) for e in result["launched"]] == \
+        [("my-data-bucket", "inbox/run 7/sample ü.csv")]
