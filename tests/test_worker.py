@@ -1,0 +1,393 @@
+"""Tests of the worker, AwsS3.py: report names, URIs, local mode, S3 mode (moto in-process),
+idempotency per eTag, error reports, and denied or failing S3 calls."""
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import subprocess
+import sys
+
+import boto3
+import pytest
+from botocore.awsrequest import AWSResponse
+from moto import mock_aws
+
+import AwsS3
+from support import REPO, fail_operation, record_calls
+
+BUCKET = "awsfun-data"
+CSV = b"sample,reads,ok\nS1,10,yes\nS2,20,no\nS3,30,yes\n"
+BOOTSTRAP = (REPO / "bootstrap" / "bootstrap.sh").read_text(encoding="utf-8")
+MUTATING = {"PutObject", "DeleteObject", "DeleteObjects", "CopyObject", "CreateMultipartUpload",
+            "PutObjectAcl", "PutObjectTagging", "RestoreObject"}
+
+
+# --- report_key -----------------------------------------------------------------------
+
+
+def test_report_key_is_beside_the_input_under_analysis():
+    assert AwsS3.report_key("inbox/a b.csv") == "analysis/inbox/a b.csv.json"
+    assert AwsS3.report_key("inbox/a.csv", ".error.json") == "analysis/inbox/a.csv.error.json"
+    assert AwsS3.report_key("ü/€.txt", ".log") == "analysis/ü/€.txt.log"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".error.json", ".log"])
+def test_report_key_at_exactly_1024_bytes_stays_put(suffix):
+    key = "k" * (1024 - len("analysis/") - len(suffix))
+    assert len(("analysis/" + key + suffix).encode()) == 1024
+    assert AwsS3.report_key(key, suffix) == "analysis/" + key + suffix
+
+
+@pytest.mark.parametrize("suffix", [".json", ".error.json", ".log"])
+def test_report_key_past_1024_bytes_goes_under_long(suffix):
+    key = "k" * (1025 - len("analysis/") - len(suffix))
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    assert AwsS3.report_key(key, suffix) == f"analysis/_long/{digest}{suffix}"
+
+
+def test_report_key_counts_bytes_not_characters():
+    key = "€" * 338  # 338 characters but 1,014 bytes: analysis/KEY.json would be 1,028 bytes
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    assert AwsS3.report_key(key) == f"analysis/_long/{digest}.json"
+    assert len(AwsS3.report_key("€" * 336).encode()) == 1022  # still fits
+
+
+def test_long_report_keys_are_distinct_and_valid():
+    a, b = "x" * 1015 + "a", "x" * 1015 + "b"
+    assert AwsS3.report_key(a) != AwsS3.report_key(b)
+    assert all(len(AwsS3.report_key(k).encode()) <= 1024 for k in (a, b, "€" * 341))
+
+
+def _bash_report_key(key, suffix):
+    function = re.search(r"^report_key\(\) \{.*?^\}", BOOTSTRAP, re.S | re.M).group(0)
+    done = subprocess.run(["bash", "-c", function + '\nreport_key "$1" "$2"', "bash", key, suffix],
+                          capture_output=True, check=True, timeout=10)
+    return done.stdout.decode("utf-8")
+
+
+@pytest.mark.parametrize("key", [
+    "inbox/a.csv", "k" * 1010, "k" * 1011, "k" * 1004, "k" * 1005, "€" * 336, "€" * 337,
+    "a\nb $(x) ü", "-n", "%s\\n",
+])
+@pytest.mark.parametrize("suffix", [".json", ".error.json", ".log"])
+def test_bootstrap_names_reports_like_the_worker(key, suffix):
+    """The bootstrap writes .error.json and .log itself: same name as the worker's rule."""
+    assert _bash_report_key(key, suffix) == AwsS3.report_key(key, suffix)
+
+
+# --- parse_s3_uri ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("s3://bkt/key.csv", ("bkt", "key.csv")),
+    ("s3://bkt/dir/sub/key.csv", ("bkt", "dir/sub/key.csv")),
+    ("s3://bkt//lead", ("bkt", "/lead")),
+    ("s3://bkt/dir/", ("bkt", "dir/")),
+    ("s3://bkt/a b?c#d%20e+f", ("bkt", "a b?c#d%20e+f")),  # never URL-decoded
+    ("s3://bkt/a\nb\t$(x)", ("bkt", "a\nb\t$(x)")),
+    ("s3://bkt/s3://bkt/x", ("bkt", "s3://bkt/x")),
+])
+def test_parse_s3_uri_keeps_the_key_byte_for_byte(uri, expected):
+    assert AwsS3.parse_s3_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["s3://", "s3://bkt", "s3://bkt/", "s3:///key", "bkt/key",
+                                 "S3://bkt/key", "/tmp/x"])
+def test_parse_s3_uri_rejects_incomplete_uris(uri):
+    with pytest.raises(ValueError, match="s3://"):
+        AwsS3.parse_s3_uri(uri)
+
+
+@pytest.mark.parametrize("argv", [[], ["s3://bkt"], ["s3://bkt/"]])
+def test_command_line_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as raised:
+        AwsS3.main(argv)
+    assert raised.value.code == 2
+
+
+# --- local mode -----------------------------------------------------------------------
+
+
+def test_local_mode_prints_the_report_touching_no_aws(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "table.csv"
+    path.write_bytes(CSV)
+    # No AWS service may be touched: boto3 cannot even be imported.
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    monkeypatch.setitem(sys.modules, "botocore", None)
+    assert AwsS3.main([str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input"] == {"path": str(path), "size": len(CSV)}
+    assert report["bytes"] == len(CSV)
+    assert report["lines"] == 4
+    assert report["sha256"] == hashlib.sha256(CSV).hexdigest()
+    assert report["format"] == "csv"
+    assert isinstance(report["summary"], dict)
+
+
+def test_local_mode_as_a_command(tmp_path):
+    path = tmp_path / "reads ü.txt.gz"
+    content = b"".join(b"line %d\n" % i for i in range(1000))
+    path.write_bytes(gzip.compress(content))
+    done = subprocess.run([sys.executable, str(REPO / "AwsS3.py"), str(path)], capture_output=True,
+                          check=False, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["input"]["path"] == str(path)
+    assert report["bytes"] == path.stat().st_size
+    assert report["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()  # of the stored bytes
+    assert report["lines"] == 1000  # of the content
+    assert "gzip" in (report["format"], report.get("compression"))
+
+
+def test_local_lines_count_a_last_unterminated_line(tmp_path, capsys):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"a\nb\nc")
+    assert AwsS3.main([str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["lines"] == 3
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.csv", b"", "empty"),
+    ("corrupt.gz", b"\x1f\x8b\x08\x00" + b"\xff" * 64, "corrupt gzip"),
+    ("truncated.gz", gzip.compress(b"x\n" * 5000)[:-20], "truncated"),
+])
+def test_local_mode_failures_print_an_error_report_and_exit_1(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert AwsS3.main([str(path)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "error" and message in report["error"]
+    assert report["input"]["path"] == str(path)
+
+
+def test_local_mode_missing_file(tmp_path, capsys):
+    assert AwsS3.main([str(tmp_path / "nope.csv")]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "error" and "nope.csv" in report["error"]
+
+
+# --- S3 mode (moto in-process) --------------------------------------------------------
+
+
+@pytest.fixture
+def s3():
+    """An S3 client on moto in-process with the data bucket, failing on any write to an input."""
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        client.inputs = set()
+        client.calls = record_calls(client)
+        client.reader = boto3.client("s3", region_name="us-east-1")  # unaffected by fault hooks
+        yield client
+        for name, params in client.calls:
+            if name in MUTATING:
+                assert params.get("Key") not in client.inputs, f"{name} on the input {params}"
+
+
+def put_input(s3, key, body):
+    """Store an input object (the test's write, not the worker's); return its eTag."""
+    s3.reader.put_object(Bucket=BUCKET, Key=key, Body=body)
+    s3.inputs.add(key)
+    return s3.reader.head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"')
+
+
+def get_json(s3, key):
+    return json.loads(s3.reader.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+def keys(s3):
+    return sorted(o["Key"] for o in s3.reader.list_objects_v2(Bucket=BUCKET).get("Contents", []))
+
+
+def puts(s3):
+    return [params["Key"] for name, params in s3.calls if name == "PutObject"]
+
+
+def test_s3_mode_writes_the_report(s3, monkeypatch):
+    key = "inbox/run 1/table ü.csv"
+    etag = put_input(s3, key, CSV)
+    monkeypatch.setenv("AWSFUN_EXPECTED_ETAG", etag)
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 0
+    report = get_json(s3, AwsS3.report_key(key))
+    assert report["input"]["bucket"] == BUCKET and report["input"]["key"] == key
+    assert report["input"]["size"] == len(CSV) and report["input"]["etag"] == etag
+    assert report["bytes"] == len(CSV) and report["lines"] == 4
+    assert report["sha256"] == hashlib.sha256(CSV).hexdigest()
+    assert report["format"] == "csv"
+    assert isinstance(report["summary"], dict)
+    assert keys(s3) == sorted([key, AwsS3.report_key(key)])
+    assert s3.reader.get_object(Bucket=BUCKET, Key=key)["Body"].read() == CSV
+
+
+def test_s3_mode_through_main_makes_its_own_client(s3):
+    key = "inbox/main.csv"
+    put_input(s3, key, CSV)
+    assert AwsS3.main([f"s3://{BUCKET}/{key}"]) == 0
+    assert get_json(s3, AwsS3.report_key(key))["input"]["key"] == key
+
+
+def test_s3_mode_long_keys_report_under_long(s3):
+    key = "inbox/" + "€" * 335 + ".csv"  # 1,015 bytes: fits S3, analysis/KEY.json does not
+    put_input(s3, key, CSV)
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 0
+    target = AwsS3.report_key(key)
+    assert target.startswith("analysis/_long/")
+    assert get_json(s3, target)["input"]["key"] == key  # the full key is inside
+
+
+def test_s3_mode_is_idempotent_per_etag(s3):
+    key = "inbox/again.csv"
+    first_etag = put_input(s3, key, CSV)
+    uri = f"s3://{BUCKET}/{key}"
+    assert AwsS3.run_s3(uri, s3=s3) == 0
+    before = s3.reader.head_object(Bucket=BUCKET, Key=AwsS3.report_key(key))
+    del s3.calls[:]
+    assert AwsS3.run_s3(uri, s3=s3) == 0  # duplicate delivery
+    assert puts(s3) == [] and "GetObject" not in [name for name, _ in s3.calls]
+    after = s3.reader.head_object(Bucket=BUCKET, Key=AwsS3.report_key(key))
+    assert (after["ETag"], after["LastModified"]) == (before["ETag"], before["LastModified"])
+
+    # A new version of the object is analysed again.
+    put_input(s3, key, CSV + b"S4,40,no\n")
+    assert AwsS3.run_s3(uri, s3=s3) == 0
+    report = get_json(s3, AwsS3.report_key(key))
+    assert report["input"]["etag"] != first_etag and report["lines"] == 5
+
+
+def test_an_error_report_does_not_block_a_later_success(s3):
+    key = "inbox/fixed.csv"
+    put_input(s3, key, b"")
+    uri = f"s3://{BUCKET}/{key}"
+    assert AwsS3.run_s3(uri, s3=s3) == 1
+    put_input(s3, key, CSV)
+    assert AwsS3.run_s3(uri, s3=s3) == 0
+    assert get_json(s3, AwsS3.report_key(key))["status"] == "ok"
+
+
+def test_a_changed_object_is_analysed_as_it_is_now(s3, monkeypatch, caplog):
+    key = "inbox/changed.csv"
+    etag = put_input(s3, key, CSV)
+    monkeypatch.setenv("AWSFUN_EXPECTED_ETAG", "0" * 32)
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 0
+    assert get_json(s3, AwsS3.report_key(key))["input"]["etag"] == etag
+    assert "object changed since the event" in caplog.text
+
+
+def _corrupt_gzip():
+    data = bytearray(gzip.compress(b"line\n" * 20000))
+    data[len(data) // 2:len(data) // 2 + 64] = b"\xff" * 64
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("empty.csv", b"", "empty"),
+    ("corrupt.gz", _corrupt_gzip(), "corrupt gzip"),
+    ("not-gzip-after-magic.gz", b"\x1f\x8b" + b"\x00" * 100, "gzip"),
+    ("truncated.gz", gzip.compress(b"line\n" * 20000)[:-30], "truncated gzip"),
+])
+def test_s3_mode_failures_leave_an_error_report(s3, name, body, message):
+    key = f"inbox/{name}"
+    etag = put_input(s3, key, body)
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 1
+    report = get_json(s3, AwsS3.report_key(key, ".error.json"))
+    assert report["status"] == "error" and message in report["error"]
+    assert report["input"]["bucket"] == BUCKET and report["input"]["key"] == key
+    assert report["stage"]
+    assert AwsS3.report_key(key) not in keys(s3)
+    assert s3.reader.get_object(Bucket=BUCKET, Key=key)["Body"].read() == body
+    assert s3.reader.head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"') == etag
+
+
+def test_s3_mode_missing_object_leaves_an_error_report(s3):
+    key = "inbox/deleted before the worker.csv"
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 1
+    report = get_json(s3, AwsS3.report_key(key, ".error.json"))
+    assert report["status"] == "error" and report["input"]["key"] == key
+    assert report["error_code"] in ("404", "NoSuchKey", "NotFound")
+    assert keys(s3) == [AwsS3.report_key(key, ".error.json")]
+
+
+def test_s3_mode_denied_read_leaves_an_error_report(s3):
+    key = "inbox/secret.csv"
+    put_input(s3, key, CSV)
+    fail_operation(s3, "GetObject", "AccessDenied")
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 1
+    report = get_json(s3, AwsS3.report_key(key, ".error.json"))
+    assert report["error_code"] == "AccessDenied" and "AccessDenied" in report["error"]
+
+
+def test_denied_report_write_exits_3_and_logs(s3, caplog):
+    key = "inbox/unwritable.csv"
+    put_input(s3, key, CSV)
+    denied = fail_operation(s3, "PutObject", "AccessDenied")
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 3
+    # It tried the report, then the error report, and says so in the log.
+    assert [p["Key"] for p in denied] == [AwsS3.report_key(key), AwsS3.report_key(key, ".error.json")]
+    assert "failed on s3://awsfun-data/inbox/unwritable.csv: AccessDenied" in caplog.text
+    assert "cannot write the error report: AccessDenied" in caplog.text
+    assert keys(s3) == [key]
+
+
+def test_denied_report_write_through_main_exits_3(s3, monkeypatch, caplog):
+    key = "inbox/unwritable.csv"
+    put_input(s3, key, CSV)
+    fail_operation(s3, "PutObject", "AccessDenied")
+    monkeypatch.setattr(AwsS3, "make_s3_client", lambda: s3)
+    assert AwsS3.main([f"s3://{BUCKET}/{key}"]) == AwsS3.EXIT_FAILED_UNREPORTED == 3
+    assert "cannot write the error report" in caplog.text
+
+
+def test_transient_s3_errors_are_retried(s3):
+    """botocore's standard retry mode: a 503 SlowDown on the read is retried, not reported."""
+    key = "inbox/busy.csv"
+    put_input(s3, key, CSV)
+    client = AwsS3.make_s3_client()
+    assert client.meta.config.retries["mode"] == "standard"
+    failures = []
+
+    def slow_down_once(request, **_):
+        if not failures:
+            failures.append(request.url)
+            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            return AWSResponse(request.url, 503, {}, _Raw(body))
+        return None
+
+    client.meta.events.register_first("before-send.s3.GetObject", slow_down_once)
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=client) == 0
+    assert len(failures) == 1
+    assert get_json(s3, AwsS3.report_key(key))["status"] == "ok"
+
+
+class _Raw:
+    def __init__(self, body):
+        self._body = io.BytesIO(body)
+
+    def stream(self, **_):
+        yield self._body.read()
+
+    def read(self, *args):
+        return self._body.read(*args)
+
+
+def test_large_objects_stream_in_chunks(s3, monkeypatch):
+    """The object is read in chunks, never whole: the analysis sees many bounded blocks."""
+    key = "inbox/big.txt"
+    line = b"x" * 99 + b"\n"
+    put_input(s3, key, line * 30000)  # 3 MB
+    seen = []
+    original = AwsS3.analyse_stream
+
+    def spy(chunks, total=None):
+        def counted():
+            for chunk in chunks:
+                seen.append(len(chunk))
+                yield chunk
+        return original(counted(), total)
+
+    monkeypatch.setattr(AwsS3, "analyse_stream", spy)
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 0
+    assert sum(seen) == 3_000_000 and len(seen) >= 3 and max(seen) <= AwsS3.CHUNK_SIZE
+    assert get_json(s3, AwsS3.report_key(key))["lines"] == 30000
