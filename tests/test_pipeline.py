@@ -1,0 +1,329 @@
+"""End to end on the moto server: S3 → SQS event → lambda_handler → EC2 user-data → bash → worker.
+
+The handler runs as it would when pasted into the Lambda console (nothing packaged beside it),
+so it reads the published template from the software bucket. Each instance's user-data is read
+back from EC2 and executed with bash, a recording `shutdown` first on PATH.
+"""
+
+import base64
+import gzip
+import hashlib
+import json
+import time
+
+import boto3
+import pytest
+
+import AwsS3
+import lambda_function as lf
+from support import (REPO, ShutdownStub, bare_path, find_aws_cli, publish_software, python_path,
+                     receive_s3_records, run_user_data)
+
+DATA = "awsfun-data"
+SOFTWARE = "awsfun-software"
+CSV = b"sample,reads,passed\nS1,100,yes\nS2,250,no\nS3,75,yes\n"
+TEXT = b"".join(b"read %05d ACGTACGTTGCA\n" % i for i in range(5000))
+
+
+class Cloud:
+    """The moto-backed account: data and software buckets, queue, launch template."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.s3 = boto3.client("s3")
+        self.ec2 = boto3.client("ec2")
+        self.sqs = boto3.client("sqs")
+        for bucket in (DATA, SOFTWARE):
+            self.s3.create_bucket(Bucket=bucket)
+        publish_software(self.s3, SOFTWARE)
+        image = self.ec2.describe_images()["Images"][0]["ImageId"]
+        self.ec2.create_launch_template(
+            LaunchTemplateName="su2cw_worker",
+            LaunchTemplateData={"ImageId": image, "InstanceType": "t3.micro",
+                                "InstanceInitiatedShutdownBehavior": "terminate"})
+        self.queue = self.sqs.create_queue(QueueName="awsfun-events")["QueueUrl"]
+        arn = self.sqs.get_queue_attributes(
+            QueueUrl=self.queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        self.s3.put_bucket_notification_configuration(
+            Bucket=DATA, NotificationConfiguration={"QueueConfigurations": [
+                {"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]})
+        self.runs = 0
+
+    def put(self, key, body):
+        self.s3.put_object(Bucket=DATA, Key=key, Body=body)
+        return self.head(key)["ETag"]
+
+    def head(self, key):
+        return self.s3.head_object(Bucket=DATA, Key=key)
+
+    def get(self, key):
+        return self.s3.get_object(Bucket=DATA, Key=key)["Body"].read()
+
+    def report(self, key, suffix=".json"):
+        return json.loads(self.get(AwsS3.report_key(key, suffix)))
+
+    def keys(self):
+        return sorted(o["Key"] for o in self.s3.list_objects_v2(Bucket=DATA).get("Contents", []))
+
+    def events(self, count):
+        return receive_s3_records(self.sqs, self.queue, count)
+
+    def user_data(self, instance_id):
+        value = self.ec2.describe_instance_attribute(
+            InstanceId=instance_id, Attribute="userData")["UserData"]["Value"]
+        return base64.b64decode(value).decode("utf-8")
+
+    def tags(self, instance_id):
+        [reservation] = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        return {t["Key"]: t["Value"] for t in reservation["Instances"][0].get("Tags", [])}
+
+    def launch(self, key, body):
+        """Store an object, deliver its real S3 event to the handler; return the instance id."""
+        self.put(key, body)
+        [event] = self.events(1)
+        result = lf.lambda_handler(event, None)
+        [launched] = result["launched"]
+        assert launched["key"] == key
+        return launched["instance_id"]
+
+    def run(self, instance_id, path=None, timeout=120):
+        """Boot the instance: run its user-data with bash; return (process, shutdown stub)."""
+        self.runs += 1
+        workdir = self.workdir / f"instance-{self.runs}"
+        stub = ShutdownStub(workdir / "stub")
+        done = run_user_data(self.user_data(instance_id), workdir, stub,
+                             path=path or python_path(), timeout=timeout)
+        return done, stub
+
+
+@pytest.fixture
+def cloud(local_aws, monkeypatch, tmp_path):
+    monkeypatch.setenv("SOFTWARE_BUCKET", SOFTWARE)
+    # As pasted into the Lambda console: no template beside the handler, so it reads S3.
+    console = tmp_path / "console"
+    console.mkdir()
+    monkeypatch.setattr(lf, "__file__", str(console / "lambda_function.py"))
+    return Cloud(tmp_path)
+
+
+def assert_shut_down(stub, watchdog=True):
+    calls = stub.calls()
+    assert calls and calls[-1] == "-h now", calls
+    if watchdog:
+        assert calls[0].startswith("-h +120 "), calls
+        assert len(calls) == 2, calls
+
+
+def assert_error_report(cloud, key, stage, *fragments, written_by=None):
+    report = cloud.report(key, ".error.json")
+    assert report["status"] == "error" and report["stage"] == stage
+    assert report["input"]["bucket"] == DATA and report["input"]["key"] == key
+    for fragment in fragments:
+        assert fragment in report["error"], report
+    if written_by:
+        assert report["written_by"] == written_by
+    assert AwsS3.report_key(key) not in cloud.keys()
+    return report
+
+
+# --- the happy path -------------------------------------------------------------------
+
+
+def test_end_to_end(cloud, tmp_path):
+    canary = tmp_path / "CANARY"
+    weird = (f"inbox/we ird ü €/$(touch {canary}) `touch {canary}`; touch {canary} | x & y "
+             f"> z '\"\\ *?.csv")
+    objects = {"inbox/table.csv": CSV, "inbox/reads.txt.gz": gzip.compress(TEXT), weird: CSV}
+    etags = {key: cloud.put(key, body) for key, body in objects.items()}
+
+    events = cloud.events(len(objects))
+    instances, first_event = {}, {}
+    for event in events:
+        result = lf.lambda_handler(event, None)
+        assert result["skipped"] == []
+        [launched] = result["launched"]
+        assert launched["bucket"] == DATA
+        instances[launched["key"]] = launched["instance_id"]
+        first_event[launched["key"]] = event
+    assert set(instances) == set(objects)
+
+    for key, instance_id in instances.items():
+        user_data = cloud.user_data(instance_id)
+        assert key not in user_data and len(user_data.encode()) < 16 * 1024
+        tags = cloud.tags(instance_id)
+        assert tags["awsfun:bucket"] == DATA and tags["awsfun:key"] == lf.shorten_tag_value(key)
+
+        done, stub = cloud.run(instance_id)
+        assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+        report = cloud.report(key)
+        stored = cloud.get(key)
+        assert stored == objects[key]  # input untouched, byte for byte ...
+        assert cloud.head(key)["ETag"] == etags[key]  # ... and the same version
+        assert report["input"] == {**report["input"], "bucket": DATA, "key": key,
+                                   "size": len(stored), "etag": etags[key].strip('"')}
+        assert report["bytes"] == len(stored)
+        assert report["sha256"] == hashlib.sha256(stored).hexdigest()
+        assert isinstance(report["summary"], dict)
+        log = cloud.get(AwsS3.report_key(key, ".log")).decode("utf-8")
+        assert "worker succeeded" in log and key in log
+        assert_shut_down(stub)
+
+    assert cloud.report("inbox/table.csv")["format"] == "csv"
+    assert cloud.report("inbox/table.csv")["lines"] == 4
+    gz = cloud.report("inbox/reads.txt.gz")
+    assert "gzip" in (gz["format"], gz.get("compression"))
+    assert gz["lines"] == 5000  # lines of the content, not of the compressed bytes
+    assert cloud.report(weird)["format"] == "csv"
+    assert not canary.exists()
+
+    # The worker's output (3 reports, 3 logs) raised S3 events too: none launches a worker.
+    for event in cloud.events(6):
+        result = lf.lambda_handler(event, None)
+        assert result["launched"] == []
+        assert all(entry["key"].startswith("analysis/") and "'analysis'" in entry["reason"]
+                   for entry in result["skipped"])
+
+    # A second delivery of the same event: same ClientToken; the re-run rewrites nothing.
+    key = "inbox/table.csv"
+    before = cloud.s3.head_object(Bucket=DATA, Key=AwsS3.report_key(key))
+    result = lf.lambda_handler(first_event[key], None)
+    [again] = result["launched"]
+    assert cloud.tags(again["instance_id"])["awsfun:token"] == \
+        cloud.tags(instances[key])["awsfun:token"]
+    time.sleep(1.1)  # S3's LastModified has one-second resolution
+    done, stub = cloud.run(again["instance_id"])
+    assert done.returncode == 0, done.stderr
+    after = cloud.s3.head_object(Bucket=DATA, Key=AwsS3.report_key(key))
+    assert (after["LastModified"], after["ETag"]) == (before["LastModified"], before["ETag"])
+    assert "already written" in cloud.get(AwsS3.report_key(key, ".log")).decode()
+    assert_shut_down(stub)
+    assert cloud.get(key) == CSV
+
+
+def test_the_packaged_handler_launches_the_same_job(cloud, monkeypatch):
+    """With bootstrap.sh beside the handler (a zip deployment) no S3 read is needed."""
+    monkeypatch.setattr(lf, "__file__", str(REPO / "lambda_function.py"))
+    lf._template_cache.clear()
+    cloud.s3.delete_object(Bucket=SOFTWARE, Key="bootstrap/bootstrap.sh")
+    instance_id = cloud.launch("inbox/zip.csv", CSV)
+    done, stub = cloud.run(instance_id)
+    assert done.returncode == 0, done.stderr
+    assert cloud.report("inbox/zip.csv")["format"] == "csv"
+    assert_shut_down(stub)
+
+
+# --- failure paths: each leaves an error report, and the machine always shuts down ----------
+
+
+def _corrupt_gzip():
+    data = bytearray(gzip.compress(TEXT))
+    data[200:260] = b"\xff" * 60
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("corrupt.txt.gz", _corrupt_gzip(), "corrupt gzip"),
+    ("truncated.txt.gz", gzip.compress(TEXT)[:-40], "truncated gzip"),
+    ("empty.csv", b"", "empty"),
+])
+def test_bad_objects_leave_an_error_report(cloud, name, body, message):
+    key = f"inbox/{name}"
+    instance_id = cloud.launch(key, body)
+    done, stub = cloud.run(instance_id)
+    assert done.returncode == 1
+    assert_error_report(cloud, key, "analyse", message, written_by="worker")
+    assert cloud.get(key) == body
+    assert "worker failed and wrote its error report" in cloud.get(AwsS3.report_key(key, ".log")).decode()
+    assert_shut_down(stub)
+
+
+def test_object_deleted_before_the_worker_starts(cloud):
+    key = "inbox/gone before boot.csv"
+    instance_id = cloud.launch(key, CSV)
+    cloud.s3.delete_object(Bucket=DATA, Key=key)
+    done, stub = cloud.run(instance_id)
+    assert done.returncode == 1
+    report = assert_error_report(cloud, key, "analyse", written_by="worker")
+    assert report["error_code"] in ("404", "NoSuchKey", "NotFound")
+    assert_shut_down(stub)
+
+
+def test_worker_code_missing_from_the_software_bucket(cloud):
+    key = "inbox/no worker.csv"
+    instance_id = cloud.launch(key, CSV)
+    cloud.s3.delete_object(Bucket=SOFTWARE, Key="AwsS3.py")
+    done, stub = cloud.run(instance_id)
+    assert done.returncode == 1
+    assert_error_report(cloud, key, "fetch", f"s3://{SOFTWARE}/AwsS3.py", written_by="bootstrap")
+    assert "wrote error report for stage fetch" in cloud.get(AwsS3.report_key(key, ".log")).decode()
+    assert_shut_down(stub)
+
+
+def _publish_stand_in(cloud, code):
+    cloud.s3.put_object(Bucket=SOFTWARE, Key="AwsS3.py", Body=code.encode())
+
+
+def test_worker_hung_past_its_time_limit(cloud, monkeypatch):
+    monkeypatch.setenv("WORKER_TIMEOUT_SECONDS", "2")
+    _publish_stand_in(cloud, "import time\ntime.sleep(600)\n")
+    key = "inbox/hangs.csv"
+    instance_id = cloud.launch(key, CSV)
+    started = time.monotonic()
+    done, stub = cloud.run(instance_id, timeout=60)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 124
+    report = assert_error_report(cloud, key, "worker", "time limit", "2s", written_by="bootstrap")
+    assert report["exit_code"] == 124
+    assert_shut_down(stub)
+
+
+def test_worker_that_cannot_write_its_report(cloud):
+    """Exit 3 (the worker could not even write its error report): the bootstrap writes one."""
+    _publish_stand_in(cloud, "import sys\nsys.stderr.write('AccessDenied on PutObject\\n')\nsys.exit(3)\n")
+    key = "inbox/unwritable.csv"
+    instance_id = cloud.launch(key, CSV)
+    done, stub = cloud.run(instance_id)
+    assert done.returncode == 3
+    report = assert_error_report(cloud, key, "worker", "exited with status 3", written_by="bootstrap")
+    assert report["exit_code"] == 3
+    assert "AccessDenied on PutObject" in cloud.get(AwsS3.report_key(key, ".log")).decode()
+    assert_shut_down(stub)
+
+
+def test_python_missing_with_the_aws_cli(cloud):
+    cli = find_aws_cli()
+    if cli is None:
+        pytest.skip("no self-contained AWS CLI on this machine (see the test without one)")
+    key = "inbox/no python ü.csv"
+    instance_id = cloud.launch(key, CSV)
+    bare = bare_path(cloud.workdir / "bare-bin", extra=[cli])
+    done, stub = cloud.run(instance_id, path=bare)
+    assert done.returncode == 127
+    report = assert_error_report(cloud, key, "start", "python3 with boto3 is not available",
+                                 written_by="bootstrap")
+    assert report["exit_code"] == 127
+    assert "wrote error report for stage start" in cloud.get(AwsS3.report_key(key, ".log")).decode()
+    assert_shut_down(stub)
+
+
+def test_python_missing_without_any_aws_client(cloud):
+    """Nothing can reach S3: the bootstrap can only log why, and still shuts down."""
+    key = "inbox/no python, no cli.csv"
+    instance_id = cloud.launch(key, CSV)
+    bare = bare_path(cloud.workdir / "bare-bin")
+    done, stub = cloud.run(instance_id, path=bare)
+    assert done.returncode == 127
+    output = done.stdout.decode() + done.stderr.decode()
+    assert "neither python3 with boto3 nor the aws CLI is available" in output
+    assert "could not write the error report for stage start" in output
+    assert cloud.keys() == [key]  # no report could be written; the input is untouched
+    assert_shut_down(stub)
+
+
+def test_the_unrendered_template_refuses_and_shuts_down(tmp_path):
+    stub = ShutdownStub(tmp_path / "stub")
+    template = (REPO / "bootstrap" / "bootstrap.sh").read_text(encoding="utf-8")
+    done = run_user_data(template, tmp_path, stub, path=python_path())
+    assert done.returncode == 2
+    assert "unrendered template" in done.stdout.decode() + done.stderr.decode()
+    assert stub.calls() == ["-h now"]
