@@ -1,0 +1,1707 @@
+#!/usr/bin/env python3
+"""awsfun deploy: create, inspect and remove the whole pipeline in one AWS account and region.
+
+    ./deploy.sh [deploy] [options]     create or update everything; safe to re-run
+    ./deploy.sh status [--json]        names, running workers, reports, dead letters, drift
+    ./deploy.sh teardown [--yes]       remove what deploy created (data kept unless --delete-data)
+
+Uses the caller's usual AWS settings (AWS_PROFILE, AWS_REGION / AWS_DEFAULT_REGION,
+AWS_ENDPOINT_URL). Everything is plain boto3 and importable, so the tests drive it
+against moto. The IAM policy documents live in iam/ as reviewable JSON templates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import string
+import sys
+import time
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError, WaiterError
+
+import lambda_function
+
+logger = logging.getLogger("awsfun.deploy")
+
+REPO = Path(__file__).resolve().parent
+IAM_DIR = REPO / "iam"
+
+# The one allowlist of files published to the software bucket, at their repository
+# paths. Nothing else is ever uploaded (never anything under private/).
+PUBLISHED_FILES = ("AwsS3.py", "bootstrap/bootstrap.sh")
+BOOTSTRAP_KEY = lambda_function.DEFAULTS["BOOTSTRAP_KEY"]
+# What the Lambda may read from the software bucket: its user-data template and the
+# routing table a later change adds; reading a key that does not exist yet grants nothing.
+LAUNCHER_SOFTWARE_KEYS = (BOOTSTRAP_KEY, "routes.json")
+# Files packaged into the function's zip, at the paths load_bootstrap_template expects.
+FUNCTION_FILES = ("lambda_function.py", BOOTSTRAP_KEY)
+
+DEFAULT_PREFIX = "su2c"
+DEFAULT_INSTANCE_TYPE = "t3.small"
+STACK_TAG = "awsfun:stack"
+WORKER_TAG = "awsfun:launch-template"
+WORKER_KEY_TAG = "awsfun:key"
+DATA_BUCKET_TAG = "awsfun:data-bucket"
+SOFTWARE_BUCKET_TAG = "awsfun:software-bucket"
+
+AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
+AMI_FALLBACK_NAME = "al2023-ami-2023.*-kernel-*-{arch}"
+ROOT_VOLUME_MIN_GIB = 8
+
+RUNTIME = "python3.13"
+HANDLER = "lambda_function.lambda_handler"
+# One S3 event usually carries one record, and each record is one RunInstances call
+# of a second or two; 60 s leaves room for a batch and for EC2's own retries.
+FUNCTION_TIMEOUT = 60
+FUNCTION_MEMORY = 256
+MAX_RETRY_ATTEMPTS = 2
+MAX_EVENT_AGE_SECONDS = 6 * 3600
+DLQ_ATTRIBUTES = {"MessageRetentionPeriod": str(14 * 24 * 3600), "SqsManagedSseEnabled": "true"}
+LOG_RETENTION_DAYS = 30
+
+PRIVATE_BLOCK = {
+    "BlockPublicAcls": True,
+    "IgnorePublicAcls": True,
+    "BlockPublicPolicy": True,
+    "RestrictPublicBuckets": True,
+}
+# --public-software: only a bucket policy may make it public; ACLs stay blocked.
+PUBLIC_SOFTWARE_BLOCK = dict(PRIVATE_BLOCK, BlockPublicPolicy=False, RestrictPublicBuckets=False)
+PUBLIC_READ_SID = "AnonymousReadOfPublishedFilesOnly"
+
+CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 8})
+NOT_FOUND = {
+    "404", "NoSuchBucket", "NotFound", "NoSuchKey", "NoSuchEntity", "ResourceNotFoundException",
+    "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist",
+    "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound",
+    "NoSuchBucketPolicy", "NoSuchPublicAccessBlockConfiguration",
+    "ServerSideEncryptionConfigurationNotFoundError", "OwnershipControlsNotFoundError",
+    "ParameterNotFound",
+}
+PREFIX_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,18}[a-z0-9])?$")
+
+CREATED, UPDATED, IN_PLACE = "created", "updated", "already in place"
+DELETED, GONE, KEPT = "deleted", "already gone", "kept"
+CHANGES = (CREATED, UPDATED, DELETED)
+
+
+class DeployError(RuntimeError):
+    """Something the operator has to fix; the message says what."""
+
+
+# --- small helpers -----------------------------------------------------------------
+
+
+def error_code(err):
+    """Return the AWS error code of a ClientError."""
+    return err.response.get("Error", {}).get("Code", "")
+
+
+def log_client_error(err, doing):
+    """Log a ClientError's code and message with what we were doing (the caller re-raises)."""
+    error = err.response.get("Error", {})
+    logger.error("%s failed: %s %s", doing, error.get("Code"), error.get("Message"))
+
+
+def is_not_found(err):
+    """True when a ClientError says the thing asked about does not exist."""
+    return error_code(err) in NOT_FOUND
+
+
+def canonical(document):
+    """Return a policy document as canonical JSON, so equal documents compare equal."""
+    if isinstance(document, str):
+        document = json.loads(document)
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+def tag_list(tags):
+    """Turn {key: value} into AWS's [{"Key", "Value"}] list."""
+    return [{"Key": key, "Value": value} for key, value in tags.items()]
+
+
+def mismatches(desired, actual, path=""):
+    """Return the paths where `actual` differs from `desired`, looking only at what `desired` sets.
+
+    Lists match when every desired item matches some actual item, so extra entries the
+    service adds (default tags, echoed fields) are not reported as drift.
+    """
+    if isinstance(desired, dict):
+        if not isinstance(actual, dict):
+            return [path or "."]
+        found = []
+        for key, value in desired.items():
+            found += mismatches(value, actual.get(key), f"{path}.{key}" if path else key)
+        return found
+    if isinstance(desired, list):
+        if not isinstance(actual, list):
+            return [path or "."]
+        return [
+            f"{path}[{index}]"
+            for index, item in enumerate(desired)
+            if not any(not mismatches(item, candidate) for candidate in actual)
+        ]
+    return [] if desired == actual else [path or "."]
+
+
+def retry_while(retryable, action, doing, timeout=90.0, delay=3.0, sleep=time.sleep):
+    """Call action() until it stops failing with an error whose code or message contains one
+    of the `retryable` fragments (eventual consistency), for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return action()
+        except ClientError as err:
+            error = err.response.get("Error", {})
+            text = f"{error.get('Code', '')} {error.get('Message', '')}"
+            if not any(fragment in text for fragment in retryable) or \
+                    time.monotonic() + delay > deadline:
+                log_client_error(err, doing)
+                raise
+            logger.warning("%s: %s %s; retrying in %ss (IAM and SQS changes take a few "
+                           "seconds to propagate)", doing, error.get("Code"), error.get("Message"),
+                           delay)
+            sleep(delay)
+
+
+class Progress:
+    """Prints each step as it happens and keeps the list, so callers and tests can read it back."""
+
+    def __init__(self, echo=True, stream=None):
+        self.steps = []
+        self.echo = echo
+        self.stream = stream
+
+    def record(self, outcome, what, name, detail=""):
+        """Remember one step's outcome and print it for the person at the terminal."""
+        self.steps.append({"outcome": outcome, "what": what, "name": name, "detail": detail})
+        if self.echo:
+            extra = f"  ({detail})" if detail else ""
+            print(f"  {outcome:<17} {what:<24} {name}{extra}", file=self.stream or sys.stdout,
+                  flush=True)
+
+    def count(self, outcome):
+        """How many steps ended with `outcome`."""
+        return sum(1 for step in self.steps if step["outcome"] == outcome)
+
+    def changed(self):
+        """True when any step created, updated or deleted something."""
+        return any(step["outcome"] in CHANGES for step in self.steps)
+
+
+class Clients:
+    """boto3 clients for one account and region, each created on first use with standard retries."""
+
+    def __init__(self, session=None, region=None):
+        self.session = session or boto3.session.Session()
+        # AWS_REGION wins over AWS_DEFAULT_REGION, as in the AWS CLI and the Lambda runtime.
+        self.region = region or os.environ.get("AWS_REGION") or self.session.region_name
+        if not self.region:
+            raise DeployError("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION, "
+                              "or a region in your AWS profile")
+        self._cache = {}
+
+    def __call__(self, service):
+        if service not in self._cache:
+            self._cache[service] = self.session.client(
+                service, region_name=self.region, config=CLIENT_CONFIG)
+        return self._cache[service]
+
+
+# --- names ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Names:
+    """Every name and ARN the pipeline uses, derived from prefix, account and region."""
+
+    prefix: str
+    account: str
+    region: str
+    partition: str
+    data_bucket: str
+    software_bucket: str
+    launch_template: str
+    function_name: str
+    dlq_name: str
+    worker_role: str
+    worker_instance_profile: str
+    lambda_role: str
+    log_group: str
+
+    @property
+    def worker_role_arn(self):
+        return f"arn:{self.partition}:iam::{self.account}:role/{self.worker_role}"
+
+    @property
+    def lambda_role_arn(self):
+        return f"arn:{self.partition}:iam::{self.account}:role/{self.lambda_role}"
+
+    @property
+    def dlq_arn(self):
+        return f"arn:{self.partition}:sqs:{self.region}:{self.account}:{self.dlq_name}"
+
+    @property
+    def function_arn(self):
+        return f"arn:{self.partition}:lambda:{self.region}:{self.account}:function:{self.function_name}"
+
+    @property
+    def data_bucket_arn(self):
+        return f"arn:{self.partition}:s3:::{self.data_bucket}"
+
+    def launch_template_arn(self, template_id):
+        return f"arn:{self.partition}:ec2:{self.region}:{self.account}:launch-template/{template_id}"
+
+    @property
+    def notification_id(self):
+        return f"{self.function_name}-object-created"
+
+    @property
+    def permission_sid(self):
+        return f"{self.prefix}-s3-invoke"
+
+    @property
+    def worker_policy_name(self):
+        return f"{self.prefix}-worker"
+
+    @property
+    def lambda_policy_name(self):
+        return f"{self.prefix}-launcher"
+
+
+def default_launch_template(prefix, environ=None):
+    """Name the worker template: LAUNCH_TEMPLATE if set, else `{prefix}w_worker` (su2cw_worker)."""
+    environ = os.environ if environ is None else environ
+    # The default prefix gives the contract's su2cw_worker; other prefixes get their own
+    # template, so two stages in one region never rewrite each other's launches.
+    return environ.get("LAUNCH_TEMPLATE") or f"{prefix}w_worker"
+
+
+def derive_names(prefix, account, region, partition="aws", data_bucket=None,
+                 software_bucket=None, launch_template=None):
+    """Return the Names for a prefix in an account and region; buckets may be given explicitly."""
+    if not PREFIX_PATTERN.match(prefix or ""):
+        raise DeployError(f"--prefix {prefix!r}: use 1-20 lowercase letters, digits or hyphens, "
+                          "not starting or ending with a hyphen")
+    names = Names(
+        prefix=prefix,
+        account=account,
+        region=region,
+        partition=partition,
+        data_bucket=data_bucket or f"{prefix}-data-{account}-{region}",
+        software_bucket=software_bucket or f"{prefix}-software-{account}-{region}",
+        launch_template=launch_template or default_launch_template(prefix),
+        function_name=f"{prefix}-launcher",
+        dlq_name=f"{prefix}-launcher-dlq",
+        # IAM is global to the account, so its names carry the region as well.
+        worker_role=f"{prefix}-worker-{region}",
+        worker_instance_profile=f"{prefix}-worker-{region}",
+        lambda_role=f"{prefix}-launcher-{region}",
+        log_group=f"/aws/lambda/{prefix}-launcher",
+    )
+    for option, bucket in (("--data-bucket", names.data_bucket),
+                           ("--software-bucket", names.software_bucket)):
+        # The handler refuses bucket names outside this pattern, so deploy does too.
+        if not lambda_function.BUCKET_NAME.match(bucket) or ".." in bucket:
+            raise DeployError(f"{option} {bucket!r} is not a valid S3 bucket name "
+                              "(3-63 lowercase letters, digits, dots or hyphens)")
+    if names.data_bucket == names.software_bucket:
+        raise DeployError("the data and software buckets must be different buckets")
+    return names
+
+
+def resolve_names(clients, prefix=DEFAULT_PREFIX, data_bucket=None, software_bucket=None):
+    """Ask STS who we are and derive the Names for that account and the client region."""
+    identity = clients("sts").get_caller_identity()
+    partition = identity["Arn"].split(":")[1]
+    return derive_names(prefix, identity["Account"], clients.region, partition,
+                        data_bucket, software_bucket)
+
+
+def discover_names(lam, names, explicit_data=None, explicit_software=None):
+    """Prefer the bucket names the deployed function records over the derived defaults."""
+    try:
+        config = lam.get_function(FunctionName=names.function_name)
+    except ClientError as err:
+        if is_not_found(err):
+            return names
+        log_client_error(err, "reading the deployed function")
+        raise
+    tags = config.get("Tags") or {}
+    env = (config["Configuration"].get("Environment") or {}).get("Variables") or {}
+    return dataclasses.replace(
+        names,
+        data_bucket=explicit_data or tags.get(DATA_BUCKET_TAG) or names.data_bucket,
+        software_bucket=(explicit_software or tags.get(SOFTWARE_BUCKET_TAG)
+                         or env.get("SOFTWARE_BUCKET") or names.software_bucket),
+        launch_template=env.get("LAUNCH_TEMPLATE") or names.launch_template,
+    )
+
+
+# --- IAM documents -------------------------------------------------------------------
+
+
+_WHOLE_PLACEHOLDER = re.compile(r"^\$\{(\w+)\}$")
+
+
+def _render_value(value, values):
+    if isinstance(value, dict):
+        return {key: _render_value(item, values) for key, item in value.items()}
+    if isinstance(value, list):
+        rendered = []
+        for item in value:
+            item = _render_value(item, values)
+            # A list item that is a list-valued placeholder splices its items in place.
+            rendered.extend(item if isinstance(item, list) else [item])
+        return rendered
+    if isinstance(value, str):
+        whole = _WHOLE_PLACEHOLDER.match(value)
+        if whole and isinstance(values.get(whole.group(1)), (list, tuple)):
+            return list(values[whole.group(1)])
+        return string.Template(value).substitute(values)
+    return value
+
+
+def render_policy(name, values):
+    """Render iam/NAME.json: `${Name}` placeholders from values; list values splice into lists."""
+    template = json.loads((IAM_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    return _render_value(template, values)
+
+
+def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES):
+    """Return the values the iam/ templates are rendered with."""
+    software = f"arn:{names.partition}:s3:::{names.software_bucket}"
+    return {
+        "Partition": names.partition,
+        "Region": names.region,
+        "AccountId": names.account,
+        "DataBucket": names.data_bucket,
+        "SoftwareBucket": names.software_bucket,
+        "LogGroup": names.log_group,
+        "WorkerRoleArn": names.worker_role_arn,
+        "DeadLetterQueueArn": names.dlq_arn,
+        "LaunchTemplateArns": [names.launch_template_arn(i) for i in launch_template_ids],
+        "PublishedObjectArns": [f"{software}/{key}" for key in published_files],
+        "LauncherSoftwareObjectArns": [f"{software}/{key}" for key in LAUNCHER_SOFTWARE_KEYS],
+    }
+
+
+def policy_documents(names, launch_template_id):
+    """Return every rendered policy document by template name (what deploy applies)."""
+    values = policy_values(names, [launch_template_id])
+    return {
+        name: render_policy(name, values)
+        for name in ("worker-trust", "worker-policy", "lambda-trust", "lambda-policy",
+                     "software-public-read")
+    }
+
+
+# --- S3 ------------------------------------------------------------------------------
+
+
+def bucket_exists(s3, bucket, account):
+    """True if we own `bucket`; False if it does not exist; DeployError if someone else owns it."""
+    try:
+        s3.head_bucket(Bucket=bucket, ExpectedBucketOwner=account)
+        return True
+    except ClientError as err:
+        if is_not_found(err):
+            return False
+        if error_code(err) in ("403", "AccessDenied", "Forbidden"):
+            raise DeployError(
+                f"bucket {bucket} exists but is not this account's (or these credentials cannot "
+                "read it); bucket names are global, so pick another with --data-bucket or "
+                "--software-bucket") from None
+        log_client_error(err, f"checking bucket {bucket}")
+        raise
+
+
+def create_bucket(s3, bucket, region):
+    """Create a bucket in `region` (us-east-1 takes no location constraint)."""
+    params = {"Bucket": bucket}
+    if region != "us-east-1":
+        params["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        s3.create_bucket(**params)
+    except ClientError as err:
+        if error_code(err) == "BucketAlreadyOwnedByYou":
+            return
+        if error_code(err) == "BucketAlreadyExists":
+            raise DeployError(f"bucket name {bucket} is taken by another account; "
+                              "choose another with --data-bucket / --software-bucket") from None
+        log_client_error(err, f"creating bucket {bucket}")
+        raise
+
+
+def _get_or_none(call, **params):
+    try:
+        return call(**params)
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, call.__name__)
+        raise
+
+
+def read_bucket_settings(s3, bucket):
+    """Return the bucket's ownership, Block Public Access and default encryption settings."""
+    ownership = _get_or_none(s3.get_bucket_ownership_controls, Bucket=bucket)
+    block = _get_or_none(s3.get_public_access_block, Bucket=bucket)
+    encryption = _get_or_none(s3.get_bucket_encryption, Bucket=bucket)
+    rules = (encryption or {}).get("ServerSideEncryptionConfiguration", {}).get("Rules", [])
+    return {
+        "ownership": ((ownership or {}).get("OwnershipControls", {}).get("Rules") or [{}])[0]
+        .get("ObjectOwnership"),
+        "block": (block or {}).get("PublicAccessBlockConfiguration"),
+        "sse": (rules[0].get("ApplyServerSideEncryptionByDefault", {}).get("SSEAlgorithm")
+                if rules else None),
+    }
+
+
+def bucket_setting_differences(settings, block):
+    """Return which bucket settings differ from what deploy wants (pure)."""
+    found = []
+    if settings["ownership"] != "BucketOwnerEnforced":
+        found.append("object ownership")
+    if settings["block"] != block:
+        found.append("block public access")
+    # SSE-S3: the roles hold no KMS permissions, so a KMS default would lock them out.
+    if settings["sse"] != "AES256":
+        found.append("default encryption")
+    return found
+
+
+def ensure_bucket(s3, bucket, names, block, progress, what):
+    """Create the bucket if needed and apply ownership, Block Public Access and SSE-S3."""
+    existed = bucket_exists(s3, bucket, names.account)
+    if not existed:
+        create_bucket(s3, bucket, names.region)
+    differences = bucket_setting_differences(read_bucket_settings(s3, bucket), block)
+    if "object ownership" in differences:
+        # ACLs disabled: every object belongs to the bucket owner, whoever wrote it.
+        s3.put_bucket_ownership_controls(
+            Bucket=bucket,
+            OwnershipControls={"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]})
+    if "block public access" in differences:
+        s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration=block)
+    if "default encryption" in differences:
+        s3.put_bucket_encryption(
+            Bucket=bucket,
+            ServerSideEncryptionConfiguration={
+                "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list({STACK_TAG: names.prefix})})
+    if not existed:
+        progress.record(CREATED, what, bucket)
+    elif differences:
+        progress.record(UPDATED, what, bucket, ", ".join(differences))
+    else:
+        progress.record(IN_PLACE, what, bucket)
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a local file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def published_digest(s3, bucket, key):
+    """Return the sha256 recorded on a published object, or None if it is absent."""
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"reading s3://{bucket}/{key}")
+        raise
+    return head.get("Metadata", {}).get("sha256", "")
+
+
+def publish_software(s3, bucket, files=PUBLISHED_FILES, progress=None, repo=REPO):
+    """Upload the published worker files to the software bucket at their repo paths, if changed."""
+    for key in files:
+        if key.startswith("private/") or key not in PUBLISHED_FILES:
+            raise DeployError(f"{key} is not on the published-files allowlist PUBLISHED_FILES")
+        path = Path(repo) / key
+        digest = file_sha256(path)
+        current = published_digest(s3, bucket, key)
+        if current == digest:
+            if progress:
+                progress.record(IN_PLACE, "software file", f"s3://{bucket}/{key}")
+            continue
+        content_type = "text/x-python" if key.endswith(".py") else (
+            "text/x-shellscript" if key.endswith(".sh") else "application/octet-stream")
+        s3.put_object(Bucket=bucket, Key=key, Body=path.read_bytes(),
+                      ContentType=content_type, Metadata={"sha256": digest})
+        if progress:
+            progress.record(CREATED if current is None else UPDATED, "software file",
+                            f"s3://{bucket}/{key}", "published")
+
+
+def list_keys(s3, bucket, prefix="", limit=None):
+    """Return the bucket's objects (dicts from ListObjectsV2), at most `limit` of them."""
+    found = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found.extend(page.get("Contents", []))
+        if limit is not None and len(found) >= limit:
+            return found[:limit]
+    return found
+
+
+def remove_unpublished(s3, bucket, files, progress):
+    """Delete objects in the software bucket that are not on the allowlist, so it holds exactly it."""
+    for obj in list_keys(s3, bucket):
+        if obj["Key"] not in files:
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+            progress.record(DELETED, "unpublished file", f"s3://{bucket}/{obj['Key']}")
+
+
+def read_bucket_policy(s3, bucket):
+    """Return the bucket policy as a dict, or None."""
+    policy = _get_or_none(s3.get_bucket_policy, Bucket=bucket)
+    return json.loads(policy["Policy"]) if policy else None
+
+
+def ensure_software_access(s3, names, public, published_files, progress):
+    """Grant (public) or withdraw (private) anonymous read of exactly the published keys."""
+    current = read_bucket_policy(s3, names.software_bucket)
+    ours = current is not None and any(
+        statement.get("Sid") == PUBLIC_READ_SID for statement in current.get("Statement", []))
+    if public:
+        wanted = render_policy("software-public-read",
+                               policy_values(names, published_files=published_files))
+        if current is not None and canonical(current) == canonical(wanted):
+            progress.record(IN_PLACE, "public read policy", names.software_bucket)
+            return
+        # Block Public Access was relaxed by ensure_bucket first; S3 refuses a public policy before.
+        s3.put_bucket_policy(Bucket=names.software_bucket, Policy=json.dumps(wanted))
+        progress.record(CREATED if current is None else UPDATED, "public read policy",
+                        names.software_bucket, "anonymous s3:GetObject on published keys")
+    elif ours:
+        s3.delete_bucket_policy(Bucket=names.software_bucket)
+        progress.record(DELETED, "public read policy", names.software_bucket, "bucket is private")
+    elif current is not None:
+        logger.warning("software bucket %s has a bucket policy deploy did not write; left as is",
+                       names.software_bucket)
+
+
+def notification_config(s3, bucket):
+    """Return the bucket's notification configuration without response metadata."""
+    config = s3.get_bucket_notification_configuration(Bucket=bucket)
+    config.pop("ResponseMetadata", None)
+    return config
+
+
+def ensure_data_notification(s3, names, function_arn, progress):
+    """Send the data bucket's ObjectCreated events to the function, keeping other notifications."""
+    config = notification_config(s3, names.data_bucket)
+    wanted = {"Id": names.notification_id, "LambdaFunctionArn": function_arn,
+              "Events": ["s3:ObjectCreated:*"]}
+    others = [c for c in config.get("LambdaFunctionConfigurations", [])
+              if c.get("Id") != names.notification_id]
+    current = [c for c in config.get("LambdaFunctionConfigurations", [])
+               if c.get("Id") == names.notification_id]
+    if current and not mismatches(wanted, current[0]) and "Filter" not in current[0]:
+        progress.record(IN_PLACE, "object-created event", names.data_bucket)
+        return
+    config["LambdaFunctionConfigurations"] = others + [wanted]
+    # S3 test-sends to the function when the configuration is saved; right after the
+    # invoke permission is added that can fail for a few seconds.
+    retry_while(("Unable to validate",),
+                lambda: s3.put_bucket_notification_configuration(
+                    Bucket=names.data_bucket, NotificationConfiguration=config),
+                f"setting the notification on {names.data_bucket}")
+    progress.record(UPDATED if current else CREATED, "object-created event", names.data_bucket,
+                    f"-> {names.function_name}")
+
+
+def remove_data_notification(s3, names, progress):
+    """Remove only deploy's notification from the data bucket, keeping any others."""
+    if not bucket_exists(s3, names.data_bucket, names.account):
+        progress.record(GONE, "object-created event", names.data_bucket)
+        return
+    config = notification_config(s3, names.data_bucket)
+    lambdas = config.get("LambdaFunctionConfigurations", [])
+    kept = [c for c in lambdas if c.get("Id") != names.notification_id]
+    if len(kept) == len(lambdas):
+        progress.record(GONE, "object-created event", names.data_bucket)
+        return
+    config["LambdaFunctionConfigurations"] = kept
+    if not kept:
+        del config["LambdaFunctionConfigurations"]
+    s3.put_bucket_notification_configuration(Bucket=names.data_bucket,
+                                             NotificationConfiguration=config)
+    progress.record(DELETED, "object-created event", names.data_bucket)
+
+
+def delete_bucket(s3, bucket, account, progress, what):
+    """Empty (every version and delete marker) and delete a bucket; tolerate it being gone."""
+    if not bucket_exists(s3, bucket, account):
+        progress.record(GONE, what, bucket)
+        return
+    paginator = s3.get_paginator("list_object_versions")
+    for page in paginator.paginate(Bucket=bucket):
+        batch = [{"Key": v["Key"], "VersionId": v["VersionId"]}
+                 for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+        # DeleteObjects takes at most 1,000 keys; a page holds at most 1,000 versions
+        # plus delete markers, so send it in slices.
+        for start in range(0, len(batch), 1000):
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": batch[start:start + 1000],
+                                                     "Quiet": True})
+    s3.delete_bucket(Bucket=bucket)
+    progress.record(DELETED, what, bucket)
+
+
+# --- SQS and CloudWatch Logs --------------------------------------------------------
+
+
+def find_queue(sqs, name):
+    """Return (url, attributes) of the queue, or None if it does not exist."""
+    try:
+        url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"looking up queue {name}")
+        raise
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    return url, attributes
+
+
+def ensure_queue(sqs, names, progress):
+    """Create the dead-letter queue (encrypted, 14 days' retention) if needed; return its URL."""
+    found = find_queue(sqs, names.dlq_name)
+    if found is None:
+        # SQS refuses a name deleted less than 60 s ago (teardown then deploy).
+        url = retry_while(
+            ("QueueDeletedRecently",),
+            lambda: sqs.create_queue(QueueName=names.dlq_name, Attributes=DLQ_ATTRIBUTES,
+                                     tags={STACK_TAG: names.prefix})["QueueUrl"],
+            f"creating queue {names.dlq_name}", timeout=75, delay=10)
+        progress.record(CREATED, "dead-letter queue", names.dlq_name)
+        return url
+    url, attributes = found
+    changed = {k: v for k, v in DLQ_ATTRIBUTES.items() if attributes.get(k) != v}
+    if changed:
+        sqs.set_queue_attributes(QueueUrl=url, Attributes=changed)
+        progress.record(UPDATED, "dead-letter queue", names.dlq_name, ", ".join(changed))
+    else:
+        progress.record(IN_PLACE, "dead-letter queue", names.dlq_name)
+    return url
+
+
+def find_log_group(logs, name):
+    """Return the log group's description, or None."""
+    for page in logs.get_paginator("describe_log_groups").paginate(logGroupNamePrefix=name):
+        for group in page.get("logGroups", []):
+            if group["logGroupName"] == name:
+                return group
+    return None
+
+
+def ensure_log_group(logs, names, progress):
+    """Create the function's log group with a retention limit (the role may not create it)."""
+    group = find_log_group(logs, names.log_group)
+    if group is None:
+        logs.create_log_group(logGroupName=names.log_group, tags={STACK_TAG: names.prefix})
+    if group is None or group.get("retentionInDays") != LOG_RETENTION_DAYS:
+        logs.put_retention_policy(logGroupName=names.log_group,
+                                  retentionInDays=LOG_RETENTION_DAYS)
+        progress.record(CREATED if group is None else UPDATED, "log group", names.log_group,
+                        f"{LOG_RETENTION_DAYS} days' retention")
+    else:
+        progress.record(IN_PLACE, "log group", names.log_group)
+
+
+# --- IAM -----------------------------------------------------------------------------
+
+
+def read_role(iam, role_name):
+    """Return the role's trust policy, inline policies and attached policies, or None."""
+    try:
+        role = iam.get_role(RoleName=role_name)["Role"]
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"reading role {role_name}")
+        raise
+    inline = {}
+    for page in iam.get_paginator("list_role_policies").paginate(RoleName=role_name):
+        for name in page["PolicyNames"]:
+            inline[name] = iam.get_role_policy(RoleName=role_name, PolicyName=name)["PolicyDocument"]
+    attached = []
+    for page in iam.get_paginator("list_attached_role_policies").paginate(RoleName=role_name):
+        attached += [p["PolicyArn"] for p in page["AttachedPolicies"]]
+    return {"arn": role["Arn"], "trust": role["AssumeRolePolicyDocument"], "inline": inline,
+            "attached": attached}
+
+
+def role_differences(role, trust, policy_name, policy):
+    """Return how a role read by read_role differs from its documents (pure)."""
+    if role is None:
+        return ["missing"]
+    found = []
+    if canonical(role["trust"]) != canonical(trust):
+        found.append("trust policy")
+    if policy_name not in role["inline"]:
+        found.append(f"policy {policy_name} missing")
+    elif canonical(role["inline"][policy_name]) != canonical(policy):
+        found.append(f"policy {policy_name}")
+    found += [f"extra policy {name}" for name in role["inline"] if name != policy_name]
+    found += [f"attached policy {arn}" for arn in role["attached"]]
+    return found
+
+
+def ensure_role(iam, role_name, trust, policy_name, policy, names, progress, what):
+    """Create or correct a role so it holds exactly one inline policy; return its ARN."""
+    role = read_role(iam, role_name)
+    if role is None:
+        iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=json.dumps(trust),
+                        Description=f"awsfun {what} ({names.prefix}, {names.region}); "
+                                    "managed by deploy.sh",
+                        Tags=tag_list({STACK_TAG: names.prefix}))
+        iam.get_waiter("role_exists").wait(RoleName=role_name,
+                                           WaiterConfig={"Delay": 2, "MaxAttempts": 30})
+        iam.put_role_policy(RoleName=role_name, PolicyName=policy_name,
+                            PolicyDocument=json.dumps(policy))
+        progress.record(CREATED, what, role_name)
+        return iam.get_role(RoleName=role_name)["Role"]["Arn"]
+    differences = role_differences(role, trust, policy_name, policy)
+    if "trust policy" in differences:
+        iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=json.dumps(trust))
+    if any(d.startswith(f"policy {policy_name}") for d in differences):
+        iam.put_role_policy(RoleName=role_name, PolicyName=policy_name,
+                            PolicyDocument=json.dumps(policy))
+    # Least privilege means nothing but our policy: drop what someone added by hand.
+    for name in role["inline"]:
+        if name != policy_name:
+            iam.delete_role_policy(RoleName=role_name, PolicyName=name)
+    for arn in role["attached"]:
+        iam.detach_role_policy(RoleName=role_name, PolicyArn=arn)
+    progress.record(UPDATED if differences else IN_PLACE, what, role_name, ", ".join(differences))
+    return role["arn"]
+
+
+def read_instance_profile(iam, name):
+    """Return the instance profile (with its roles), or None."""
+    try:
+        return iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"reading instance profile {name}")
+        raise
+
+
+def ensure_instance_profile(iam, names, progress):
+    """Create the worker instance profile holding exactly the worker role; return its ARN."""
+    name, role = names.worker_instance_profile, names.worker_role
+    profile = read_instance_profile(iam, name)
+    created = profile is None
+    if created:
+        iam.create_instance_profile(InstanceProfileName=name,
+                                    Tags=tag_list({STACK_TAG: names.prefix}))
+        iam.get_waiter("instance_profile_exists").wait(
+            InstanceProfileName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 30})
+        profile = read_instance_profile(iam, name)
+    roles = [r["RoleName"] for r in profile.get("Roles", [])]
+    for other in roles:
+        if other != role:
+            iam.remove_role_from_instance_profile(InstanceProfileName=name, RoleName=other)
+    if role not in roles:
+        iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=role)
+    outcome = CREATED if created else (UPDATED if roles != [role] else IN_PLACE)
+    progress.record(outcome, "worker instance profile", name)
+    return profile["Arn"]
+
+
+def delete_role(iam, role_name, progress, what):
+    """Delete a role with its inline and attached policies; tolerate it being gone."""
+    role = read_role(iam, role_name)
+    if role is None:
+        progress.record(GONE, what, role_name)
+        return
+    for name in role["inline"]:
+        iam.delete_role_policy(RoleName=role_name, PolicyName=name)
+    for arn in role["attached"]:
+        iam.detach_role_policy(RoleName=role_name, PolicyArn=arn)
+    try:
+        profiles = iam.list_instance_profiles_for_role(RoleName=role_name)["InstanceProfiles"]
+    except ClientError as err:
+        log_client_error(err, f"listing instance profiles of {role_name}")
+        raise
+    for profile in profiles:
+        iam.remove_role_from_instance_profile(
+            InstanceProfileName=profile["InstanceProfileName"], RoleName=role_name)
+    iam.delete_role(RoleName=role_name)
+    progress.record(DELETED, what, role_name)
+
+
+def delete_instance_profile(iam, names, progress):
+    """Delete the worker instance profile (after removing its roles); tolerate it being gone."""
+    profile = read_instance_profile(iam, names.worker_instance_profile)
+    if profile is None:
+        progress.record(GONE, "worker instance profile", names.worker_instance_profile)
+        return
+    for role in profile.get("Roles", []):
+        iam.remove_role_from_instance_profile(
+            InstanceProfileName=names.worker_instance_profile, RoleName=role["RoleName"])
+    iam.delete_instance_profile(InstanceProfileName=names.worker_instance_profile)
+    progress.record(DELETED, "worker instance profile", names.worker_instance_profile)
+
+
+# --- EC2 launch template -------------------------------------------------------------
+
+
+def instance_architecture(ec2, instance_type):
+    """Return "arm64" or "x86_64" for an instance type, so the AMI matches it."""
+    try:
+        types = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
+    except ClientError as err:
+        if error_code(err) in ("InvalidInstanceType", "InvalidParameterValue"):
+            raise DeployError(f"--instance-type {instance_type}: not an instance type "
+                              "this region offers") from None
+        log_client_error(err, f"describing instance type {instance_type}")
+        raise
+    architectures = types[0]["ProcessorInfo"]["SupportedArchitectures"] if types else []
+    return "arm64" if architectures and "x86_64" not in architectures else "x86_64"
+
+
+def latest_worker_ami(ssm, ec2, architecture):
+    """Return (image id, where it came from): the public SSM parameter for Amazon Linux 2023."""
+    parameter = AMI_PARAMETER.format(arch=architecture)
+    try:
+        return ssm.get_parameter(Name=parameter)["Parameter"]["Value"], parameter
+    except ClientError as err:
+        if not is_not_found(err):
+            log_client_error(err, f"reading SSM parameter {parameter}")
+            raise
+    # Some partitions and emulators lack the parameter: take Amazon's newest AL2023 image.
+    pattern = AMI_FALLBACK_NAME.format(arch=architecture)
+    logger.warning("SSM parameter %s not found; using the newest Amazon-owned image named %s",
+                   parameter, pattern)
+    images = ec2.describe_images(Owners=["amazon"], Filters=[
+        {"Name": "name", "Values": [pattern]},
+        {"Name": "architecture", "Values": [architecture]},
+        {"Name": "state", "Values": ["available"]},
+    ])["Images"]
+    if not images:
+        raise DeployError(f"no Amazon Linux 2023 image found: neither {parameter} nor an image "
+                          f"named {pattern} exists in this region")
+    newest = max(images, key=lambda image: image.get("CreationDate", ""))
+    return newest["ImageId"], f"newest image named {pattern}"
+
+
+def root_device(ec2, image_id):
+    """Return (root device name, root volume GiB) of an image, with safe defaults."""
+    try:
+        image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
+    except (ClientError, IndexError) as err:
+        logger.warning("cannot describe image %s (%s); assuming /dev/xvda, %s GiB",
+                       image_id, err, ROOT_VOLUME_MIN_GIB)
+        return "/dev/xvda", ROOT_VOLUME_MIN_GIB
+    device = image.get("RootDeviceName", "/dev/xvda")
+    size = ROOT_VOLUME_MIN_GIB
+    for mapping in image.get("BlockDeviceMappings", []):
+        if mapping.get("DeviceName") == device:
+            size = max(size, int(mapping.get("Ebs", {}).get("VolumeSize") or 0))
+    return device, size
+
+
+def worker_launch_template_data(image_id, instance_type, profile_name, device, size, prefix):
+    """Return the LaunchTemplateData of the worker template (pure)."""
+    tags = tag_list({STACK_TAG: prefix, "awsfun:role": "worker"})
+    return {
+        "ImageId": image_id,
+        "InstanceType": instance_type,
+        "IamInstanceProfile": {"Name": profile_name},
+        # Shutting down at the end of the job must end the bill, not leave a stopped machine.
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                            "HttpPutResponseHopLimit": 1},
+        "BlockDeviceMappings": [{
+            "DeviceName": device,
+            # The size is explicit (never below the image's) because EC2 needs one for gp3 here.
+            "Ebs": {"VolumeSize": size, "VolumeType": "gp3", "Encrypted": True,
+                    "DeleteOnTermination": True},
+        }],
+        "TagSpecifications": [{"ResourceType": kind, "Tags": tags}
+                              for kind in ("instance", "volume")],
+    }
+
+
+def read_launch_template(ec2, name):
+    """Return the template's id, versions, tags and latest data, or None."""
+    try:
+        template = ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"][0]
+    except ClientError as err:
+        if is_not_found(err) or error_code(err) == "InvalidLaunchTemplateName.NotFound":
+            return None
+        log_client_error(err, f"reading launch template {name}")
+        raise
+    latest = ec2.describe_launch_template_versions(
+        LaunchTemplateId=template["LaunchTemplateId"], Versions=["$Latest"],
+    )["LaunchTemplateVersions"][0]
+    return {
+        "id": template["LaunchTemplateId"],
+        "default_version": template["DefaultVersionNumber"],
+        "latest_version": template["LatestVersionNumber"],
+        "tags": {t["Key"]: t["Value"] for t in template.get("Tags", [])},
+        "data": latest["LaunchTemplateData"],
+    }
+
+
+def ensure_launch_template(ec2, names, data, progress):
+    """Create the template, or add a version only when `data` changed; keep it the default."""
+    template = read_launch_template(ec2, names.launch_template)
+    if template is None:
+        created = ec2.create_launch_template(
+            LaunchTemplateName=names.launch_template, LaunchTemplateData=data,
+            VersionDescription="deploy.sh",
+            TagSpecifications=[{"ResourceType": "launch-template",
+                                "Tags": tag_list({STACK_TAG: names.prefix})}],
+        )["LaunchTemplate"]
+        progress.record(CREATED, "launch template", names.launch_template, "version 1")
+        return created["LaunchTemplateId"]
+    owner = template["tags"].get(STACK_TAG)
+    if owner and owner != names.prefix:
+        raise DeployError(f"launch template {names.launch_template} belongs to deployment "
+                          f"{owner!r}; set LAUNCH_TEMPLATE to use another name")
+    differences = mismatches(data, template["data"])
+    version = template["latest_version"]
+    if differences:
+        version = ec2.create_launch_template_version(
+            LaunchTemplateId=template["id"], LaunchTemplateData=data,
+            VersionDescription="deploy.sh",
+        )["LaunchTemplateVersion"]["VersionNumber"]
+    if differences or template["default_version"] != version:
+        ec2.modify_launch_template(LaunchTemplateId=template["id"], DefaultVersion=str(version))
+        if differences:
+            detail = f"version {version}: " + ", ".join(differences)
+        else:
+            detail = f"default version {version}"
+        progress.record(UPDATED, "launch template", names.launch_template, detail)
+    else:
+        progress.record(IN_PLACE, "launch template", names.launch_template, f"version {version}")
+    if not owner:
+        ec2.create_tags(Resources=[template["id"]], Tags=tag_list({STACK_TAG: names.prefix}))
+    return template["id"]
+
+
+def find_workers(ec2, launch_template, states=("pending", "running")):
+    """Return the workers launched from the template (by the handler's tag) in the given states."""
+    workers = []
+    paginator = ec2.get_paginator("describe_instances")
+    for page in paginator.paginate(Filters=[
+        {"Name": f"tag:{WORKER_TAG}", "Values": [launch_template]},
+        {"Name": "instance-state-name", "Values": list(states)},
+    ]):
+        for reservation in page["Reservations"]:
+            for instance in reservation["Instances"]:
+                tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                workers.append({
+                    "instance_id": instance["InstanceId"],
+                    "state": instance["State"]["Name"],
+                    "bucket": tags.get("awsfun:bucket", ""),
+                    "key": tags.get(WORKER_KEY_TAG, ""),
+                    "launch_time": instance["LaunchTime"],
+                })
+    return workers
+
+
+def terminate_workers(ec2, names, progress, wait=True):
+    """Terminate every worker still alive so teardown orphans none; wait (bounded) for it."""
+    workers = find_workers(ec2, names.launch_template,
+                           states=("pending", "running", "stopping", "stopped"))
+    if not workers:
+        progress.record(GONE, "running workers", names.launch_template, "none")
+        return []
+    ids = [w["instance_id"] for w in workers]
+    ec2.terminate_instances(InstanceIds=ids)
+    if wait:
+        try:
+            ec2.get_waiter("instance_terminated").wait(
+                InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 60})
+        except WaiterError as err:
+            # Termination is already requested and cannot be taken back; carry on.
+            logger.warning("workers still terminating after 5 minutes: %s", err)
+    for worker in workers:
+        progress.record(DELETED, "worker", worker["instance_id"], worker["key"])
+    return ids
+
+
+def delete_launch_template(ec2, names, progress):
+    """Delete the worker launch template; tolerate it being gone."""
+    template = read_launch_template(ec2, names.launch_template)
+    if template is None:
+        progress.record(GONE, "launch template", names.launch_template)
+        return
+    ec2.delete_launch_template(LaunchTemplateId=template["id"])
+    progress.record(DELETED, "launch template", names.launch_template)
+
+
+# --- Lambda --------------------------------------------------------------------------
+
+
+def build_function_zip(repo=REPO, files=FUNCTION_FILES):
+    """Return the function's zip: the handler with the bootstrap template beside it, reproducibly."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in files:
+            # Fixed timestamps and modes: the same sources give the same bytes, so a
+            # re-run can tell from CodeSha256 that nothing changed.
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, (Path(repo) / name).read_bytes())
+    return buffer.getvalue()
+
+
+def code_sha256(zip_bytes):
+    """Lambda's CodeSha256 of a zip: base64 of its SHA-256."""
+    return base64.b64encode(hashlib.sha256(zip_bytes).digest()).decode("ascii")
+
+
+def handler_environment(names, environ=None):
+    """Return the function's environment variables (the contract's names)."""
+    environ = os.environ if environ is None else environ
+    return {
+        "LAUNCH_TEMPLATE": names.launch_template,
+        "SOFTWARE_BUCKET": names.software_bucket,
+        "BOOTSTRAP_KEY": BOOTSTRAP_KEY,
+        # Fixed, never from the environment: workers write under analysis/, and a skip
+        # substring that misses those keys would make every report launch a new worker.
+        "SKIP_SUBSTRING": lambda_function.DEFAULTS["SKIP_SUBSTRING"],
+        "WATCHDOG_MINUTES": watchdog_minutes(environ),
+    }
+
+
+def watchdog_minutes(environ):
+    """WATCHDOG_MINUTES from the caller's environment (whole minutes >= 1), else the contract's."""
+    value = environ.get("WATCHDOG_MINUTES") or lambda_function.DEFAULTS["WATCHDOG_MINUTES"]
+    if not value.isdigit() or int(value) < 1:
+        raise DeployError(f"WATCHDOG_MINUTES={value!r}: expected whole minutes >= 1")
+    return str(int(value))
+
+
+def function_configuration(names, environ=None):
+    """Return the function's configuration parameters, shared by create and update (pure)."""
+    return {
+        "FunctionName": names.function_name,
+        "Role": names.lambda_role_arn,
+        "Runtime": RUNTIME,
+        "Handler": HANDLER,
+        "Description": f"awsfun launcher: one EC2 worker per new object in {names.data_bucket}",
+        "Timeout": FUNCTION_TIMEOUT,
+        "MemorySize": FUNCTION_MEMORY,
+        "Environment": {"Variables": handler_environment(names, environ)},
+        "DeadLetterConfig": {"TargetArn": names.dlq_arn},
+        "LoggingConfig": {"LogFormat": "JSON", "ApplicationLogLevel": "INFO",
+                          "SystemLogLevel": "WARN", "LogGroup": names.log_group},
+    }
+
+
+def function_tags(names):
+    """Tags on the function; they also let status and teardown find explicitly named buckets."""
+    return {STACK_TAG: names.prefix, DATA_BUCKET_TAG: names.data_bucket,
+            SOFTWARE_BUCKET_TAG: names.software_bucket}
+
+
+def read_function(lam, name):
+    """Return the function's configuration and tags, or None."""
+    try:
+        response = lam.get_function(FunctionName=name)
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"reading function {name}")
+        raise
+    config = response["Configuration"]
+    config["Tags"] = response.get("Tags") or {}
+    return config
+
+
+def function_differences(desired, config, zip_sha):
+    """Return which reported settings of a deployed function differ from `desired` (pure).
+
+    Settings the service does not report are not judged (moto omits LoggingConfig and
+    DeadLetterConfig); AWS reports both.
+    """
+    found = ["code"] if config.get("CodeSha256") != zip_sha else []
+    for key, value in desired.items():
+        if key == "FunctionName" or config.get(key) is None:
+            continue
+        if key == "Environment":
+            # Exactly: a stray DRY_RUN=1 left from a permission check must count as drift.
+            if (config[key].get("Variables") or {}) != value["Variables"]:
+                found.append(key)
+        elif mismatches(value, config[key]):
+            found.append(key)
+    return found
+
+
+def _wait_for_function(lam, name, waiter):
+    lam.get_waiter(waiter).wait(FunctionName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 60})
+
+
+def ensure_function(lam, names, zip_bytes, progress, environ=None):
+    """Create the function, or update its code and configuration only where they changed."""
+    desired = function_configuration(names, environ)
+    config = read_function(lam, names.function_name)
+    if config is None:
+        params = dict(desired, Code={"ZipFile": zip_bytes}, Tags=function_tags(names),
+                      Architectures=["x86_64"], PackageType="Zip")
+        # A role created seconds ago may not be assumable by Lambda yet.
+        created = retry_while(("cannot be assumed",),
+                              lambda: lam.create_function(**params),
+                              f"creating function {names.function_name}")
+        _wait_for_function(lam, names.function_name, "function_active_v2")
+        progress.record(CREATED, "function", names.function_name, RUNTIME)
+        return created["FunctionArn"]
+    differences = function_differences(desired, config, code_sha256(zip_bytes))
+    if "code" in differences:
+        lam.update_function_code(FunctionName=names.function_name, ZipFile=zip_bytes)
+        _wait_for_function(lam, names.function_name, "function_updated_v2")
+    if any(d != "code" for d in differences):
+        retry_while(("cannot be assumed",),
+                    lambda: lam.update_function_configuration(**desired),
+                    f"updating function {names.function_name}")
+        _wait_for_function(lam, names.function_name, "function_updated_v2")
+    wanted_tags = function_tags(names)
+    if any(config["Tags"].get(k) != v for k, v in wanted_tags.items()):
+        lam.tag_resource(Resource=config["FunctionArn"], Tags=wanted_tags)
+    progress.record(UPDATED if differences else IN_PLACE, "function", names.function_name,
+                    ", ".join(differences))
+    return config["FunctionArn"]
+
+
+def read_event_invoke_config(lam, name):
+    """Return the function's asynchronous-invocation settings, or None."""
+    return _get_or_none(lam.get_function_event_invoke_config, FunctionName=name)
+
+
+def ensure_event_invoke_config(lam, names, progress):
+    """Bound Lambda's retries and event age; what still fails goes to the dead-letter queue."""
+    wanted = {"MaximumRetryAttempts": MAX_RETRY_ATTEMPTS,
+              "MaximumEventAgeInSeconds": MAX_EVENT_AGE_SECONDS}
+    current = read_event_invoke_config(lam, names.function_name)
+    if current is not None and not mismatches(wanted, current):
+        progress.record(IN_PLACE, "async retry settings", names.function_name)
+        return
+    lam.put_function_event_invoke_config(FunctionName=names.function_name, **wanted)
+    progress.record(CREATED if current is None else UPDATED, "async retry settings",
+                    names.function_name, f"{MAX_RETRY_ATTEMPTS} retries")
+
+
+def s3_permission_statement(lam, names):
+    """Return the function policy's statement that lets S3 invoke it, or None."""
+    policy = _get_or_none(lam.get_policy, FunctionName=names.function_name)
+    if not policy:
+        return None
+    for statement in json.loads(policy["Policy"]).get("Statement", []):
+        if statement.get("Sid") == names.permission_sid:
+            return statement
+    return None
+
+
+def permission_matches(statement, names):
+    """True when the S3 invoke statement names our bucket and account (pure)."""
+    if not statement:
+        return False
+    condition = statement.get("Condition", {})
+    return (
+        statement.get("Principal", {}).get("Service") == "s3.amazonaws.com"
+        and statement.get("Action") == "lambda:InvokeFunction"
+        and condition.get("ArnLike", {}).get("AWS:SourceArn") == names.data_bucket_arn
+        and condition.get("StringEquals", {}).get("AWS:SourceAccount") == names.account
+    )
+
+
+def ensure_s3_invoke_permission(lam, names, progress):
+    """Let S3 invoke the function for the data bucket of this account only."""
+    statement = s3_permission_statement(lam, names)
+    if permission_matches(statement, names):
+        progress.record(IN_PLACE, "S3 invoke permission", names.function_name)
+        return
+    if statement:
+        lam.remove_permission(FunctionName=names.function_name, StatementId=names.permission_sid)
+    # SourceAccount too: a bucket name freed by its owner could be re-created elsewhere.
+    lam.add_permission(FunctionName=names.function_name, StatementId=names.permission_sid,
+                       Action="lambda:InvokeFunction", Principal="s3.amazonaws.com",
+                       SourceArn=names.data_bucket_arn, SourceAccount=names.account)
+    progress.record(UPDATED if statement else CREATED, "S3 invoke permission",
+                    names.function_name, names.data_bucket)
+
+
+def delete_function(lam, names, progress):
+    """Delete the function (its permission and retry settings go with it)."""
+    try:
+        lam.delete_function(FunctionName=names.function_name)
+    except ClientError as err:
+        if is_not_found(err):
+            progress.record(GONE, "function", names.function_name)
+            return
+        log_client_error(err, f"deleting function {names.function_name}")
+        raise
+    progress.record(DELETED, "function", names.function_name)
+
+
+# --- the commands --------------------------------------------------------------------
+
+
+def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=False,
+           progress=None, environ=None, published_files=PUBLISHED_FILES):
+    """Create or update every part of the pipeline; return what was deployed (names and ARNs)."""
+    progress = progress or Progress()
+    s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
+    lam, sqs, logs, ssm = clients("lambda"), clients("sqs"), clients("logs"), clients("ssm")
+
+    ensure_bucket(s3, names.data_bucket, names, PRIVATE_BLOCK, progress, "data bucket")
+    ensure_bucket(s3, names.software_bucket, names,
+                  PUBLIC_SOFTWARE_BLOCK if public_software else PRIVATE_BLOCK, progress,
+                  "software bucket")
+    publish_software(s3, names.software_bucket, published_files, progress)
+    remove_unpublished(s3, names.software_bucket, published_files, progress)
+    ensure_software_access(s3, names, public_software, published_files, progress)
+
+    dlq_url = ensure_queue(sqs, names, progress)
+    ensure_log_group(logs, names, progress)
+
+    values = policy_values(names, published_files=published_files)
+    ensure_role(iam, names.worker_role, render_policy("worker-trust", values),
+                names.worker_policy_name, render_policy("worker-policy", values), names,
+                progress, "worker role")
+    ensure_instance_profile(iam, names, progress)
+
+    architecture = instance_architecture(ec2, instance_type)
+    image_id, source = latest_worker_ami(ssm, ec2, architecture)
+    logger.info("worker image %s from %s", image_id, source)
+    device, size = root_device(ec2, image_id)
+    data = worker_launch_template_data(image_id, instance_type, names.worker_instance_profile,
+                                       device, size, names.prefix)
+    template_id = ensure_launch_template(ec2, names, data, progress)
+
+    # The launcher's policy names the template's id, so it follows the template.
+    values = policy_values(names, [template_id], published_files)
+    ensure_role(iam, names.lambda_role, render_policy("lambda-trust", values),
+                names.lambda_policy_name, render_policy("lambda-policy", values), names,
+                progress, "launcher role")
+
+    function_arn = ensure_function(lam, names, build_function_zip(), progress, environ)
+    ensure_event_invoke_config(lam, names, progress)
+    ensure_s3_invoke_permission(lam, names, progress)
+    ensure_data_notification(s3, names, function_arn, progress)
+    return {
+        "function_arn": function_arn,
+        "launch_template_id": template_id,
+        "dlq_url": dlq_url,
+        "image_id": image_id,
+    }
+
+
+def teardown(clients, names, delete_data=False, progress=None, wait=True):
+    """Remove everything deploy created, in dependency order, tolerating parts already gone."""
+    progress = progress or Progress()
+    s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
+    lam, sqs, logs = clients("lambda"), clients("sqs"), clients("logs")
+
+    # Stop new launches first, then end the workers already running.
+    remove_data_notification(s3, names, progress)
+    delete_function(lam, names, progress)
+    terminate_workers(ec2, names, progress, wait=wait)
+    delete_launch_template(ec2, names, progress)
+    delete_role(iam, names.lambda_role, progress, "launcher role")
+    delete_instance_profile(iam, names, progress)
+    delete_role(iam, names.worker_role, progress, "worker role")
+    found = find_queue(sqs, names.dlq_name)
+    if found:
+        sqs.delete_queue(QueueUrl=found[0])
+        progress.record(DELETED, "dead-letter queue", names.dlq_name)
+    else:
+        progress.record(GONE, "dead-letter queue", names.dlq_name)
+    if find_log_group(logs, names.log_group):
+        logs.delete_log_group(logGroupName=names.log_group)
+        progress.record(DELETED, "log group", names.log_group)
+    else:
+        progress.record(GONE, "log group", names.log_group)
+    delete_bucket(s3, names.software_bucket, names.account, progress, "software bucket")
+    if delete_data:
+        delete_bucket(s3, names.data_bucket, names.account, progress, "data bucket")
+    else:
+        progress.record(KEPT, "data bucket", names.data_bucket, "--delete-data removes it")
+    return progress
+
+
+def _iso(moment):
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def input_key_of(report_key):
+    """Map analysis/KEY.json or .error.json back to KEY (hashed long keys stay as they are)."""
+    key = report_key[len("analysis/"):]
+    for suffix in (".error.json", ".json"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def recent_reports(s3, bucket, limit=10, scan_limit=10000):
+    """Return (reports, error reports, how many listed): the newest under analysis/."""
+    objects = list_keys(s3, bucket, prefix="analysis/", limit=scan_limit)
+    objects.sort(key=lambda o: o["LastModified"], reverse=True)
+
+    def entry(obj):
+        return {"key": obj["Key"], "input_key": input_key_of(obj["Key"]),
+                "last_modified": _iso(obj["LastModified"]), "size": obj["Size"]}
+
+    errors = [entry(o) for o in objects if o["Key"].endswith(".error.json")][:limit]
+    reports = [entry(o) for o in objects
+               if o["Key"].endswith(".json") and not o["Key"].endswith(".error.json")][:limit]
+    return reports, errors, len(objects)
+
+
+def find_drift(clients, names, template, instance_type=None):
+    """Return each missing or changed resource as {"resource", "name", "problem"}."""
+    s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
+    lam, sqs, logs, ssm = clients("lambda"), clients("sqs"), clients("logs"), clients("ssm")
+    drift = []
+
+    def note(resource, name, problem):
+        drift.append({"resource": resource, "name": name, "problem": problem})
+
+    for what, bucket in (("data bucket", names.data_bucket),
+                         ("software bucket", names.software_bucket)):
+        if not bucket_exists(s3, bucket, names.account):
+            note(what, bucket, "missing")
+            continue
+        settings = read_bucket_settings(s3, bucket)
+        # The software bucket may be public on purpose (--public-software); ACLs never.
+        block = (PUBLIC_SOFTWARE_BLOCK if what == "software bucket"
+                 and settings["block"] == PUBLIC_SOFTWARE_BLOCK else PRIVATE_BLOCK)
+        for problem in bucket_setting_differences(settings, block):
+            note(what, bucket, f"changed: {problem}")
+    if not any(d["name"] == names.software_bucket for d in drift):
+        present = {o["Key"] for o in list_keys(s3, names.software_bucket)}
+        for key in PUBLISHED_FILES:
+            digest = published_digest(s3, names.software_bucket, key)
+            if digest is None:
+                note("software file", key, "missing")
+            elif digest != file_sha256(REPO / key):
+                note("software file", key, "changed: differs from this checkout")
+        for key in sorted(present - set(PUBLISHED_FILES)):
+            note("software file", key, "not on the published allowlist")
+    if not any(d["name"] == names.data_bucket for d in drift):
+        lambdas = notification_config(s3, names.data_bucket).get("LambdaFunctionConfigurations", [])
+        if not any(c.get("Id") == names.notification_id
+                   and c.get("LambdaFunctionArn") == names.function_arn for c in lambdas):
+            note("object-created event", names.data_bucket, "missing")
+
+    if find_queue(sqs, names.dlq_name) is None:
+        note("dead-letter queue", names.dlq_name, "missing")
+    if find_log_group(logs, names.log_group) is None:
+        note("log group", names.log_group, "missing")
+
+    values = policy_values(names, [template["id"]] if template else [])
+    for what, role, trust, policy_name, policy in (
+        ("worker role", names.worker_role, "worker-trust", names.worker_policy_name,
+         "worker-policy"),
+        ("launcher role", names.lambda_role, "lambda-trust", names.lambda_policy_name,
+         "lambda-policy"),
+    ):
+        for problem in role_differences(read_role(iam, role), render_policy(trust, values),
+                                        policy_name, render_policy(policy, values)):
+            note(what, role, problem if problem == "missing" else f"changed: {problem}")
+    profile = read_instance_profile(iam, names.worker_instance_profile)
+    if profile is None:
+        note("worker instance profile", names.worker_instance_profile, "missing")
+    elif [r["RoleName"] for r in profile.get("Roles", [])] != [names.worker_role]:
+        note("worker instance profile", names.worker_instance_profile,
+             "changed: does not hold exactly the worker role")
+
+    if template is None:
+        note("launch template", names.launch_template, "missing")
+    else:
+        actual = template["data"]
+        image_id, _ = latest_worker_ami(
+            ssm, ec2, instance_architecture(ec2, instance_type or actual.get("InstanceType")
+                                            or DEFAULT_INSTANCE_TYPE))
+        device, size = root_device(ec2, image_id)
+        wanted = worker_launch_template_data(
+            image_id, instance_type or actual.get("InstanceType") or DEFAULT_INSTANCE_TYPE,
+            names.worker_instance_profile, device, size, names.prefix)
+        for problem in mismatches(wanted, actual):
+            hint = " (a newer Amazon Linux 2023 image is out)" if problem == "ImageId" else ""
+            note("launch template", names.launch_template, f"changed: {problem}{hint}")
+
+    config = read_function(lam, names.function_name)
+    if config is None:
+        note("function", names.function_name, "missing")
+    else:
+        for problem in function_differences(function_configuration(names), config,
+                                            code_sha256(build_function_zip())):
+            note("function", names.function_name, f"changed: {problem}")
+        if not permission_matches(s3_permission_statement(lam, names), names):
+            note("S3 invoke permission", names.function_name, "missing or changed")
+        retry = read_event_invoke_config(lam, names.function_name)
+        if retry is None or mismatches({"MaximumRetryAttempts": MAX_RETRY_ATTEMPTS}, retry):
+            note("async retry settings", names.function_name, "missing or changed")
+    return drift
+
+
+def collect_status(clients, names, now=None, instance_type=None):
+    """Return the deployment's status as one JSON-ready dict (see `status --json`)."""
+    now = now or datetime.now(timezone.utc)
+    s3, ec2, lam, sqs = clients("s3"), clients("ec2"), clients("lambda"), clients("sqs")
+    template = read_launch_template(ec2, names.launch_template)
+    config = read_function(lam, names.function_name)
+    queue = find_queue(sqs, names.dlq_name)
+    workers = []
+    for worker in find_workers(ec2, names.launch_template):
+        worker["age_seconds"] = int((now - worker["launch_time"]).total_seconds())
+        worker["launch_time"] = _iso(worker["launch_time"])
+        workers.append(worker)
+    reports, errors, listed = [], [], 0
+    if bucket_exists(s3, names.data_bucket, names.account):
+        reports, errors, listed = recent_reports(s3, names.data_bucket)
+    policy = (read_bucket_policy(s3, names.software_bucket)
+              if bucket_exists(s3, names.software_bucket, names.account) else None)
+    return {
+        "deployed": config is not None,
+        "prefix": names.prefix,
+        "account": names.account,
+        "region": names.region,
+        "data_bucket": names.data_bucket,
+        "software_bucket": names.software_bucket,
+        "public_software": bool(policy and any(
+            s.get("Sid") == PUBLIC_READ_SID for s in policy.get("Statement", []))),
+        "function_name": names.function_name,
+        "function_arn": config["FunctionArn"] if config else None,
+        "launch_template": names.launch_template,
+        "launch_template_id": template["id"] if template else None,
+        "launch_template_version": template["default_version"] if template else None,
+        "worker_role": names.worker_role,
+        "worker_instance_profile": names.worker_instance_profile,
+        "lambda_role": names.lambda_role,
+        "log_group": names.log_group,
+        "dlq_name": names.dlq_name,
+        "dlq_url": queue[0] if queue else None,
+        "dlq_depth": int(queue[1].get("ApproximateNumberOfMessages", 0)) if queue else None,
+        "dlq_in_flight": (int(queue[1].get("ApproximateNumberOfMessagesNotVisible", 0))
+                          if queue else None),
+        "workers": workers,
+        "reports": reports,
+        "error_reports": errors,
+        "analysis_objects_listed": listed,
+        "drift": find_drift(clients, names, template, instance_type),
+    }
+
+
+def _age(seconds):
+    minutes, seconds = divmod(max(0, seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def print_status(status, stream=None):
+    """Print a status dict for people."""
+    out = stream or sys.stdout
+
+    def say(text=""):
+        print(text, file=out)
+
+    say(f"awsfun {status['prefix']} in account {status['account']}, region {status['region']}: "
+        + ("deployed" if status["deployed"] else "NOT deployed"))
+    for label, key in (("data bucket", "data_bucket"), ("software bucket", "software_bucket"),
+                       ("function", "function_name"), ("launch template", "launch_template"),
+                       ("worker role", "worker_role"), ("launcher role", "lambda_role"),
+                       ("dead-letter queue", "dlq_name")):
+        say(f"  {label:<18} {status[key]}")
+    if status["public_software"]:
+        say("  software bucket is PUBLIC: anyone may read the published files")
+    say(f"  dead letters       {status['dlq_depth'] if status['dlq_depth'] is not None else '-'}")
+    say(f"running workers: {len(status['workers'])}")
+    for worker in status["workers"]:
+        say(f"  {worker['instance_id']}  {worker['state']:<8} {_age(worker['age_seconds']):>7}  "
+            f"{worker['key']}")
+    for title, entries in (("last reports", status["reports"]),
+                           ("last error reports", status["error_reports"])):
+        say(f"{title}: {len(entries)}")
+        for entry in entries:
+            say(f"  {entry['last_modified']}  {entry['key']}")
+    if status["drift"]:
+        say(f"drift: {len(status['drift'])} (./deploy.sh deploy puts it right)")
+        for item in status["drift"]:
+            say(f"  {item['resource']} {item['name']}: {item['problem']}")
+    else:
+        say("drift: none")
+
+
+def confirm(question, stdin=None, stream=None):
+    """Ask a yes/no question on the terminal; anything but yes (or end of input) is no."""
+    print(f"{question} [y/N] ", end="", file=stream or sys.stdout, flush=True)
+    answer = (stdin or sys.stdin).readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+# --- command line --------------------------------------------------------------------
+
+
+def run_deploy(args, clients):
+    """`deploy`: create or update everything."""
+    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    print(f"awsfun deploy: prefix {names.prefix}, account {names.account}, "
+          f"region {names.region}")
+    progress = Progress()
+    result = deploy(clients, names, args.instance_type, args.public_software, progress)
+    if progress.changed():
+        print(f"Deployed: {progress.count(CREATED)} created, {progress.count(UPDATED)} updated, "
+              f"{progress.count(DELETED)} removed, {progress.count(IN_PLACE)} already in place.")
+    else:
+        print("Nothing to change: everything already in place.")
+    print(f"Upload inputs to s3://{names.data_bucket}/ ; reports appear under analysis/. "
+          f"Function {result['function_arn']}")
+    return 0
+
+
+def run_status(args, clients):
+    """`status`: what is deployed, running and reported, and any drift."""
+    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    status = collect_status(clients, names, instance_type=args.instance_type)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print_status(status)
+    return 0
+
+
+def run_teardown(args, clients):
+    """`teardown`: remove everything deploy created (the data bucket only with --delete-data)."""
+    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    data = (f"and the data bucket {names.data_bucket} with ALL its objects" if args.delete_data
+            else f"(the data bucket {names.data_bucket} is kept)")
+    print(f"This removes the awsfun deployment {names.prefix!r} from account {names.account}, "
+          f"region {names.region}: function, workers, launch template {names.launch_template}, "
+          f"roles, queue, logs, software bucket {names.software_bucket} {data}.")
+    if not args.yes and not confirm("Continue?"):
+        print("Nothing removed.")
+        return 1
+    progress = teardown(clients, names, args.delete_data)
+    print(f"Removed {progress.count(DELETED)}; {progress.count(GONE)} already gone.")
+    return 0
+
+
+# Subcommands by name; a later `reconcile` registers itself here with add_command.
+COMMANDS = {}
+
+
+def add_command(name, run, help_text, add_arguments=None):
+    """Register a subcommand: run(args, clients) -> exit status; add_arguments(parser) adds options."""
+    COMMANDS[name] = {"run": run, "help": help_text, "add_arguments": add_arguments}
+
+
+def _common_options():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--prefix", default=DEFAULT_PREFIX,
+                        help="short name for this deployment (default: %(default)s); names are "
+                             "PREFIX plus account and region")
+    common.add_argument("--data-bucket", help="data bucket name "
+                        "(default: PREFIX-data-ACCOUNT-REGION)")
+    common.add_argument("--software-bucket", help="software bucket name "
+                        "(default: PREFIX-software-ACCOUNT-REGION)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    return common
+
+
+def _deploy_options(parser):
+    parser.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
+                        help="worker instance type (default: %(default)s)")
+    parser.add_argument("--public-software", action="store_true",
+                        help="let anyone read the published files (relaxes Block Public Access "
+                             "on the software bucket only); private by default")
+
+
+def _status_options(parser):
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--instance-type", default=None,
+                        help="report drift against this instance type (default: the deployed one)")
+
+
+def _teardown_options(parser):
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    parser.add_argument("--delete-data", action="store_true",
+                        help="also empty and delete the data bucket (inputs and reports)")
+
+
+add_command("deploy", run_deploy, "create or update everything (the default; safe to re-run)",
+            _deploy_options)
+add_command("status", run_status, "show names, running workers, reports, dead letters, drift",
+            _status_options)
+add_command("teardown", run_teardown, "remove what deploy created (asks first)",
+            _teardown_options)
+
+
+def build_parser():
+    """Return the argument parser with one subparser per registered command."""
+    parser = argparse.ArgumentParser(
+        prog="deploy.sh",
+        description="Deploy the awsfun pipeline (S3 -> Lambda -> one EC2 worker per object) "
+                    "with least-privilege IAM, show its status, or tear it down. Uses your "
+                    "usual AWS settings: AWS_PROFILE, AWS_REGION/AWS_DEFAULT_REGION, "
+                    "AWS_ENDPOINT_URL.",
+        epilog="Without a command, deploy. Run `deploy.sh COMMAND --help` for its options.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common_options()
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, parents=[common], help=command["help"],
+                                  description=command["help"])
+        if command["add_arguments"]:
+            command["add_arguments"](sub)
+    return parser
+
+
+def main(argv=None, clients=None):
+    """Command-line entry point; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "deploy")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
+    if not args.verbose:
+        logging.getLogger("botocore").setLevel(logging.WARNING)
+    try:
+        clients = clients or Clients()
+        return COMMANDS[args.command]["run"](args, clients)
+    except DeployError as err:
+        print(f"deploy.sh {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (NoCredentialsError, NoRegionError) as err:
+        print(f"deploy.sh {args.command}: {err}; configure AWS credentials and a region "
+              "(AWS_PROFILE or AWS_ACCESS_KEY_ID..., AWS_REGION)", file=sys.stderr)
+        return 2
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        print(f"deploy.sh {args.command}: AWS refused {err.operation_name}: "
+              f"{error.get('Code')} {error.get('Message')}", file=sys.stderr)
+        return 1
+    except WaiterError as err:
+        print(f"deploy.sh {args.command}: gave up waiting: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
