@@ -1653,6 +1653,22 @@ add_command("teardown", run_teardown, "remove what deploy created (asks first)",
             _teardown_options)
 
 
+# Options that take a value, so a value that happens to be a command name stays a value.
+VALUE_OPTIONS = ("--prefix", "--data-bucket", "--software-bucket", "--instance-type")
+
+
+def command_first(argv):
+    """Return argv with its command moved first (`--prefix p status` works); `deploy` if none."""
+    index = 0
+    while index < len(argv):
+        if argv[index] in COMMANDS:
+            return [argv[index]] + argv[:index] + argv[index + 1:]
+        index += 2 if argv[index] in VALUE_OPTIONS else 1
+    if argv[:1] in (["-h"], ["--help"]):
+        return argv
+    return ["deploy"] + argv
+
+
 def build_parser():
     """Return the argument parser with one subparser per registered command."""
     parser = argparse.ArgumentParser(
@@ -1674,9 +1690,7 @@ def build_parser():
 
 def main(argv=None, clients=None):
     """Command-line entry point; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv.insert(0, "deploy")
+    argv = command_first(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
