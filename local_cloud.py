@@ -1,0 +1,627 @@
+#!/usr/bin/env python3
+"""The whole awsfun pipeline on this machine, with no AWS account.
+
+    python3 local_cloud.py demo            process the shipped samples/ and show each report
+    python3 local_cloud.py run FILE...     process your files, copy the reports to ./analysis-out
+    python3 local_cloud.py up              keep a local cloud running for the aws CLI / boto3
+
+A moto server on a loopback port stands in for AWS and is deployed with
+deploy.sh, the same code path as a real account. moto cannot run a Lambda or
+boot an instance, so this file plays both parts: it feeds each S3 event (taken
+from an SQS queue on the data bucket) to lambda_function.lambda_handler, and
+"boots" each launched instance by running its user-data with bash.
+"""
+
+import argparse
+import base64
+import concurrent.futures
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import AwsS3
+import lambda_function
+
+REPO = Path(__file__).resolve().parent
+SAMPLES = REPO / "samples"
+REGION = "us-east-1"
+EVENTS_QUEUE = "awsfun-local-s3-events"
+LAMBDA_RETRIES = 2  # Lambda's default MaximumRetryAttempts for asynchronous invocations
+TOKEN_TAG = "awsfun:token"
+
+logger = logging.getLogger("awsfun.local")
+
+
+def local_environment(endpoint):
+    """Return the environment every local component runs with: fake keys, the endpoint, no IMDS."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "local",
+        "AWS_SECRET_ACCESS_KEY": "local",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def job_from_user_data(user_data):
+    """Return the (bucket, key) a rendered user-data script carries."""
+    values = dict(re.findall(r"^(JOB_[A-Z_]+_B64)='([A-Za-z0-9+/=]*)'$", user_data, re.M))
+    try:
+        return tuple(base64.b64decode(values[name]).decode("utf-8")
+                     for name in ("JOB_BUCKET_B64", "JOB_KEY_B64"))
+    except KeyError:
+        raise ValueError("user-data carries no awsfun job") from None
+
+
+def shutdown_calls(log_path):
+    """Return the argument lists the emulated `shutdown` was called with."""
+    try:
+        text = Path(log_path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["args"] for line in text.splitlines() if line.strip()]
+
+
+def watchdog_minutes(calls):
+    """Return N from the last `shutdown -h +N`, or None."""
+    minutes = None
+    for args in calls:
+        for arg in args:
+            if re.fullmatch(r"\+\d+", arg):
+                minutes = int(arg[1:])
+    return minutes
+
+
+def halted(calls):
+    """True when the machine asked for `shutdown -h now`."""
+    return any("now" in args for args in calls)
+
+
+SHUTDOWN_STUB = """#!{python}
+# Emulated shutdown: record the call; local_cloud.py terminates the instance.
+import json, os, sys, time
+with open(os.environ["AWSFUN_SHUTDOWN_LOG"], "a", encoding="utf-8") as log:
+    log.write(json.dumps({{"args": sys.argv[1:], "time": time.time()}}) + "\\n")
+"""
+
+
+class Tracker:
+    """Keeps each file's stages and prints one progress line per stage."""
+
+    def __init__(self, quiet=False):
+        self.start = time.monotonic()
+        self.quiet = quiet
+        self.files = {}
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+
+    def stage(self, key, name, detail=""):
+        """Record that `key` reached stage `name` and print it."""
+        with self.lock:
+            entry = self.files.setdefault(key, {"stages": {}, "instances": []})
+            elapsed = time.monotonic() - self.start
+            entry["stages"].setdefault(name, elapsed)
+            if name in ("report", "error", "failed"):
+                entry["outcome"] = name
+                entry["detail"] = detail
+            self.changed.notify_all()
+        if not self.quiet:
+            print(f"[{elapsed:7.2f}s] {name:<10} {key}{'  ' + detail if detail else ''}", flush=True)
+
+    def outcome(self, key):
+        """Return 'report', 'error', 'failed' or None while the file is in flight."""
+        with self.lock:
+            return self.files.get(key, {}).get("outcome")
+
+    def wait_for(self, keys, timeout):
+        """Block until every key has an outcome or the timeout passes; return the unfinished."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while True:
+                pending = [k for k in keys if not self.files.get(k, {}).get("outcome")]
+                remaining = deadline - time.monotonic()
+                if not pending or remaining <= 0:
+                    return pending
+                self.changed.wait(min(remaining, 1.0))
+
+
+class LocalCloud:
+    """A moto server deployed with deploy.sh, plus the Lambda and EC2 behaviour moto lacks."""
+
+    def __init__(self, workers=None, prefix="local", tracker=None, keep_scratch=False):
+        self.workers = workers or os.cpu_count() or 2
+        self.prefix = prefix
+        self.tracker = tracker or Tracker()
+        self.keep_scratch = keep_scratch
+        self.server = None
+        self.endpoint = None
+        self.names = {}
+        self.function_env = {}
+        self.queue_url = None
+        self.stop_event = threading.Event()
+        self.threads = []
+        self.pool = None
+        self.booted = {}  # instance id -> ClientToken
+        self.tokens = {}  # ClientToken -> first instance id: EC2 launches once per token
+        self.processes = {}
+        self.scratch_root = Path(tempfile.mkdtemp(prefix="awsfun-local-"))
+        self.lock = threading.Lock()
+        self.saved_environ = None
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def start(self):
+        """Start moto, deploy the stack with deploy.sh, and begin pumping events and booting."""
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        # moto keeps its state in module globals shared by every server in this process:
+        # start from an empty account, whatever an earlier local cloud left behind.
+        self.reset_moto()
+        self.saved_environ = dict(os.environ)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            os.environ.pop(name, None)
+        os.environ.update(local_environment(self.endpoint))
+        lambda_function._clients.clear()  # a warm container's clients would reach the old endpoint
+        self.deploy()
+        self.wire_events()
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, "machine")
+        for target in (self.pump_events, self.boot_instances):
+            thread = threading.Thread(target=target, daemon=True, name=target.__name__)
+            thread.start()
+            self.threads.append(thread)
+        return self
+
+    def stop(self):
+        """Stop pumping, halt running machines and the server, remove scratch space."""
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=5)
+        with self.lock:
+            processes = list(self.processes.values())
+        for process in processes:
+            _kill_group(process)
+        if self.pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.server:
+            self.reset_moto()
+            self.server.stop()
+        if self.saved_environ is not None:
+            os.environ.clear()
+            os.environ.update(self.saved_environ)
+            lambda_function._clients.clear()
+        if not self.keep_scratch:
+            shutil.rmtree(self.scratch_root, ignore_errors=True)
+
+    def reset_moto(self):
+        """Empty the emulated account: no bucket, instance or role outlives this local cloud."""
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def client(self, service):
+        """Return a boto3 client for the local endpoint."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(service, config=Config(retries={"mode": "standard"}))
+
+    def deploy(self):
+        """Deploy with deploy.sh against the local endpoint and read back what it made."""
+        command = ["bash", str(REPO / "deploy.sh"), "--prefix", self.prefix]
+        done = subprocess.run(command + ["deploy"], env=os.environ.copy(), capture_output=True,
+                              text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"deploy.sh failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        logger.debug("deploy.sh said:\n%s", done.stdout)
+        status = subprocess.run(command + ["status", "--json"], env=os.environ.copy(),
+                                capture_output=True, text=True, check=True)
+        self.names = json.loads(status.stdout)
+        config = self.client("lambda").get_function_configuration(
+            FunctionName=self.names["function_name"])
+        self.function_env = config.get("Environment", {}).get("Variables", {})
+
+    def wire_events(self):
+        """Add an SQS queue to the data bucket's notifications: moto cannot invoke the Lambda."""
+        sqs, s3 = self.client("sqs"), self.client("s3")
+        self.queue_url = sqs.create_queue(QueueName=EVENTS_QUEUE)["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])[
+            "Attributes"]["QueueArn"]
+        bucket = self.names["data_bucket"]
+        config = s3.get_bucket_notification_configuration(Bucket=bucket)
+        config.pop("ResponseMetadata", None)
+        config.setdefault("QueueConfigurations", []).append(
+            {"Id": "local-cloud", "QueueArn": arn, "Events": ["s3:ObjectCreated:*"]})
+        s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=config)
+
+    # --- the Lambda stand-in ----------------------------------------------------
+
+    def pump_events(self):
+        """Feed each S3 event from the queue to the handler, as S3 would invoke the Lambda."""
+        sqs = self.client("sqs")
+        while not self.stop_event.is_set():
+            messages = sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
+                                           WaitTimeSeconds=1).get("Messages", [])
+            for message in messages:
+                event = json.loads(message["Body"])
+                if "Records" in event:
+                    self.invoke_handler(event)
+                sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+    def invoke_handler(self, event):
+        """Invoke lambda_handler like an asynchronous invocation: retries, then the DLQ."""
+        os.environ.update(self.function_env)
+        for attempt in range(LAMBDA_RETRIES + 1):
+            try:
+                result = lambda_function.lambda_handler(event, None)
+                break
+            except Exception as err:  # noqa: BLE001 - Lambda catches everything a handler raises
+                logger.warning("handler attempt %d failed: %s", attempt + 1, err)
+                error = err
+                time.sleep(0.2 * (attempt + 1))
+        else:
+            self.send_to_dead_letter_queue(event, error)
+            for record in event.get("Records", []):
+                key = _record_key(record)
+                if key is not None:
+                    self.tracker.stage(key, "failed", f"launch failed, event sent to DLQ: {error}")
+            return
+        for entry in result["launched"]:
+            self.tracker.stage(entry["key"], "launched", entry["instance_id"])
+        for entry in result["skipped"]:
+            if self.tracker.outcome(entry["key"]) is None and "analysis" not in entry["key"]:
+                self.tracker.stage(entry["key"], "failed", f"skipped: {entry['reason']}")
+
+    def send_to_dead_letter_queue(self, event, error):
+        """Send a failed event to the function's DLQ, as Lambda does after its retries."""
+        url = self.names.get("dlq_url")
+        if url:
+            self.client("sqs").send_message(
+                QueueUrl=url, MessageBody=json.dumps(event),
+                MessageAttributes={"ErrorMessage": {"DataType": "String",
+                                                    "StringValue": str(error)[:1000]}})
+
+    # --- the EC2 stand-in -------------------------------------------------------
+
+    def boot_instances(self):
+        """Watch EC2 for launched workers and boot each one on a free machine slot."""
+        ec2 = self.client("ec2")
+        while not self.stop_event.wait(0.2):
+            pages = ec2.get_paginator("describe_instances").paginate(Filters=[
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+                {"Name": "tag-key", "Values": [TOKEN_TAG]},
+            ])
+            for page in pages:
+                for reservation in page["Reservations"]:
+                    for instance in reservation["Instances"]:
+                        self.maybe_boot(ec2, instance)
+
+    def maybe_boot(self, ec2, instance):
+        """Boot an instance once; a second launch with the same ClientToken is not a machine."""
+        instance_id = instance["InstanceId"]
+        token = next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == TOKEN_TAG), "")
+        with self.lock:
+            if instance_id in self.booted:
+                return
+            self.booted[instance_id] = token
+            first = self.tokens.setdefault(token, instance_id)
+        if first != instance_id:
+            # moto ignores ClientToken; real EC2 would have returned the first instance.
+            ec2.terminate_instances(InstanceIds=[instance_id])
+            logger.info("%s repeats ClientToken of %s; not booted", instance_id, first)
+            return
+        self.pool.submit(self.run_machine, instance_id)
+
+    def run_machine(self, instance_id):
+        """Run one instance's user-data with bash until it calls shutdown, then terminate it."""
+        ec2 = self.client("ec2")
+        raw = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        user_data = base64.b64decode(raw["UserData"]["Value"]).decode("utf-8")
+        _, key = job_from_user_data(user_data)
+        scratch = self.scratch_root / instance_id
+        (scratch / "bin").mkdir(parents=True)
+        (scratch / "tmp").mkdir()
+        script = scratch / "user-data"
+        script.write_text(user_data, encoding="utf-8")
+        stub = scratch / "bin" / "shutdown"
+        stub.write_text(SHUTDOWN_STUB.format(python=sys.executable), encoding="utf-8")
+        stub.chmod(0o755)
+        calls_log = scratch / "shutdown.calls"
+        env = os.environ.copy()
+        env.update({
+            "PATH": f"{stub.parent}:{Path(sys.executable).parent}:{env.get('PATH', '')}",
+            "TMPDIR": str(scratch / "tmp"),
+            "AWSFUN_INSTANCE_ID": instance_id,
+            "AWSFUN_SHUTDOWN_LOG": str(calls_log),
+        })
+        for name in self.function_env:
+            env.pop(name, None)  # the Lambda's settings are not the instance's
+        self.tracker.stage(key, "running", instance_id)
+        with open(scratch / "console.log", "wb") as console:
+            process = subprocess.Popen(["bash", str(script)], cwd=scratch, env=env,
+                                       stdout=console, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            with self.lock:
+                self.processes[instance_id] = process
+            reason = self.wait_for_machine(process, calls_log)
+            with self.lock:
+                self.processes.pop(instance_id, None)
+        self.record_outcome(key, instance_id, scratch)
+        if reason:
+            ec2.terminate_instances(InstanceIds=[instance_id])
+            self.tracker.stage(key, "terminated", f"{instance_id} ({reason})")
+        else:
+            self.tracker.stage(key, "stopped?", f"{instance_id} exited without shutdown -h now")
+        if not self.keep_scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def wait_for_machine(self, process, calls_log):
+        """Wait for the user-data to end, enforcing an armed watchdog; return why it halted."""
+        started = time.monotonic()
+        while True:
+            try:
+                process.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                minutes = watchdog_minutes(shutdown_calls(calls_log))
+                if self.stop_event.is_set():
+                    _kill_group(process)
+                    return "local cloud stopped"
+                if minutes is not None and time.monotonic() - started >= minutes * 60:
+                    _kill_group(process)
+                    return f"watchdog after {minutes} min"
+        return "shutdown -h now" if halted(shutdown_calls(calls_log)) else None
+
+    def record_outcome(self, key, instance_id, scratch):
+        """Record whether the machine left a report or an error report for its key."""
+        outcome, report = self.fetch_report(key)
+        if outcome == "report":
+            self.tracker.stage(key, "report", describe_report(report))
+        elif outcome == "error":
+            self.tracker.stage(key, "error", report.get("error", "error report written"))
+        else:
+            console = (scratch / "console.log").read_text(errors="replace").strip().splitlines()
+            self.tracker.stage(key, "failed", f"{instance_id} left no report; console: "
+                               + (console[-1] if console else "(empty)"))
+
+    # --- what the commands use --------------------------------------------------
+
+    def upload(self, path, key):
+        """Upload a local file to the data bucket under `key`."""
+        self.client("s3").upload_file(str(path), self.names["data_bucket"], key)
+        self.tracker.stage(key, "uploaded", f"{Path(path).stat().st_size:,} bytes")
+
+    def running_machines(self):
+        """Return the ids of awsfun workers still pending or running."""
+        ec2 = self.client("ec2")
+        found = []
+        for page in ec2.get_paginator("describe_instances").paginate(Filters=[
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+                {"Name": "tag-key", "Values": [TOKEN_TAG]}]):
+            for reservation in page["Reservations"]:
+                found += [i["InstanceId"] for i in reservation["Instances"]]
+        return found
+
+    def wait_idle(self, timeout=30):
+        """Wait until no worker is running or pending; return those still running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = self.running_machines()
+            if not running or time.monotonic() >= deadline:
+                return running
+            time.sleep(0.3)
+
+    def fetch_report(self, key):
+        """Return (outcome, report dict) for a key from S3, or (None, None)."""
+        s3 = self.client("s3")
+        for suffix, outcome in ((".json", "report"), (".error.json", "error")):
+            try:
+                body = s3.get_object(Bucket=self.names["data_bucket"],
+                                     Key=AwsS3.report_key(key, suffix))["Body"]
+            except s3.exceptions.NoSuchKey:
+                continue
+            return outcome, json.loads(body.read())
+        return None, None
+
+
+def _record_key(record):
+    from urllib.parse import unquote_plus
+
+    try:
+        return unquote_plus(record["s3"]["object"]["key"])
+    except (KeyError, TypeError):
+        return None
+
+
+def _kill_group(process):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe_report(report):
+    """Return a one-line, human summary of a report."""
+    summary = report.get("summary") or {}
+    fmt = report.get("format", "?")
+    picks = {
+        "fastq": ("reads", "bases", "gc_percent", "mean_quality"),
+        "vcf": ("samples", "records", "snvs", "indels", "ts_tv_ratio"),
+        "csv": ("rows", "columns"),
+        "tsv": ("rows", "columns"),
+    }.get(fmt, ())
+    parts = [f"{name}={summary[name]}" for name in picks if name in summary]
+    comp = f"{report['compression']}+" if report.get("compression") else ""
+    return f"{comp}{fmt}, {report.get('lines', '?')} lines" + (f", {', '.join(parts)}" if parts else "")
+
+
+def object_key(prefix, path):
+    """Return the data-bucket key a local file is uploaded to."""
+    name = Path(path).name
+    return f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
+
+
+def process_files(cloud, paths, prefix, timeout):
+    """Upload files through the local cloud and wait for each outcome; return {key: outcome}."""
+    keys = {}
+    for path in paths:
+        key = object_key(prefix, path)
+        if key in keys:
+            raise SystemExit(f"two files would share the key {key!r}: {keys[key]} and {path}")
+        keys[key] = path
+    for key, path in keys.items():
+        cloud.upload(path, key)
+    pending = cloud.tracker.wait_for(list(keys), timeout)
+    for key in pending:
+        cloud.tracker.stage(key, "failed", f"no report after {timeout}s")
+    return {key: cloud.tracker.outcome(key) for key in keys}
+
+
+def save_reports(cloud, keys, out_dir):
+    """Copy each key's report (or error report) into out_dir; return the saved paths."""
+    saved = []
+    for key in keys:
+        outcome, report = cloud.fetch_report(key)
+        if report is None:
+            continue
+        target = Path(out_dir) / (key + (".json" if outcome == "report" else ".error.json"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        saved.append(target)
+    return saved
+
+
+def print_table(cloud, outcomes):
+    """Print one row per file: outcome, timings and the report's summary."""
+    print(f"\n{'file':<40} {'outcome':<8} {'launch':>7} {'worker':>7} {'total':>7}  summary")
+    for key, outcome in outcomes.items():
+        stages = cloud.tracker.files.get(key, {}).get("stages", {})
+        up = stages.get("uploaded", 0.0)
+        launch = stages.get("launched", stages.get("running", up)) - up
+        end = stages.get(outcome or "", stages.get("failed", up))
+        worker = end - stages.get("running", end)
+        detail = cloud.tracker.files.get(key, {}).get("detail", "")
+        print(f"{key[:40]:<40} {outcome or '?':<8} {launch:6.2f}s {worker:6.2f}s {end - up:6.2f}s  {detail}")
+
+
+def finish(cloud, outcomes, out_dir):
+    """Save reports, print the table, and return the exit status."""
+    saved = save_reports(cloud, outcomes, out_dir)
+    still_running = cloud.wait_idle()
+    print_table(cloud, outcomes)
+    failed = [key for key, outcome in outcomes.items() if outcome != "report"]
+    print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} files reported; "
+          f"{len(saved)} reports saved to {out_dir}; machines still running: {len(still_running)}")
+    return 1 if failed or still_running else 0
+
+
+def command_run(args):
+    """`run`: process the given files."""
+    missing = [p for p in args.files if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"not a file: {', '.join(missing)}")
+    with LocalCloud(workers=args.workers, tracker=Tracker(quiet=args.quiet)) as cloud:
+        outcomes = process_files(cloud, args.files, args.prefix, args.timeout)
+        return finish(cloud, outcomes, args.out)
+
+
+def command_demo(args):
+    """`demo`: process the shipped samples."""
+    files = sorted(p for p in SAMPLES.iterdir() if p.is_file())
+    print(f"awsfun local demo: {len(files)} sample files, a local stand-in for AWS, no account needed\n")
+    with LocalCloud(workers=args.workers) as cloud:
+        print(f"deployed locally: data bucket {cloud.names['data_bucket']}, "
+              f"launch template {cloud.function_env.get('LAUNCH_TEMPLATE')}\n")
+        outcomes = process_files(cloud, files, "demo", args.timeout)
+        return finish(cloud, outcomes, args.out)
+
+
+def command_up(args):
+    """`up`: keep the local cloud running until Ctrl-C."""
+    with LocalCloud(workers=args.workers) as cloud:
+        bucket = cloud.names["data_bucket"]
+        print(f"""local cloud is up (Ctrl-C stops it)
+  endpoint         {cloud.endpoint}
+  data bucket      {bucket}
+  software bucket  {cloud.names['software_bucket']}
+  Lambda function  {cloud.names['function_name']} (run in this process)
+
+In another shell:
+  export AWS_ENDPOINT_URL={cloud.endpoint} AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_DEFAULT_REGION={REGION}
+  aws s3 cp samples/calls.vcf s3://{bucket}/incoming/calls.vcf
+  aws s3 cp s3://{bucket}/analysis/incoming/calls.vcf.json -
+""", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("\nstopping the local cloud", flush=True)
+    return 0
+
+
+def build_parser():
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(
+        description="Run the awsfun pipeline on this machine, with moto standing in for AWS.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub):
+        sub.add_argument("--workers", type=int, default=None,
+                         help="machines running at once (default: the number of cores)")
+        sub.add_argument("--timeout", type=float, default=600,
+                         help="seconds to wait for every report (default 600)")
+        sub.add_argument("--out", default="analysis-out",
+                         help="folder the reports are copied to (default ./analysis-out)")
+
+    demo = commands.add_parser("demo", help="process the sample files in samples/")
+    common(demo)
+    demo.set_defaults(func=command_demo)
+    run = commands.add_parser("run", help="process FILE... and copy their reports to --out")
+    run.add_argument("files", nargs="+", metavar="FILE")
+    run.add_argument("--prefix", default="incoming", help="key prefix in the data bucket")
+    run.add_argument("--quiet", action="store_true", help="only the summary table")
+    common(run)
+    run.set_defaults(func=command_run)
+    up = commands.add_parser("up", help="keep a local cloud running for the aws CLI")
+    up.add_argument("--workers", type=int, default=None)
+    up.set_defaults(func=command_up)
+    return parser
+
+
+def main(argv=None):
+    """Command-line entry point."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # lambda_function sets the root logger to INFO, as the Lambda runtime expects.
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    for noisy in ("werkzeug", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # moto tries to run the deployed Lambda in Docker on every S3 event and logs each failure;
+    # here the handler runs in-process instead, so those errors say nothing.
+    logging.getLogger("moto.awslambda").setLevel(logging.CRITICAL)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
