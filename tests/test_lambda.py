@@ -565,6 +565,7 @@ def test_dry_run_allowed(clients, monkeypatch):
 
 
 def test_dry_run_not_allowed_reports_the_encoded_reason(clients, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     encoded = "AbC123-encoded-authorization-failure-XyZ"
     monkeypatch.setenv("DRY_RUN", "true")
     clients.ec2_stub.add_client_error(
@@ -591,6 +592,7 @@ def test_dry_run_other_errors_fail(clients, monkeypatch):
 
 
 def test_failed_launches_raise_after_the_other_records_launch(clients, caplog):
+    caplog.set_level(logging.INFO)
     keys = ["inbox/1.csv", "inbox/2 denied.csv", "inbox/3 full.csv", "inbox/4.csv"]
     stub = clients.ec2_stub
     stub.add_response("run_instances", instance("i-00000000000000001"))
