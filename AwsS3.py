@@ -9,18 +9,24 @@ instance downloads it on boot. The input is only ever read.
 """
 
 import argparse
+import collections
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
+import math
 import mimetypes
+import operator
 import os
+import queue
 import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 
@@ -28,8 +34,19 @@ __version__ = "1.0"
 
 logger = logging.getLogger("awsfun.worker")
 
-CHUNK_SIZE = 1 << 20
+CHUNK_SIZE = 1 << 20        # raw bytes read at a time
+PIECE_SIZE = 1 << 20        # most content one decompression step may produce
+QUEUE_PIECES = 4            # pieces waiting between the reading thread and the analysis
 SNIFF_SIZE = 64 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+MAX_LINE_BYTES = 16 << 20   # a longer line is analysed in pieces, so memory stays bounded
+MAX_LENGTH_BINS = 20_000    # read-length histogram size before lengths are rounded
+MAX_NAMES = 10_000          # chromosome and filter names counted one by one
+MIN_EXACT_DISTINCT = 100    # distinct values counted exactly per column, at least...
+MAX_EXACT_DISTINCT = 10_000  # ...and at most, within...
+EXACT_DISTINCT_BUDGET = 200_000  # ...this many exact values over all columns
+MAX_PROFILED_COLUMNS = 200
+HISTOGRAM_STRIDE = 16       # byte histogram of text/binary from every 16th byte
 REPORT_PREFIX = "analysis/"
 S3_KEY_LIMIT = 1024
 PROGRESS_SECONDS = 5.0
@@ -76,7 +93,7 @@ def looks_binary(sample):
         # A multi-byte character cut at the sample's end is still text.
         if err.start < len(sample) - 4:
             return True
-    control = sum(1 for byte in sample if byte < 32 and byte not in (9, 10, 12, 13))
+    control = len(sample) - len(sample.translate(None, CONTROL_BYTES))
     return control > len(sample) // 100
 
 
@@ -99,15 +116,98 @@ def sniff_format(sample):
 
 def sniff_table(lines):
     """Return 'tsv' or 'csv' when lines split into a steady number (>= 2) of fields."""
+    delimiter = sniff_delimiter(lines)
+    if delimiter is None:
+        return None
+    return "tsv" if delimiter == "\t" else "csv"
+
+
+def sniff_delimiter(lines):
+    """Return the delimiter (tab, comma, semicolon or bar) giving every line the same >= 2 fields."""
     lines = [line.rstrip(b"\r") for line in lines if line.strip()]
     if len(lines) < 2:
         return None
     text = [line.decode("utf-8", "replace") for line in lines]
-    for name, delimiter in (("tsv", "\t"), ("csv", ",")):
+    for delimiter in TABLE_DELIMITERS:
         widths = {len(row) for row in csv.reader(text, delimiter=delimiter)}
         if len(widths) == 1 and widths.pop() >= 2:
-            return name
+            return delimiter
     return None
+
+
+def sniff_header(sample, delimiter):
+    """True when the first row of a table sample looks like column names, not data."""
+    text = sample[:SNIFF_SIZE].decode("utf-8", "replace")
+    text = text[:text.rfind("\n") + 1] or text
+    rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row][:200]
+    if len(rows) < 2:
+        return bool(rows) and not any(infer_kind({value}) in NUMERIC_KINDS for value in rows[0] if value)
+    first, rest = rows[0], rows[1:]
+    for index, name in enumerate(first):
+        below = {row[index] for row in rest if index < len(row) and row[index]}
+        kind_below = infer_kind(below) if below else None
+        # A column of numbers (or dates, booleans) under a word is the clearest sign of a header.
+        if kind_below not in (None, "string") and infer_kind({name}) != kind_below:
+            return True
+        if name in below or not name:
+            return False
+    # All-text tables: names are distinct and, unlike data, never repeat below.
+    return len(set(first)) == len(first)
+
+
+# --- shared helpers -------------------------------------------------------------------
+
+CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13))
+TABLE_DELIMITERS = ("\t", ",", ";", "|")
+ADLER_MODULUS = 65521
+
+
+def byte_table(members):
+    """Return a translate table mapping the given bytes to 1 and every other byte to 0."""
+    return bytes(1 if value in members else 0 for value in range(256))
+
+
+def byte_sum(data, max_value=255):
+    """Return the sum of the byte values of data, in C speed.
+
+    zlib.adler32 with a zero start is the byte sum modulo 65,521; over slices short
+    enough that the sum cannot reach the modulus it is the exact sum, and a few
+    thousand C calls beat a Python-level sum() over millions of bytes.
+    """
+    step = (ADLER_MODULUS - 1) // max(max_value, 1)
+    view = memoryview(data)
+    adler = zlib.adler32
+    return sum(adler(view[start:start + step], 0) & 0xFFFF for start in range(0, len(view), step))
+
+
+def count_members(data, table):
+    """Return how many bytes of data the 0/1 translate table maps to 1."""
+    return byte_sum(data.translate(table), 1)
+
+
+def percent(part, whole, digits=3):
+    """Return part/whole as a rounded percentage, or None when whole is 0."""
+    return round(100.0 * part / whole, digits) if whole else None
+
+
+class FirstProblem:
+    """Counts malformed records and remembers where the first one is, and why."""
+
+    def __init__(self):
+        self.count = 0
+        self.line = None
+        self.reason = None
+
+    def add(self, line, reason, count=1):
+        """Record `count` malformed records, the first of them at 1-based `line`."""
+        self.count += count
+        if self.line is None:
+            self.line, self.reason = line, reason
+
+    def fields(self, noun="records"):
+        """Return the summary fields describing the problems found."""
+        return {f"malformed_{noun}": self.count, "first_malformed_line": self.line,
+                "first_malformed_reason": self.reason}
 
 
 # --- per-format summaries -----------------------------------------------------------
@@ -118,127 +218,714 @@ class LineAnalyzer:
 
     def __init__(self):
         self._partial = b""
+        self.newlines = 0
 
     def feed(self, block):
         """Feed a block of content; complete lines go to feed_lines."""
-        data = self._partial + block
+        data = self._partial + block if self._partial else block
         cut = data.rfind(b"\n") + 1
         self._partial = data[cut:]
         if cut:
-            self.feed_lines(data[:cut])
+            self.feed_lines(data[:cut] if cut < len(data) else data)
+        if len(self._partial) > MAX_LINE_BYTES:
+            self._overlong_line()
+
+    def _overlong_line(self):
+        # Memory stays bounded whatever the input: a line past the limit is analysed in pieces.
+        self.newlines -= 1
+        self.feed_lines(self._partial + b"\n")
+        self._partial = b""
 
     def finish(self):
         """Flush the last unterminated line and return the summary."""
         if self._partial:
+            self.newlines -= 1  # the newline added below is not in the content
             self.feed_lines(self._partial + b"\n")
             self._partial = b""
         return self.summary()
 
     def feed_lines(self, data):
         """Consume complete newline-terminated lines."""
+        self.newlines += data.count(b"\n")
 
     def summary(self):
         """Return the format's summary."""
         return {}
 
 
-class TextAnalyzer(LineAnalyzer):
-    """Plain text: longest line and blank lines."""
+class ByteProfile:
+    """Byte classes counted exactly, and a byte histogram from a fixed 1-in-N sample."""
 
-    def __init__(self):
-        super().__init__()
-        self.max_line = 0
-        self.blank = 0
+    CLASSES = {
+        "zero": byte_table({0}),
+        "printable_ascii": byte_table(set(range(32, 127)) | {9, 10, 13}),
+        "control": byte_table(set(range(1, 32)) - {9, 10, 13} | {127}),
+        "high": byte_table(set(range(128, 256))),
+    }
 
-    def feed_lines(self, data):
-        lines = data.split(b"\n")[:-1]
-        self.max_line = max(self.max_line, max(map(len, lines), default=0))
-        self.blank += sum(1 for line in lines if not line.strip())
+    def __init__(self, stride=HISTOGRAM_STRIDE):
+        self.stride = stride
+        self.total = 0
+        self.classes = dict.fromkeys(self.CLASSES, 0)
+        self.histogram = collections.Counter()
 
-    def summary(self):
-        return {"longest_line": self.max_line, "blank_lines": self.blank}
-
-
-class TableAnalyzer(LineAnalyzer):
-    """CSV/TSV: header, rows and columns."""
-
-    def __init__(self, delimiter):
-        super().__init__()
-        self.delimiter = delimiter
-        self.header = None
-        self.rows = 0
-        self.widths = set()
-
-    def feed_lines(self, data):
-        text = io.StringIO(data.decode("utf-8", "replace"), newline="")
-        for row in csv.reader(text, delimiter=self.delimiter):
-            if not row:
-                continue
-            if self.header is None:
-                self.header = row
-                continue
-            self.rows += 1
-            self.widths.add(len(row))
+    def add(self, block):
+        """Count one block of content."""
+        # The sample starts where the previous block's left off, so the stride is exact.
+        offset = (-self.total) % self.stride
+        self.total += len(block)
+        for name, table in self.CLASSES.items():
+            self.classes[name] += count_members(block, table)
+        self.histogram.update(block[offset::self.stride])
 
     def summary(self):
+        """Return the byte histogram summary."""
+        sampled = sum(self.histogram.values())
+        entropy = -sum(n / sampled * math.log2(n / sampled) for n in self.histogram.values()) if sampled else 0.0
         return {
-            "delimiter": self.delimiter,
-            "header": self.header or [],
-            "rows": self.rows,
-            "columns": len(self.header or []),
-            "ragged_rows": len(self.widths - {len(self.header or [])}) > 0,
+            "byte_classes_percent": {name: percent(n, self.total) for name, n in self.classes.items()},
+            "distinct_bytes_sampled": len(self.histogram),
+            "entropy_bits_per_byte": round(entropy, 3),
+            "top_bytes": [{"byte": value, "char": chr(value) if 32 <= value < 127 else None,
+                           "percent": percent(n, sampled)} for value, n in self.histogram.most_common(8)],
+            "histogram_sample": f"every {self.stride}th byte" if self.stride > 1 else "every byte",
         }
 
 
-class FastqAnalyzer(LineAnalyzer):
-    """FASTQ: reads and bases."""
+NOT_RECOGNISED = "not FASTQ, VCF, CSV or TSV: no signature of those formats in the first 64 KiB"
 
-    def __init__(self):
+
+class TextAnalyzer(LineAnalyzer):
+    """Plain text: longest line, blank lines and the byte histogram summary."""
+
+    def __init__(self, fmt="text"):
         super().__init__()
-        self.lines = 0
-        self.bases = 0
+        self.fmt = fmt
+        self.max_line = 0
+        self.blank = 0
+        self.sequences = 0
+        self.bytes = ByteProfile()
 
     def feed_lines(self, data):
-        lines = data.split(b"\n")[:-1]
-        first_sequence = (1 - self.lines) % 4  # records are 4 lines; line 1 of each is the sequence
-        self.bases += sum(len(line.rstrip(b"\r")) for line in lines[first_sequence::4])
-        self.lines += len(lines)
+        lines = data.split(b"\n")
+        lines.pop()
+        self.newlines += len(lines)
+        self.max_line = max(self.max_line, max(map(len, lines), default=0))
+        self.blank += sum(1 for line in lines if not line.strip())
+        if self.fmt == "fasta":
+            self.sequences += sum(map(bytes.startswith, lines, itertools.repeat(b">")))
+        self.bytes.add(data)
 
     def summary(self):
-        return {"reads": self.lines // 4, "bases": self.bases, "incomplete_record": self.lines % 4 != 0}
+        summary = {"longest_line": self.max_line, "blank_lines": self.blank}
+        if self.fmt == "fasta":
+            summary["sequences"] = self.sequences
+        else:
+            summary["recognised"] = False
+            summary["note"] = NOT_RECOGNISED
+        summary.update(self.bytes.summary())
+        return summary
+
+
+class BinaryAnalyzer:
+    """Binary content: the byte histogram summary."""
+
+    def __init__(self):
+        self.newlines = 0
+        self.bytes = ByteProfile()
+
+    def feed(self, block):
+        """Feed a block of content."""
+        self.newlines += block.count(b"\n")
+        self.bytes.add(block)
+
+    def finish(self):
+        """Return the summary."""
+        return {"recognised": False, "note": "binary content: " + NOT_RECOGNISED.split(": ")[0],
+                **self.bytes.summary()}
+
+
+GC_TABLE = byte_table(set(b"GCSgcs"))
+N_TABLE = byte_table(set(b"Nn"))
+Q20_TABLE = byte_table(set(range(33 + 20, 256)))
+Q30_TABLE = byte_table(set(range(33 + 30, 256)))
+
+
+class FastqAnalyzer(LineAnalyzer):
+    """FASTQ (Phred+33): reads, bases, lengths and N50, GC, Ns, quality, malformed records.
+
+    Well-formed blocks are measured a whole block at a time (slices of the line list,
+    joins, translate tables and byte sums); only a block holding a malformed record is
+    walked record by record, to count it, say where it is, and find the next record.
+    """
+
+    def __init__(self, crlf=False):
+        super().__init__()
+        self.crlf = crlf
+        self.carry = []          # lines of a record cut by the block's end
+        self.lines_before = 0    # lines consumed before self.carry
+        self.reads = self.bases = self.gc = self.n = 0
+        self.quality_sum = self.q20 = self.q30 = 0
+        self.min_length = self.max_length = None
+        self.lengths = collections.Counter()
+        self.lengths_exact = True
+        self.problems = FirstProblem()
+
+    def feed_lines(self, data):
+        if self.crlf:
+            data = data.replace(b"\r\n", b"\n")
+        lines = data.split(b"\n")
+        lines.pop()
+        self.newlines += len(lines)
+        first_line = self.lines_before + 1
+        if self.carry:
+            lines = self.carry + lines
+        whole = len(lines) - len(lines) % 4
+        heads, seqs, plus, quals = lines[0:whole:4], lines[1:whole:4], lines[2:whole:4], lines[3:whole:4]
+        seq_lengths = list(map(len, seqs))
+        if (all(map(bytes.startswith, heads, itertools.repeat(b"@")))
+                and all(map(bytes.startswith, plus, itertools.repeat(b"+")))
+                and seq_lengths == list(map(len, quals))):
+            self._add(seqs, quals, seq_lengths)
+            rest = whole
+        else:
+            rest = self._walk(lines, first_line)
+        self.carry = lines[rest:]
+        self.lines_before = first_line - 1 + rest
+
+    def _walk(self, lines, first_line):
+        """Take the well-formed records of a block one by one; return the index of the unread rest."""
+        seqs, quals = [], []
+        index, end = 0, len(lines)
+        while end - index >= 4:
+            head, seq, plus, qual = lines[index:index + 4]
+            if not head.strip():
+                index += 1  # blank lines between records are tolerated, as other tools do
+                continue
+            reason = fastq_record_problem(head, seq, plus, qual)
+            if reason is None:
+                seqs.append(seq)
+                quals.append(qual)
+                index += 4
+                continue
+            self.problems.add(first_line + index, reason)
+            index = next_fastq_record(lines, index + 1)
+        if seqs:
+            self._add(seqs, quals, list(map(len, seqs)))
+        return index
+
+    def _add(self, seqs, quals, seq_lengths):
+        if not seqs:
+            return
+        self.reads += len(seqs)
+        sequence, quality = b"".join(seqs), b"".join(quals)
+        self.bases += len(sequence)
+        self.gc += count_members(sequence, GC_TABLE)
+        self.n += count_members(sequence, N_TABLE)
+        self.quality_sum += byte_sum(quality)
+        self.q20 += count_members(quality, Q20_TABLE)
+        self.q30 += count_members(quality, Q30_TABLE)
+        low, high = min(seq_lengths), max(seq_lengths)
+        self.min_length = low if self.min_length is None else min(self.min_length, low)
+        self.max_length = high if self.max_length is None else max(self.max_length, high)
+        self.lengths.update(seq_lengths)
+        if len(self.lengths) > MAX_LENGTH_BINS:
+            self.lengths = coarsen_lengths(self.lengths)
+            self.lengths_exact = False
+
+    def finish(self):
+        """Flush the last line, count a record cut short at the end, return the summary."""
+        if self._partial:
+            self.newlines -= 1
+            self.feed_lines(self._partial + b"\n")
+            self._partial = b""
+        leftover = [line for line in self.carry if line.strip()]
+        if leftover:
+            self.problems.add(self.lines_before + 1,
+                              f"the file ends inside a record ({len(self.carry)} of its 4 lines)")
+        return self.summary()
+
+    def summary(self):
+        return {
+            "reads": self.reads,
+            "bases": self.bases,
+            "min_length": self.min_length,
+            "mean_length": round(self.bases / self.reads, 3) if self.reads else None,
+            "max_length": self.max_length,
+            "n50": n50(self.lengths, self.bases),
+            "n50_exact": self.lengths_exact,
+            "gc_percent": percent(self.gc, self.bases),
+            "n_count": self.n,
+            "n_percent": percent(self.n, self.bases),
+            "mean_quality": round(self.quality_sum / self.bases - 33, 3) if self.bases else None,
+            "q20_percent": percent(self.q20, self.bases),
+            "q30_percent": percent(self.q30, self.bases),
+            "quality_encoding": "phred+33",
+            **self.problems.fields("records"),
+        }
+
+
+def fastq_record_problem(head, seq, plus, qual):
+    """Return why four lines are not a FASTQ record, or None when they are one."""
+    if not head.startswith(b"@"):
+        return "header line does not start with '@'"
+    if not plus.startswith(b"+"):
+        return "third line of the record does not start with '+'"
+    if len(seq) != len(qual):
+        return f"sequence and quality lengths differ ({len(seq)} and {len(qual)})"
+    return None
+
+
+def next_fastq_record(lines, index):
+    """Return the index of the next line that can start a record: '@' with a '+' two lines on."""
+    end = len(lines)
+    while index < end:
+        if lines[index].startswith(b"@") and (index + 2 >= end or lines[index + 2].startswith(b"+")):
+            return index
+        index += 1
+    return index
+
+
+def coarsen_lengths(lengths):
+    """Round read lengths to 3 significant digits, so long-read histograms stay small."""
+    coarse = collections.Counter()
+    for length, count in lengths.items():
+        scale = 10 ** max(len(str(length)) - 3, 0)
+        coarse[length // scale * scale] += count
+    return coarse
+
+
+def n50(lengths, total):
+    """Return the N50 of a read-length histogram: half the bases are in reads at least this long."""
+    if not total:
+        return None
+    running = 0
+    for length in sorted(lengths, reverse=True):
+        running += length * lengths[length]
+        if running * 2 >= total:
+            return length
+    return None
+
+
+# A data line of a VCF: CHROM, POS (digits), ID, REF, ALT, QUAL, FILTER, then a tab or the end.
+VCF_RECORD = re.compile(
+    rb"^([^\t\n#][^\t\n]*)\t\d+\t[^\t\n]*\t([^\t\n]+)\t([^\t\n]+)\t[^\t\n]*\t([^\t\n]*)(?=[\t\r\n])", re.M)
+TRANSITIONS = {(b"A", b"G"), (b"G", b"A"), (b"C", b"T"), (b"T", b"C")}
+VARIANT_KINDS = ("snvs", "mnvs", "indels", "others")
+
+
+def classify_alleles(ref, alts):
+    """Return (kinds present, transitions, transversions) for a REF and its comma-separated ALTs.
+
+    As bcftools does: an equal-length ALT differing at one base is an SNV, at more an MNV;
+    a length change is an indel; symbolic, breakend and '*' alleles are others.
+    """
+    kinds, ts, tv = set(), 0, 0
+    ref = ref.upper()
+    for alt in alts.upper().split(b","):
+        if alt == b"." or alt == ref:
+            continue
+        if not (alt.isalpha() and ref.isalpha()):
+            kinds.add("others")
+        elif len(alt) == len(ref):
+            diffs = [(r, a) for r, a in zip(ref, alt) if r != a]
+            if len(diffs) == 1:
+                kinds.add("snvs")
+                pair = (bytes([diffs[0][0]]), bytes([diffs[0][1]]))
+                if pair in TRANSITIONS:
+                    ts += 1
+                elif all(base in b"ACGT" for base in pair):
+                    tv += 1
+            else:
+                kinds.add("mnvs")
+        else:
+            kinds.add("indels")
+    return frozenset(kinds), ts, tv
+
+
+class BoundedCounter:
+    """A Counter of names that keeps at most `limit` of them; the rest are added up as one."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.counts = {}
+        self.overflow = 0
+
+    def update(self, counter):
+        """Add a block's counts."""
+        for name, count in counter.items():
+            if name in self.counts:
+                self.counts[name] += count
+            elif len(self.counts) < self.limit:
+                self.counts[name] = count
+            else:
+                self.overflow += count
+
+    def as_dict(self):
+        """Return the counts by name (decoded), with the overflow under '(other)'."""
+        result = {name.decode("utf-8", "replace"): count for name, count in self.counts.items()}
+        if self.overflow:
+            result["(other)"] = self.overflow
+        return result
 
 
 class VcfAnalyzer(LineAnalyzer):
-    """VCF: samples and records."""
+    """VCF: samples, records per chromosome, variant kinds, Ts/Tv, filters, malformed lines.
+
+    A regular expression picks CHROM, REF, ALT and FILTER out of a whole block in C; the
+    per-record work is counting, and alleles are classified once per distinct REF/ALT pair.
+    """
 
     def __init__(self):
         super().__init__()
         self.samples = 0
         self.records = 0
+        self.kinds = dict.fromkeys(VARIANT_KINDS, 0)
+        self.no_alt = self.multiallelic = self.ts = self.tv = 0
+        self.chromosomes = BoundedCounter(MAX_NAMES)
+        self.filters = BoundedCounter(MAX_NAMES)
+        self.classified = {}
+        self.problems = FirstProblem()
 
     def feed_lines(self, data):
-        for line in data.split(b"\n")[:-1]:
-            if line.startswith(b"#CHROM"):
-                self.samples = max(0, len(line.split(b"\t")) - 9)
-            elif line and not line.startswith(b"#"):
-                self.records += 1
+        first_line = self.newlines + 1
+        lines = data.count(b"\n")
+        self.newlines += lines
+        if not self.samples and b"#CHROM" in data:
+            self.samples = vcf_sample_count(data)
+        found = VCF_RECORD.findall(data)
+        headers = data.count(b"\n#") + data.startswith(b"#")
+        blanks = data.count(b"\n\n") + data.startswith(b"\n")
+        if len(found) != lines - headers - blanks:
+            self._find_malformed(data, first_line)
+        self.records += len(found)
+        self.chromosomes.update(collections.Counter(map(operator.itemgetter(0), found)))
+        self.filters.update(collections.Counter(map(operator.itemgetter(3), found)))
+        for alleles, count in collections.Counter(map(operator.itemgetter(1, 2), found)).items():
+            self._count_alleles(alleles, count)
+
+    def _count_alleles(self, alleles, count):
+        known = self.classified.get(alleles)
+        if known is None:
+            if len(self.classified) >= MAX_NAMES * 10:
+                self.classified.clear()  # a cache, not a record: bounded memory
+            known = self.classified[alleles] = classify_alleles(*alleles)
+        kinds, ts, tv = known
+        for kind in kinds:
+            self.kinds[kind] += count
+        if not kinds:
+            self.no_alt += count
+        if b"," in alleles[1]:
+            self.multiallelic += count
+        self.ts += ts * count
+        self.tv += tv * count
+
+    def _find_malformed(self, data, first_line):
+        for number, line in enumerate(data.split(b"\n")[:-1], first_line):
+            if line and not line.startswith(b"#") and not VCF_RECORD.match(line + b"\n"):
+                self.problems.add(number, vcf_line_problem(line))
 
     def summary(self):
-        return {"samples": self.samples, "records": self.records}
+        filters = self.filters.as_dict()
+        passed, missing = filters.get("PASS", 0), filters.get(".", 0)
+        return {
+            "samples": self.samples,
+            "records": self.records,
+            "records_per_chromosome": self.chromosomes.as_dict(),
+            **self.kinds,
+            "no_alt": self.no_alt,
+            "multiallelic_sites": self.multiallelic,
+            "transitions": self.ts,
+            "transversions": self.tv,
+            "ts_tv_ratio": round(self.ts / self.tv, 3) if self.tv else None,
+            "pass": passed,
+            "filtered": self.records - passed - missing,
+            "filter_missing": missing,
+            "filters": filters,
+            **self.problems.fields("records"),
+        }
 
 
-def make_analyzer(fmt):
-    """Return the analyser for a detected format."""
-    if fmt == "csv":
-        return TableAnalyzer(",")
-    if fmt == "tsv":
-        return TableAnalyzer("\t")
+def vcf_sample_count(data):
+    """Return the number of sample columns named on the #CHROM line in data."""
+    start = data.find(b"#CHROM")
+    line = data[start:data.find(b"\n", start)].rstrip(b"\r")
+    return max(0, len(line.split(b"\t")) - 9)
+
+
+def vcf_line_problem(line):
+    """Return why a VCF data line is not a record."""
+    fields = line.split(b"\t")
+    if len(fields) < 8:
+        return f"{len(fields)} tab-separated columns, a record has at least 8"
+    if not fields[1].isdigit():
+        return "POS is not a whole number"
+    return "REF or ALT is empty"
+
+
+INTEGER = re.compile(r"[+-]?\d+")
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
+BOOLEANS = {"true", "false", "True", "False", "TRUE", "FALSE", "yes", "no", "Yes", "No", "YES", "NO"}
+NUMERIC_KINDS = ("integer", "float")
+
+
+def infer_kind(values):
+    """Return the narrowest kind holding every (non-empty) value: integer, float, boolean, date or string."""
+    if all(map(INTEGER.fullmatch, values)):
+        return "integer"
+    try:
+        numbers = list(map(float, values))
+    except ValueError:
+        numbers = None
+    if numbers is not None and all(map(math.isfinite, numbers)):
+        return "float"
+    if values <= BOOLEANS:
+        return "boolean"
+    if all(map(DATE.fullmatch, values)):
+        return "date"
+    return "string"
+
+
+def merge_kinds(old, new):
+    """Return the kind of a column that held values of kinds old and new."""
+    if old is None or old == new:
+        return new
+    if {old, new} == {"integer", "float"}:
+        return "float"
+    return "string"
+
+
+class DistinctCounter:
+    """Distinct values: exact up to a bound, then a K-minimum-values estimate.
+
+    The estimate keeps the K smallest 64-bit BLAKE2 hashes of the values; with K = 1024
+    its relative standard error is about 3 %.
+    """
+
+    K = 1024
+
+    def __init__(self, exact_limit):
+        self.exact_limit = exact_limit
+        self.values = set()
+        self.sketch = None   # sorted list of the K smallest hashes once past the bound
+
+    def add(self, values):
+        """Add a set of values."""
+        if self.sketch is None:
+            self.values |= values
+            if len(self.values) <= self.exact_limit:
+                return
+            values, self.values, self.sketch = self.values, set(), []
+        threshold = self.sketch[-1] if len(self.sketch) >= self.K else 1 << 64
+        hashes = {value_hash(value) for value in values}
+        self.sketch = sorted(set(self.sketch).union(h for h in hashes if h < threshold))[:self.K]
+
+    def fields(self):
+        """Return the distinct count and whether it is exact."""
+        if self.sketch is None:
+            return {"distinct": len(self.values), "distinct_exact": True}
+        if len(self.sketch) < self.K:
+            return {"distinct": len(self.sketch), "distinct_exact": False}
+        return {"distinct": round((self.K - 1) * (1 << 64) / self.sketch[-1]), "distinct_exact": False}
+
+
+def value_hash(value):
+    """Return a 64-bit hash of a string that is the same in every process."""
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+class ColumnProfile:
+    """One column: kind, empties, distinct values, min/max, and mean and deviation of numbers."""
+
+    def __init__(self, name, exact_limit):
+        self.name = name
+        self.kind = None
+        self.empty = 0
+        self.distinct = DistinctCounter(exact_limit)
+        self.low = self.high = None
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0       # sum of squared deviations from the mean (Chan et al. merge)
+        self.numbers_valid = True
+
+    def add(self, values):
+        """Add one block's values of this column."""
+        self.empty += values.count("")
+        present = set(values)
+        present.discard("")
+        if not present:
+            return
+        self.distinct.add(present)
+        previous = self.kind
+        self.kind = merge_kinds(self.kind, infer_kind(present))
+        if self.kind in NUMERIC_KINDS:
+            self._add_numbers(list(map(float, filter(None, values))))
+        else:
+            self._add_bounds(present, previous)
+
+    def _add_numbers(self, numbers):
+        count = len(numbers)
+        mean = math.fsum(numbers) / count
+        m2 = max(math.fsum(map(operator.mul, numbers, numbers)) - count * mean * mean, 0.0)
+        total = self.count + count
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * self.count * count / total
+        self.mean += delta * count / total
+        self.count = total
+        low, high = min(numbers), max(numbers)
+        self.low = low if self.low is None else min(self.low, low)
+        self.high = high if self.high is None else max(self.high, high)
+
+    def _add_bounds(self, present, previous):
+        if previous in NUMERIC_KINDS:
+            # Numbers seen so far turn into text: min/max must now compare as text.
+            self.low, self.high = ("" if self.low is None else format_number(self.low),
+                                   "" if self.high is None else format_number(self.high))
+            self.numbers_valid = False
+        low, high = min(present), max(present)
+        self.low = low if self.low is None or self.low == "" else min(self.low, low)
+        self.high = high if self.high is None else max(self.high, high)
+
+    def fields(self):
+        """Return the column's profile."""
+        profile = {"name": self.name, "type": self.kind or "empty", "empty": self.empty, **self.distinct.fields()}
+        if self.kind in NUMERIC_KINDS:
+            cast = int if self.kind == "integer" else float
+            profile.update(min=cast(self.low), max=cast(self.high), mean=round(self.mean, 6),
+                           std=round(math.sqrt(self.m2 / (self.count - 1)), 6) if self.count > 1 else None)
+        else:
+            profile.update(min=clip(self.low), max=clip(self.high))
+        return profile
+
+
+def format_number(value):
+    """Return a float as the text a table would hold (integers without '.0')."""
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def clip(text, limit=200):
+    """Return text cut to `limit` characters for the report."""
+    return text if text is None or len(text) <= limit else text[:limit] + "…"
+
+
+class TableAnalyzer(LineAnalyzer):
+    """CSV/TSV: delimiter, header, rows, columns, and a profile of every column."""
+
+    def __init__(self, delimiter, header=True):
+        super().__init__()
+        self.delimiter = delimiter
+        self.has_header = header
+        self.header = None
+        self.rows = 0
+        self.columns = None
+        self.profiles = []
+        self.problems = FirstProblem()
+
+    def feed(self, block):
+        """Feed a block; cut it only where a record ends (outside any quoted field)."""
+        data = self._partial + block if self._partial else block
+        cut = data.rfind(b"\n") + 1
+        quotes = data.count(b'"', 0, cut)
+        while quotes % 2 and cut:
+            # An odd number of quotes: this newline is inside a quoted field; step back a line.
+            previous = data.rfind(b"\n", 0, cut - 1) + 1
+            quotes -= data.count(b'"', previous, cut)
+            cut = previous
+        if not cut and len(data) > MAX_LINE_BYTES:
+            cut = data.rfind(b"\n") + 1 or len(data)  # an unclosed quote: give up waiting, stay bounded
+        self._partial = data[cut:]
+        if cut:
+            self.feed_lines(data[:cut])
+
+    def feed_lines(self, data):
+        first_line = self.newlines + 1
+        self.newlines += data.count(b"\n")
+        text = data.decode("utf-8", "replace")
+        rows = read_rows(text, self.delimiter, first_line, self.problems)
+        if self.columns is None and rows:
+            self._start(rows[0])
+            if self.has_header:
+                rows = rows[1:]
+        if not rows:
+            return
+        width = self.columns
+        if any(len(row) != width for row in rows):
+            rows = self._drop_ragged(text, first_line, rows)
+        self.rows += len(rows)
+        for profile, values in zip(self.profiles, zip(*rows)):
+            profile.add(values)
+
+    def _start(self, first):
+        self.columns = len(first)
+        names = first if self.has_header else [f"column_{n}" for n in range(1, len(first) + 1)]
+        self.header = names
+        limit = max(MIN_EXACT_DISTINCT, min(MAX_EXACT_DISTINCT, EXACT_DISTINCT_BUDGET // max(len(names), 1)))
+        self.profiles = [ColumnProfile(name, limit) for name in names[:MAX_PROFILED_COLUMNS]]
+
+    def _drop_ragged(self, text, first_line, rows):
+        kept = []
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=self.delimiter)
+        for row in reader:
+            if not row:
+                continue
+            if len(row) == self.columns:
+                kept.append(row)
+            else:
+                self.problems.add(first_line + reader.line_num - 1,
+                                  f"{len(row)} fields where the header has {self.columns}")
+        if len(kept) > len(rows):
+            kept = kept[len(kept) - len(rows):]  # the header row of the first block was removed
+        return kept
+
+    def summary(self):
+        return {
+            "delimiter": self.delimiter,
+            "header_detected": self.has_header,
+            "header": self.header or [],
+            "rows": self.rows,
+            "columns": self.columns or 0,
+            "ragged_rows": self.problems.count > 0,
+            "column_profiles": [profile.fields() for profile in self.profiles],
+            "columns_profiled": len(self.profiles),
+            **self.problems.fields("rows"),
+        }
+
+
+def read_rows(text, delimiter, first_line, problems):
+    """Parse a block of table text into its non-empty rows; a row csv rejects is recorded, not raised."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        return [row for row in reader if row]
+    except csv.Error:
+        pass
+    rows = []
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as err:
+            problems.add(first_line + reader.line_num - 1, f"unreadable row: {err}")
+            continue
+        if row:
+            rows.append(row)
+
+
+def make_analyzer(fmt, sample=b""):
+    """Return the analyser for a detected format, set up from the content's first bytes."""
+    if fmt in ("csv", "tsv"):
+        lines = sample[:SNIFF_SIZE].split(b"\n")[:50]
+        delimiter = sniff_delimiter(lines[:-1] if len(lines) > 1 else lines) or ("\t" if fmt == "tsv" else ",")
+        return TableAnalyzer(delimiter, sniff_header(sample, delimiter))
     if fmt == "fastq":
-        return FastqAnalyzer()
+        return FastqAnalyzer(crlf=b"\r\n" in sample[:SNIFF_SIZE])
     if fmt == "vcf":
         return VcfAnalyzer()
     if fmt in ("text", "fasta"):
-        return TextAnalyzer()
+        return TextAnalyzer(fmt)
+    if fmt == "binary":
+        return BinaryAnalyzer()
     return LineAnalyzer()
 
 
@@ -246,27 +933,32 @@ def make_analyzer(fmt):
 
 
 class GzipStream:
-    """Incremental gzip decoder that also reads multi-member (bgzip) files."""
+    """Incremental gzip decoder that also reads multi-member (bgzip) files, in bounded pieces."""
 
     def __init__(self):
         self._decoder = zlib.decompressobj(wbits=31)
         self.members = 1
 
     def feed(self, data, offset):
-        """Return the content decompressed from `data`, which starts at byte `offset`."""
-        out = []
-        while data:
+        """Yield the content decompressed from `data`, which starts at byte `offset`, in pieces."""
+        while True:
             try:
-                out.append(self._decoder.decompress(data))
+                # max_length bounds memory: a small compressed chunk can inflate a thousandfold.
+                out = self._decoder.decompress(data, PIECE_SIZE)
             except zlib.error as err:
                 raise AnalysisError(f"corrupt gzip data near byte {offset}: {err}") from None
-            if not self._decoder.eof:
-                break
-            data = self._decoder.unused_data
-            if data:
+            if out:
+                yield out
+            if self._decoder.eof:
+                data = self._decoder.unused_data
+                if not data:
+                    return
                 self._decoder = zlib.decompressobj(wbits=31)
                 self.members += 1
-        return b"".join(out)
+                continue
+            data = self._decoder.unconsumed_tail
+            if not data and len(out) < PIECE_SIZE:
+                return
 
     def finish(self, total):
         """Raise if the stream ended inside a gzip member."""
@@ -292,58 +984,112 @@ class Progress:
         logger.info("read %.1f%s MB (%.1f MB/s)", done / 1e6, of, rate)
 
 
-def analyse_stream(chunks, total=None):
-    """Analyse an iterable of raw byte chunks; return the report's content fields."""
-    sha = hashlib.sha256()
-    size = lines = 0
-    last_byte = b"\n"
-    gz = None
-    analyzer = None
-    sniff = b""
-    progress = Progress(total)
-    for chunk in chunks:
-        if not chunk:
-            continue
-        if size == 0 and chunk[:2] == b"\x1f\x8b":
-            gz = GzipStream()
-        sha.update(chunk)
-        content = gz.feed(chunk, size) if gz else chunk
-        size += len(chunk)
-        progress.update(size)
-        if not content:
-            continue
-        lines += content.count(b"\n")
-        last_byte = content[-1:]
-        if analyzer is None:
-            sniff += content
-            if len(sniff) < SNIFF_SIZE:
+class _Reader(threading.Thread):
+    """Reads, hashes and decompresses the raw chunks in a second thread.
+
+    sha256 and zlib release the GIL on large buffers, so on two cores this work runs
+    beside the analysis instead of before it. The queue is bounded: memory stays flat.
+    """
+
+    def __init__(self, chunks):
+        super().__init__(name="awsfun-reader", daemon=True)
+        self.chunks = chunks
+        self.queue = queue.Queue(maxsize=QUEUE_PIECES)
+        self.stop = threading.Event()
+        self.sha = hashlib.sha256()
+        self.gz = None
+
+    def run(self):
+        size = 0
+        try:
+            for chunk in self.chunks:
+                if self.stop.is_set():
+                    return
+                if not chunk:
+                    continue
+                if size == 0 and chunk[:2] == GZIP_MAGIC:
+                    self.gz = GzipStream()
+                self.sha.update(chunk)
+                offset, size = size, size + len(chunk)
+                for piece in (self.gz.feed(chunk, offset) if self.gz else (chunk,)):
+                    self._put(("data", size, piece))
+            if self.gz and size:
+                self.gz.finish(size)
+            self._put(("end", size, None))
+        except Exception as err:  # noqa: BLE001 - handed to the analysing thread, which raises it
+            self._put(("error", size, err))
+
+    def _put(self, item):
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
                 continue
-            analyzer, fmt = _start(sniff)
-            content = sniff
-        analyzer.feed(content)
-    if size == 0:
+
+    def items(self):
+        """Yield (raw bytes so far, content piece) until the end; raise what the reader raised."""
+        while True:
+            kind, size, value = self.queue.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                self.size = size
+                return
+            yield size, value
+
+
+def analyse_stream(chunks, total=None):
+    """Analyse an iterable of raw byte chunks in one pass; return the report's content fields."""
+    reader = _Reader(chunks)
+    progress = Progress(total)
+    analyzer = fmt = None
+    sniff = []
+    sniffed = content_bytes = 0
+    last_byte = b"\n"
+    reader.start()
+    try:
+        for size, piece in reader.items():
+            progress.update(size)
+            content_bytes += len(piece)
+            last_byte = piece[-1:]
+            if analyzer is None:
+                sniff.append(piece)
+                sniffed += len(piece)
+                if sniffed < SNIFF_SIZE:
+                    continue
+                piece = b"".join(sniff)
+                analyzer, fmt = _start(piece)
+            analyzer.feed(piece)
+    finally:
+        reader.stop.set()
+        reader.join()
+    if reader.size == 0:
         raise AnalysisError("the object is empty (0 bytes): nothing to analyse; was the upload cut short?")
-    if gz:
-        gz.finish(size)
     if analyzer is None:
-        analyzer, fmt = _start(sniff)
-        analyzer.feed(sniff)
-    if last_byte != b"\n":
-        lines += 1
+        sample = b"".join(sniff)
+        analyzer, fmt = _start(sample)
+        analyzer.feed(sample)
+    summary = analyzer.finish()
+    lines = analyzer.newlines + (last_byte != b"\n")
+    seconds = max(time.monotonic() - progress.start, 1e-9)
+    logger.info("analysed %.1f MB (%s) in %.1f s (%.1f MB/s)", reader.size / 1e6, fmt, seconds,
+                reader.size / seconds / 1e6)
     return {
-        "bytes": size,
+        "bytes": reader.size,
+        "content_bytes": content_bytes,
         "lines": lines,
-        "sha256": sha.hexdigest(),
+        "sha256": reader.sha.hexdigest(),
         "format": fmt,
-        "compression": "gzip" if gz else None,
-        "gzip_members": gz.members if gz else None,
-        "summary": analyzer.finish(),
+        "compression": "gzip" if reader.gz else None,
+        "gzip_members": reader.gz.members if reader.gz else None,
+        "summary": summary,
     }
 
 
-def _start(sniff):
-    fmt = sniff_format(sniff[:SNIFF_SIZE])
-    return make_analyzer(fmt), fmt
+def _start(sample):
+    fmt = sniff_format(sample[:SNIFF_SIZE])
+    return make_analyzer(fmt, sample), fmt
 
 
 def analyse_file(path):
