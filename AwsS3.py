@@ -123,14 +123,19 @@ def sniff_table(lines):
 
 
 def sniff_delimiter(lines):
-    """Return the delimiter (tab, comma, semicolon or bar) giving every line the same >= 2 fields."""
-    lines = [line.rstrip(b"\r") for line in lines if line.strip()]
-    if len(lines) < 2:
-        return None
-    text = [line.decode("utf-8", "replace") for line in lines]
+    """Return the delimiter (tab, comma, semicolon or bar) splitting nearly all rows into the same >= 2 fields."""
+    text = b"\n".join(line.rstrip(b"\r") for line in lines).decode("utf-8", "replace")
     for delimiter in TABLE_DELIMITERS:
-        widths = {len(row) for row in csv.reader(text, delimiter=delimiter)}
-        if len(widths) == 1 and widths.pop() >= 2:
+        try:
+            rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row]
+        except csv.Error:
+            continue
+        if len(rows) > 2:
+            rows = rows[:-1]  # the sample may end inside a quoted field
+        widths = collections.Counter(map(len, rows))
+        width, count = widths.most_common(1)[0] if widths else (0, 0)
+        # A ragged row or two is a broken table, still a table; prose rarely splits this evenly.
+        if width >= 2 and count >= 2 and count >= 0.9 * len(rows):
             return delimiter
     return None
 
@@ -143,16 +148,19 @@ def sniff_header(sample, delimiter):
     if len(rows) < 2:
         return bool(rows) and not any(infer_kind({value}) in NUMERIC_KINDS for value in rows[0] if value)
     first, rest = rows[0], rows[1:]
+    typed_like_data = False
     for index, name in enumerate(first):
         below = {row[index] for row in rest if index < len(row) and row[index]}
         kind_below = infer_kind(below) if below else None
-        # A column of numbers (or dates, booleans) under a word is the clearest sign of a header.
-        if kind_below not in (None, "string") and infer_kind({name}) != kind_below:
-            return True
-        if name in below or not name:
+        if kind_below not in (None, "string"):
+            # A column of numbers (or dates, booleans) under a word is the clearest sign of a header.
+            if infer_kind({name}) != kind_below:
+                return True
+            typed_like_data = True
+        if name and name in below:
             return False
     # All-text tables: names are distinct and, unlike data, never repeat below.
-    return len(set(first)) == len(first)
+    return not typed_like_data and len(set(first)) == len(first)
 
 
 # --- shared helpers -------------------------------------------------------------------
@@ -345,7 +353,7 @@ class BinaryAnalyzer:
                 **self.bytes.summary()}
 
 
-GC_TABLE = byte_table(set(b"GCSgcs"))
+GC_TABLE = byte_table(set(b"GCgc"))  # as seqkit: S (G or C) is not counted
 N_TABLE = byte_table(set(b"Nn"))
 Q20_TABLE = byte_table(set(range(33 + 20, 256)))
 Q30_TABLE = byte_table(set(range(33 + 30, 256)))
@@ -518,26 +526,25 @@ def classify_alleles(ref, alts):
     """Return (kinds present, transitions, transversions) for a REF and its comma-separated ALTs.
 
     As bcftools does: an equal-length ALT differing at one base is an SNV, at more an MNV;
-    a length change is an indel; symbolic, breakend and '*' alleles are others.
+    a length change is an indel; symbolic and breakend alleles are others; '*' (a deletion
+    seen from an overlapping record) and '.' are no variant. Ts/Tv compares the first bases
+    of REF and ALT, again as bcftools does, so a CT>CA SNV counts as neither.
     """
     kinds, ts, tv = set(), 0, 0
     ref = ref.upper()
     for alt in alts.upper().split(b","):
-        if alt == b"." or alt == ref:
+        if alt in (b".", b"*") or alt == ref:
             continue
         if not (alt.isalpha() and ref.isalpha()):
             kinds.add("others")
         elif len(alt) == len(ref):
-            diffs = [(r, a) for r, a in zip(ref, alt) if r != a]
-            if len(diffs) == 1:
-                kinds.add("snvs")
-                pair = (bytes([diffs[0][0]]), bytes([diffs[0][1]]))
-                if pair in TRANSITIONS:
+            differences = sum(r != a for r, a in zip(ref, alt))
+            kinds.add("snvs" if differences == 1 else "mnvs")
+            if differences == 1 and ref[0] != alt[0] and ref[:1] in b"ACGT" and alt[:1] in b"ACGT":
+                if (ref[:1], alt[:1]) in TRANSITIONS:
                     ts += 1
-                elif all(base in b"ACGT" for base in pair):
+                else:
                     tv += 1
-            else:
-                kinds.add("mnvs")
         else:
             kinds.add("indels")
     return frozenset(kinds), ts, tv
@@ -666,6 +673,7 @@ def vcf_line_problem(line):
 INTEGER = re.compile(r"[+-]?\d+")
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
 BOOLEANS = {"true", "false", "True", "False", "TRUE", "FALSE", "yes", "no", "Yes", "No", "YES", "NO"}
+TRUTHS = {"true", "yes"}
 NUMERIC_KINDS = ("integer", "float")
 
 
@@ -793,6 +801,10 @@ class ColumnProfile:
             cast = int if self.kind == "integer" else float
             profile.update(min=cast(self.low), max=cast(self.high), mean=round(self.mean, 6),
                            std=round(math.sqrt(self.m2 / (self.count - 1)), 6) if self.count > 1 else None)
+        elif self.kind == "boolean":
+            # TRUE, true and yes are one value, as in a database's BOOLEAN column.
+            truths = {value.lower() in TRUTHS for value in self.distinct.values}
+            profile.update(distinct=len(truths), min=str(min(truths)).lower(), max=str(max(truths)).lower())
         else:
             profile.update(min=clip(self.low), max=clip(self.high))
         return profile
@@ -842,15 +854,16 @@ class TableAnalyzer(LineAnalyzer):
         self.newlines += data.count(b"\n")
         text = data.decode("utf-8", "replace")
         rows = read_rows(text, self.delimiter, first_line, self.problems)
+        header_rows = 0
         if self.columns is None and rows:
             self._start(rows[0])
-            if self.has_header:
-                rows = rows[1:]
+            header_rows = int(self.has_header)
+            rows = rows[header_rows:]
         if not rows:
             return
         width = self.columns
         if any(len(row) != width for row in rows):
-            rows = self._drop_ragged(text, first_line, rows)
+            rows = self._drop_ragged(text, first_line, header_rows)
         self.rows += len(rows)
         for profile, values in zip(self.profiles, zip(*rows)):
             profile.add(values)
@@ -862,19 +875,15 @@ class TableAnalyzer(LineAnalyzer):
         limit = max(MIN_EXACT_DISTINCT, min(MAX_EXACT_DISTINCT, EXACT_DISTINCT_BUDGET // max(len(names), 1)))
         self.profiles = [ColumnProfile(name, limit) for name in names[:MAX_PROFILED_COLUMNS]]
 
-    def _drop_ragged(self, text, first_line, rows):
+    def _drop_ragged(self, text, first_line, header_rows):
+        """Return the rows of the header's width; count the others with their line numbers."""
+        numbered = read_rows(text, self.delimiter, first_line, FirstProblem(), numbered=True)[header_rows:]
         kept = []
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=self.delimiter)
-        for row in reader:
-            if not row:
-                continue
+        for line, row in numbered:
             if len(row) == self.columns:
                 kept.append(row)
             else:
-                self.problems.add(first_line + reader.line_num - 1,
-                                  f"{len(row)} fields where the header has {self.columns}")
-        if len(kept) > len(rows):
-            kept = kept[len(kept) - len(rows):]  # the header row of the first block was removed
+                self.problems.add(line, f"{len(row)} fields where the header has {self.columns}")
         return kept
 
     def summary(self):
@@ -891,15 +900,19 @@ class TableAnalyzer(LineAnalyzer):
         }
 
 
-def read_rows(text, delimiter, first_line, problems):
-    """Parse a block of table text into its non-empty rows; a row csv rejects is recorded, not raised."""
+def read_rows(text, delimiter, first_line, problems, numbered=False):
+    """Parse a block of table text into its non-empty rows (with line numbers if `numbered`).
+
+    A row the csv module rejects is recorded in `problems`, not raised.
+    """
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        return [row for row in reader if row]
-    except csv.Error:
-        pass
+    if not numbered:
+        try:
+            return [row for row in reader if row]
+        except csv.Error:
+            reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows = []
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    start = first_line
     while True:
         try:
             row = next(reader)
@@ -907,9 +920,11 @@ def read_rows(text, delimiter, first_line, problems):
             return rows
         except csv.Error as err:
             problems.add(first_line + reader.line_num - 1, f"unreadable row: {err}")
+            start = first_line + reader.line_num
             continue
         if row:
-            rows.append(row)
+            rows.append((start, row) if numbered else row)
+        start = first_line + reader.line_num
 
 
 def make_analyzer(fmt, sample=b""):
@@ -969,8 +984,9 @@ class GzipStream:
 class Progress:
     """Logs bytes done and rate every few seconds."""
 
-    def __init__(self, total=None, every=PROGRESS_SECONDS):
-        self.total, self.every = total, every
+    def __init__(self, total=None, every=None):
+        self.total = total
+        self.every = PROGRESS_SECONDS if every is None else every
         self.start = self.last = time.monotonic()
 
     def update(self, done):

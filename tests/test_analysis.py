@@ -1,0 +1,351 @@
+"""Tests of the worker's analysis: per-format summaries against the figures seqkit, bcftools
+and DuckDB gave for the same files (tests/data/README.md), gzip and bgzip, malformed
+inputs, block boundaries, bounded memory and progress logs."""
+
+import gzip
+import hashlib
+import logging
+import random
+
+import pytest
+
+import AwsS3
+from support import REPO
+
+DATA = REPO / "tests" / "data"
+
+
+def analyse_bytes(content, chunk=AwsS3.CHUNK_SIZE):
+    """Analyse in-memory bytes fed in chunks of the given size."""
+    return AwsS3.analyse_stream(content[i:i + chunk] for i in range(0, len(content), chunk))
+
+
+def analyse_path(name):
+    return AwsS3.analyse_file(str(DATA / name))
+
+
+def random_chunks(content, seed, largest=5000):
+    """Split content at random places, so records and lines are cut everywhere."""
+    rng = random.Random(seed)
+    start = 0
+    while start < len(content):
+        size = rng.randint(1, largest)
+        yield content[start:start + size]
+        start += size
+
+
+# --- FASTQ ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, compression, members", [
+    ("reads.fastq", None, None), ("reads.fastq.gz", "gzip", 1), ("reads.fastq.bgz", "gzip", 4)])
+def test_fastq_summary_agrees_with_seqkit(name, compression, members):
+    report = analyse_path(name)
+    assert report["format"] == "fastq"
+    assert (report["compression"], report["gzip_members"]) == (compression, members)
+    assert report["sha256"] == hashlib.sha256((DATA / name).read_bytes()).hexdigest()
+    assert report["lines"] == 2400 and report["content_bytes"] == 167240
+    s = report["summary"]
+    # seqkit stats -a -T: 600 reads, 75,928 bases, 50..151, N50 150, Q20 93.05, Q30 78.33, GC 50.00
+    assert (s["reads"], s["bases"], s["min_length"], s["max_length"], s["n50"]) == (600, 75928, 50, 151, 150)
+    assert round(s["mean_length"], 1) == 126.5
+    assert round(s["q20_percent"], 2) == 93.05 and round(s["q30_percent"], 2) == 78.33
+    assert round(s["gc_percent"], 2) == 50.00
+    assert s["n_count"] == 294  # seqkit seq -s | tr -cd Nn | wc -c
+    assert s["malformed_records"] == 0 and s["first_malformed_line"] is None
+
+
+def test_fastq_quality_gc_and_n_by_hand():
+    content = b"@r1\nACGTNnacgt\n+\n!+5?IIIIII\n@r2\nGGCC\n+\n####\n"
+    s = analyse_bytes(content)["summary"]
+    assert (s["reads"], s["bases"], s["min_length"], s["max_length"]) == (2, 14, 4, 10)
+    assert s["gc_percent"] == pytest.approx(100 * 8 / 14, abs=1e-3)  # G, C, g, c count; N does not
+    assert s["n_count"] == 2
+    # Phred+33: ! = 0, + = 10, 5 = 20, ? = 30, I = 40, # = 2
+    assert s["mean_quality"] == pytest.approx((0 + 10 + 20 + 30 + 6 * 40 + 4 * 2) / 14, abs=1e-3)
+    assert s["q20_percent"] == pytest.approx(100 * 8 / 14, abs=1e-3)
+    assert s["q30_percent"] == pytest.approx(100 * 7 / 14, abs=1e-3)
+    assert s["n50"] == 10
+
+
+def test_fastq_summary_does_not_depend_on_where_blocks_end():
+    content = (DATA / "reads.fastq").read_bytes()
+    whole = analyse_bytes(content)
+    for seed in range(3):
+        cut = AwsS3.analyse_stream(random_chunks(content, seed))
+        assert cut["summary"] == whole["summary"]
+        assert cut["lines"] == whole["lines"]
+
+
+def test_fastq_with_crlf_line_ends_measures_the_same():
+    content = (DATA / "reads.fastq").read_bytes()
+    crlf = analyse_bytes(content.replace(b"\n", b"\r\n"))["summary"]
+    assert crlf == analyse_bytes(content)["summary"]
+
+
+def _records(count, length=20):
+    return [b"@r%d\n%s\n+\n%s\n" % (i, b"ACGT" * (length // 4), b"I" * length) for i in range(count)]
+
+
+def test_fastq_malformed_records_are_counted_with_the_first_line():
+    records = _records(50)
+    records[9] = b"@r9\nACGTACGT\n+\nIIII\n"  # lines 37-40: quality shorter than the sequence
+    records[30] = b"@r30\nACGT\nIIII\n"         # lines 121-123: no '+' line
+    s = analyse_bytes(b"".join(records), chunk=97)["summary"]
+    assert s["malformed_records"] == 2
+    assert s["first_malformed_line"] == 37
+    assert "lengths differ (8 and 4)" in s["first_malformed_reason"]
+    assert s["reads"] == 48  # every other record is still read after each break
+    assert s["bases"] == 48 * 20
+
+
+def test_fastq_that_turns_into_garbage_midway_reports_where():
+    good = b"".join(_records(100))
+    content = good + b"this is not\na FASTQ record\nat all\n" * 10 + good
+    report = analyse_bytes(content, chunk=1000)
+    s = report["summary"]
+    assert report["format"] == "fastq"
+    assert s["first_malformed_line"] == 401
+    assert s["malformed_records"] >= 1
+    assert s["reads"] == 200
+
+
+def test_fastq_cut_short_says_the_last_record_is_incomplete():
+    content = b"".join(_records(10)) + b"@r10\nACGT\n"
+    s = analyse_bytes(content)["summary"]
+    assert s["reads"] == 10
+    assert s["malformed_records"] == 1 and s["first_malformed_line"] == 41
+    assert "ends inside a record" in s["first_malformed_reason"]
+
+
+def test_fastq_blank_lines_between_records_are_tolerated():
+    records = _records(6)
+    content = b"".join(records[:3]) + b"\n" + b"".join(records[3:]) + b"\n\n"
+    s = analyse_bytes(content)["summary"]
+    assert s["reads"] == 6 and s["malformed_records"] == 0
+
+
+def test_n50_and_long_read_histogram():
+    assert AwsS3.n50({2: 1, 3: 1, 4: 1, 5: 1}, 14) == 4  # 5 + 4 = 9 >= 7
+    assert AwsS3.n50({}, 0) is None
+    lengths = {length: 1 for length in range(10_000, 40_000)}
+    coarse = AwsS3.coarsen_lengths(lengths)
+    assert len(coarse) == 300 and sum(coarse.values()) == 30_000
+    assert AwsS3.n50(coarse, sum(lengths)) == pytest.approx(AwsS3.n50(lengths, sum(lengths)), rel=0.01)
+
+
+# --- VCF ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["calls.vcf", "calls.vcf.bgz"])
+def test_vcf_summary_agrees_with_bcftools(name):
+    report = analyse_path(name)
+    assert report["format"] == "vcf"
+    s = report["summary"]
+    # bcftools stats: 3 samples, 851 records, 737 SNPs, 31 MNPs, 83 indels, 62 multiallelic, ts 461, tv 338
+    assert (s["samples"], s["records"], s["snvs"], s["mnvs"], s["indels"], s["others"]) == (3, 851, 737, 31, 83, 0)
+    assert (s["multiallelic_sites"], s["transitions"], s["transversions"]) == (62, 461, 338)
+    assert s["ts_tv_ratio"] == round(461 / 338, 3)
+    assert sum(s["records_per_chromosome"].values()) == 851 and len(s["records_per_chromosome"]) == 23
+    assert s["pass"] + s["filtered"] + s["filter_missing"] == 851
+    assert s["malformed_records"] == 0
+
+
+def test_vcf_edge_cases_agree_with_bcftools():
+    s = analyse_path("edge.vcf")["summary"]
+    assert (s["samples"], s["records"], s["no_alt"]) == (2, 16, 1)
+    assert (s["snvs"], s["mnvs"], s["indels"], s["others"], s["multiallelic_sites"]) == (10, 2, 3, 1, 4)
+    assert (s["transitions"], s["transversions"]) == (7, 5)
+    assert s["records_per_chromosome"] == {"1": 12, "2": 4}
+    assert (s["pass"], s["filter_missing"], s["filtered"]) == (12, 1, 3)
+    assert s["filters"]["q10;s50"] == 1
+
+
+def test_vcf_malformed_line_is_reported_and_skipped():
+    lines = (DATA / "edge.vcf").read_bytes().split(b"\n")
+    header_lines = sum(line.startswith(b"#") for line in lines)
+    lines.insert(header_lines + 3, b"1\t350\tonly-three-columns")
+    lines.insert(header_lines + 6, b"1\tPOS\t.\tA\tG\t50\tPASS\t.")
+    s = analyse_bytes(b"\n".join(lines), chunk=200)["summary"]
+    assert s["records"] == 16
+    assert s["malformed_records"] == 2
+    assert s["first_malformed_line"] == header_lines + 4
+    assert "3 tab-separated columns" in s["first_malformed_reason"]
+
+
+def test_vcf_summary_does_not_depend_on_where_blocks_end():
+    content = (DATA / "calls.vcf").read_bytes()
+    whole = analyse_bytes(content)["summary"]
+    assert AwsS3.analyse_stream(random_chunks(content, 7, 300))["summary"] == whole
+
+
+# --- CSV / TSV ------------------------------------------------------------------------
+
+
+def _columns(summary):
+    return {column["name"]: column for column in summary["column_profiles"]}
+
+
+def test_csv_profile_agrees_with_duckdb_summarize():
+    report = analyse_path("table.csv")
+    s = report["summary"]
+    assert report["format"] == "csv" and s["delimiter"] == "," and s["header_detected"] is True
+    assert (s["rows"], s["columns"]) == (750, 8)
+    columns = _columns(s)
+    temperature = columns["temperature_c"]
+    assert (temperature["type"], temperature["min"], temperature["max"]) == ("float", 6.82, 29.58)
+    assert temperature["mean"] == pytest.approx(18.11537634408601, abs=1e-6)
+    assert temperature["std"] == pytest.approx(3.950548302511433, abs=1e-6)
+    assert temperature["empty"] == 6  # 0.80 % of 750
+    reads = columns["reads"]
+    assert (reads["type"], reads["min"], reads["max"]) == ("integer", 7379, 4999704)
+    assert reads["mean"] == pytest.approx(2482063.3733333335, abs=1e-3)
+    assert columns["note"]["empty"] == 188  # 25.07 % of 750
+    assert (columns["passed_qc"]["type"], columns["passed_qc"]["distinct"]) == ("boolean", 2)
+    assert (columns["collected"]["type"], columns["collected"]["min"]) == ("date", "2026-01-01")
+    # Distinct counts are exact below the bound: checked against the data itself.
+    rows = [line.split(",") for line in (DATA / "table.csv").read_text().splitlines()[1:]]
+    assert columns["site"]["distinct"] == len({row[1] for row in rows}) == 5
+    assert columns["sample_id"]["distinct"] == 750 and columns["sample_id"]["distinct_exact"] is True
+
+
+def test_tsv_with_quotes_empties_and_multiline_fields_agrees_with_duckdb():
+    report = analyse_path("table.tsv")
+    s = report["summary"]
+    assert report["format"] == "tsv" and s["delimiter"] == "\t"
+    assert (s["rows"], s["columns"], report["lines"]) == (5, 6, 7)
+    columns = _columns(s)
+    score = columns["score"]
+    assert (score["type"], score["min"], score["max"], score["empty"]) == ("float", -2.25, 400.0, 1)
+    assert score["mean"] == pytest.approx(99.8125) and score["std"] == pytest.approx(200.13093370341326)
+    assert (columns["count"]["type"], columns["count"]["min"], columns["count"]["mean"]) == ("integer", -5, 10.5)
+    assert (columns["flag"]["type"], columns["flag"]["distinct"]) == ("boolean", 2)
+    assert (columns["when"]["type"], columns["when"]["max"], columns["when"]["empty"]) == ("date", "2026-07-08", 1)
+    assert columns["name"]["distinct"] == 4 and columns["name"]["max"] == 'say "hi"'
+
+
+def test_csv_quoted_newlines_across_block_ends():
+    rows = [f'{i},"line one\nline two {i}",{i * 0.5}\n' for i in range(300)]
+    content = ("id,text,value\n" + "".join(rows)).encode()
+    for seed in range(3):
+        s = AwsS3.analyse_stream(random_chunks(content, seed, 200))["summary"]
+        assert s["rows"] == 300 and s["malformed_rows"] == 0
+        assert _columns(s)["value"]["max"] == 149.5
+
+
+def test_csv_ragged_rows_are_reported_with_their_line():
+    rows = [b"%d,%d,%d\n" % (i, i + 1, i + 2) for i in range(100)]
+    rows[49] = b"49,50\n"             # line 51 (the header is line 1)
+    rows[79] = b"79,80,81,82\n"       # line 81
+    s = analyse_bytes(b"a,b,c\n" + b"".join(rows), chunk=64)["summary"]
+    assert s["rows"] == 98 and s["ragged_rows"] is True
+    assert s["malformed_rows"] == 2 and s["first_malformed_line"] == 51
+    assert "2 fields where the header has 3" in s["first_malformed_reason"]
+    assert _columns(s)["a"]["max"] == 99 and _columns(s)["a"]["mean"] == pytest.approx((4950 - 49 - 79) / 98)
+
+
+def test_csv_without_header_and_other_delimiters():
+    s = analyse_bytes(b"1;2.5;x\n3;4.5;y\n5;6.5;z\n")["summary"]
+    assert s["delimiter"] == ";" and s["header_detected"] is False
+    assert s["rows"] == 3 and s["header"] == ["column_1", "column_2", "column_3"]
+    assert _columns(s)["column_2"]["mean"] == pytest.approx(4.5)
+
+
+def test_column_that_turns_from_numbers_to_text_is_text():
+    content = b"id,v\n" + b"".join(b"%d,%d\n" % (i, i) for i in range(2000)) + b"2000,n/a\n"
+    column = _columns(analyse_bytes(content, chunk=1000)["summary"])["v"]
+    assert column["type"] == "string" and "mean" not in column
+    assert column["max"] == "n/a" and column["min"] == "0"
+
+
+def test_distinct_count_is_estimated_past_the_bound(monkeypatch):
+    monkeypatch.setattr(AwsS3, "MAX_EXACT_DISTINCT", 1000)
+    monkeypatch.setattr(AwsS3, "EXACT_DISTINCT_BUDGET", 1000)
+    content = b"key,group\n" + b"".join(b"k%d,%d\n" % (i, i % 10) for i in range(40_000))
+    columns = _columns(analyse_bytes(content)["summary"])
+    assert columns["key"]["distinct_exact"] is False
+    assert columns["key"]["distinct"] == pytest.approx(40_000, rel=0.1)
+    assert (columns["group"]["distinct"], columns["group"]["distinct_exact"]) == (10, True)
+
+
+# --- other text, binary, empty --------------------------------------------------------
+
+
+def test_plain_text_says_it_is_none_of_the_formats():
+    content = b"Dear reader,\n\nthis is prose.\nNothing more.\n"
+    report = analyse_bytes(content)
+    s = report["summary"]
+    assert report["format"] == "text" and report["lines"] == 4
+    assert s["recognised"] is False and "not FASTQ, VCF, CSV or TSV" in s["note"]
+    assert (s["longest_line"], s["blank_lines"]) == (14, 1)
+    assert s["byte_classes_percent"]["printable_ascii"] == 100.0
+
+
+def test_binary_gets_a_byte_histogram_summary():
+    content = bytes(range(256)) * 400 + b"\x00" * 102_400
+    report = analyse_bytes(content)
+    s = report["summary"]
+    assert report["format"] == "binary" and s["recognised"] is False
+    assert s["byte_classes_percent"]["zero"] == pytest.approx(100 * (400 + 102_400) / len(content), abs=1e-3)
+    assert s["byte_classes_percent"]["high"] == pytest.approx(100 * 128 * 400 / len(content), abs=1e-3)
+    assert s["top_bytes"][0]["byte"] == 0
+    assert 0 < s["entropy_bits_per_byte"] < 8
+
+
+def test_gzip_of_nothing_is_empty_content():
+    report = analyse_bytes(gzip.compress(b""))
+    assert (report["format"], report["lines"], report["content_bytes"]) == ("empty", 0, 0)
+
+
+# --- the streaming pass ---------------------------------------------------------------
+
+
+def test_decompression_comes_in_bounded_pieces():
+    bomb = gzip.compress(b"\x00" * (20 * AwsS3.PIECE_SIZE))
+    stream = AwsS3.GzipStream()
+    pieces = [len(piece) for piece in stream.feed(bomb, 0)]
+    assert sum(pieces) == 20 * AwsS3.PIECE_SIZE
+    assert max(pieces) <= AwsS3.PIECE_SIZE
+
+
+def test_multi_member_gzip_cut_anywhere():
+    members = [gzip.compress(b"line %d\n" % i * 500) for i in range(5)] + [gzip.compress(b"")]
+    content = b"".join(members)
+    report = AwsS3.analyse_stream(random_chunks(content, 3, 700))
+    assert report["gzip_members"] == 6 and report["lines"] == 2500
+    assert report["sha256"] == hashlib.sha256(content).hexdigest()
+
+
+def test_a_failing_reader_is_raised_not_hung():
+    def chunks():
+        yield b"a,b\n1,2\n"
+        raise OSError("connection reset")
+
+    with pytest.raises(OSError, match="connection reset"):
+        AwsS3.analyse_stream(chunks())
+
+
+def test_long_runs_log_progress(monkeypatch, caplog):
+    monkeypatch.setattr(AwsS3, "PROGRESS_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="awsfun.worker")
+    analyse_bytes(b"x\n" * 100_000, chunk=10_000)
+    progress = [r.getMessage() for r in caplog.records if "MB/s" in r.getMessage() and "read" in r.getMessage()]
+    assert progress and "of 0.2 MB" not in progress[0]  # no total given: no "of"
+    assert any("analysed 0.2 MB (text)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("max_value", [1, 126, 255])
+def test_byte_sum_is_the_exact_sum(max_value):
+    rng = random.Random(max_value)
+    data = bytes(rng.randint(0, max_value) for _ in range(300_000))
+    assert AwsS3.byte_sum(data, max_value) == sum(data)
+    assert AwsS3.byte_sum(b"") == 0
+
+
+def test_local_report_keeps_the_contract_fields(tmp_path):
+    path = tmp_path / "r.fastq.gz"
+    path.write_bytes(gzip.compress((DATA / "reads.fastq").read_bytes()))
+    report = AwsS3.analyse_file(str(path))
+    assert {"input", "bytes", "lines", "sha256", "format", "summary", "compression"} <= set(report)
+    assert report["input"] == {"path": str(path), "size": path.stat().st_size}
+    assert {"reads", "bases", "gc_percent", "mean_quality"} <= set(report["summary"])
