@@ -2,8 +2,12 @@
 """awsfun deploy: create, inspect and remove the whole pipeline in one AWS account and region.
 
     ./deploy.sh [deploy] [options]     create or update everything; safe to re-run
-    ./deploy.sh status [--json]        names, running workers, reports, dead letters, drift
+    ./deploy.sh status [--json]        names, running workers, reports, counts, dead letters, drift
+    ./deploy.sh reconcile [--key-prefix K] [--dry-run] [--json]
+                                       replay dead letters, launch every unprocessed input
     ./deploy.sh teardown [--yes]       remove what deploy created (data kept unless --delete-data)
+
+Every command takes --prefix P (default su2c), the deployment's name prefix.
 
 Uses the caller's usual AWS settings (AWS_PROFILE, AWS_REGION / AWS_DEFAULT_REGION,
 AWS_ENDPOINT_URL). Everything is plain boto3 and importable, so the tests drive it
@@ -32,6 +36,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError, WaiterError
 
+import AwsS3
 import lambda_function
 
 logger = logging.getLogger("awsfun.deploy")
@@ -39,21 +44,27 @@ logger = logging.getLogger("awsfun.deploy")
 REPO = Path(__file__).resolve().parent
 IAM_DIR = REPO / "iam"
 
+BOOTSTRAP_KEY = lambda_function.DEFAULTS["BOOTSTRAP_KEY"]
+ROUTES_KEY = lambda_function.DEFAULTS["ROUTES_KEY"]
+# The routing table deploy validates, publishes and packages unless --routes names another.
+ROUTES_FILE = REPO / ROUTES_KEY
+# What a worker fetches (and, with --public-software, what anyone may read).
+WORKER_FILES = ("AwsS3.py", BOOTSTRAP_KEY)
 # The one allowlist of files published to the software bucket, at their repository
 # paths. Nothing else is ever uploaded (never anything under private/).
-PUBLISHED_FILES = ("AwsS3.py", "bootstrap/bootstrap.sh")
-BOOTSTRAP_KEY = lambda_function.DEFAULTS["BOOTSTRAP_KEY"]
-# What the Lambda may read from the software bucket: its user-data template and the
-# routing table a later change adds; reading a key that does not exist yet grants nothing.
-LAUNCHER_SOFTWARE_KEYS = (BOOTSTRAP_KEY, "routes.json")
-# Files packaged into the function's zip, at the paths load_bootstrap_template expects.
-FUNCTION_FILES = ("lambda_function.py", BOOTSTRAP_KEY)
+PUBLISHED_FILES = WORKER_FILES + (ROUTES_KEY,)
+# What the Lambda may read from the software bucket: its user-data template and the routing table.
+LAUNCHER_SOFTWARE_KEYS = (BOOTSTRAP_KEY, ROUTES_KEY)
+# Files packaged into the function's zip, at the paths read_software_file looks for first.
+FUNCTION_FILES = ("lambda_function.py", BOOTSTRAP_KEY, ROUTES_KEY)
 
 DEFAULT_PREFIX = "su2c"
 DEFAULT_INSTANCE_TYPE = "t3.small"
 STACK_TAG = "awsfun:stack"
 WORKER_TAG = "awsfun:launch-template"
 WORKER_KEY_TAG = "awsfun:key"
+BUCKET_TAG = "awsfun:bucket"
+TOKEN_TAG = "awsfun:token"
 DATA_BUCKET_TAG = "awsfun:data-bucket"
 SOFTWARE_BUCKET_TAG = "awsfun:software-bucket"
 
@@ -384,6 +395,8 @@ def render_policy(name, values):
 def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES):
     """Return the values the iam/ templates are rendered with."""
     software = f"arn:{names.partition}:s3:::{names.software_bucket}"
+    # Workers never read the routing table: their route arrives in the user-data.
+    worker_files = [key for key in published_files if key in WORKER_FILES]
     return {
         "Partition": names.partition,
         "Region": names.region,
@@ -394,14 +407,16 @@ def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES
         "WorkerRoleArn": names.worker_role_arn,
         "DeadLetterQueueArn": names.dlq_arn,
         "LaunchTemplateArns": [names.launch_template_arn(i) for i in launch_template_ids],
-        "PublishedObjectArns": [f"{software}/{key}" for key in published_files],
+        "WorkerSoftwareObjectArns": [f"{software}/{key}" for key in worker_files],
         "LauncherSoftwareObjectArns": [f"{software}/{key}" for key in LAUNCHER_SOFTWARE_KEYS],
     }
 
 
-def policy_documents(names, launch_template_id):
+def policy_documents(names, launch_template_ids):
     """Return every rendered policy document by template name (what deploy applies)."""
-    values = policy_values(names, [launch_template_id])
+    if isinstance(launch_template_ids, str):
+        launch_template_ids = [launch_template_ids]
+    values = policy_values(names, launch_template_ids)
     return {
         name: render_policy(name, values)
         for name in ("worker-trust", "worker-policy", "lambda-trust", "lambda-policy",
@@ -528,20 +543,28 @@ def published_digest(s3, bucket, key):
     return head.get("Metadata", {}).get("sha256", "")
 
 
-def publish_software(s3, bucket, files=PUBLISHED_FILES, progress=None, repo=REPO):
-    """Upload the published worker files to the software bucket at their repo paths, if changed."""
+def software_sources(routes_file=ROUTES_FILE, repo=REPO):
+    """Return {published key: local file}: the repository files, the routing table from routes_file."""
+    sources = {key: Path(repo) / key for key in set(PUBLISHED_FILES) | set(FUNCTION_FILES)}
+    sources[ROUTES_KEY] = Path(routes_file)
+    return sources
+
+
+def publish_software(s3, bucket, files=PUBLISHED_FILES, progress=None, repo=REPO, sources=None):
+    """Upload the published files to the software bucket at their repo paths, if changed."""
     for key in files:
         if key.startswith("private/") or key not in PUBLISHED_FILES:
             raise DeployError(f"{key} is not on the published-files allowlist PUBLISHED_FILES")
-        path = Path(repo) / key
+        path = (sources or {}).get(key) or Path(repo) / key
         digest = file_sha256(path)
         current = published_digest(s3, bucket, key)
         if current == digest:
             if progress:
                 progress.record(IN_PLACE, "software file", f"s3://{bucket}/{key}")
             continue
-        content_type = "text/x-python" if key.endswith(".py") else (
-            "text/x-shellscript" if key.endswith(".sh") else "application/octet-stream")
+        content_type = {".py": "text/x-python", ".sh": "text/x-shellscript",
+                        ".json": "application/json"}.get(Path(key).suffix,
+                                                         "application/octet-stream")
         s3.put_object(Bucket=bucket, Key=key, Body=path.read_bytes(),
                       ContentType=content_type, Metadata={"sha256": digest})
         if progress:
@@ -861,6 +884,66 @@ def delete_instance_profile(iam, names, progress):
     progress.record(DELETED, "worker instance profile", names.worker_instance_profile)
 
 
+# --- routing table -------------------------------------------------------------------
+
+
+def load_routes_file(path=ROUTES_FILE):
+    """Return the routes of a routing table file, validated as the handler would; DeployError names the problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise DeployError(f"cannot read the routing table {path}: {err.strerror}") from None
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DeployError(f"routing table {path} is not valid JSON: {err}") from None
+    try:
+        return lambda_function.validate_routes(table)
+    except lambda_function.RoutesError as err:
+        raise DeployError(f"routing table {path}: {err}") from None
+
+
+def template_instance_types(routes, default_template, default_type):
+    """Return {launch template: instance type}: the worker template, then each one the routes name (pure).
+
+    A route without instance_type takes the default; two routes that give one template
+    different types, or a route that gives the worker template another type than
+    --instance-type, are refused, since one template has one instance type.
+    """
+    chosen = {default_template: (default_type, "--instance-type")}
+    for route in routes:
+        wanted = route.get("instance_type")
+        if wanted is None:
+            continue
+        name = route["launch_template"]
+        have, source = chosen.setdefault(name, (wanted, f"route {route['name']!r}"))
+        if have != wanted:
+            raise DeployError(
+                f"route {route['name']!r} wants launch template {name} as {wanted}, but "
+                f"{source} makes it {have}; give the route its own launch_template")
+    types = {name: chosen[name][0] for name in chosen}
+    for route in routes:
+        types.setdefault(route["launch_template"], default_type)
+    return types
+
+
+def check_routing_table(routes_file, default_template, default_type):
+    """Return (routes, {launch template: instance type}) of a routing table file; DeployError names the file and problem."""
+    routes = load_routes_file(routes_file)
+    try:
+        return routes, template_instance_types(routes, default_template, default_type)
+    except DeployError as err:
+        raise DeployError(f"routing table {routes_file}: {err}") from None
+
+
+def routes_by_template(routes, default_template):
+    """Return {launch template: [route names]}; the worker template also serves unmatched keys (pure)."""
+    found = {default_template: ["default"]}
+    for route in routes:
+        found.setdefault(route["launch_template"], []).append(route["name"])
+    return found
+
+
 # --- EC2 launch template -------------------------------------------------------------
 
 
@@ -962,22 +1045,26 @@ def read_launch_template(ec2, name):
     }
 
 
-def ensure_launch_template(ec2, names, data, progress):
-    """Create the template, or add a version only when `data` changed; keep it the default."""
-    template = read_launch_template(ec2, names.launch_template)
+def ensure_launch_template(ec2, names, data, progress, name=None):
+    """Create the template (default: the worker template), or add a version only when `data`
+    changed; keep the newest version the default. Return the template's id."""
+    name = name or names.launch_template
+    template = read_launch_template(ec2, name)
     if template is None:
         created = ec2.create_launch_template(
-            LaunchTemplateName=names.launch_template, LaunchTemplateData=data,
+            LaunchTemplateName=name, LaunchTemplateData=data,
             VersionDescription="deploy.sh",
             TagSpecifications=[{"ResourceType": "launch-template",
                                 "Tags": tag_list({STACK_TAG: names.prefix})}],
         )["LaunchTemplate"]
-        progress.record(CREATED, "launch template", names.launch_template, "version 1")
+        progress.record(CREATED, "launch template", name,
+                        f"version 1, {data['InstanceType']}")
         return created["LaunchTemplateId"]
     owner = template["tags"].get(STACK_TAG)
     if owner and owner != names.prefix:
-        raise DeployError(f"launch template {names.launch_template} belongs to deployment "
-                          f"{owner!r}; set LAUNCH_TEMPLATE to use another name")
+        hint = ("set LAUNCH_TEMPLATE to use another name" if name == names.launch_template
+                else "name another launch_template in the routing table")
+        raise DeployError(f"launch template {name} belongs to deployment {owner!r}; {hint}")
     differences = mismatches(data, template["data"])
     version = template["latest_version"]
     if differences:
@@ -991,20 +1078,22 @@ def ensure_launch_template(ec2, names, data, progress):
             detail = f"version {version}: " + ", ".join(differences)
         else:
             detail = f"default version {version}"
-        progress.record(UPDATED, "launch template", names.launch_template, detail)
+        progress.record(UPDATED, "launch template", name, detail)
     else:
-        progress.record(IN_PLACE, "launch template", names.launch_template, f"version {version}")
+        progress.record(IN_PLACE, "launch template", name, f"version {version}")
     if not owner:
         ec2.create_tags(Resources=[template["id"]], Tags=tag_list({STACK_TAG: names.prefix}))
     return template["id"]
 
 
-def find_workers(ec2, launch_template, states=("pending", "running")):
-    """Return the workers launched from the template (by the handler's tag) in the given states."""
+def find_workers(ec2, launch_templates, states=("pending", "running")):
+    """Return the workers launched from the template(s) (by the handler's tag) in the given states."""
+    if isinstance(launch_templates, str):
+        launch_templates = [launch_templates]
     workers = []
     paginator = ec2.get_paginator("describe_instances")
     for page in paginator.paginate(Filters=[
-        {"Name": f"tag:{WORKER_TAG}", "Values": [launch_template]},
+        {"Name": f"tag:{WORKER_TAG}", "Values": sorted(set(launch_templates))},
         {"Name": "instance-state-name", "Values": list(states)},
     ]):
         for reservation in page["Reservations"]:
@@ -1013,19 +1102,21 @@ def find_workers(ec2, launch_template, states=("pending", "running")):
                 workers.append({
                     "instance_id": instance["InstanceId"],
                     "state": instance["State"]["Name"],
-                    "bucket": tags.get("awsfun:bucket", ""),
+                    "bucket": tags.get(BUCKET_TAG, ""),
                     "key": tags.get(WORKER_KEY_TAG, ""),
+                    "token": tags.get(TOKEN_TAG, ""),
+                    "launch_template": tags.get(WORKER_TAG, ""),
                     "launch_time": instance["LaunchTime"],
                 })
     return workers
 
 
-def terminate_workers(ec2, names, progress, wait=True):
+def terminate_workers(ec2, names, progress, wait=True, templates=None):
     """Terminate every worker still alive so teardown orphans none; wait (bounded) for it."""
-    workers = find_workers(ec2, names.launch_template,
-                           states=("pending", "running", "stopping", "stopped"))
+    templates = templates or [names.launch_template]
+    workers = find_workers(ec2, templates, states=("pending", "running", "stopping", "stopped"))
     if not workers:
-        progress.record(GONE, "running workers", names.launch_template, "none")
+        progress.record(GONE, "running workers", ", ".join(templates), "none")
         return []
     ids = [w["instance_id"] for w in workers]
     ec2.terminate_instances(InstanceIds=ids)
@@ -1041,21 +1132,39 @@ def terminate_workers(ec2, names, progress, wait=True):
     return ids
 
 
-def delete_launch_template(ec2, names, progress):
-    """Delete the worker launch template; tolerate it being gone."""
-    template = read_launch_template(ec2, names.launch_template)
+def delete_launch_template(ec2, names, progress, name=None):
+    """Delete a launch template (default: the worker template); tolerate it being gone."""
+    name = name or names.launch_template
+    template = read_launch_template(ec2, name)
     if template is None:
-        progress.record(GONE, "launch template", names.launch_template)
+        progress.record(GONE, "launch template", name)
         return
     ec2.delete_launch_template(LaunchTemplateId=template["id"])
-    progress.record(DELETED, "launch template", names.launch_template)
+    progress.record(DELETED, "launch template", name)
+
+
+def stack_launch_templates(ec2, names):
+    """Return the names of the launch templates tagged as this deployment's, the worker template first."""
+    found = []
+    for page in ec2.get_paginator("describe_launch_templates").paginate(
+            Filters=[{"Name": f"tag:{STACK_TAG}", "Values": [names.prefix]}]):
+        found += [t["LaunchTemplateName"] for t in page["LaunchTemplates"]]
+    return [names.launch_template] + sorted(set(found) - {names.launch_template})
+
+
+def remove_unrouted_templates(ec2, names, wanted, progress):
+    """Delete this deployment's launch templates that the routing table no longer names."""
+    for name in stack_launch_templates(ec2, names):
+        if name not in wanted:
+            # Running workers keep running; only new launches from it stop being possible.
+            delete_launch_template(ec2, names, progress, name)
 
 
 # --- Lambda --------------------------------------------------------------------------
 
 
-def build_function_zip(repo=REPO, files=FUNCTION_FILES):
-    """Return the function's zip: the handler with the bootstrap template beside it, reproducibly."""
+def build_function_zip(repo=REPO, files=FUNCTION_FILES, sources=None):
+    """Return the function's zip: the handler with the bootstrap template and routes beside it, reproducibly."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name in files:
@@ -1064,7 +1173,7 @@ def build_function_zip(repo=REPO, files=FUNCTION_FILES):
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, (Path(repo) / name).read_bytes())
+            archive.writestr(info, ((sources or {}).get(name) or Path(repo) / name).read_bytes())
     return buffer.getvalue()
 
 
@@ -1257,21 +1366,359 @@ def delete_function(lam, names, progress):
     progress.record(DELETED, "function", names.function_name)
 
 
+# --- reconcile: nothing lost ---------------------------------------------------------
+
+REPORTED, FAILED, RUNNING, UNPROCESSED = "reported", "error-reported", "running", "unprocessed"
+DLQ_VISIBILITY_SECONDS = 300
+
+
+def deployed_settings(lam, names):
+    """Return the handler's settings exactly as the deployed function has them (its environment)."""
+    config = read_function(lam, names.function_name)
+    if config is None:
+        raise DeployError(f"{names.function_name} is not deployed (run ./deploy.sh --prefix "
+                          f"{names.prefix} deploy first)")
+    env = dict((config.get("Environment") or {}).get("Variables") or {}, AWS_REGION=names.region)
+    # Reconcile launches for real even if a permission check left DRY_RUN on the function.
+    env.pop("DRY_RUN", None)
+    return lambda_function.load_settings(env)
+
+
+def object_from_head(bucket, key, head):
+    """Describe an object as parse_record does, from HeadObject, so the ClientToken matches its event's (pure)."""
+    return {"bucket": bucket, "key": key, "event_name": "ObjectCreated:Put",
+            "etag": head["ETag"].strip('"'), "version_id": head.get("VersionId") or "",
+            "sequencer": "", "size": head.get("ContentLength")}
+
+
+def head_input(s3, bucket, key):
+    """Return the object as object_from_head describes it, or None if it no longer exists."""
+    try:
+        return object_from_head(bucket, key, s3.head_object(Bucket=bucket, Key=key))
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"reading s3://{bucket}/{key}")
+        raise
+
+
+def recorded_input_etag(s3, bucket, report):
+    """Return the input eTag a report records, "" if it records none, or None if there is no report."""
+    try:
+        head = s3.head_object(Bucket=bucket, Key=report)
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"reading s3://{bucket}/{report}")
+        raise
+    metadata = head.get("Metadata", {})
+    if "input-etag" in metadata:
+        return metadata["input-etag"]
+    # bootstrap.sh writes its error reports without metadata; the body names the eTag.
+    body = s3.get_object(Bucket=bucket, Key=report)["Body"].read()
+    try:
+        return str((json.loads(body).get("input") or {}).get("etag") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def settled_state(etag, report_etag, error_etag):
+    """Return REPORTED or FAILED when an input needs no worker, else None (pure).
+
+    A report counts only for the input's current eTag. An error report is a visible
+    failure (not re-launched) unless it names another eTag; one that names none is
+    taken as current, since re-launching a failure nobody looked at helps no one.
+    """
+    if report_etag is not None and report_etag == etag:
+        return REPORTED
+    if error_etag is not None and error_etag in ("", etag):
+        return FAILED
+    return None
+
+
+def report_etags(s3, bucket, key, present=None):
+    """Return (report eTag, error report eTag) of an input; `present` (listed report keys) saves HEADs."""
+    found = []
+    for suffix in (".json", ".error.json"):
+        target = AwsS3.report_key(key, suffix)
+        found.append(None if present is not None and target not in present
+                     else recorded_input_etag(s3, bucket, target))
+    return tuple(found)
+
+
+def running_tokens(ec2, bucket):
+    """Return {ClientToken: instance id} of the workers pending or running for the bucket's objects."""
+    tokens = {}
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=[
+        {"Name": f"tag:{BUCKET_TAG}", "Values": [bucket]},
+        {"Name": "instance-state-name", "Values": ["pending", "running"]},
+    ]):
+        for reservation in page["Reservations"]:
+            for instance in reservation["Instances"]:
+                tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                if tags.get(TOKEN_TAG):
+                    tokens[tags[TOKEN_TAG]] = instance["InstanceId"]
+    return tokens
+
+
+def is_input(key, skip_substring, key_prefix=""):
+    """True for a key the handler would launch a worker for, under key_prefix (pure)."""
+    return key.startswith(key_prefix) and not (skip_substring and skip_substring in key)
+
+
+def scan_inputs(s3, bucket, skip_substring, tokens, key_prefix=""):
+    """Return one entry per input under key_prefix: key, state and, unless settled, its object and token."""
+    listing = [o for o in list_keys(s3, bucket, prefix=key_prefix)
+               if is_input(o["Key"], skip_substring, key_prefix)]
+    present = {o["Key"] for o in list_keys(s3, bucket, prefix=AwsS3.REPORT_PREFIX)}
+    scanned = []
+    for listed in listing:
+        key, etag = listed["Key"], listed["ETag"].strip('"')
+        state = settled_state(etag, *report_etags(s3, bucket, key, present))
+        entry = {"key": key, "etag": etag, "state": state}
+        if state is None:
+            # HeadObject gives the VersionId the event carried, so the token is the event's.
+            obj = head_input(s3, bucket, key)
+            if obj is None:
+                continue  # deleted since the listing
+            token = lambda_function.client_token(obj)
+            entry.update(obj=obj, token=token, instance_id=tokens.get(token),
+                         state=RUNNING if token in tokens else UNPROCESSED)
+        scanned.append(entry)
+    return scanned
+
+
+def state_counts(scanned):
+    """Count scanned inputs by state (pure)."""
+    counts = {"inputs": len(scanned), "reports": 0, "error_reports": 0, "running": 0,
+              "unprocessed": 0}
+    field = {REPORTED: "reports", FAILED: "error_reports", RUNNING: "running",
+             UNPROCESSED: "unprocessed"}
+    for entry in scanned:
+        counts[field[entry["state"]]] += 1
+    return counts
+
+
+def count_inputs(clients, names):
+    """Return status's counts: inputs, reported, error-reported, running and unprocessed; None without a data bucket."""
+    s3 = clients("s3")
+    if not bucket_exists(s3, names.data_bucket, names.account):
+        return None
+    scanned = scan_inputs(s3, names.data_bucket, lambda_function.DEFAULTS["SKIP_SUBSTRING"],
+                          running_tokens(clients("ec2"), names.data_bucket))
+    return state_counts(scanned)
+
+
+def dead_letter_event(body):
+    """Return the S3 event a dead-letter message carries (Lambda's DLQ body, or a destination's requestPayload)."""
+    try:
+        event = json.loads(body)
+    except ValueError:
+        raise lambda_function.EventError("the message body is not JSON") from None
+    if isinstance(event, dict) and isinstance(event.get("requestPayload"), dict):
+        event = event["requestPayload"]
+    return event
+
+
+def receive_dead_letters(sqs, queue_url):
+    """Yield every message in the queue once, each hidden from others while this run handles it."""
+    seen = set()
+    while True:
+        messages = sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+            VisibilityTimeout=DLQ_VISIBILITY_SECONDS, MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        fresh = [m for m in messages if m["MessageId"] not in seen]
+        if not fresh:
+            return
+        for message in fresh:
+            seen.add(message["MessageId"])
+            yield message
+
+
+def dead_letter_summary(entry):
+    """One line for a person: each record's key and outcome, or why the message was kept (pure)."""
+    records = ", ".join(f"{r['key']}: {r['outcome']}" + (f" {r['detail']}" if r["detail"] else "")
+                        for r in entry["records"])
+    return "; ".join(part for part in (records, entry.get("reason", "")) if part) or "no records"
+
+
+class Reconciler:
+    """One reconcile run: what it knows of running workers, what it launched, what it found."""
+
+    def __init__(self, clients, names, settings, key_prefix, dry_run, progress):
+        self.s3, self.ec2, self.sqs = clients("s3"), clients("ec2"), clients("sqs")
+        self.names, self.settings = names, settings
+        self.key_prefix, self.dry_run, self.progress = key_prefix, dry_run, progress
+        self.tokens = running_tokens(self.ec2, names.data_bucket)
+        self.result = {"dry_run": dry_run, "key_prefix": key_prefix, "unprocessed": [],
+                       "launched": [], "failed": [], "replayed": [], "dlq_failed": [],
+                       "dlq_kept": []}
+
+    def launch(self, obj):
+        """Launch one object's worker through the handler's path; return (instance id, None) or (None, error)."""
+        token = lambda_function.client_token(obj)
+        if token in self.tokens:
+            return self.tokens[token], None
+        try:
+            # local_dir "": render and route with what deploy published, like the function.
+            instance_id = lambda_function.launch_object(obj, self.settings, ec2=self.ec2,
+                                                        s3=self.s3, local_dir="")
+        except lambda_function.LAUNCH_ERRORS as err:
+            code, message = lambda_function.describe_failure(err)
+            logger.error("launch for s3://%s/%s failed: %s %s", obj["bucket"], obj["key"], code,
+                         message)
+            return None, f"{code}: {message}"
+        self.tokens[token] = instance_id
+        return instance_id, None
+
+    def replay_record(self, obj):
+        """Return (outcome, instance id or error) for one dead-lettered record."""
+        if not obj["key"].startswith(self.key_prefix):
+            return "outside --key-prefix", None
+        token = lambda_function.client_token(obj)
+        if token in self.tokens:
+            return "worker running", self.tokens[token]
+        current = head_input(self.s3, obj["bucket"], obj["key"])
+        if current is None:
+            return "object deleted", None
+        if current["etag"] != obj["etag"] or (obj["version_id"] and
+                                              obj["version_id"] != current["version_id"]):
+            # The current version is the scan's to launch; this event's is gone.
+            return "superseded by a newer version", None
+        state = settled_state(obj["etag"], *report_etags(self.s3, obj["bucket"], obj["key"]))
+        if state:
+            return state, None
+        if self.dry_run:
+            return "would launch", None
+        instance_id, error = self.launch(obj)
+        if not instance_id:
+            return "failed", error
+        self.result["launched"].append({"key": obj["key"], "instance_id": instance_id,
+                                        "source": "dead-letter queue"})
+        return "launched", instance_id
+
+    def replay_message(self, message):
+        """Replay one dead-letter message's records; delete it only when none of them failed."""
+        entry = {"message_id": message["MessageId"], "records": []}
+        try:
+            objects, skipped = lambda_function.parse_records(dead_letter_event(message["Body"]))
+        except lambda_function.EventError as err:
+            entry["reason"] = f"not an S3 event: {err}"
+            self.result["dlq_failed"].append(entry)
+            self.progress.record("kept", "dead letter", message["MessageId"], entry["reason"])
+            return False
+        for obj in objects:
+            reason = lambda_function.should_process(obj, self.settings["SKIP_SUBSTRING"])
+            outcome, detail = (reason, None) if reason else self.replay_record(obj)
+            entry["records"].append({"key": obj["key"], "outcome": outcome,
+                                     "detail": detail})
+        outcomes = {r["outcome"] for r in entry["records"]}
+        if "failed" in outcomes:
+            entry["reason"] = "a launch failed"
+            self.result["dlq_failed"].append(entry)
+        elif self.dry_run or "outside --key-prefix" in outcomes:
+            entry["reason"] = "dry run" if self.dry_run else "outside --key-prefix"
+            self.result["dlq_kept"].append(entry)
+        else:
+            # Only now: every record launched (or needs no launch), so nothing is lost.
+            self.sqs.delete_message(QueueUrl=self.queue_url,
+                                    ReceiptHandle=message["ReceiptHandle"])
+            self.result["replayed"].append(entry)
+        replayed = "reason" not in entry
+        self.progress.record("replayed" if replayed else "kept", "dead letter",
+                             message["MessageId"], dead_letter_summary(entry))
+        return replayed
+
+    def replay_dead_letters(self):
+        """Replay the dead-letter queue; messages kept become visible again at the end."""
+        found = find_queue(self.sqs, self.names.dlq_name)
+        if found is None:
+            self.progress.record(GONE, "dead-letter queue", self.names.dlq_name)
+            return
+        self.queue_url = found[0]
+        kept = [message for message in receive_dead_letters(self.sqs, self.queue_url)
+                if not self.replay_message(message)]
+        for message in kept:
+            # Visible again at once, for the next reconcile or a person to inspect.
+            self.sqs.change_message_visibility(QueueUrl=self.queue_url,
+                                               ReceiptHandle=message["ReceiptHandle"],
+                                               VisibilityTimeout=0)
+
+    def launch_unprocessed(self):
+        """Scan the data bucket and launch every unprocessed input."""
+        scanned = scan_inputs(self.s3, self.names.data_bucket, self.settings["SKIP_SUBSTRING"],
+                              self.tokens, self.key_prefix)
+        self.result["counts"] = state_counts(scanned)
+        for entry in scanned:
+            if entry["state"] != UNPROCESSED:
+                continue
+            self.result["unprocessed"].append(entry["key"])
+            if self.dry_run:
+                self.progress.record("would launch", "unprocessed input", entry["key"])
+                continue
+            instance_id, error = self.launch(entry["obj"])
+            if instance_id:
+                self.result["launched"].append({"key": entry["key"], "instance_id": instance_id,
+                                                "source": "scan"})
+                self.progress.record("launched", "unprocessed input", entry["key"], instance_id)
+            else:
+                self.result["failed"].append({"key": entry["key"], "error": error})
+                self.progress.record("failed", "unprocessed input", entry["key"], error)
+
+
+def reconcile(clients, names, key_prefix="", dry_run=False, progress=None):
+    """Replay the dead-letter queue, then launch a worker for every input with no report,
+    error report or running worker; return what was found and done."""
+    progress = progress or Progress()
+    settings = deployed_settings(clients("lambda"), names)
+    run = Reconciler(clients, names, settings, key_prefix, dry_run, progress)
+    # Dead letters first: their events' own tokens, so the scan then sees those workers running.
+    run.replay_dead_letters()
+    run.launch_unprocessed()
+    return run.result
+
+
 # --- the commands --------------------------------------------------------------------
 
 
+def plan_templates(ec2, types):
+    """Return {launch template: (instance type, architecture)}, checking every type before anything is made."""
+    architectures = {kind: instance_architecture(ec2, kind) for kind in sorted(set(types.values()))}
+    return {name: (kind, architectures[kind]) for name, kind in types.items()}
+
+
+def ensure_launch_templates(ec2, ssm, names, plan, progress):
+    """Create or update each planned launch template; return ({name: id}, {architecture: image id})."""
+    images, ids = {}, {}
+    for architecture in sorted({arch for _, arch in plan.values()}):
+        image_id, source = latest_worker_ami(ssm, ec2, architecture)
+        logger.info("worker image %s (%s) from %s", image_id, architecture, source)
+        images[architecture] = (image_id, root_device(ec2, image_id))
+    for name, (kind, architecture) in plan.items():
+        image_id, (device, size) = images[architecture]
+        data = worker_launch_template_data(image_id, kind, names.worker_instance_profile,
+                                           device, size, names.prefix)
+        ids[name] = ensure_launch_template(ec2, names, data, progress, name)
+    return ids, {arch: image_id for arch, (image_id, _) in images.items()}
+
+
 def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=False,
-           progress=None, environ=None, published_files=PUBLISHED_FILES):
+           progress=None, environ=None, published_files=PUBLISHED_FILES, routes_file=ROUTES_FILE):
     """Create or update every part of the pipeline; return what was deployed (names and ARNs)."""
     progress = progress or Progress()
+    # A bad routing table fails here, before anything is made, not later in the handler.
+    _, types = check_routing_table(routes_file, names.launch_template, instance_type)
+    sources = software_sources(routes_file)
     s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
     lam, sqs, logs, ssm = clients("lambda"), clients("sqs"), clients("logs"), clients("ssm")
+    plan = plan_templates(ec2, types)
 
     ensure_bucket(s3, names.data_bucket, names, PRIVATE_BLOCK, progress, "data bucket")
     ensure_bucket(s3, names.software_bucket, names,
                   PUBLIC_SOFTWARE_BLOCK if public_software else PRIVATE_BLOCK, progress,
                   "software bucket")
-    publish_software(s3, names.software_bucket, published_files, progress)
+    publish_software(s3, names.software_bucket, published_files, progress, sources=sources)
     remove_unpublished(s3, names.software_bucket, published_files, progress)
     ensure_software_access(s3, names, public_software, published_files, progress)
 
@@ -1284,29 +1731,27 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
                 progress, "worker role")
     ensure_instance_profile(iam, names, progress)
 
-    architecture = instance_architecture(ec2, instance_type)
-    image_id, source = latest_worker_ami(ssm, ec2, architecture)
-    logger.info("worker image %s from %s", image_id, source)
-    device, size = root_device(ec2, image_id)
-    data = worker_launch_template_data(image_id, instance_type, names.worker_instance_profile,
-                                       device, size, names.prefix)
-    template_id = ensure_launch_template(ec2, names, data, progress)
+    template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress)
 
-    # The launcher's policy names the template's id, so it follows the template.
-    values = policy_values(names, [template_id], published_files)
+    # The launcher's policy names the templates' ids, so it follows the templates: exactly
+    # the worker template and those the routing table names.
+    values = policy_values(names, list(template_ids.values()), published_files)
     ensure_role(iam, names.lambda_role, render_policy("lambda-trust", values),
                 names.lambda_policy_name, render_policy("lambda-policy", values), names,
                 progress, "launcher role")
+    remove_unrouted_templates(ec2, names, template_ids, progress)
 
-    function_arn = ensure_function(lam, names, build_function_zip(), progress, environ)
+    function_arn = ensure_function(lam, names, build_function_zip(sources=sources), progress,
+                                   environ)
     ensure_event_invoke_config(lam, names, progress)
     ensure_s3_invoke_permission(lam, names, progress)
     ensure_data_notification(s3, names, function_arn, progress)
     return {
         "function_arn": function_arn,
-        "launch_template_id": template_id,
+        "launch_template_id": template_ids[names.launch_template],
+        "launch_templates": template_ids,
         "dlq_url": dlq_url,
-        "image_id": image_id,
+        "image_id": images[plan[names.launch_template][1]],
     }
 
 
@@ -1319,8 +1764,11 @@ def teardown(clients, names, delete_data=False, progress=None, wait=True):
     # Stop new launches first, then end the workers already running.
     remove_data_notification(s3, names, progress)
     delete_function(lam, names, progress)
-    terminate_workers(ec2, names, progress, wait=wait)
-    delete_launch_template(ec2, names, progress)
+    # By tag, not by the routing table: a template a table named once is found too.
+    templates = stack_launch_templates(ec2, names)
+    terminate_workers(ec2, names, progress, wait=wait, templates=templates)
+    for name in templates:
+        delete_launch_template(ec2, names, progress, name)
     delete_role(iam, names.lambda_role, progress, "launcher role")
     delete_instance_profile(iam, names, progress)
     delete_role(iam, names.worker_role, progress, "worker role")
@@ -1371,7 +1819,36 @@ def recent_reports(s3, bucket, limit=10, scan_limit=10000):
     return reports, errors, len(objects)
 
 
-def find_drift(clients, names, template, instance_type=None):
+def routed_templates(ec2, names, instance_type=None, routes_file=ROUTES_FILE):
+    """Return ({launch template: its template or None}, {name: wanted instance type}, problem or None)
+    for the worker template and those the routing table names."""
+    default = read_launch_template(ec2, names.launch_template)
+    default_type = (instance_type or (default or {}).get("data", {}).get("InstanceType")
+                    or DEFAULT_INSTANCE_TYPE)
+    try:
+        _, types = check_routing_table(routes_file, names.launch_template, default_type)
+        problem = None
+    except DeployError as err:
+        types, problem = {names.launch_template: default_type}, str(err)
+    templates = {name: default if name == names.launch_template
+                 else read_launch_template(ec2, name) for name in types}
+    return templates, types, problem
+
+
+def template_drift(ec2, ssm, names, name, template, instance_type):
+    """Return the problems of one launch template against what deploy would make of it."""
+    if template is None:
+        return ["missing"]
+    image_id, _ = latest_worker_ami(ssm, ec2, instance_architecture(ec2, instance_type))
+    device, size = root_device(ec2, image_id)
+    wanted = worker_launch_template_data(image_id, instance_type, names.worker_instance_profile,
+                                         device, size, names.prefix)
+    return [f"changed: {problem}" + (" (a newer Amazon Linux 2023 image is out)"
+                                     if problem == "ImageId" else "")
+            for problem in mismatches(wanted, template["data"])]
+
+
+def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
     """Return each missing or changed resource as {"resource", "name", "problem"}."""
     s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
     lam, sqs, logs, ssm = clients("lambda"), clients("sqs"), clients("logs"), clients("ssm")
@@ -1391,13 +1868,14 @@ def find_drift(clients, names, template, instance_type=None):
                  and settings["block"] == PUBLIC_SOFTWARE_BLOCK else PRIVATE_BLOCK)
         for problem in bucket_setting_differences(settings, block):
             note(what, bucket, f"changed: {problem}")
+    sources = software_sources(routes_file)
     if not any(d["name"] == names.software_bucket for d in drift):
         present = {o["Key"] for o in list_keys(s3, names.software_bucket)}
         for key in PUBLISHED_FILES:
             digest = published_digest(s3, names.software_bucket, key)
             if digest is None:
                 note("software file", key, "missing")
-            elif digest != file_sha256(REPO / key):
+            elif digest != file_sha256(sources[key]):
                 note("software file", key, "changed: differs from this checkout")
         for key in sorted(present - set(PUBLISHED_FILES)):
             note("software file", key, "not on the published allowlist")
@@ -1412,7 +1890,10 @@ def find_drift(clients, names, template, instance_type=None):
     if find_log_group(logs, names.log_group) is None:
         note("log group", names.log_group, "missing")
 
-    values = policy_values(names, [template["id"]] if template else [])
+    routed, types, routes_problem = routed_templates(ec2, names, instance_type, routes_file)
+    if routes_problem:
+        note("routing table", str(routes_file), f"invalid: {routes_problem}")
+    values = policy_values(names, [t["id"] for t in routed.values() if t])
     for what, role, trust, policy_name, policy in (
         ("worker role", names.worker_role, "worker-trust", names.worker_policy_name,
          "worker-policy"),
@@ -1429,27 +1910,19 @@ def find_drift(clients, names, template, instance_type=None):
         note("worker instance profile", names.worker_instance_profile,
              "changed: does not hold exactly the worker role")
 
-    if template is None:
-        note("launch template", names.launch_template, "missing")
-    else:
-        actual = template["data"]
-        image_id, _ = latest_worker_ami(
-            ssm, ec2, instance_architecture(ec2, instance_type or actual.get("InstanceType")
-                                            or DEFAULT_INSTANCE_TYPE))
-        device, size = root_device(ec2, image_id)
-        wanted = worker_launch_template_data(
-            image_id, instance_type or actual.get("InstanceType") or DEFAULT_INSTANCE_TYPE,
-            names.worker_instance_profile, device, size, names.prefix)
-        for problem in mismatches(wanted, actual):
-            hint = " (a newer Amazon Linux 2023 image is out)" if problem == "ImageId" else ""
-            note("launch template", names.launch_template, f"changed: {problem}{hint}")
+    for name, template in routed.items():
+        for problem in template_drift(ec2, ssm, names, name, template, types[name]):
+            note("launch template", name, problem)
+    for name in stack_launch_templates(ec2, names):
+        if name not in routed and read_launch_template(ec2, name):
+            note("launch template", name, "not named by the routing table")
 
     config = read_function(lam, names.function_name)
     if config is None:
         note("function", names.function_name, "missing")
     else:
         for problem in function_differences(function_configuration(names), config,
-                                            code_sha256(build_function_zip())):
+                                            code_sha256(build_function_zip(sources=sources))):
             note("function", names.function_name, f"changed: {problem}")
         if not permission_matches(s3_permission_statement(lam, names), names):
             note("S3 invoke permission", names.function_name, "missing or changed")
@@ -1459,15 +1932,17 @@ def find_drift(clients, names, template, instance_type=None):
     return drift
 
 
-def collect_status(clients, names, now=None, instance_type=None):
+def collect_status(clients, names, now=None, instance_type=None, routes_file=ROUTES_FILE):
     """Return the deployment's status as one JSON-ready dict (see `status --json`)."""
     now = now or datetime.now(timezone.utc)
     s3, ec2, lam, sqs = clients("s3"), clients("ec2"), clients("lambda"), clients("sqs")
-    template = read_launch_template(ec2, names.launch_template)
+    templates, _, _ = routed_templates(ec2, names, instance_type, routes_file)
+    template = templates[names.launch_template]
     config = read_function(lam, names.function_name)
     queue = find_queue(sqs, names.dlq_name)
+    all_templates = sorted(set(templates) | set(stack_launch_templates(ec2, names)))
     workers = []
-    for worker in find_workers(ec2, names.launch_template):
+    for worker in find_workers(ec2, all_templates):
         worker["age_seconds"] = int((now - worker["launch_time"]).total_seconds())
         worker["launch_time"] = _iso(worker["launch_time"])
         workers.append(worker)
@@ -1490,6 +1965,8 @@ def collect_status(clients, names, now=None, instance_type=None):
         "launch_template": names.launch_template,
         "launch_template_id": template["id"] if template else None,
         "launch_template_version": template["default_version"] if template else None,
+        "launch_templates": template_summaries(templates, load_routes_or_none(routes_file),
+                                               names.launch_template),
         "worker_role": names.worker_role,
         "worker_instance_profile": names.worker_instance_profile,
         "lambda_role": names.lambda_role,
@@ -1503,8 +1980,28 @@ def collect_status(clients, names, now=None, instance_type=None):
         "reports": reports,
         "error_reports": errors,
         "analysis_objects_listed": listed,
-        "drift": find_drift(clients, names, template, instance_type),
+        "counts": count_inputs(clients, names),
+        "drift": find_drift(clients, names, instance_type, routes_file),
     }
+
+
+def load_routes_or_none(routes_file):
+    """Return the routing table's routes, or [] when it is invalid (status reports that as drift)."""
+    try:
+        return load_routes_file(routes_file)
+    except DeployError:
+        return []
+
+
+def template_summaries(templates, routes, default_template):
+    """Return one status entry per launch template: id, default version, instance type, routes (pure)."""
+    serving = routes_by_template(routes, default_template)
+    return [{"name": name,
+             "id": template["id"] if template else None,
+             "version": template["default_version"] if template else None,
+             "instance_type": template["data"].get("InstanceType") if template else None,
+             "routes": serving.get(name, [])}
+            for name, template in templates.items()]
 
 
 def _age(seconds):
@@ -1530,6 +2027,15 @@ def print_status(status, stream=None):
     if status["public_software"]:
         say("  software bucket is PUBLIC: anyone may read the published files")
     say(f"  dead letters       {status['dlq_depth'] if status['dlq_depth'] is not None else '-'}")
+    for template in status["launch_templates"]:
+        say(f"  launch template    {template['name']}: {template['instance_type'] or 'MISSING'}"
+            f" (routes: {', '.join(template['routes']) or '-'})")
+    counts = status["counts"]
+    if counts is not None:
+        say(f"inputs: {counts['inputs']}  reported: {counts['reports']}  error-reported: "
+            f"{counts['error_reports']}  running: {counts['running']}  unprocessed: "
+            f"{counts['unprocessed']}" + ("  (./deploy.sh reconcile launches them)"
+                                          if counts["unprocessed"] else ""))
     say(f"running workers: {len(status['workers'])}")
     for worker in status["workers"]:
         say(f"  {worker['instance_id']}  {worker['state']:<8} {_age(worker['age_seconds']):>7}  "
@@ -1559,11 +2065,14 @@ def confirm(question, stdin=None, stream=None):
 
 def run_deploy(args, clients):
     """`deploy`: create or update everything."""
+    # Before any AWS call: a bad routing table is the operator's to fix now, not the handler's later.
+    check_routing_table(args.routes, default_launch_template(args.prefix), args.instance_type)
     names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     print(f"awsfun deploy: prefix {names.prefix}, account {names.account}, "
           f"region {names.region}")
     progress = Progress()
-    result = deploy(clients, names, args.instance_type, args.public_software, progress)
+    result = deploy(clients, names, args.instance_type, args.public_software, progress,
+                    routes_file=args.routes)
     if progress.changed():
         print(f"Deployed: {progress.count(CREATED)} created, {progress.count(UPDATED)} updated, "
               f"{progress.count(DELETED)} removed, {progress.count(IN_PLACE)} already in place.")
@@ -1578,12 +2087,47 @@ def run_status(args, clients):
     """`status`: what is deployed, running and reported, and any drift."""
     names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
-    status = collect_status(clients, names, instance_type=args.instance_type)
+    status = collect_status(clients, names, instance_type=args.instance_type,
+                            routes_file=args.routes)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         print_status(status)
     return 0
+
+
+def run_reconcile(args, clients):
+    """`reconcile`: replay dead letters and launch every input nothing has processed."""
+    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    if not args.json:
+        print(f"awsfun reconcile: s3://{names.data_bucket}/{args.key_prefix}"
+              + (" (dry run: nothing is launched or deleted)" if args.dry_run else ""))
+    result = reconcile(clients, names, args.key_prefix, args.dry_run,
+                       Progress(echo=not args.json))
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(reconcile_summary(result))
+    launch_failed = result["failed"] or any(
+        entry.get("reason") == "a launch failed" for entry in result["dlq_failed"])
+    return 1 if launch_failed else 0
+
+
+def reconcile_summary(result):
+    """The closing lines of `reconcile` for a person (pure)."""
+    counts = result["counts"]
+    lines = [f"Inputs: {counts['inputs']}: {counts['reports']} reported, "
+             f"{counts['error_reports']} error-reported, {counts['running']} with a running "
+             f"worker, {counts['unprocessed']} unprocessed."]
+    if result["dry_run"]:
+        lines.append(f"Dry run: would launch {len(result['unprocessed'])}; "
+                     f"{len(result['dlq_kept'])} dead letters looked at, none deleted.")
+    else:
+        lines.append(f"Launched {len(result['launched'])}, failed {len(result['failed'])}; "
+                     f"dead letters replayed {len(result['replayed'])}, kept "
+                     f"{len(result['dlq_failed']) + len(result['dlq_kept'])}.")
+    return "\n".join(lines)
 
 
 def run_teardown(args, clients):
@@ -1603,7 +2147,7 @@ def run_teardown(args, clients):
     return 0
 
 
-# Subcommands by name; a later `reconcile` registers itself here with add_command.
+# Subcommands by name, registered with add_command.
 COMMANDS = {}
 
 
@@ -1625,9 +2169,16 @@ def _common_options():
     return common
 
 
+def _routes_option(parser):
+    parser.add_argument("--routes", default=str(ROUTES_FILE), metavar="FILE",
+                        help="routing table to validate, publish and make launch templates for "
+                             "(default: routes.json beside deploy.py)")
+
+
 def _deploy_options(parser):
     parser.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
                         help="worker instance type (default: %(default)s)")
+    _routes_option(parser)
     parser.add_argument("--public-software", action="store_true",
                         help="let anyone read the published files (relaxes Block Public Access "
                              "on the software bucket only); private by default")
@@ -1637,6 +2188,15 @@ def _status_options(parser):
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--instance-type", default=None,
                         help="report drift against this instance type (default: the deployed one)")
+    _routes_option(parser)
+
+
+def _reconcile_options(parser):
+    parser.add_argument("--key-prefix", default="", metavar="K",
+                        help="only inputs (and dead letters) whose keys start with K")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only print what would be launched and replayed")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _teardown_options(parser):
@@ -1649,12 +2209,16 @@ add_command("deploy", run_deploy, "create or update everything (the default; saf
             _deploy_options)
 add_command("status", run_status, "show names, running workers, reports, dead letters, drift",
             _status_options)
+add_command("reconcile", run_reconcile,
+            "launch every input with no report, error report or running worker; replay the "
+            "dead-letter queue", _reconcile_options)
 add_command("teardown", run_teardown, "remove what deploy created (asks first)",
             _teardown_options)
 
 
 # Options that take a value, so a value that happens to be a command name stays a value.
-VALUE_OPTIONS = ("--prefix", "--data-bucket", "--software-bucket", "--instance-type")
+VALUE_OPTIONS = ("--prefix", "--data-bucket", "--software-bucket", "--instance-type",
+                 "--routes", "--key-prefix")
 
 
 def command_first(argv):

@@ -18,7 +18,7 @@ from urllib.parse import unquote_plus
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 logger = logging.getLogger()
 logger.setLevel(os.environ.get("LOG_LEVEL", "INFO"))
@@ -66,6 +66,11 @@ class LaunchFailed(RuntimeError):
 
 class RoutesError(ValueError):
     """The routing table (routes.json) is invalid."""
+
+
+# What one record's launch may fail with and still leave the other records to launch:
+# AWS refusals, network trouble after botocore's retries, and oversized user-data.
+LAUNCH_ERRORS = (ClientError, BotoCoreError, UserDataTooLarge)
 
 
 def load_settings(environ=None):
@@ -228,13 +233,16 @@ def render_user_data(template, obj, settings):
 
 
 def read_software_file(key, settings, s3=None, local_dir=None, missing_ok=False):
-    """Return a published file: packaged beside the handler if present, else from S3, cached."""
+    """Return a published file: packaged in local_dir (default: beside the handler) if there, else from S3, cached.
+
+    An empty local_dir ("") reads only the published copy in the software bucket.
+    """
     local_dir = os.path.dirname(os.path.abspath(__file__)) if local_dir is None else local_dir
     cache_key = (local_dir, settings["SOFTWARE_BUCKET"], key)
     if cache_key in _template_cache:
         return _template_cache[cache_key]
-    local_path = os.path.join(local_dir, key)
-    if os.path.isfile(local_path):
+    local_path = os.path.join(local_dir, key) if local_dir else ""
+    if local_path and os.path.isfile(local_path):
         with open(local_path, encoding="utf-8") as handle:
             text = handle.read()
     else:
@@ -381,6 +389,44 @@ def check_launch_permission(ec2, obj, user_data, settings):
     return entry
 
 
+def prepare_launch(obj, settings, s3=None, local_dir=None):
+    """Return (launch settings, user-data) for one object: its route applied, the template rendered."""
+    template = load_bootstrap_template(settings, s3, local_dir)
+    launch = apply_route(settings, choose_route(obj["key"], load_routes(settings, s3, local_dir)))
+    return launch, render_user_data(template, obj, launch)
+
+
+def launch_object(obj, settings, ec2=None, s3=None, local_dir=None):
+    """Route, render and launch one object's worker (the handler's and reconcile's one path); return the instance id."""
+    launch, user_data = prepare_launch(obj, settings, s3, local_dir)
+    instance_id = launch_worker(ec2 or get_client("ec2"), obj, user_data, launch)
+    logger.info("launched %s for s3://%s/%s (route %s, template %s)", instance_id,
+                obj["bucket"], obj["key"], launch["ROUTE"], launch["LAUNCH_TEMPLATE"])
+    return instance_id
+
+
+def check_object_permission(obj, settings, ec2=None, s3=None, local_dir=None):
+    """DRY_RUN: ask EC2 whether this object's worker could be launched; return a result entry."""
+    launch, user_data = prepare_launch(obj, settings, s3, local_dir)
+    entry = check_launch_permission(ec2 or get_client("ec2"), obj, user_data, launch)
+    logger.info("dry run for s3://%s/%s: %s %s", obj["bucket"], obj["key"],
+                entry["code"] or "allowed", entry["message"])
+    return entry
+
+
+def route_name(obj, settings, s3=None, local_dir=None):
+    """Return the name of the route an object takes ("default" when no route matches)."""
+    route = choose_route(obj["key"], load_routes(settings, s3, local_dir))
+    return route["name"] if route else "default"
+
+
+def describe_failure(err):
+    """Return (code, message) of a failed launch, whatever kind of error it was."""
+    if isinstance(err, ClientError):
+        return err.response["Error"]["Code"], err.response["Error"]["Message"]
+    return type(err).__name__, str(err)
+
+
 def lambda_handler(event, context):
     """Launch one worker per new object in the event; raise if any launch failed."""
     settings = load_settings()
@@ -396,29 +442,20 @@ def lambda_handler(event, context):
             result["skipped"].append({"bucket": obj["bucket"], "key": obj["key"], "reason": reason})
             continue
         try:
-            template = load_bootstrap_template(settings)
-            launch = apply_route(settings, choose_route(obj["key"], load_routes(settings)))
-            user_data = render_user_data(template, obj, launch)
             if settings["DRY_RUN"]:
-                entry = check_launch_permission(get_client("ec2"), obj, user_data, launch)
-                logger.info("dry run for s3://%s/%s: %s %s", obj["bucket"], obj["key"],
-                            entry["code"] or "allowed", entry["message"])
-                result.setdefault("dry_run", []).append(entry)
+                result.setdefault("dry_run", []).append(check_object_permission(obj, settings))
                 continue
-            instance_id = launch_worker(get_client("ec2"), obj, user_data, launch)
-        except ClientError as err:
-            code, message = err.response["Error"]["Code"], err.response["Error"]["Message"]
+            instance_id = launch_object(obj, settings)
+        except LAUNCH_ERRORS as err:
+            # One record's failure must not cost the others their launch: note it, go on.
+            code, message = describe_failure(err)
             logger.error("failed s3://%s/%s: %s %s", obj["bucket"], obj["key"], code, message)
-            failures.append(f"{obj['key']!r}: {code}")
+            # An AWS code says it all; other errors need their message (e.g. the size).
+            failures.append(f"{obj['key']!r}: {code}" if isinstance(err, ClientError)
+                            else f"{obj['key']!r}: {code}: {message}")
             continue
-        except UserDataTooLarge as err:
-            logger.error("failed s3://%s/%s: %s", obj["bucket"], obj["key"], err)
-            failures.append(f"{obj['key']!r}: {err}")
-            continue
-        logger.info("launched %s for s3://%s/%s (route %s, template %s)", instance_id,
-                    obj["bucket"], obj["key"], launch["ROUTE"], launch["LAUNCH_TEMPLATE"])
         result["launched"].append({"bucket": obj["bucket"], "key": obj["key"],
-                                   "instance_id": instance_id, "route": launch["ROUTE"]})
+                                   "instance_id": instance_id, "route": route_name(obj, settings)})
     if failures:
         # Raising (not returning) lets Lambda's retries and on-failure destination act;
         # the retry re-uses the ClientTokens, so records that did launch do not launch twice.
