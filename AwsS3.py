@@ -354,7 +354,6 @@ class BinaryAnalyzer:
 
 
 GC_TABLE = byte_table(set(b"GCgc"))  # as seqkit: S (G or C) is not counted
-N_TABLE = byte_table(set(b"Nn"))
 Q20_TABLE = byte_table(set(range(33 + 20, 256)))
 Q30_TABLE = byte_table(set(range(33 + 30, 256)))
 
@@ -379,11 +378,25 @@ class FastqAnalyzer(LineAnalyzer):
         self.lengths_exact = True
         self.problems = FirstProblem()
 
+    def feed(self, block):
+        """Feed a block of content: split once, keep the unterminated last line for the next block."""
+        data = self._partial + block if self._partial else block
+        if self.crlf:
+            data = data.replace(b"\r\n", b"\n")
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        self._feed_line_list(lines)
+        if len(self._partial) > MAX_LINE_BYTES:
+            self._overlong_line()
+
     def feed_lines(self, data):
         if self.crlf:
             data = data.replace(b"\r\n", b"\n")
         lines = data.split(b"\n")
         lines.pop()
+        self._feed_line_list(lines)
+
+    def _feed_line_list(self, lines):
         self.newlines += len(lines)
         first_line = self.lines_before + 1
         if self.carry:
@@ -429,7 +442,7 @@ class FastqAnalyzer(LineAnalyzer):
         sequence, quality = b"".join(seqs), b"".join(quals)
         self.bases += len(sequence)
         self.gc += count_members(sequence, GC_TABLE)
-        self.n += count_members(sequence, N_TABLE)
+        self.n += sequence.count(b"N") + sequence.count(b"n")  # rare bytes: count is memchr-fast
         self.quality_sum += byte_sum(quality)
         self.q20 += count_members(quality, Q20_TABLE)
         self.q30 += count_members(quality, Q30_TABLE)
