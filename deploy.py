@@ -1385,7 +1385,7 @@ def deployed_settings(lam, names):
 
 
 def object_from_head(bucket, key, head):
-    """Describe an object as parse_record does, from HeadObject, so the ClientToken matches its event's (pure)."""
+    """Describe an object as parse_record does, from HeadObject, so its ClientToken is its event's (pure)."""
     return {"bucket": bucket, "key": key, "event_name": "ObjectCreated:Put",
             "etag": head["ETag"].strip('"'), "version_id": head.get("VersionId") or "",
             "sequencer": "", "size": head.get("ContentLength")}
@@ -1461,6 +1461,20 @@ def running_tokens(ec2, bucket):
     return tokens
 
 
+def instance_state(ec2, instance_id):
+    """Return an instance's state name; one EC2 does not show yet counts as pending."""
+    try:
+        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    except ClientError as err:
+        if error_code(err) == "InvalidInstanceID.NotFound":
+            # Just launched and not yet visible (eventual consistency) counts as pending.
+            return "pending"
+        log_client_error(err, f"describing {instance_id}")
+        raise
+    instances = [i for r in reservations for i in r["Instances"]]
+    return instances[0]["State"]["Name"] if instances else "pending"
+
+
 def is_input(key, skip_substring, key_prefix=""):
     """True for a key the handler would launch a worker for, under key_prefix (pure)."""
     return key.startswith(key_prefix) and not (skip_substring and skip_substring in key)
@@ -1500,7 +1514,7 @@ def state_counts(scanned):
 
 
 def count_inputs(clients, names):
-    """Return status's counts: inputs, reported, error-reported, running and unprocessed; None without a data bucket."""
+    """Return status's counts of inputs by state (see state_counts); None without a data bucket."""
     s3 = clients("s3")
     if not bucket_exists(s3, names.data_bucket, names.account):
         return None
@@ -1510,7 +1524,7 @@ def count_inputs(clients, names):
 
 
 def dead_letter_event(body):
-    """Return the S3 event a dead-letter message carries (Lambda's DLQ body, or a destination's requestPayload)."""
+    """Return the S3 event in a dead-letter message (the body, or a destination's requestPayload)."""
     try:
         event = json.loads(body)
     except ValueError:
@@ -1551,6 +1565,7 @@ class Reconciler:
         self.names, self.settings = names, settings
         self.key_prefix, self.dry_run, self.progress = key_prefix, dry_run, progress
         self.tokens = running_tokens(self.ec2, names.data_bucket)
+        self.refused = {}  # token -> error: a launch that failed is not tried twice in one run
         self.result = {"dry_run": dry_run, "key_prefix": key_prefix, "unprocessed": [],
                        "launched": [], "failed": [], "replayed": [], "dlq_failed": [],
                        "dlq_kept": []}
@@ -1560,6 +1575,8 @@ class Reconciler:
         token = lambda_function.client_token(obj)
         if token in self.tokens:
             return self.tokens[token], None
+        if token in self.refused:
+            return None, self.refused[token]
         try:
             # local_dir "": render and route with what deploy published, like the function.
             instance_id = lambda_function.launch_object(obj, self.settings, ec2=self.ec2,
@@ -1568,7 +1585,16 @@ class Reconciler:
             code, message = lambda_function.describe_failure(err)
             logger.error("launch for s3://%s/%s failed: %s %s", obj["bucket"], obj["key"], code,
                          message)
-            return None, f"{code}: {message}"
+            self.refused[token] = f"{code}: {message}"
+            return None, self.refused[token]
+        state = instance_state(self.ec2, instance_id)
+        if state not in ("pending", "running"):
+            # EC2 answered the token with the worker that already ran and ended without a
+            # report; a launch under the same token cannot start another one.
+            self.refused[token] = (f"ClientToken already used by {instance_id} ({state}), which "
+                                   "ended without a report: see its console output")
+            logger.error("s3://%s/%s: %s", obj["bucket"], obj["key"], self.refused[token])
+            return None, self.refused[token]
         self.tokens[token] = instance_id
         return instance_id, None
 
@@ -1637,6 +1663,10 @@ class Reconciler:
             self.progress.record(GONE, "dead-letter queue", self.names.dlq_name)
             return
         self.queue_url = found[0]
+        if not int(found[1].get("ApproximateNumberOfMessages", 0)):
+            # Saves a long poll on an empty queue; a letter that lands meanwhile waits for the next run.
+            self.progress.record(IN_PLACE, "dead-letter queue", self.names.dlq_name, "empty")
+            return
         kept = [message for message in receive_dead_letters(self.sqs, self.queue_url)
                 if not self.replay_message(message)]
         for message in kept:

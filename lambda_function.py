@@ -397,7 +397,7 @@ def prepare_launch(obj, settings, s3=None, local_dir=None):
 
 
 def launch_object(obj, settings, ec2=None, s3=None, local_dir=None):
-    """Route, render and launch one object's worker (the handler's and reconcile's one path); return the instance id."""
+    """Route, render and launch one object's worker; return the instance id (handler and reconcile)."""
     launch, user_data = prepare_launch(obj, settings, s3, local_dir)
     instance_id = launch_worker(ec2 or get_client("ec2"), obj, user_data, launch)
     logger.info("launched %s for s3://%s/%s (route %s, template %s)", instance_id,

@@ -627,6 +627,76 @@ def test_failed_launches_raise_after_the_other_records_launch(clients, caplog):
     assert [e["key"] for e in result["launched"]] == keys
 
 
+def test_ten_records_three_refused_seven_launch_and_the_retry_reuses_every_token(clients, caplog):
+    caplog.set_level(logging.INFO)
+    keys = [f"batch/{i}.csv" for i in range(10)]
+    refused = {2: ("InsufficientInstanceCapacity", 500), 5: ("UnauthorizedOperation", 403),
+               9: ("VcpuLimitExceeded", 400)}
+    stub = clients.ec2_stub
+    for i in range(10):
+        if i in refused:
+            code, status = refused[i]
+            stub.add_client_error("run_instances", code, f"{code} for record {i}", status)
+        else:
+            stub.add_response("run_instances", instance(f"i-{i:017x}"))
+    event = s3_event(*(s3_record(BUCKET, key, etag=f"etag{i}") for i, key in enumerate(keys)))
+    with pytest.raises(lf.LaunchFailed) as raised:
+        lf.lambda_handler(event, None)
+    stub.assert_no_pending_responses()  # every record was tried, in order
+    assert str(raised.value).startswith("3 of 10 records failed: ")
+    for i, (code, _) in refused.items():
+        assert f"'batch/{i}.csv': {code}" in str(raised.value)
+        assert f"failed s3://{BUCKET}/batch/{i}.csv: {code} {code} for record {i}" in caplog.text
+    launched = [i for i in range(10) if i not in refused]
+    for i in launched:
+        assert f"launched i-{i:017x} for s3://{BUCKET}/batch/{i}.csv" in caplog.text
+    first = [params["ClientToken"] for _, params in clients.ec2_calls]
+    assert len(set(first)) == 10
+
+    # Lambda retries the same event: each record asks again with its own token, which is
+    # what makes EC2 hand back the 7 instances already running instead of starting new ones.
+    del clients.ec2_calls[:]
+    for i in range(10):
+        stub.add_response("run_instances", instance(f"i-{i:017x}"))
+    result = lf.lambda_handler(json.loads(json.dumps(event)), None)
+    assert [params["ClientToken"] for _, params in clients.ec2_calls] == first
+    assert [e["key"] for e in result["launched"]] == keys
+
+
+def test_a_network_failure_fails_its_record_only(clients, caplog):
+    from botocore.config import Config
+    from botocore.exceptions import EndpointConnectionError
+
+    caplog.set_level(logging.INFO)
+    # botocore's own retries are spent (one attempt here); the record must still not take
+    # the rest of the batch down with it.
+    ec2 = boto3.client("ec2", region_name="us-east-1", config=Config(retries={"max_attempts": 1}))
+    current = {}
+
+    def note(params, **_):
+        current["key"] = {t["Key"]: t["Value"] for t in params["TagSpecifications"][0]["Tags"]}[
+            "awsfun:key"]
+
+    def drop(**_):
+        if current["key"] == "n/b.csv":
+            raise EndpointConnectionError(endpoint_url="https://ec2.us-east-1.amazonaws.com")
+
+    ec2.meta.events.register("provide-client-params.ec2.RunInstances", note)
+    lf._clients["ec2"] = ec2
+    with Stubber(ec2) as stub:
+        # Ahead of the Stubber's handler, so the dropped call consumes no stubbed response.
+        ec2.meta.events.register_first("before-call.*.*", drop)
+        stub.add_response("run_instances", instance("i-0000000000000000a"))
+        stub.add_response("run_instances", instance("i-0000000000000000c"))
+        event = s3_event(*(s3_record(BUCKET, f"n/{k}.csv", etag=k) for k in "abc"))
+        with pytest.raises(lf.LaunchFailed, match="1 of 3 records failed: 'n/b.csv': "
+                                                  "EndpointConnectionError"):
+            lf.lambda_handler(event, None)
+        stub.assert_no_pending_responses()
+    assert "failed s3://awsfun-data/n/b.csv: EndpointConnectionError" in caplog.text
+    assert "launched i-0000000000000000c for s3://awsfun-data/n/c.csv" in caplog.text
+
+
 def test_user_data_too_large_fails_that_record_only(clients, monkeypatch, tmp_path):
     (tmp_path / "bootstrap").mkdir()
     base = len(lf.render_user_data(TEMPLATE, obj("k"), settings()).encode("utf-8"))

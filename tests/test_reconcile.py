@@ -1,0 +1,335 @@
+"""reconcile and status counts on a deployed stack (moto server): nothing lost.
+
+Every input ends with a report, a visible error report or a running worker; reconcile finds
+the ones that have none, launches them through the handler's own path (same ClientToken,
+user-data and route), and replays the dead-letter queue, deleting only what it launched.
+"""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from botocore.awsrequest import AWSResponse
+
+import AwsS3
+import deploy
+import lambda_function
+from conftest import REPO
+from support import s3_event, s3_record
+
+
+@pytest.fixture
+def clients(local_aws):
+    return deploy.Clients()
+
+
+@pytest.fixture
+def stack(clients):
+    """A deployed stack (prefix "local", as local_cloud.py deploys it); returns its Names."""
+    names = deploy.resolve_names(clients, "local")
+    deploy.deploy(clients, names, progress=deploy.Progress(echo=False))
+    return names
+
+
+@pytest.fixture
+def function_env(clients, stack, monkeypatch):
+    """The deployed function's environment in os.environ, so lambda_handler runs as deployed."""
+    env = clients("lambda").get_function_configuration(
+        FunctionName=stack.function_name)["Environment"]["Variables"]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    lambda_function._clients.update(ec2=clients("ec2"), s3=clients("s3"))
+    return env
+
+
+def put(s3, bucket, key, body=b"a,b\n1,2\n"):
+    """Upload an input; return its eTag as the S3 event would carry it."""
+    return s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"].strip('"')
+
+
+def put_report(s3, bucket, key, etag, suffix=".json"):
+    """Write a report the way the worker does (input-etag metadata)."""
+    AwsS3.put_report(s3, bucket, key, {"input": {"bucket": bucket, "key": key, "etag": etag}},
+                     suffix)
+
+
+def event_token(bucket, key, etag):
+    """The ClientToken the handler derives from the S3 event of this object version."""
+    [obj], _ = lambda_function.parse_records(s3_event(s3_record(bucket, key, etag=etag)))
+    return lambda_function.client_token(obj)
+
+
+def workers(ec2, bucket):
+    """{key tag: [(instance id, token tag)]} of the pending or running workers for the bucket."""
+    found = {}
+    for reservation in ec2.describe_instances(Filters=[
+            {"Name": "tag:awsfun:bucket", "Values": [bucket]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]}])["Reservations"]:
+        for instance in reservation["Instances"]:
+            tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+            found.setdefault(tags["awsfun:key"], []).append(
+                (instance["InstanceId"], tags["awsfun:token"]))
+    return found
+
+
+def user_data(ec2, instance_id):
+    value = ec2.describe_instance_attribute(InstanceId=instance_id,
+                                            Attribute="userData")["UserData"]["Value"]
+    return base64.b64decode(value).decode("utf-8")
+
+
+def quiet():
+    return deploy.Progress(echo=False)
+
+
+# --- the scan --------------------------------------------------------------------------
+
+
+def test_settled_state_rules():
+    assert deploy.settled_state("e1", "e1", None) == deploy.REPORTED
+    assert deploy.settled_state("e1", "e1", "e1") == deploy.REPORTED
+    assert deploy.settled_state("e2", "e1", None) is None          # report of an older version
+    assert deploy.settled_state("e1", None, "e1") == deploy.FAILED  # visible failure
+    assert deploy.settled_state("e1", None, "") == deploy.FAILED    # names no eTag: taken as current
+    assert deploy.settled_state("e2", "e1", "e1") is None          # both for an older version
+    assert deploy.settled_state("e1", None, None) is None
+
+
+def test_reconcile_launches_exactly_the_unprocessed_inputs_with_the_lambdas_token(
+        clients, stack, function_env):
+    s3, ec2 = clients("s3"), clients("ec2")
+    bucket = stack.data_bucket
+    long_key = "deep/" + "x" * 1030 + ".csv"  # its reports are hashed under analysis/_long/
+    etags = {key: put(s3, bucket, key) for key in (
+        "new/a.csv", "new/b c+ü.csv", "done/r.csv", long_key, "stale/s.csv", "failed/f.csv",
+        "failed/old.csv", "failed/by-bootstrap.csv", "busy/w.csv", "notes/analysis-draft.txt")}
+    put_report(s3, bucket, "done/r.csv", etags["done/r.csv"])
+    put_report(s3, bucket, long_key, etags[long_key])
+    put_report(s3, bucket, "stale/s.csv", "an-older-etag")
+    put_report(s3, bucket, "failed/f.csv", etags["failed/f.csv"], ".error.json")
+    put_report(s3, bucket, "failed/old.csv", "an-older-etag", ".error.json")
+    # bootstrap.sh's error reports carry the eTag in the body only.
+    s3.put_object(Bucket=bucket, Key="analysis/failed/by-bootstrap.csv.error.json",
+                  Body=json.dumps({"input": {"key": "failed/by-bootstrap.csv",
+                                             "etag": etags["failed/by-bootstrap.csv"]}}))
+    # A worker the Lambda launched from the S3 event is still running.
+    busy = lambda_function.lambda_handler(
+        s3_event(s3_record(bucket, "busy/w.csv", etag=etags["busy/w.csv"])), None)
+    [busy_launch] = busy["launched"]
+    expected = ["failed/old.csv", "new/a.csv", "new/b c+ü.csv", "stale/s.csv"]
+
+    before = deploy.collect_status(clients, stack)["counts"]
+    assert before == {"inputs": 9, "reports": 2, "error_reports": 2, "running": 1,
+                      "unprocessed": 4}
+
+    result = deploy.reconcile(clients, stack, progress=quiet())
+    assert sorted(result["unprocessed"]) == expected
+    assert sorted(e["key"] for e in result["launched"]) == expected
+    assert result["failed"] == [] and result["counts"] == before
+    running = workers(ec2, bucket)
+    assert sorted(running) == sorted(expected + ["busy/w.csv"])
+    for entry in result["launched"]:
+        [(instance_id, token)] = running[entry["key"]]
+        assert instance_id == entry["instance_id"]
+        assert token == event_token(bucket, entry["key"], etags[entry["key"]])
+    assert running["busy/w.csv"] == [(busy_launch["instance_id"],
+                                      event_token(bucket, "busy/w.csv", etags["busy/w.csv"]))]
+
+    # Byte for byte what the handler launches for the object's S3 event.
+    handled = lambda_function.lambda_handler(
+        s3_event(s3_record(bucket, "new/a.csv", etag=etags["new/a.csv"])), None)
+    [reconciled] = [e["instance_id"] for e in result["launched"] if e["key"] == "new/a.csv"]
+    assert user_data(ec2, handled["launched"][0]["instance_id"]) == user_data(ec2, reconciled)
+
+    after = deploy.collect_status(clients, stack)["counts"]
+    assert after == dict(before, running=5, unprocessed=0)
+
+
+def test_dry_run_key_prefix_second_run_and_new_version(clients, stack):
+    s3, ec2 = clients("s3"), clients("ec2")
+    bucket = stack.data_bucket
+    for key in ("in/a.csv", "in/b.csv", "other/c.csv"):
+        put(s3, bucket, key)
+
+    dry = deploy.reconcile(clients, stack, key_prefix="in/", dry_run=True, progress=quiet())
+    assert sorted(dry["unprocessed"]) == ["in/a.csv", "in/b.csv"]
+    assert dry["launched"] == [] and workers(ec2, bucket) == {}
+
+    first = deploy.reconcile(clients, stack, key_prefix="in/", progress=quiet())
+    assert sorted(e["key"] for e in first["launched"]) == ["in/a.csv", "in/b.csv"]
+    assert sorted(workers(ec2, bucket)) == ["in/a.csv", "in/b.csv"]
+
+    # While those workers run, a second run launches only what is left.
+    second = deploy.reconcile(clients, stack, progress=quiet())
+    assert [e["key"] for e in second["launched"]] == ["other/c.csv"]
+    third = deploy.reconcile(clients, stack, progress=quiet())
+    assert third["unprocessed"] == [] and third["launched"] == []
+    assert third["counts"] == {"inputs": 3, "reports": 0, "error_reports": 0, "running": 3,
+                               "unprocessed": 0}
+    assert sum(len(found) for found in workers(ec2, bucket).values()) == 3
+
+    # A new version of a reported input needs its own worker, with its own token.
+    put_report(s3, bucket, "other/c.csv", s3.head_object(Bucket=bucket, Key="other/c.csv")[
+        "ETag"].strip('"'))
+    new = put(s3, bucket, "other/c.csv", b"changed\n")
+    fourth = deploy.reconcile(clients, stack, progress=quiet())
+    assert fourth["unprocessed"] == ["other/c.csv"]
+    tokens = {token for _, token in workers(ec2, bucket)["other/c.csv"]}
+    assert event_token(bucket, "other/c.csv", new) in tokens and len(tokens) == 2
+
+    # A worker that ended without any report: EC2 answers its token with that dead
+    # instance (moto does not, so the answer is imitated); reconcile says so and fails.
+    [(dead, _)] = workers(ec2, bucket)["in/a.csv"]
+    ec2.terminate_instances(InstanceIds=[dead])
+    answer_with_instance(ec2, dead)
+    fifth = deploy.reconcile(clients, stack, progress=quiet())
+    assert fifth["unprocessed"] == ["in/a.csv"] and fifth["launched"] == []
+    [failed] = fifth["failed"]
+    assert failed["key"] == "in/a.csv" and f"already used by {dead}" in failed["error"]
+
+
+def answer_with_instance(ec2, instance_id):
+    """Make RunInstances answer with an existing instance, as EC2 does for a used ClientToken."""
+    def answer(**_):
+        return (AWSResponse(None, 200, {}, None),
+                {"Instances": [{"InstanceId": instance_id}],
+                 "ResponseMetadata": {"HTTPStatusCode": 200}})
+
+    ec2.meta.events.register("before-call.ec2.RunInstances", answer)
+
+
+# --- the dead-letter queue ---------------------------------------------------------------
+
+
+def refuse_launches_of(ec2, prefix):
+    """Make RunInstances fail (InsufficientInstanceCapacity) for keys under `prefix` only."""
+    current = {}
+
+    def note(params, **_):
+        tags = {t["Key"]: t["Value"] for t in params["TagSpecifications"][0]["Tags"]}
+        current["key"] = tags["awsfun:key"]
+
+    def refuse(**_):
+        if current.pop("key", "").startswith(prefix):
+            return (AWSResponse(None, 400, {}, None),
+                    {"Error": {"Code": "InsufficientInstanceCapacity",
+                               "Message": "injected by the tests"},
+                     "ResponseMetadata": {"HTTPStatusCode": 400}})
+        return None
+
+    ec2.meta.events.register("provide-client-params.ec2.RunInstances", note)
+    ec2.meta.events.register("before-call.ec2.RunInstances", refuse)
+
+
+def dlq_bodies(sqs, url):
+    """The bodies left in the queue (all visible), read without keeping them hidden."""
+    messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
+                                   VisibilityTimeout=0).get("Messages", [])
+    return sorted(m["Body"] for m in messages)
+
+
+def test_dead_letters_are_replayed_and_deleted_only_once_launched(clients, stack):
+    s3, ec2, sqs = clients("s3"), clients("ec2"), clients("sqs")
+    bucket = stack.data_bucket
+    url = sqs.get_queue_url(QueueName=stack.dlq_name)["QueueUrl"]
+    etags = {key: put(s3, bucket, key) for key in ("lost/a.csv", "lost/b.csv", "fail/c.csv",
+                                                     "done/d.csv", "changed/e.csv")}
+    put_report(s3, bucket, "done/d.csv", etags["done/d.csv"])
+    new_e = put(s3, bucket, "changed/e.csv", b"changed\n")
+    bodies = {
+        "two lost": s3_event(s3_record(bucket, "lost/a.csv", etag=etags["lost/a.csv"]),
+                             s3_record(bucket, "lost/b.csv", etag=etags["lost/b.csv"])),
+        "fails": s3_event(s3_record(bucket, "fail/c.csv", etag=etags["fail/c.csv"])),
+        "reported": s3_event(s3_record(bucket, "done/d.csv", etag=etags["done/d.csv"])),
+        "superseded": s3_event(s3_record(bucket, "changed/e.csv", etag=etags["changed/e.csv"])),
+        "deleted": s3_event(s3_record(bucket, "gone/f.csv", etag="ffff")),
+        "report event": s3_event(s3_record(bucket, "analysis/lost/a.csv.json")),
+    }
+    for body in bodies.values():
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps(body))
+    sqs.send_message(QueueUrl=url, MessageBody="not an event")
+    refuse_launches_of(ec2, "fail/")
+
+    dry = deploy.reconcile(clients, stack, dry_run=True, progress=quiet())
+    assert dry["launched"] == [] and dry["replayed"] == [] and workers(ec2, bucket) == {}
+    assert sum(r["outcome"] == "would launch" for e in dry["dlq_kept"] for r in e["records"]) \
+        == 3  # lost/a, lost/b, fail/c
+    assert len(dlq_bodies(sqs, url)) == 7  # every letter kept, and visible again
+
+    result = deploy.reconcile(clients, stack, progress=quiet())
+
+    launched = {e["key"]: e for e in result["launched"]}
+    assert sorted(launched) == ["changed/e.csv", "lost/a.csv", "lost/b.csv"]
+    assert launched["lost/a.csv"]["source"] == launched["lost/b.csv"]["source"] == \
+        "dead-letter queue"
+    # The replay used the event's token; the scan then saw that worker and left it alone.
+    for key in ("lost/a.csv", "lost/b.csv"):
+        [(_, token)] = workers(ec2, bucket)[key]
+        assert token == event_token(bucket, key, etags[key])
+    # The superseded event launched nothing; the scan launched the current version.
+    assert launched["changed/e.csv"]["source"] == "scan"
+    [(_, token)] = workers(ec2, bucket)["changed/e.csv"]
+    assert token == event_token(bucket, "changed/e.csv", new_e)
+
+    outcomes = {tuple(r["key"] for r in e["records"]): [r["outcome"] for r in e["records"]]
+                for e in result["replayed"]}
+    assert outcomes == {("lost/a.csv", "lost/b.csv"): ["launched", "launched"],
+                        ("done/d.csv",): [deploy.REPORTED],
+                        ("changed/e.csv",): ["superseded by a newer version"],
+                        ("gone/f.csv",): ["object deleted"],
+                        ("analysis/lost/a.csv.json",): [
+                            "key contains 'analysis' (worker output)"]}
+    assert sorted(e.get("reason") for e in result["dlq_failed"]) == [
+        "a launch failed", "not an S3 event: the message body is not JSON"]
+    assert [f["key"] for f in result["failed"]] == ["fail/c.csv"]  # tried once, not twice
+    assert "InsufficientInstanceCapacity" in result["failed"][0]["error"]
+    # Only the failed launch and the unreadable message stay, visible for the next run.
+    assert dlq_bodies(sqs, url) == sorted([json.dumps(bodies["fails"]), "not an event"])
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "deploy.py"), *args], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_cli_reconcile_json_text_and_exit_status(clients, stack):
+    s3 = clients("s3")
+    for key in ("in/a.csv", "in/b.csv"):
+        put(s3, stack.data_bucket, key)
+
+    dry = run_cli("--prefix", "local", "reconcile", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would launch" in dry.stdout and "in/a.csv" in dry.stdout
+    assert "Dry run: would launch 2" in dry.stdout
+
+    done = run_cli("reconcile", "--prefix", "local", "--key-prefix", "in/a", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [e["key"] for e in result["launched"]] == ["in/a.csv"]
+
+    text = run_cli("reconcile", "--prefix", "local")
+    assert text.returncode == 0, text.stderr
+    assert "launched" in text.stdout and "in/b.csv" in text.stdout
+    assert "Launched 1, failed 0" in text.stdout
+
+    status = run_cli("status", "--prefix", "local")
+    assert status.returncode == 0, status.stderr
+    assert "inputs: 2  reported: 0  error-reported: 0  running: 2  unprocessed: 0" in status.stdout
+
+    missing = run_cli("reconcile", "--prefix", "nostack")
+    assert missing.returncode == 2
+    assert "nostack-launcher is not deployed" in missing.stderr
+
+    # A launch that fails makes the run fail (after the others), so a scheduler notices.
+    put(s3, stack.data_bucket, "in/c.csv")
+    clients("ec2").delete_launch_template(LaunchTemplateName=stack.launch_template)
+    failed = run_cli("reconcile", "--prefix", "local")
+    assert failed.returncode == 1
+    assert "failed" in failed.stdout and "in/c.csv" in failed.stdout
+    assert "Launched 0, failed 1" in failed.stdout
