@@ -13,6 +13,7 @@ umask 077
 
 export HOME="${HOME:-/root}"
 REPORTED=""
+HAVE_PYTHON=""
 WORK_DIR=""
 LOG_FILE=""
 TEE_PID=""
@@ -55,18 +56,31 @@ report_key() {
   fi
 }
 
+# have_python: true when python3 can use boto3. The answer is remembered in HAVE_PYTHON:
+# each python3 start costs a fifth of a second, and a job asks several times. Locating the
+# modules (not importing them) is enough here; s3_copy_python reports a failed import.
 have_python() {
-  command -v python3 >/dev/null 2>&1 && python3 -c 'import boto3' >/dev/null 2>&1
+  if [[ -z "$HAVE_PYTHON" ]]; then
+    HAVE_PYTHON=no
+    if command -v python3 >/dev/null 2>&1 && python3 -c 'import sys
+from importlib.util import find_spec
+sys.exit(not (find_spec("boto3") and find_spec("botocore")))' >/dev/null 2>&1; then
+      HAVE_PYTHON=yes
+    fi
+  fi
+  [[ "$HAVE_PYTHON" == yes ]]
 }
 
-# s3_copy get|put BUCKET KEY FILE [CONTENT_TYPE]: boto3 if usable, else the AWS CLI.
-s3_copy() {
-  local op="$1" bucket="$2" key="$3" file="$4" content_type="${5:-text/plain}"
-  if have_python; then
-    python3 - "$op" "$bucket" "$key" "$file" "$content_type" <<'PY'
+# s3_copy_python get|put BUCKET KEY FILE CONTENT_TYPE: one S3 call with boto3; 127 if it cannot load.
+s3_copy_python() {
+  python3 - "$@" <<'PY'
 import os, sys
-import boto3
-from botocore.config import Config
+try:
+    import boto3
+    from botocore.config import Config
+except ImportError as err:
+    sys.stderr.write(f"awsfun-bootstrap: python3 cannot import boto3: {err}\n")
+    sys.exit(127)
 op, bucket, key, path, content_type = (os.fsencode(a).decode("utf-8") for a in sys.argv[1:6])
 s3 = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
 if op == "get":
@@ -75,7 +89,19 @@ else:
     with open(path, "rb") as body:
         s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
 PY
-  elif command -v aws >/dev/null 2>&1; then
+}
+
+# s3_copy get|put BUCKET KEY FILE [CONTENT_TYPE]: boto3 if usable, else the AWS CLI.
+s3_copy() {
+  local op="$1" bucket="$2" key="$3" file="$4" content_type="${5:-text/plain}" status=0
+  if have_python; then
+    s3_copy_python "$op" "$bucket" "$key" "$file" "$content_type" || status=$?
+    if ((status != 127)); then
+      return "$status"
+    fi
+    HAVE_PYTHON=no
+  fi
+  if command -v aws >/dev/null 2>&1; then
     if [[ "$op" == get ]]; then
       aws s3api get-object --bucket "$bucket" --key "$key" "$file" >/dev/null
     else
@@ -134,14 +160,16 @@ on_exit() {
 }
 
 ensure_boto3() {
+  have_python && return 0
   command -v python3 >/dev/null 2>&1 || return 1
-  python3 -c 'import boto3' >/dev/null 2>&1 && return 0
   log "boto3 missing; installing it"
   if command -v dnf >/dev/null 2>&1; then
-    dnf install -y -q python3-boto3 || python3 -m pip install -q boto3
+    dnf install -y -q python3-boto3 || python3 -m pip install -q boto3 || true
   else
-    python3 -m pip install -q boto3
+    python3 -m pip install -q boto3 || true
   fi
+  HAVE_PYTHON=""
+  have_python
 }
 
 main() {
