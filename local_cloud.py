@@ -15,6 +15,8 @@ from an SQS queue on the data bucket) to lambda_function.lambda_handler, and
 import argparse
 import base64
 import concurrent.futures
+import contextlib
+import io
 import json
 import logging
 import os
@@ -38,6 +40,11 @@ REGION = "us-east-1"
 EVENTS_QUEUE = "awsfun-local-s3-events"
 LAMBDA_RETRIES = 2  # Lambda's default MaximumRetryAttempts for asynchronous invocations
 TOKEN_TAG = "awsfun:token"
+# The handler's launches are booted at once; this poll only finds instances launched by
+# anyone else (reconcile, the aws CLI), so it can be slow and cheap.
+BOOT_POLL_SECONDS = 1.0
+# What a real shutdown gives running processes between SIGTERM and SIGKILL (systemd: 90 s).
+SHUTDOWN_GRACE_SECONDS = 5.0
 
 logger = logging.getLogger("awsfun.local")
 
@@ -88,7 +95,7 @@ def halted(calls):
     return any("now" in args for args in calls)
 
 
-SHUTDOWN_STUB = """#!{python}
+SHUTDOWN_STUB = """#!{python} -IS
 # Emulated shutdown: record the call; local_cloud.py terminates the instance.
 import json, os, sys, time
 with open(os.environ["AWSFUN_SHUTDOWN_LOG"], "a", encoding="utf-8") as log:
@@ -139,8 +146,14 @@ class Tracker:
 class LocalCloud:
     """A moto server deployed with deploy.sh, plus the Lambda and EC2 behaviour moto lacks."""
 
-    def __init__(self, workers=None, prefix="local", tracker=None, keep_scratch=False):
+    def __init__(self, workers=None, prefix="local", tracker=None, keep_scratch=False,
+                 watchdog_seconds_per_minute=60.0):
         self.workers = workers or os.cpu_count() or 2
+        # Tests compress time: one minute of a machine's `shutdown -h +N` watchdog lasts this long.
+        self.watchdog_seconds_per_minute = watchdog_seconds_per_minute
+        # Fault injection: called as before_boot(instance_id, key, env) just before a machine
+        # runs its user-data, e.g. to change the object or point the machine at a FaultProxy.
+        self.before_boot = None
         self.prefix = prefix
         self.tracker = tracker or Tracker()
         self.keep_scratch = keep_scratch
@@ -157,14 +170,20 @@ class LocalCloud:
         self.processes = {}
         self.scratch_root = Path(tempfile.mkdtemp(prefix="awsfun-local-"))
         self.lock = threading.Lock()
+        self.clients = {}
         self.saved_environ = None
 
     # --- lifecycle --------------------------------------------------------------
 
     def start(self):
         """Start moto, deploy the stack with deploy.sh, and begin pumping events and booting."""
+        from moto import settings as moto_settings
         from moto.server import ThreadedMotoServer
 
+        # On each S3 event moto tries to run the deployed Lambda in Docker, and its first try
+        # prints a warning about the Docker host to stdout; ask that (cached) question quietly.
+        with contextlib.redirect_stdout(io.StringIO()):
+            moto_settings.moto_server_host()
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
@@ -177,8 +196,13 @@ class LocalCloud:
             os.environ.pop(name, None)
         os.environ.update(local_environment(self.endpoint))
         lambda_function._clients.clear()  # a warm container's clients would reach the old endpoint
-        self.deploy()
-        self.wire_events()
+        try:
+            self.deploy()
+            self.wire_events()
+        except BaseException:
+            # Ctrl-C or a failed deploy: __exit__ will not run, so stop the server here.
+            self.stop()
+            raise
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, "machine")
         for target in (self.pump_events, self.boot_instances):
             thread = threading.Thread(target=target, daemon=True, name=target.__name__)
@@ -218,12 +242,23 @@ class LocalCloud:
     def __exit__(self, *exc):
         self.stop()
 
+    def environment(self):
+        """Return the environment a process needs to reach this local cloud (e.g. deploy.py reconcile)."""
+        return {**os.environ, **local_environment(self.endpoint)}
+
     def client(self, service):
-        """Return a boto3 client for the local endpoint."""
+        """Return this local cloud's boto3 client for `service`, made once: a client costs
+        tens of milliseconds to build and is safe to share between threads."""
         import boto3
         from botocore.config import Config
 
-        return boto3.client(service, config=Config(retries={"mode": "standard"}))
+        with self.lock:
+            if service not in self.clients:
+                self.clients[service] = boto3.client(
+                    service, endpoint_url=self.endpoint, region_name=REGION,
+                    aws_access_key_id="local", aws_secret_access_key="local",
+                    config=Config(retries={"mode": "standard"}, max_pool_connections=50))
+            return self.clients[service]
 
     def deploy(self):
         """Deploy with deploy.sh against the local endpoint and read back what it made."""
@@ -269,7 +304,9 @@ class LocalCloud:
 
     def invoke_handler(self, event):
         """Invoke lambda_handler like an asynchronous invocation: retries, then the DLQ."""
+        # The Lambda's settings, and the endpoint in case a test's fixture swapped the environment.
         os.environ.update(self.function_env)
+        os.environ.update(local_environment(self.endpoint))
         for attempt in range(LAMBDA_RETRIES + 1):
             try:
                 result = lambda_function.lambda_handler(event, None)
@@ -287,6 +324,8 @@ class LocalCloud:
             return
         for entry in result["launched"]:
             self.tracker.stage(entry["key"], "launched", entry["instance_id"])
+        # Boot at once instead of waiting for the poll: EC2 starts a launched instance at once too.
+        self.boot_new_instances(self.client("ec2"), [e["instance_id"] for e in result["launched"]])
         for entry in result["skipped"]:
             if self.tracker.outcome(entry["key"]) is None and "analysis" not in entry["key"]:
                 self.tracker.stage(entry["key"], "failed", f"skipped: {entry['reason']}")
@@ -303,16 +342,32 @@ class LocalCloud:
     # --- the EC2 stand-in -------------------------------------------------------
 
     def boot_instances(self):
-        """Watch EC2 for launched workers and boot each one on a free machine slot."""
+        """Watch EC2 for workers launched outside the handler and boot each one."""
         ec2 = self.client("ec2")
-        while not self.stop_event.wait(0.2):
-            pages = ec2.get_paginator("describe_instances").paginate(Filters=[
-                {"Name": "instance-state-name", "Values": ["pending", "running"]},
-                {"Name": "tag-key", "Values": [TOKEN_TAG]},
-            ])
-            for page in pages:
-                for reservation in page["Reservations"]:
-                    for instance in reservation["Instances"]:
+        while not self.stop_event.wait(BOOT_POLL_SECONDS):
+            try:
+                self.boot_new_instances(ec2, self.running_instance_ids(ec2))
+            except Exception:  # noqa: BLE001 - keep watching; the next poll retries
+                logger.exception("cannot list the running instances")
+
+    def running_instance_ids(self, ec2):
+        """Return the ids of every running instance: DescribeInstanceStatus stays small when
+        hundreds are queued, where DescribeInstances would serialise each one in full."""
+        ids = []
+        for page in ec2.get_paginator("describe_instance_status").paginate():
+            ids += [status["InstanceId"] for status in page["InstanceStatuses"]]
+        return ids
+
+    def boot_new_instances(self, ec2, instance_ids):
+        """Boot each awsfun worker among instance_ids not seen before."""
+        with self.lock:
+            new = [i for i in instance_ids if i not in self.booted]
+        for start in range(0, len(new), 100):
+            reply = ec2.describe_instances(InstanceIds=new[start:start + 100])
+            for reservation in reply["Reservations"]:
+                for instance in reservation["Instances"]:
+                    tags = {t["Key"] for t in instance.get("Tags", [])}
+                    if TOKEN_TAG in tags and instance["State"]["Name"] in ("pending", "running"):
                         self.maybe_boot(ec2, instance)
 
     def maybe_boot(self, ec2, instance):
@@ -346,7 +401,7 @@ class LocalCloud:
         stub.write_text(SHUTDOWN_STUB.format(python=sys.executable), encoding="utf-8")
         stub.chmod(0o755)
         calls_log = scratch / "shutdown.calls"
-        env = os.environ.copy()
+        env = {**os.environ, **local_environment(self.endpoint)}
         env.update({
             "PATH": f"{stub.parent}:{Path(sys.executable).parent}:{env.get('PATH', '')}",
             "TMPDIR": str(scratch / "tmp"),
@@ -355,6 +410,8 @@ class LocalCloud:
         })
         for name in self.function_env:
             env.pop(name, None)  # the Lambda's settings are not the instance's
+        if self.before_boot:
+            self.before_boot(instance_id, key, env)
         self.tracker.stage(key, "running", instance_id)
         with open(scratch / "console.log", "wb") as console:
             process = subprocess.Popen(["bash", str(script)], cwd=scratch, env=env,
@@ -386,8 +443,9 @@ class LocalCloud:
                 if self.stop_event.is_set():
                     _kill_group(process)
                     return "local cloud stopped"
-                if minutes is not None and time.monotonic() - started >= minutes * 60:
-                    _kill_group(process)
+                limit = None if minutes is None else minutes * self.watchdog_seconds_per_minute
+                if limit is not None and time.monotonic() - started >= limit:
+                    _shut_down_group(process, SHUTDOWN_GRACE_SECONDS)
                     return f"watchdog after {minutes} min"
         return "shutdown -h now" if halted(shutdown_calls(calls_log)) else None
 
@@ -402,6 +460,33 @@ class LocalCloud:
             console = (scratch / "console.log").read_text(errors="replace").strip().splitlines()
             self.tracker.stage(key, "failed", f"{instance_id} left no report; console: "
                                + (console[-1] if console else "(empty)"))
+
+    # --- fault injection (tests) -------------------------------------------------
+
+    @contextlib.contextmanager
+    def failing_handler_calls(self, service, operation, code, status=400):
+        """Make every `operation` call the handler makes (e.g. ec2 RunInstances) fail with `code`.
+
+        A before-call hook answers instead of the service, so botocore's own retries are
+        skipped and each Lambda attempt sees exactly one refusal. Yields the refused calls'
+        parameters; the fault is removed when the block ends.
+        """
+        refused = []
+
+        def refuse(params, **_):
+            refused.append(params)
+            return (_http_response(status),
+                    {"Error": {"Code": code, "Message": f"{code} (injected by the local cloud)"},
+                     "ResponseMetadata": {"HTTPStatusCode": status}})
+
+        os.environ.update(local_environment(self.endpoint))
+        events = lambda_function.get_client(service).meta.events
+        event_name = f"before-call.{service}.{operation}"
+        events.register(event_name, refuse, unique_id=f"awsfun-fault-{event_name}")
+        try:
+            yield refused
+        finally:
+            events.unregister(event_name, unique_id=f"awsfun-fault-{event_name}")
 
     # --- what the commands use --------------------------------------------------
 
@@ -443,6 +528,90 @@ class LocalCloud:
         return None, None
 
 
+def _http_response(status):
+    from botocore.awsrequest import AWSResponse
+
+    return AWSResponse(None, status, {}, None)
+
+
+class FaultProxy:
+    """An HTTP proxy in front of the moto server that refuses chosen requests.
+
+    Point one machine's AWS_ENDPOINT_URL at it (LocalCloud.before_boot) to deny, say, the
+    PutObject of one report: moto enforces no bucket policy, and its IAM checks would refuse
+    the local cloud's own calls too. refuse(method, path) returns (status, code) or None.
+    """
+
+    def __init__(self, upstream, refuse):
+        import http.server
+        import urllib.parse
+
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.refused = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # the test output is not the place for access logs
+                pass
+
+            def handle_request(self):
+                proxy.forward(self, refuse)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = handle_request
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True, name="fault-proxy").start()
+
+    def forward(self, request, refuse):
+        """Answer one request: refused with an S3-style error, or passed on to moto."""
+        import http.client
+        import urllib.parse
+
+        length = int(request.headers.get("Content-Length") or 0)
+        body = request.rfile.read(length) if length else None
+        verdict = refuse(request.command, urllib.parse.unquote(request.path.split("?")[0]))
+        if verdict:
+            status, code = verdict
+            self.refused.append((request.command, request.path))
+            payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                       f"<Message>{code} (injected by FaultProxy)</Message></Error>").encode()
+            request.send_response(status)
+            request.send_header("Content-Type", "application/xml")
+            request.send_header("Content-Length", str(len(payload)))
+            request.end_headers()
+            if request.command != "HEAD":
+                request.wfile.write(payload)
+            return
+        upstream = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
+        try:
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+            headers["Host"] = self.upstream.netloc
+            upstream.request(request.command, request.path, body=body, headers=headers)
+            reply = upstream.getresponse()
+            data = reply.read()
+            request.send_response(reply.status, reply.reason)
+            # A HEAD reply keeps moto's Content-Length: it is the object's size, with no body.
+            dropped = ("transfer-encoding", "connection", "server", "date") + (
+                () if request.command == "HEAD" else ("content-length",))
+            for name, value in reply.getheaders():
+                if name.lower() not in dropped:
+                    request.send_header(name, value)
+            if request.command != "HEAD":
+                request.send_header("Content-Length", str(len(data)))
+            request.end_headers()
+            if request.command != "HEAD":
+                request.wfile.write(data)
+        finally:
+            upstream.close()
+
+    def close(self):
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def _record_key(record):
     from urllib.parse import unquote_plus
 
@@ -457,6 +626,18 @@ def _kill_group(process):
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _shut_down_group(process, grace):
+    """Stop a machine's processes as an OS shutdown does: SIGTERM, then SIGKILL after `grace` s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except (ProcessLookupError, PermissionError):
+        pass
+    except subprocess.TimeoutExpired:
+        logger.warning("machine ignored SIGTERM for %ss; killing it", grace)
+    _kill_group(process)
 
 
 def describe_report(report):
@@ -578,6 +759,10 @@ In another shell:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def build_parser():
     """Return the command-line parser."""
     parser = argparse.ArgumentParser(
@@ -620,7 +805,13 @@ def main(argv=None):
     # moto tries to run the deployed Lambda in Docker on every S3 event and logs each failure;
     # here the handler runs in-process instead, so those errors say nothing.
     logging.getLogger("moto.awslambda").setLevel(logging.CRITICAL)
-    return args.func(args)
+    # A terminated local cloud cleans up like an interrupted one: no server or machine left.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the local cloud is stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
