@@ -1,5 +1,6 @@
 """Helpers the test modules share: run user-data under bash, publish the worker files."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -169,3 +170,122 @@ def record_calls(client):
     service = client.meta.service_model.service_id.hyphenize()
     client.meta.events.register(f"provide-client-params.{service}", record)
     return calls
+
+
+# --- many keys through rendered user-data, cheaply (the injection soak) -----------------
+
+#: python3 as the soak's user-data sees it: answers the boto3 probe, records every S3 copy and
+#: the worker's argv (NUL-separated, byte for byte), and starts no interpreter, because a real
+#: python3 start costs more than the rest of the bootstrap together.
+RECORDING_PYTHON = r"""#!/bin/sh
+case "${1-}" in
+  -c) exit 0 ;;
+  -) cat >/dev/null
+     printf '%s\0' "$@" >>"$AWSFUN_TEST_RECORD.s3"
+     case "$2" in
+       get) : >"$5" ;;
+       put) case "$4" in *.error.json) cat "$5" >"$AWSFUN_TEST_RECORD.error" ;; esac ;;
+     esac ;;
+  *) printf '%s\0' "$@" >"$AWSFUN_TEST_RECORD.argv"
+     exit "${AWSFUN_TEST_WORKER_STATUS:-0}" ;;
+esac
+"""
+RECORDING_SHUTDOWN = """#!/bin/sh
+printf '%s\\n' "$*" >>"$AWSFUN_TEST_RECORD.shutdown"
+"""
+
+
+def write_recording_machine(directory):
+    """Write the recording python3 and shutdown into `directory`; return it for PATH."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in (("python3", RECORDING_PYTHON), ("shutdown", RECORDING_SHUTDOWN)):
+        (directory / name).write_text(text)
+        (directory / name).chmod(0o755)
+    return str(directory)
+
+
+def boot_recorded(user_data, record, machine, worker_status=0, timeout=60):
+    """Run rendered user-data under bash on the recording machine; return the CompletedProcess.
+
+    `record` is a path prefix: the script is saved as RECORD.sh and the recordings land beside
+    it (see read_recording). The recording worker exits with `worker_status`.
+    """
+    record = Path(record)
+    scratch = record.parent / "scratch"
+    scratch.mkdir(exist_ok=True)
+    script = record.with_name(record.name + ".sh")
+    script.write_text(user_data, encoding="utf-8")
+    env = dict(os.environ, PATH=f"{machine}:{os.environ['PATH']}", TMPDIR=str(scratch),
+               AWSFUN_TEST_RECORD=str(record), AWSFUN_TEST_WORKER_STATUS=str(worker_status))
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, timeout=timeout,
+                          check=False)
+
+
+def read_recording(record):
+    """Return what one recorded boot did: worker argv (bytes), S3 copies, error report, shutdowns."""
+    record = str(record)
+
+    def read(suffix):
+        path = Path(record + suffix)
+        return path.read_bytes() if path.exists() else None
+
+    argv = read(".argv")
+    s3_fields = (read(".s3") or b"").split(b"\0")[:-1]
+    # Each copy is `- OP BUCKET KEY FILE CONTENT_TYPE`.
+    copies = [tuple(part.decode("utf-8") for part in s3_fields[i + 1:i + 4])
+              for i in range(0, len(s3_fields), 6)]
+    return {
+        "argv": argv.split(b"\0")[:-1] if argv is not None else None,
+        "copies": copies,
+        "error_report": read(".error"),
+        "shutdown": (read(".shutdown") or b"").decode().splitlines(),
+    }
+
+
+def remove_recording(record):
+    """Delete one boot's script and recordings."""
+    for suffix in (".sh", ".argv", ".s3", ".error", ".shutdown"):
+        Path(str(record) + suffix).unlink(missing_ok=True)
+
+
+# --- moto's IAM enforcement and anonymous clients (the security tests) -----------------
+
+
+@contextlib.contextmanager
+def moto_iam_enforced(endpoint):
+    """Make the moto server at `endpoint` check every request against IAM for the block."""
+    import urllib.request
+
+    def reset_auth(value):
+        request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth",
+                                         data=str(value).encode(), method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+
+    previous = reset_auth(0)
+    try:
+        yield
+    finally:
+        reset_auth(previous)
+
+
+def assumed_role_session(sts, role_arn, name="awsfun-test"):
+    """A boto3 session holding the temporary credentials of `role_arn`, as the role's user gets."""
+    import boto3
+
+    credentials = sts.assume_role(RoleArn=role_arn, RoleSessionName=name)["Credentials"]
+    return boto3.session.Session(aws_access_key_id=credentials["AccessKeyId"],
+                                 aws_secret_access_key=credentials["SecretAccessKey"],
+                                 aws_session_token=credentials["SessionToken"],
+                                 region_name=sts.meta.region_name)
+
+
+def anonymous_client(service="s3"):
+    """A client that signs nothing: what anyone on the internet can do."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    return boto3.client(service, config=Config(signature_version=UNSIGNED))
