@@ -93,3 +93,77 @@ def test_parliament_would_catch_a_broken_document():
     issues = {f.issue for f in analyze_policy_string(json.dumps(bad),
                                                      include_community_auditors=True).findings}
     assert "RESOURCE_MISMATCH" in issues
+
+
+# --- what moto cannot judge: iam:PassRole and Conditions, read from the documents ------------
+
+
+def as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def statements_moto_cannot_judge():
+    """{(template, Sid): statement} of every statement with a Condition or iam:PassRole."""
+    return {(template, statement.get("Sid")): statement
+            for template in TEMPLATES if not template.endswith("-trust")
+            for statement in rendered(template)["Statement"]
+            if "Condition" in statement or "iam:PassRole" in as_list(statement["Action"])}
+
+
+def test_pass_role_and_every_condition_are_exactly_the_reviewed_ones():
+    """moto grants iam:PassRole unasked and ignores Conditions, so the documents must carry them."""
+    region, account = "us-east-1", "123456789012"
+    template_arn = NAMES.launch_template_arn(TEMPLATE_ID)
+    found = statements_moto_cannot_judge()
+    assert set(found) == {("lambda-policy", "PassOnlyTheWorkerRoleOnlyToEc2"),
+                          ("lambda-policy", "LaunchWorkersOnlyFromTheirTemplate"),
+                          ("lambda-policy", "TagWorkersOnlyWhileLaunchingThem")}
+
+    pass_role = found["lambda-policy", "PassOnlyTheWorkerRoleOnlyToEc2"]
+    assert as_list(pass_role["Action"]) == ["iam:PassRole"]
+    assert pass_role["Resource"] == NAMES.worker_role_arn == \
+        f"arn:aws:iam::{account}:role/{NAMES.worker_role}"
+    assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+
+    run = found["lambda-policy", "LaunchWorkersOnlyFromTheirTemplate"]
+    assert as_list(run["Action"]) == ["ec2:RunInstances"]
+    assert run["Condition"] == {"ArnLike": {"ec2:LaunchTemplate": [template_arn]}}
+    launch_templates = [arn for arn in run["Resource"] if ":launch-template/" in arn]
+    assert launch_templates == [template_arn] and "*" not in template_arn
+
+    tag = found["lambda-policy", "TagWorkersOnlyWhileLaunchingThem"]
+    assert as_list(tag["Action"]) == ["ec2:CreateTags"]
+    assert tag["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
+    assert sorted(tag["Resource"]) == [f"arn:aws:ec2:{region}:{account}:instance/*",
+                                       f"arn:aws:ec2:{region}:{account}:volume/*"]
+
+
+def test_no_statement_grants_anything_on_every_resource():
+    """A Resource "*" would be judged by moto only for some services; forbid it everywhere."""
+    buckets = (NAMES.data_bucket, NAMES.software_bucket)
+    for template in TEMPLATES:
+        for statement in rendered(template)["Statement"]:
+            for resource in as_list(statement.get("Resource", [])):
+                assert resource != "*" and not resource.endswith(":*:*"), (template, resource)
+                if resource.startswith("arn:aws:s3:::"):
+                    assert resource[len("arn:aws:s3:::"):].split("/")[0] in buckets, resource
+
+
+def test_trust_policies_let_only_their_service_assume_the_role():
+    for template, service in (("worker-trust", "ec2.amazonaws.com"),
+                              ("lambda-trust", "lambda.amazonaws.com")):
+        (statement,) = rendered(template)["Statement"]
+        assert statement["Effect"] == "Allow" and statement["Action"] == "sts:AssumeRole"
+        assert statement["Principal"] == {"Service": service}
+
+
+def test_only_the_public_read_document_names_everyone():
+    for template in TEMPLATES:
+        for statement in rendered(template)["Statement"]:
+            if statement.get("Principal") == "*" or "*" in as_list(
+                    statement.get("Principal", {}).get("AWS", []) if isinstance(
+                        statement.get("Principal"), dict) else []):
+                assert template == "software-public-read"
+                assert as_list(statement["Action"]) == ["s3:GetObject"]
+                assert all(resource.startswith(f"arn:aws:s3:::{NAMES.software_bucket}/")
+                           and "*" not in resource for resource in statement["Resource"])
