@@ -1566,6 +1566,7 @@ class Reconciler:
         self.key_prefix, self.dry_run, self.progress = key_prefix, dry_run, progress
         self.tokens = running_tokens(self.ec2, names.data_bucket)
         self.refused = {}  # token -> error: a launch that failed is not tried twice in one run
+        self.queue_url = None
         self.result = {"dry_run": dry_run, "key_prefix": key_prefix, "unprocessed": [],
                        "launched": [], "failed": [], "replayed": [], "dlq_failed": [],
                        "dlq_kept": []}
@@ -2058,7 +2059,7 @@ def print_status(status, stream=None):
         say("  software bucket is PUBLIC: anyone may read the published files")
     say(f"  dead letters       {status['dlq_depth'] if status['dlq_depth'] is not None else '-'}")
     for template in status["launch_templates"]:
-        say(f"  launch template    {template['name']}: {template['instance_type'] or 'MISSING'}"
+        say(f"  template           {template['name']}: {template['instance_type'] or 'MISSING'}"
             f" (routes: {', '.join(template['routes']) or '-'})")
     counts = status["counts"]
     if counts is not None:

@@ -912,6 +912,8 @@ def assert_nothing_left(clients, names):
     (["--prefix", "dev", "status"], ["status", "--prefix", "dev"]),
     (["--prefix", "status", "teardown"], ["teardown", "--prefix", "status"]),
     (["--prefix=dev", "teardown", "--yes"], ["teardown", "--prefix=dev", "--yes"]),
+    (["--key-prefix", "status", "reconcile"], ["reconcile", "--key-prefix", "status"]),
+    (["--routes", "deploy", "status"], ["status", "--routes", "deploy"]),
     (["--help"], ["--help"]),
 ])
 def test_options_may_come_before_the_command(argv, expected):
