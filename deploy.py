@@ -2,6 +2,7 @@
 """awsfun deploy: create, inspect and remove the whole pipeline in one AWS account and region.
 
     ./deploy.sh [deploy] [options]     create or update everything; safe to re-run
+                                       (--routes FILE: the routing table, default routes.json)
     ./deploy.sh status [--json]        names, running workers, reports, counts, dead letters, drift
     ./deploy.sh reconcile [--key-prefix K] [--dry-run] [--json]
                                        replay dead letters, launch every unprocessed input

@@ -233,10 +233,7 @@ def render_user_data(template, obj, settings):
 
 
 def read_software_file(key, settings, s3=None, local_dir=None, missing_ok=False):
-    """Return a published file: packaged in local_dir (default: beside the handler) if there, else from S3, cached.
-
-    An empty local_dir ("") reads only the published copy in the software bucket.
-    """
+    """Return a published file: from local_dir (default: beside the handler; "": none) if there, else S3; cached."""
     local_dir = os.path.dirname(os.path.abspath(__file__)) if local_dir is None else local_dir
     cache_key = (local_dir, settings["SOFTWARE_BUCKET"], key)
     if cache_key in _template_cache:
@@ -423,7 +420,8 @@ def route_name(obj, settings, s3=None, local_dir=None):
 def describe_failure(err):
     """Return (code, message) of a failed launch, whatever kind of error it was."""
     if isinstance(err, ClientError):
-        return err.response["Error"]["Code"], err.response["Error"]["Message"]
+        error = err.response.get("Error", {})
+        return error.get("Code", "") or "ClientError", error.get("Message", "")
     return type(err).__name__, str(err)
 
 
