@@ -799,8 +799,16 @@ def test_a_route_dropped_from_the_table_loses_its_template_and_permission(client
     drift = deploy.collect_status(clients, names, routes_file=first)["drift"]
     assert {"resource": "launch template", "name": "su2cw_worker_big", "problem": "missing"} \
         in drift
+    routed_worker = ec2.run_instances(
+        LaunchTemplate={"LaunchTemplateName": "su2cw_worker_misc", "Version": "$Latest"},
+        MinCount=1, MaxCount=1, TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": "awsfun:launch-template", "Value": "su2cw_worker_misc"}]}],
+    )["Instances"][0]["InstanceId"]
     deploy.teardown(clients, names, progress=deploy.Progress(echo=False), wait=False)
     assert ec2.describe_launch_templates()["LaunchTemplates"] == []
+    (state,) = [i["State"]["Name"] for r in ec2.describe_instances(
+        InstanceIds=[routed_worker])["Reservations"] for i in r["Instances"]]
+    assert state in ("shutting-down", "terminated")  # no routed worker is orphaned
 
 
 def test_status_reports_an_invalid_checkout_table_as_drift(clients, names, deployed, tmp_path):
