@@ -1667,7 +1667,7 @@ class Reconciler:
         self.queue_url = found[0]
         if not int(found[1].get("ApproximateNumberOfMessages", 0)):
             # Saves a long poll on an empty queue; a letter that lands meanwhile waits for the next run.
-            self.progress.record(IN_PLACE, "dead-letter queue", self.names.dlq_name, "empty")
+            self.progress.record("checked", "dead-letter queue", self.names.dlq_name, "empty")
             return
         kept = [message for message in receive_dead_letters(self.sqs, self.queue_url)
                 if not self.replay_message(message)]
