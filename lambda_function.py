@@ -138,10 +138,14 @@ def parse_record(record):
         raise EventError(f"invalid bucket name {bucket!r} (placeholder left in a test event?)")
     if not isinstance(raw_key, str) or not raw_key:
         raise EventError("object key is missing or empty")
+    key = unquote_plus(raw_key)
+    # No S3 object has such a key; bash would drop a NUL and so hand the worker another object.
+    if re.search("[\0\ud800-\udfff]", key) or len(key.encode("utf-8", "surrogatepass")) > 1024:
+        raise EventError("object key holds a NUL or a lone surrogate, or passes S3's 1,024 bytes")
     obj = s3["object"]
     return {
         "bucket": bucket,
-        "key": unquote_plus(raw_key),
+        "key": key,
         "event_name": str(record.get("eventName", "")),
         "etag": str(obj.get("eTag") or obj.get("etag") or "").strip('"'),
         "version_id": str(obj.get("versionId") or ""),
