@@ -17,6 +17,7 @@ HAVE_PYTHON=""
 WORK_DIR=""
 LOG_FILE=""
 TEE_PID=""
+SIGNALLED=""
 
 log() {
   printf '%s awsfun-bootstrap: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2
@@ -139,12 +140,24 @@ write_error_report() {
   fi
 }
 
+# on_signal NAME STATUS: remember which signal stopped the job, then exit through on_exit.
+on_signal() {
+  SIGNALLED="$1"
+  exit "$2"
+}
+
 on_exit() {
   local status=$?
   set +e
   trap - ERR EXIT
+  # Should the log pipe be gone, a write must fail, not kill the shell before its report.
+  trap '' PIPE
+  local message="bootstrap failed with status $status"
+  if [[ -n "$SIGNALLED" ]]; then
+    message="stopped by SIG$SIGNALLED (status $status): the machine is shutting down (its watchdog fired, or it was stopped)"
+  fi
   if ((status != 0)) && [[ -z "$REPORTED" && -n "${JOB_KEY+set}" && -n "$WORK_DIR" ]]; then
-    write_error_report bootstrap "bootstrap failed with status $status" "$status"
+    write_error_report bootstrap "$message" "$status"
   fi
   log "finished with status $status; shutting down"
   if [[ -n "$TEE_PID" ]]; then
@@ -174,11 +187,15 @@ ensure_boto3() {
 
 main() {
   trap on_exit EXIT
-  trap 'exit 143' TERM INT HUP
+  trap 'on_signal TERM 143' TERM
+  trap 'on_signal INT 130' INT
+  trap 'on_signal HUP 129' HUP
   WORK_DIR="$(mktemp -d "${TMPDIR:-/tmp}/awsfun.XXXXXX")"
   LOG_FILE="$WORK_DIR/bootstrap.log"
   exec 3>&1 4>&2
-  exec > >(tee -a "$LOG_FILE") 2>&1
+  # A shutdown sends SIGTERM to every process: tee must outlive it, or the error report and
+  # the log written after it would go to a closed pipe. It ends when the shell closes it.
+  exec > >(trap '' TERM INT HUP && exec tee -a "$LOG_FILE") 2>&1
   TEE_PID=$!
   if [[ -z "${JOB_BUCKET_B64:-}" ]]; then
     log "this is the unrendered template: lambda_function.render_user_data fills in the job"
