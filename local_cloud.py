@@ -168,6 +168,7 @@ class LocalCloud:
         self.booted = {}  # instance id -> ClientToken
         self.tokens = {}  # ClientToken -> first instance id: EC2 launches once per token
         self.processes = {}
+        self.machines = {}  # instance id -> {"key", "halt"}: what each booted machine did
         self.scratch_root = Path(tempfile.mkdtemp(prefix="awsfun-local-"))
         self.lock = threading.Lock()
         self.clients = {}
@@ -412,6 +413,8 @@ class LocalCloud:
             env.pop(name, None)  # the Lambda's settings are not the instance's
         if self.before_boot:
             self.before_boot(instance_id, key, env)
+        with self.lock:
+            self.machines[instance_id] = {"key": key, "halt": None}
         self.tracker.stage(key, "running", instance_id)
         with open(scratch / "console.log", "wb") as console:
             process = subprocess.Popen(["bash", str(script)], cwd=scratch, env=env,
@@ -422,6 +425,7 @@ class LocalCloud:
             reason = self.wait_for_machine(process, calls_log)
             with self.lock:
                 self.processes.pop(instance_id, None)
+                self.machines[instance_id]["halt"] = reason or "exited without shutdown -h now"
         self.record_outcome(key, instance_id, scratch)
         if reason:
             ec2.terminate_instances(InstanceIds=[instance_id])
@@ -539,15 +543,22 @@ class FaultProxy:
 
     Point one machine's AWS_ENDPOINT_URL at it (LocalCloud.before_boot) to deny, say, the
     PutObject of one report: moto enforces no bucket policy, and its IAM checks would refuse
-    the local cloud's own calls too. refuse(method, path) returns (status, code) or None.
+    the local cloud's own calls too. refuse(method, path) returns (status, code) or None;
+    throttle(method, path) returns the bytes per second to send a reply's body at, or None
+    (a slow network, so a test can act while a worker is mid-stream). `sent` counts the body
+    bytes sent per path.
     """
 
-    def __init__(self, upstream, refuse):
+    def __init__(self, upstream, refuse=lambda method, path: None,
+                 throttle=lambda method, path: None):
         import http.server
         import urllib.parse
 
         self.upstream = urllib.parse.urlsplit(upstream)
         self.refused = []
+        self.sent = {}
+        self.lock = threading.Lock()
+        self.throttle = throttle
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -602,9 +613,25 @@ class FaultProxy:
                 request.send_header("Content-Length", str(len(data)))
             request.end_headers()
             if request.command != "HEAD":
-                request.wfile.write(data)
+                self.send_body(request, data)
         finally:
             upstream.close()
+
+    def send_body(self, request, data, chunk=64 * 1024):
+        """Send a reply's body, as slowly as `throttle` says; stop if the client went away."""
+        import urllib.parse
+
+        path = urllib.parse.unquote(request.path.split("?")[0])
+        rate = self.throttle(request.command, path)
+        for start in range(0, len(data), chunk):
+            try:
+                request.wfile.write(data[start:start + chunk])
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            with self.lock:
+                self.sent[path] = self.sent.get(path, 0) + len(data[start:start + chunk])
+            if rate:
+                time.sleep(chunk / rate)
 
     def close(self):
         """Stop serving."""
@@ -621,20 +648,43 @@ def _record_key(record):
         return None
 
 
+def session_processes(session_id):
+    """Return the pids in a session: a machine's processes, as its cgroup would hold them.
+
+    A process group is not enough: `timeout` moves the worker into a group of its own.
+    """
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session_id:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _signal_machine(process, sig):
+    """Send `sig` to every process of a machine (its session; its group where /proc is absent)."""
+    pids = session_processes(process.pid) if Path("/proc/self/stat").exists() else []
+    if not pids:
+        pids = [-process.pid]  # a negative pid signals the process group
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _kill_group(process):
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    _signal_machine(process, signal.SIGKILL)
 
 
 def _shut_down_group(process, grace):
     """Stop a machine's processes as an OS shutdown does: SIGTERM, then SIGKILL after `grace` s."""
+    _signal_machine(process, signal.SIGTERM)
     try:
-        os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=grace)
-    except (ProcessLookupError, PermissionError):
-        pass
     except subprocess.TimeoutExpired:
         logger.warning("machine ignored SIGTERM for %ss; killing it", grace)
     _kill_group(process)
