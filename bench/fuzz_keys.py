@@ -74,6 +74,7 @@ def main(argv=None):
     import lambda_function  # noqa: F401 - it sets the root logger to INFO when imported
 
     logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("test_injection").setLevel(logging.INFO)  # progress every 1,000 keys
     result, draw_seconds, soak_seconds = run(args.keys, args.processes)
     print(f"{result.keys} keys drawn in {draw_seconds:.1f} s; soaked in {soak_seconds:.1f} s "
           f"({result.keys / soak_seconds:.1f} keys/s); {result.reached_worker} reached the "

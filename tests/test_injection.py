@@ -226,11 +226,15 @@ def boot_problems(key, done, recording, worker_status):
     if argv is None or not argv[0].endswith(b"/AwsS3.py") or argv[1:] != expected_worker_argv(key):
         problems.append(f"worker argv {argv!r}")
     copies = recording["copies"]
-    if not copies or copies[0][0] != "get" or copies[0][2] != lf.DEFAULTS["WORKER_KEY"]:
-        problems.append(f"the worker was not fetched first: {copies!r}")
+    software = lf.DEFAULTS["SOFTWARE_BUCKET"]
+    if ("get", software, lf.DEFAULTS["WORKER_KEY"]) not in copies:
+        problems.append(f"the worker was never fetched: {copies!r}")
+    # Reads come from the software bucket only; writes are this key's reports (bash's own
+    # report_key must agree with the worker's, _long/ hashing included).
     reports = {AwsS3.report_key(key, suffix) for suffix in (".error.json", ".log")}
-    for op, bucket, target in copies[1:]:
-        if (op, bucket) != ("put", DATA) or target not in reports:
+    for op, bucket, target in copies:
+        if (op, bucket) != ("get", software) and ((op, bucket) != ("put", DATA)
+                                                  or target not in reports):
             problems.append(f"unexpected S3 copy {(op, bucket, target)!r}")
     if worker_status:
         problems += error_report_problems(key, recording["error_report"])
@@ -302,6 +306,9 @@ def soak(keys, workdir, s3, processes=SOAK_BASH_PROCESSES):
                 problems = worker_problems(s3, key, recording["argv"])
             failures += [f"{key!r}: {problem}" for problem in problems]
             remove_recording(record)
+            if reached_worker % 1000 == 0 and not problems:
+                logger.info("soak: %d keys through the worker, %d failures", reached_worker,
+                            len(failures))
     if CANARY.exists():
         failures.append("the canary exists: a command from a key was executed")
     elapsed = time.monotonic() - started
