@@ -802,9 +802,10 @@ class ColumnProfile:
 
     def add(self, values):
         """Add one block's values of this column."""
-        self.empty += values.count("")
         present = set(values)
-        present.discard("")
+        if "" in present:
+            self.empty += values.count("")  # only counted where there is one: most columns have none
+            present.discard("")
         if not present:
             return
         self.distinct.add(present)
