@@ -97,6 +97,7 @@ def stored(cloud, key):
 
 
 def s3_text(cloud, key):
+    """Return an object of the data bucket as text (a report or a log)."""
     return cloud.client("s3").get_object(Bucket=cloud.names["data_bucket"],
                                          Key=key)["Body"].read().decode("utf-8")
 
@@ -134,6 +135,7 @@ def dead_letters(cloud):
 
 
 def dead_letter_keys(cloud):
+    """Return the keys of every record in the dead-letter queue."""
     return {local_cloud._record_key(record)
             for event in dead_letters(cloud) for record in event.get("Records", [])}
 
@@ -202,6 +204,7 @@ def find_worker_process(cloud, instance_id, timeout=60):
 
 
 def wait_until(condition, timeout, what):
+    """Poll `condition` until it is true; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -417,3 +420,34 @@ def test_run_instances_failing_until_retries_run_out(cloud, code, status):
     assert outcome == "report" and report["input"]["key"] == key
     assert_shut_down(cloud, key)
     assert key not in dead_letter_keys(cloud)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap: a machine lost without a trace (host failure, spot reclaim) leaves its input "
+    "unprocessed, and reconcile relaunches it under the same ClientToken, which EC2 answers "
+    "with the dead instance (the local cloud does not boot the repeat); the fix belongs in "
+    "deploy.reconcile / the token, not here"))
+def test_machine_lost_without_a_trace_is_relaunched_by_reconcile(cloud):
+    key = "faults/lost/table.csv"
+    booted = []
+
+    def note_boot(instance_id, booting_key, env):
+        if booting_key == key:
+            # The worker that never finishes: the machine is lost while it runs.
+            booted.append(instance_id)
+
+    publish_worker(cloud, "import time\ntime.sleep(3600)\n")
+    cloud.before_boot = note_boot
+    put(cloud, key, CSV)
+    wait_until(lambda: booted and find_worker_process(cloud, booted[0]), OUTCOME_TIMEOUT,
+               "the worker to start")
+    with cloud.lock:
+        process = cloud.processes[booted[0]]
+    local_cloud._kill_group(process)  # every process of the machine, at once: no trap runs
+    cloud.client("ec2").terminate_instances(InstanceIds=booted)  # as EC2 does for a lost host
+    wait_for_outcome(cloud, key)
+    publish_worker(cloud)
+    assert cloud.fetch_report(key) == (None, None)
+    assert stored(cloud, key) == CSV
+    assert_reconciled_to_complete(cloud, "faults/lost/")
+    assert cloud.fetch_report(key)[0] == "report"
