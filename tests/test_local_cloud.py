@@ -2,9 +2,11 @@
 
 import gzip
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -82,39 +84,48 @@ def cloud(tmp_path):
         yield running
 
 
-def test_burst_of_40_with_hostile_names(cloud, tmp_path):
+# The issue asks for 500; on a 2-core CI machine each real machine (bash, three python3
+# starts, the moto server) costs about a CPU-second, so the default keeps CI in its budget.
+# AWSFUN_BURST_FILES=500 runs the full burst.
+BURST_FILES = int(os.environ.get("AWSFUN_BURST_FILES", "200"))
+BURST_MACHINES = 3
+
+
+def test_burst_of_uploads_at_once_with_hostile_names(tmp_path):
+    """BURST_FILES small uploads at once, 3 machine slots: one report per input, each naming
+    its key exactly; no machine left, no token launched twice, no report for a report."""
     canary = tmp_path / "CANARY"
     injections = [f"$(touch {canary})", f"`touch {canary}`", f";touch {canary};", f"' && touch {canary} #"]
-    keys = {}
-    for index in range(40):
-        folder = tmp_path / "in" / f"{index:02d}"
-        folder.mkdir(parents=True)
-        path = folder / HOSTILE_NAMES[index % len(HOSTILE_NAMES)]
-        path.write_text(f"id,value\n{index},{index * 2}\n")
-        # Keys may hold "/", so the prefix carries commands naming an absolute canary.
-        prefix = f"burst/{index:02d}/{injections[index % len(injections)]}"
-        keys.update(upload_without_waiting(cloud, [path], prefix))
-    assert len(keys) == 40
-    pending = cloud.tracker.wait_for(list(keys), timeout=240)
-    assert pending == []
-    assert all(cloud.tracker.outcome(key) == "report" for key in keys)
-    for key in keys:
-        outcome, report = cloud.fetch_report(key)
-        assert outcome == "report" and report["input"]["key"] == key
-    assert cloud.wait_idle() == []
+    keys = [f"burst/{index:03d}/{injections[index % len(injections)]}/"
+            f"{HOSTILE_NAMES[index % len(HOSTILE_NAMES)]}" for index in range(BURST_FILES)]
+    with LocalCloud(workers=BURST_MACHINES, tracker=Tracker(quiet=True)) as cloud:
+        s3, bucket = cloud.client("s3"), cloud.names["data_bucket"]
+        started = time.monotonic()
+        for index, key in enumerate(keys):
+            s3.put_object(Bucket=bucket, Key=key, Body=f"id,value\n{index},{index * 2}\n".encode())
+            cloud.tracker.stage(key, "uploaded")
+        pending = cloud.tracker.wait_for(keys, timeout=60 + 3 * BURST_FILES)
+        elapsed = time.monotonic() - started
+        logging.getLogger(__name__).warning("burst: %d files in %.1f s (%.2f files/s)",
+                                            BURST_FILES, elapsed, BURST_FILES / elapsed)
+        assert pending == []
+        assert cloud.wait_idle() == []
+        outputs = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="analysis/") for o in page.get("Contents", [])]
+        reports = [k for k in outputs if k.endswith(".json") and not k.endswith(".error.json")]
+        named = [json.loads(s3.get_object(Bucket=bucket, Key=k)["Body"].read())["input"]["key"]
+                 for k in reports]
+        # One report per input, each for exactly its key; nothing else but their logs.
+        assert sorted(named) == sorted(keys)
+        assert sorted(outputs) == sorted([AwsS3.report_key(k) for k in keys]
+                                         + [AwsS3.report_key(k, ".log") for k in keys])
+        # Every launch had its own token and booted one machine, which shut itself down;
+        # the reports and logs (keys with "analysis") started none.
+        tokens = list(cloud.booted.values())
+        assert len(tokens) == len(set(tokens)) == len(cloud.tokens) == BURST_FILES
+        assert sorted(m["key"] for m in cloud.machines.values()) == sorted(keys)
+        assert {m["halt"] for m in cloud.machines.values()} == {"shutdown -h now"}
     assert not canary.exists()
-    # Outputs never start machines: only the 40 inputs were ever launched.
-    assert len(cloud.booted) == 40
-
-
-def upload_without_waiting(cloud, paths, prefix):
-    """Upload without waiting, so the whole burst is in flight at once."""
-    keys = {}
-    for path in paths:
-        key = local_cloud.object_key(prefix, path)
-        cloud.upload(path, key)
-        keys[key] = None
-    return keys
 
 
 def test_multipart_upload_events_process_the_object_once(cloud, tmp_path):
