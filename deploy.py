@@ -1371,6 +1371,19 @@ def delete_function(lam, names, progress):
 
 REPORTED, FAILED, RUNNING, UNPROCESSED = "reported", "error-reported", "running", "unprocessed"
 DLQ_VISIBILITY_SECONDS = 300
+# How often reconcile relaunches an input whose workers all ended without a report (each
+# attempt its own deterministic ClientToken) before it reports the input as failed.
+MAX_RELAUNCHES = 3
+
+
+def worker_tokens(obj):
+    """Every ClientToken a worker for this object version may carry: the event's, then each relaunch's (pure)."""
+    return [lambda_function.client_token(obj, attempt) for attempt in range(MAX_RELAUNCHES + 1)]
+
+
+def running_worker(obj, tokens):
+    """Return the instance id of a running worker for this object version, or None (pure)."""
+    return next((tokens[t] for t in worker_tokens(obj) if t in tokens), None)
 
 
 def deployed_settings(lam, names):
@@ -1463,17 +1476,16 @@ def running_tokens(ec2, bucket):
 
 
 def instance_state(ec2, instance_id):
-    """Return an instance's state name; one EC2 does not show yet counts as pending."""
+    """Return an instance's state name, or "gone" when EC2 no longer shows it."""
     try:
-        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
-    except ClientError as err:
-        if error_code(err) == "InvalidInstanceID.NotFound":
-            # Just launched and not yet visible (eventual consistency) counts as pending.
-            return "pending"
-        log_client_error(err, f"describing {instance_id}")
-        raise
-    instances = [i for r in reservations for i in r["Instances"]]
-    return instances[0]["State"]["Name"] if instances else "pending"
+        # A new instance may take seconds to show (eventual consistency); a worker that
+        # ended long ago never shows again.
+        ec2.get_waiter("instance_exists").wait(InstanceIds=[instance_id],
+                                               WaiterConfig={"Delay": 2, "MaxAttempts": 10})
+    except WaiterError:
+        return "gone"
+    reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return reservations[0]["Instances"][0]["State"]["Name"]
 
 
 def is_input(key, skip_substring, key_prefix=""):
@@ -1496,9 +1508,9 @@ def scan_inputs(s3, bucket, skip_substring, tokens, key_prefix=""):
             obj = head_input(s3, bucket, key)
             if obj is None:
                 continue  # deleted since the listing
-            token = lambda_function.client_token(obj)
-            entry.update(obj=obj, token=token, instance_id=tokens.get(token),
-                         state=RUNNING if token in tokens else UNPROCESSED)
+            running = running_worker(obj, tokens)
+            entry.update(obj=obj, token=lambda_function.client_token(obj), instance_id=running,
+                         state=RUNNING if running else UNPROCESSED)
         scanned.append(entry)
     return scanned
 
@@ -1573,40 +1585,49 @@ class Reconciler:
                        "dlq_kept": []}
 
     def launch(self, obj):
-        """Launch one object's worker through the handler's path; return (instance id, None) or (None, error)."""
+        """Launch one object's worker through the handler's path; return (instance id, None) or (None, error).
+
+        The event's ClientToken first, so a repeat of the Lambda's launch is harmless. Only
+        when EC2 answers a token with a worker that already ended (without a report, or the
+        scan would not be here) does the next relaunch attempt, with its own token, follow.
+        """
         token = lambda_function.client_token(obj)
-        if token in self.tokens:
-            return self.tokens[token], None
         if token in self.refused:
             return None, self.refused[token]
-        try:
-            # local_dir "": render and route with what deploy published, like the function.
-            instance_id = lambda_function.launch_object(obj, self.settings, ec2=self.ec2,
-                                                        s3=self.s3, local_dir="")
-        except lambda_function.LAUNCH_ERRORS as err:
-            code, message = lambda_function.describe_failure(err)
-            logger.error("launch for s3://%s/%s failed: %s %s", obj["bucket"], obj["key"], code,
-                         message)
-            self.refused[token] = f"{code}: {message}"
-            return None, self.refused[token]
-        state = instance_state(self.ec2, instance_id)
-        if state not in ("pending", "running"):
-            # EC2 answered the token with the worker that already ran and ended without a
-            # report; a launch under the same token cannot start another one.
-            self.refused[token] = (f"ClientToken already used by {instance_id} ({state}), which "
-                                   "ended without a report: see its console output")
-            logger.error("s3://%s/%s: %s", obj["bucket"], obj["key"], self.refused[token])
-            return None, self.refused[token]
-        self.tokens[token] = instance_id
-        return instance_id, None
+        ended = []
+        for attempt, attempt_token in enumerate(worker_tokens(obj)):
+            if attempt_token in self.tokens:
+                return self.tokens[attempt_token], None
+            try:
+                # local_dir "": render and route with what deploy published, like the function.
+                instance_id = lambda_function.launch_object(obj, self.settings, ec2=self.ec2,
+                                                            s3=self.s3, local_dir="",
+                                                            attempt=attempt)
+            except lambda_function.LAUNCH_ERRORS as err:
+                code, message = lambda_function.describe_failure(err)
+                logger.error("launch for s3://%s/%s failed: %s %s", obj["bucket"], obj["key"],
+                             code, message)
+                self.refused[token] = f"{code}: {message}"
+                return None, self.refused[token]
+            state = instance_state(self.ec2, instance_id)
+            if state in ("pending", "running"):
+                self.tokens[attempt_token] = instance_id
+                return instance_id, None
+            logger.warning("s3://%s/%s: ClientToken attempt %d is %s's, which is %s with no "
+                           "report; relaunching", obj["bucket"], obj["key"], attempt, instance_id,
+                           state)
+            ended.append(f"{instance_id} ({state})")
+        self.refused[token] = (f"every ClientToken is used by a worker that ended without a "
+                               f"report: {', '.join(ended)}; see their console output")
+        return None, self.refused[token]
 
     def replay_record(self, obj):
         """Return (outcome, instance id or error) for one dead-lettered record."""
         if not obj["key"].startswith(self.key_prefix):
             return "outside --key-prefix", None
-        token = lambda_function.client_token(obj)
-        if token in self.tokens:
-            return "worker running", self.tokens[token]
+        running = running_worker(obj, self.tokens)
+        if running:
+            return "worker running", running
         current = head_input(self.s3, obj["bucket"], obj["key"])
         if current is None:
             return "object deleted", None

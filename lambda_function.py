@@ -173,10 +173,15 @@ def should_process(obj, skip_substring):
     return None
 
 
-def client_token(obj):
-    """Derive RunInstances' ClientToken: one launch per bucket, key and object version."""
+def client_token(obj, attempt=0):
+    """Derive RunInstances' ClientToken: one launch per bucket, key, object version (and relaunch attempt)."""
     version = obj["version_id"] + "/" + (obj["etag"] or obj["sequencer"])
-    material = json.dumps([obj["bucket"], obj["key"], version], ensure_ascii=False)
+    fields = [obj["bucket"], obj["key"], version]
+    if attempt:
+        # Only reconcile relaunches (after EC2 answered the token with a worker that ended
+        # without a report); attempt 0, every event's, keeps the token it always had.
+        fields.append(f"relaunch {int(attempt)}")
+    material = json.dumps(fields, ensure_ascii=False)
     return hashlib.sha256(material.encode("utf-8")).hexdigest()[:CLIENT_TOKEN_LIMIT]
 
 
@@ -355,9 +360,9 @@ def apply_route(settings, route):
     return merged
 
 
-def launch_worker(ec2, obj, user_data, settings, dry_run=False):
+def launch_worker(ec2, obj, user_data, settings, dry_run=False, attempt=0):
     """Call RunInstances once for one object and return the new instance id."""
-    token = client_token(obj)
+    token = client_token(obj, attempt)
     response = ec2.run_instances(
         LaunchTemplate={"LaunchTemplateName": settings["LAUNCH_TEMPLATE"], "Version": "$Latest"},
         MinCount=1,
@@ -397,10 +402,10 @@ def prepare_launch(obj, settings, s3=None, local_dir=None):
     return launch, render_user_data(template, obj, launch)
 
 
-def launch_object(obj, settings, ec2=None, s3=None, local_dir=None):
+def launch_object(obj, settings, ec2=None, s3=None, local_dir=None, attempt=0):
     """Route, render and launch one object's worker; return the instance id (handler and reconcile)."""
     launch, user_data = prepare_launch(obj, settings, s3, local_dir)
-    instance_id = launch_worker(ec2 or get_client("ec2"), obj, user_data, launch)
+    instance_id = launch_worker(ec2 or get_client("ec2"), obj, user_data, launch, attempt=attempt)
     logger.info("launched %s for s3://%s/%s (route %s, template %s)", instance_id,
                 obj["bucket"], obj["key"], launch["ROUTE"], launch["LAUNCH_TEMPLATE"])
     return instance_id

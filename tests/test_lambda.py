@@ -262,6 +262,13 @@ def test_client_token_is_the_same_for_a_duplicate_delivery():
     assert lf.client_token(first) == lf.client_token(second)
 
 
+def test_relaunch_attempts_get_their_own_tokens_and_attempt_0_is_the_events():
+    tokens = [lf.client_token(obj(), attempt) for attempt in range(4)]
+    assert tokens[0] == lf.client_token(obj())
+    assert len(set(tokens)) == 4 and all(len(token) <= 64 for token in tokens)
+    assert tokens == [lf.client_token(obj(), attempt) for attempt in range(4)]  # deterministic
+
+
 def test_client_token_does_not_mix_fields():
     # A key that looks like the other fields' encoding cannot collide with them.
     assert lf.client_token(obj('x", "v1/e', version_id="", etag="")) != \

@@ -180,25 +180,52 @@ def test_dry_run_key_prefix_second_run_and_new_version(clients, stack):
     tokens = {token for _, token in workers(ec2, bucket)["other/c.csv"]}
     assert event_token(bucket, "other/c.csv", new) in tokens and len(tokens) == 2
 
-    # A worker that ended without any report: EC2 answers its token with that dead
-    # instance (moto does not, so the answer is imitated); reconcile says so and fails.
-    [(dead, _)] = workers(ec2, bucket)["in/a.csv"]
+    # A worker lost without any report (host failure): EC2 answers its ClientToken with
+    # that dead instance (moto does not, so the answer is imitated). reconcile relaunches
+    # under the next attempt's token, and a further run sees that worker running.
+    [(dead, dead_token)] = workers(ec2, bucket)["in/a.csv"]
     ec2.terminate_instances(InstanceIds=[dead])
-    answer_with_instance(ec2, dead)
+    used = answer_tokens_with_instance(ec2, {dead_token: dead})
     fifth = deploy.reconcile(clients, stack, progress=quiet())
-    assert fifth["unprocessed"] == ["in/a.csv"] and fifth["launched"] == []
-    [failed] = fifth["failed"]
-    assert failed["key"] == "in/a.csv" and f"already used by {dead}" in failed["error"]
+    assert fifth["unprocessed"] == ["in/a.csv"] and fifth["failed"] == []
+    [relaunched] = fifth["launched"]
+    [(instance_id, token)] = workers(ec2, bucket)["in/a.csv"]
+    assert relaunched["instance_id"] == instance_id != dead
+    head = s3.head_object(Bucket=bucket, Key="in/a.csv")
+    obj = deploy.object_from_head(bucket, "in/a.csv", head)
+    assert token == lambda_function.client_token(obj, 1) != dead_token
+    assert used == [dead_token, token]
+    sixth = deploy.reconcile(clients, stack, progress=quiet())
+    assert sixth["launched"] == [] and sixth["counts"]["running"] == 3
+
+    # Every attempt's token answered by an ended worker: reported as failed, not "launched".
+    ec2.terminate_instances(InstanceIds=[instance_id])
+    answer_tokens_with_instance(ec2, {t: dead for t in deploy.worker_tokens(obj)})
+    seventh = deploy.reconcile(clients, stack, progress=quiet())
+    assert seventh["launched"] == []
+    [failed] = seventh["failed"]
+    assert failed["key"] == "in/a.csv"
+    assert "every ClientToken is used by a worker that ended without a report" in failed["error"]
 
 
-def answer_with_instance(ec2, instance_id):
-    """Make RunInstances answer with an existing instance, as EC2 does for a used ClientToken."""
+def answer_tokens_with_instance(ec2, answers):
+    """Make RunInstances answer these ClientTokens with an existing instance, as EC2 does for a
+    token already used; other tokens launch as usual. Returns the tokens asked for, in order."""
+    asked = []
+
+    def note(params, **_):
+        asked.append(params["ClientToken"])
+
     def answer(**_):
-        return (AWSResponse(None, 200, {}, None),
-                {"Instances": [{"InstanceId": instance_id}],
-                 "ResponseMetadata": {"HTTPStatusCode": 200}})
+        if asked and asked[-1] in answers:
+            return (AWSResponse(None, 200, {}, None),
+                    {"Instances": [{"InstanceId": answers[asked[-1]]}],
+                     "ResponseMetadata": {"HTTPStatusCode": 200}})
+        return None
 
+    ec2.meta.events.register("provide-client-params.ec2.RunInstances", note)
     ec2.meta.events.register("before-call.ec2.RunInstances", answer)
+    return asked
 
 
 # --- the dead-letter queue ---------------------------------------------------------------
