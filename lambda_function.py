@@ -27,6 +27,8 @@ logger.setLevel(os.environ.get("LOG_LEVEL", "INFO"))
 USER_DATA_LIMIT = 16 * 1024
 TAG_VALUE_LIMIT = 256
 CLIENT_TOKEN_LIMIT = 64
+# Room left for one last RunInstances (retries included) before Lambda's timeout.
+DEADLINE_MARGIN_MS = 10_000
 JOB_MARKER = ": __AWSFUN_JOB__"
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 LAUNCH_TEMPLATE_NAME = re.compile(r"^[a-zA-Z0-9().\-/_]{3,128}$")
@@ -132,13 +134,19 @@ def parse_record(record):
         s3 = record["s3"]
         bucket = s3["bucket"]["name"]
         raw_key = s3["object"]["key"]
-    except (KeyError, TypeError) as err:
+    except KeyError as err:
         raise EventError(f"missing field {err}") from None
+    except TypeError:
+        raise EventError("'s3', 's3.bucket' and 's3.object' must be JSON objects") from None
     if not isinstance(bucket, str) or not BUCKET_NAME.match(bucket):
         raise EventError(f"invalid bucket name {bucket!r} (placeholder left in a test event?)")
     if not isinstance(raw_key, str) or not raw_key:
         raise EventError("object key is missing or empty")
-    key = unquote_plus(raw_key)
+    try:
+        # strict: a bad escape must not become U+FFFD, the name of another object.
+        key = unquote_plus(raw_key, errors="strict")
+    except UnicodeDecodeError:
+        raise EventError("object key is not valid percent-encoded UTF-8") from None
     # No S3 object has such a key; bash would drop a NUL and so hand the worker another object.
     if re.search("[\0\ud800-\udfff]", key) or len(key.encode("utf-8", "surrogatepass")) > 1024:
         raise EventError("object key holds a NUL or a lone surrogate, or passes S3's 1,024 bytes")
@@ -434,6 +442,12 @@ def describe_failure(err):
     return type(err).__name__, str(err)
 
 
+def time_is_running_out(context):
+    """True when the Lambda context says less than DEADLINE_MARGIN_MS remain."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    return remaining is not None and remaining() < DEADLINE_MARGIN_MS
+
+
 def lambda_handler(event, context):
     """Launch one worker per new object in the event; raise if any launch failed."""
     settings = load_settings()
@@ -442,8 +456,20 @@ def lambda_handler(event, context):
     for entry in skipped:
         logger.warning("skipped s3://%s/%s: %s", entry["bucket"], entry["key"], entry["reason"])
     failures = []
-    for obj in objects:
-        reason = should_process(obj, settings["SKIP_SUBSTRING"])
+    seen_tokens = set()
+    for index, obj in enumerate(objects):
+        if time_is_running_out(context):
+            # Stop before Lambda kills us mid-call; the retry re-uses every token, so the
+            # records launched so far do not launch twice and the rest get their turn.
+            failures.append(f"{len(objects) - index} records not attempted: the function's "
+                            "time is running out")
+            logger.error("stopping with %d records left: less than %d ms remain",
+                         len(objects) - index, DEADLINE_MARGIN_MS)
+            break
+        token = client_token(obj)
+        reason = ("the same object version as an earlier record of this event"
+                  if token in seen_tokens else should_process(obj, settings["SKIP_SUBSTRING"]))
+        seen_tokens.add(token)
         if reason:
             logger.info("skipped s3://%s/%s: %s", obj["bucket"], obj["key"], reason)
             result["skipped"].append({"bucket": obj["bucket"], "key": obj["key"], "reason": reason})

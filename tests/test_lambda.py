@@ -764,3 +764,55 @@ def test_test_event_with_placeholders_replaced_parses_and_launches(clients):
     result = lf.lambda_handler(event, None)
     assert [(e["bucket"], e["key"]) for e in result["launched"]] == \
         [("my-data-bucket", "inbox/run 7/sample ü.csv")]
+
+
+# --- hostile shapes and the function's deadline ----------------------------------------
+
+
+def test_a_bad_percent_escape_is_refused_not_renamed(clients):
+    """'%ff' is not UTF-8: decoding it leniently would name another object (U+FFFD)."""
+    result = lf.lambda_handler(s3_event(s3_record(BUCKET, "", raw_key="inbox/%ff.csv")), None)
+    [entry] = result["skipped"]
+    assert "not valid percent-encoded UTF-8" in entry["reason"]
+    assert result["launched"] == [] and clients.ec2_calls == []
+
+
+def test_a_wrong_typed_field_is_named_as_such(clients):
+    record = s3_record(BUCKET, "inbox/a.csv")
+    record["s3"]["object"] = "inbox/a.csv"
+    result = lf.lambda_handler(s3_event(record), None)
+    assert "must be JSON objects" in result["skipped"][0]["reason"]
+    assert clients.ec2_calls == []
+
+
+def test_repeated_records_of_one_object_version_launch_once(clients):
+    clients.ec2_stub.add_response("run_instances", instance("i-00000000000000001"))
+    clients.ec2_stub.add_response("run_instances", instance("i-00000000000000002"))
+    records = [s3_record(BUCKET, "inbox/a.csv")] * 500 + [s3_record(BUCKET, "inbox/b.csv")]
+    result = lf.lambda_handler(s3_event(*records), None)
+    assert [e["key"] for e in result["launched"]] == ["inbox/a.csv", "inbox/b.csv"]
+    assert len(result["skipped"]) == 499
+    assert all("same object version" in e["reason"] for e in result["skipped"])
+    assert len(clients.ec2_calls) == 2
+
+
+class ShrinkingContext:
+    """A Lambda context whose remaining time drops by `step` ms at each look."""
+
+    def __init__(self, remaining, step):
+        self.remaining, self.step = remaining, step
+
+    def get_remaining_time_in_millis(self):
+        self.remaining -= self.step
+        return self.remaining
+
+
+def test_stops_before_the_deadline_and_fails_so_the_retry_finishes(clients):
+    clients.ec2_stub.add_response("run_instances", instance("i-00000000000000001"))
+    clients.ec2_stub.add_response("run_instances", instance("i-00000000000000002"))
+    records = [s3_record(BUCKET, f"inbox/{n}.csv") for n in range(5)]
+    # Each look costs 9 s: 21 s and 12 s remain for the first two, then 3 s (< the margin).
+    context = ShrinkingContext(remaining=30_000, step=9_000)
+    with pytest.raises(lf.LaunchFailed, match="3 records not attempted"):
+        lf.lambda_handler(s3_event(*records), context)
+    assert len(clients.ec2_calls) == 2
