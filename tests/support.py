@@ -249,6 +249,18 @@ def remove_recording(record):
         Path(str(record) + suffix).unlink(missing_ok=True)
 
 
+class RecordingEc2:
+    """EC2 as the handler sees it: RunInstances records the request and 'launches' at once."""
+
+    def __init__(self):
+        self.requests = []
+
+    def run_instances(self, **params):
+        """Record the request; return a fresh instance id."""
+        self.requests.append(params)
+        return {"Instances": [{"InstanceId": f"i-{len(self.requests):017x}"}]}
+
+
 # --- moto's IAM enforcement and anonymous clients (the security tests) -----------------
 
 

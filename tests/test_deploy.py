@@ -2,13 +2,11 @@
 the deployed pieces working together, and the worker role under moto's IAM enforcement."""
 
 import base64
-import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
-import urllib.request
 import zipfile
 from datetime import timedelta
 
@@ -21,7 +19,7 @@ from botocore.exceptions import ClientError
 import deploy
 import lambda_function
 from conftest import REPO
-from support import run_user_data
+from support import moto_iam_enforced, run_user_data
 
 ACCOUNT = "123456789012"  # moto's default account
 # An anonymous refusal comes back as a bare 403 (no error body) from S3 and from moto.
@@ -547,24 +545,6 @@ def as_list(value):
 # --- the worker role under moto's IAM enforcement ------------------------------------
 
 
-@contextlib.contextmanager
-def iam_enforced(endpoint):
-    """Turn on the moto server's IAM checks for the block; restore the previous setting."""
-
-    def reset_auth(value):
-        request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth",
-                                         data=str(value).encode(), method="POST",
-                                         headers={"Content-Type": "text/plain"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
-
-    previous = reset_auth(0)
-    try:
-        yield
-    finally:
-        reset_auth(previous)
-
-
 def test_worker_role_credentials_do_its_job_and_nothing_else(clients, names, deployed,
                                                              local_aws):
     s3 = clients("s3")
@@ -579,7 +559,7 @@ def test_worker_role_credentials_do_its_job_and_nothing_else(clients, names, dep
                                     aws_session_token=credentials["SessionToken"],
                                     region_name="us-east-1")
     worker = session.client("s3")
-    with iam_enforced(local_aws):
+    with moto_iam_enforced(local_aws):
         # Its job: read the input and the published worker, write under analysis/.
         assert worker.get_object(Bucket=names.data_bucket, Key="inputs/a.csv")["Body"].read() \
             == b"a,b\n"

@@ -51,7 +51,7 @@ from moto import mock_aws
 
 import AwsS3
 import lambda_function as lf
-from support import (REPO, ShutdownStub, boot_recorded, publish_software, python_path,
+from support import (RecordingEc2, REPO, ShutdownStub, boot_recorded, publish_software, python_path,
                      read_recording, remove_recording, run_user_data, s3_event, s3_record,
                      write_recording_machine)
 
@@ -177,18 +177,6 @@ def draw_keys(count):
     drawn = list(keys)[:count]
     assert len(drawn) == count, f"KEYS gave only {len(drawn)} distinct keys"
     return tuple(drawn)
-
-
-class RecordingEc2:
-    """EC2 as the handler sees it: RunInstances records the request and 'launches' at once."""
-
-    def __init__(self):
-        self.requests = []
-
-    def run_instances(self, **params):
-        """Record the request; return a fresh instance id."""
-        self.requests.append(params)
-        return {"Instances": [{"InstanceId": f"i-{len(self.requests):017x}"}]}
 
 
 def handle_upload(key, ec2):

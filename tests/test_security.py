@@ -28,7 +28,7 @@ from botocore.exceptions import ClientError
 
 import deploy
 import lambda_function as lf
-from support import (REPO, anonymous_client, assumed_role_session, moto_iam_enforced, s3_event,
+from support import (RecordingEc2, REPO, anonymous_client, assumed_role_session, moto_iam_enforced, s3_event,
                      s3_record)
 
 ACCOUNT = "123456789012"  # moto's default account
@@ -254,18 +254,6 @@ def test_private_files_are_never_uploaded(clients, names, local_aws, tmp_path):
 
 
 # --- malformed events launch nothing they should not ------------------------------------
-
-
-class RecordingEc2:
-    """EC2 as the handler sees it: RunInstances records the request and 'launches' at once."""
-
-    def __init__(self):
-        self.requests = []
-
-    def run_instances(self, **params):
-        """Record the request; return a fresh instance id."""
-        self.requests.append(params)
-        return {"Instances": [{"InstanceId": f"i-{len(self.requests):017x}"}]}
 
 
 @pytest.fixture
