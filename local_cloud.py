@@ -113,6 +113,12 @@ class Tracker:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
 
+    def mark(self, key, name):
+        """Record that `key` reached stage `name` without printing it (for timings only)."""
+        with self.lock:
+            entry = self.files.setdefault(key, {"stages": {}, "instances": []})
+            entry["stages"].setdefault(name, time.monotonic() - self.start)
+
     def stage(self, key, name, detail=""):
         """Record that `key` reached stage `name` and print it."""
         with self.lock:
@@ -496,6 +502,7 @@ class LocalCloud:
 
     def upload(self, path, key):
         """Upload a local file to the data bucket under `key`."""
+        self.tracker.mark(key, "uploading")
         self.client("s3").upload_file(str(path), self.names["data_bucket"], key)
         self.tracker.stage(key, "uploaded", f"{Path(path).stat().st_size:,} bytes")
 
@@ -743,15 +750,20 @@ def save_reports(cloud, keys, out_dir):
 
 def print_table(cloud, outcomes):
     """Print one row per file: outcome, timings and the report's summary."""
-    print(f"\n{'file':<40} {'outcome':<8} {'launch':>7} {'worker':>7} {'total':>7}  summary")
+    print(f"\n{'file':<40} {'outcome':<8} {'upload':>7} {'launch':>7} {'worker':>7} {'total':>7}"
+          "  summary")
     for key, outcome in outcomes.items():
         stages = cloud.tracker.files.get(key, {}).get("stages", {})
         up = stages.get("uploaded", 0.0)
-        launch = stages.get("launched", stages.get("running", up)) - up
+        upload = up - stages.get("uploading", up)
+        # launch: event delivery, the handler and the boot, up to the user-data starting.
+        launch = stages.get("running", stages.get("launched", up)) - up
         end = stages.get(outcome or "", stages.get("failed", up))
+        # worker: the user-data's whole run, the report's upload included.
         worker = end - stages.get("running", end)
         detail = cloud.tracker.files.get(key, {}).get("detail", "")
-        print(f"{key[:40]:<40} {outcome or '?':<8} {launch:6.2f}s {worker:6.2f}s {end - up:6.2f}s  {detail}")
+        print(f"{key[:40]:<40} {outcome or '?':<8} {upload:6.2f}s {launch:6.2f}s {worker:6.2f}s "
+              f"{upload + end - up:6.2f}s  {detail}")
 
 
 def finish(cloud, outcomes, out_dir):

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 import time
 
 import pytest
@@ -171,3 +172,16 @@ def test_help_lists_the_commands():
     assert done.returncode == 0
     for command in ("demo", "run", "up"):
         assert command in done.stdout
+
+
+def test_summary_table_splits_upload_launch_and_worker(capsys):
+    tracker = Tracker(quiet=True)
+    tracker.files["in/a.csv"] = {
+        "stages": {"uploading": 1.0, "uploaded": 3.0, "launched": 3.5, "running": 4.0,
+                   "report": 6.5},
+        "outcome": "report", "detail": "csv, 3 lines"}
+    local_cloud.print_table(types.SimpleNamespace(tracker=tracker), {"in/a.csv": "report"})
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split()[:6] == ["file", "outcome", "upload", "launch", "worker", "total"]
+    # upload 1->3, launch 3->4 (event, handler, boot), worker 4->6.5, total 1->6.5
+    assert row.split()[:6] == ["in/a.csv", "report", "2.00s", "1.00s", "2.50s", "5.50s"]
