@@ -40,6 +40,7 @@ REGION = "us-east-1"
 EVENTS_QUEUE = "awsfun-local-s3-events"
 LAMBDA_RETRIES = 2  # Lambda's default MaximumRetryAttempts for asynchronous invocations
 TOKEN_TAG = "awsfun:token"
+MOTO_NO_TOKEN = "ABCDE"  # what moto records as the ClientToken of a launch that gave none
 # The handler's launches are booted at once; this poll only finds instances launched by
 # anyone else (reconcile, the aws CLI), so it can be slow and cheap.
 BOOT_POLL_SECONDS = 1.0
@@ -171,6 +172,7 @@ class LocalCloud:
         self.stop_event = threading.Event()
         self.threads = []
         self.pool = None
+        self.restore_run_instances = None
         self.booted = {}  # instance id -> ClientToken
         self.tokens = {}  # ClientToken -> first instance id: EC2 launches once per token
         self.processes = {}
@@ -198,6 +200,7 @@ class LocalCloud:
         # moto keeps its state in module globals shared by every server in this process:
         # start from an empty account, whatever an earlier local cloud left behind.
         self.reset_moto()
+        self.restore_run_instances = honour_client_tokens()
         self.saved_environ = dict(os.environ)
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
             os.environ.pop(name, None)
@@ -231,6 +234,9 @@ class LocalCloud:
         if self.server:
             self.reset_moto()
             self.server.stop()
+        if self.restore_run_instances:
+            self.restore_run_instances()
+            self.restore_run_instances = None
         if self.saved_environ is not None:
             os.environ.clear()
             os.environ.update(self.saved_environ)
@@ -378,19 +384,14 @@ class LocalCloud:
                         self.maybe_boot(ec2, instance)
 
     def maybe_boot(self, ec2, instance):
-        """Boot an instance once; a second launch with the same ClientToken is not a machine."""
+        """Boot an instance once (a repeated ClientToken returns the same instance)."""
         instance_id = instance["InstanceId"]
         token = next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == TOKEN_TAG), "")
         with self.lock:
             if instance_id in self.booted:
                 return
             self.booted[instance_id] = token
-            first = self.tokens.setdefault(token, instance_id)
-        if first != instance_id:
-            # moto ignores ClientToken; real EC2 would have returned the first instance.
-            ec2.terminate_instances(InstanceIds=[instance_id])
-            logger.info("%s repeats ClientToken of %s; not booted", instance_id, first)
-            return
+            self.tokens.setdefault(token, instance_id)
         self.pool.submit(self.run_machine, instance_id)
 
     def run_machine(self, instance_id):
@@ -537,6 +538,34 @@ class LocalCloud:
                 continue
             return outcome, json.loads(body.read())
         return None, None
+
+
+def honour_client_tokens():
+    """Make moto's RunInstances answer a repeated ClientToken with the first reservation, as
+    EC2 does (moto ignores the token); return the function that undoes it.
+
+    The local cloud's moto server runs in this process, so this reaches every caller: the
+    handler, reconcile in a subprocess, the aws CLI. A repeat gets the first instance even
+    after it ended, which is what reconcile must see to relaunch a lost worker.
+    """
+    from moto.ec2.models.instances import InstanceBackend
+
+    original = InstanceBackend.run_instances
+
+    def run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
+        token = kwargs.get("client_token")
+        if token and token != MOTO_NO_TOKEN:
+            for reservation in self.all_reservations():
+                if any(instance.client_token == token for instance in reservation.instances):
+                    return reservation
+        return original(self, image_id, count, user_data, security_group_names, **kwargs)
+
+    InstanceBackend.run_instances = run_instances
+
+    def restore():
+        InstanceBackend.run_instances = original
+
+    return restore
 
 
 def _http_response(status):

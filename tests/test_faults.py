@@ -422,11 +422,6 @@ def test_run_instances_failing_until_retries_run_out(cloud, code, status):
     assert key not in dead_letter_keys(cloud)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: a machine lost without a trace (host failure, spot reclaim) leaves its input "
-    "unprocessed, and reconcile relaunches it under the same ClientToken, which EC2 answers "
-    "with the dead instance (the local cloud does not boot the repeat); the fix belongs in "
-    "deploy.reconcile / the token, not here"))
 def test_machine_lost_without_a_trace_is_relaunched_by_reconcile(cloud):
     key = "faults/lost/table.csv"
     booted = []
