@@ -16,6 +16,7 @@ REPORTED=""
 HAVE_PYTHON=""
 WORK_DIR=""
 LOG_FILE=""
+LOG_CURL_CONFIG=""
 TEE_PID=""
 SIGNALLED=""
 
@@ -59,7 +60,7 @@ report_key() {
 
 # have_python: true when python3 can use boto3. The answer is remembered in HAVE_PYTHON:
 # each python3 start costs a fifth of a second, and a job asks several times. Locating the
-# modules (not importing them) is enough here; s3_copy_python reports a failed import.
+# modules (not importing them) is enough here; an import that fails reports itself.
 have_python() {
   if [[ -z "$HAVE_PYTHON" ]]; then
     HAVE_PYTHON=no
@@ -72,8 +73,8 @@ sys.exit(not (find_spec("boto3") and find_spec("botocore")))' >/dev/null 2>&1; t
   [[ "$HAVE_PYTHON" == yes ]]
 }
 
-# s3_copy_python get|put BUCKET KEY FILE CONTENT_TYPE: one S3 call with boto3; 127 if it cannot load.
-s3_copy_python() {
+# s3_put_python BUCKET KEY FILE CONTENT_TYPE: one PutObject with boto3; 127 if it cannot load.
+s3_put_python() {
   python3 - "$@" <<'PY'
 import os, sys
 try:
@@ -82,38 +83,72 @@ try:
 except ImportError as err:
     sys.stderr.write(f"awsfun-bootstrap: python3 cannot import boto3: {err}\n")
     sys.exit(127)
-op, bucket, key, path, content_type = (os.fsencode(a).decode("utf-8") for a in sys.argv[1:6])
+bucket, key, path, content_type = (os.fsencode(a).decode("utf-8") for a in sys.argv[1:5])
 s3 = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
-if op == "get":
-    s3.download_file(bucket, key, path)
-else:
-    with open(path, "rb") as body:
-        s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+with open(path, "rb") as body:
+    s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
 PY
 }
 
-# s3_copy get|put BUCKET KEY FILE [CONTENT_TYPE]: boto3 if usable, else the AWS CLI.
-s3_copy() {
-  local op="$1" bucket="$2" key="$3" file="$4" content_type="${5:-text/plain}" status=0
+# s3_put BUCKET KEY FILE [CONTENT_TYPE]: boto3 if usable, else the AWS CLI.
+s3_put() {
+  local bucket="$1" key="$2" file="$3" content_type="${4:-text/plain}" status=0
   if have_python; then
-    s3_copy_python "$op" "$bucket" "$key" "$file" "$content_type" || status=$?
+    s3_put_python "$bucket" "$key" "$file" "$content_type" || status=$?
     if ((status != 127)); then
       return "$status"
     fi
     HAVE_PYTHON=no
   fi
   if command -v aws >/dev/null 2>&1; then
-    if [[ "$op" == get ]]; then
-      aws s3api get-object --bucket "$bucket" --key "$key" "$file" >/dev/null
-    else
-      aws s3api put-object --bucket "$bucket" --key "$key" --body "$file" \
-        --content-type "$content_type" >/dev/null
-    fi
+    aws s3api put-object --bucket "$bucket" --key "$key" --body "$file" \
+      --content-type "$content_type" >/dev/null
   else
     log "neither python3 with boto3 nor the aws CLI is available for S3"
     return 127
   fi
 }
+
+# Run by python3 -c with FETCH_FAILED WORKER_PATH SOFTWARE_BUCKET WORKER_KEY DATA_BUCKET
+# LOG_KEY LOG_CURL_CONFIG WORKER_ARGS...: fetch AwsS3.py and run it in this same process,
+# then presign the log's upload for curl. Each python3 start that loads boto3 costs a
+# quarter of a CPU-second; this way a job needs one, not three.
+# Exit status: the worker's own, FETCH_FAILED when it cannot be fetched, 127 without boto3.
+FETCH_FAILED=4
+IFS= read -r -d '' WORKER_LAUNCHER <<'PY' || true
+import sys
+del sys.path[0]  # python3 -c puts the current directory first: nothing there may shadow a module
+import os, runpy
+try:
+    import boto3
+    from botocore.config import Config
+except ImportError as err:
+    sys.stderr.write(f"awsfun-bootstrap: python3 cannot import boto3: {err}\n")
+    sys.exit(127)
+fetch_failed = int(sys.argv[1])
+path, bucket, key, data_bucket, log_key, curl_config = (
+    os.fsencode(a).decode("utf-8") for a in sys.argv[2:8])
+try:
+    s3 = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5},
+                                          signature_version="s3v4"))
+    s3.download_file(bucket, key, path)
+except Exception as err:
+    sys.stderr.write(f"awsfun-bootstrap: cannot fetch s3://{bucket}/{key}: {err}\n")
+    sys.exit(fetch_failed)
+sys.argv = [path, *sys.argv[8:]]
+try:
+    runpy.run_path(path, run_name="__main__")
+finally:
+    # Valid for minutes, for this one PUT, and kept out of argv and the log. Without it the
+    # bootstrap uploads with boto3, so a failure here must not replace the worker's status.
+    try:
+        url = s3.generate_presigned_url("put_object", ExpiresIn=900,
+                                        Params={"Bucket": data_bucket, "Key": log_key})
+        with open(curl_config, "w", encoding="utf-8") as config:
+            config.write(f'url = "{url}"\n')
+    except Exception as err:
+        sys.stderr.write(f"awsfun-bootstrap: cannot presign the log upload: {err}\n")
+PY
 
 instance_id() {
   local tag=/sys/devices/virtual/dmi/id/board_asset_tag
@@ -132,12 +167,28 @@ write_error_report() {
     "$(json_string "$JOB_BUCKET")" "$(json_string "$JOB_KEY")" "$(json_string "$JOB_ETAG")" \
     "$(json_string "$stage")" "$(json_string "$message")" "$code" \
     "$(json_string "$(instance_id)")" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$file"
-  if s3_copy put "$JOB_BUCKET" "$(report_key "$JOB_KEY" .error.json)" "$file" application/json; then
+  if s3_put "$JOB_BUCKET" "$(report_key "$JOB_KEY" .error.json)" "$file" application/json; then
     REPORTED=yes
     log "wrote error report for stage $stage"
   else
     log "could not write the error report for stage $stage"
   fi
+}
+
+# upload_log: the run's log to analysis/KEY.log. With the upload the launcher presigned,
+# curl sends it without starting python3 again; otherwise (or should that fail) s3_put.
+upload_log() {
+  local key
+  key="$(report_key "$JOB_KEY" .log)"
+  if [[ -s "$LOG_CURL_CONFIG" ]] && command -v curl >/dev/null 2>&1; then
+    if curl --config "$LOG_CURL_CONFIG" --silent --show-error --fail --globoff \
+      --header 'Expect:' --header 'Content-Type: text/plain' --upload-file "$LOG_FILE" \
+      --output /dev/null; then
+      return 0
+    fi
+    log "curl could not upload the log; trying again with boto3"
+  fi
+  s3_put "$JOB_BUCKET" "$key" "$LOG_FILE" text/plain
 }
 
 # on_signal NAME STATUS: remember which signal stopped the job, then exit through on_exit.
@@ -165,8 +216,7 @@ on_exit() {
     wait "$TEE_PID" 2>/dev/null
   fi
   if [[ -n "${JOB_KEY+set}" && -s "$LOG_FILE" ]]; then
-    s3_copy put "$JOB_BUCKET" "$(report_key "$JOB_KEY" .log)" "$LOG_FILE" text/plain ||
-      log "could not upload the log"
+    upload_log || log "could not upload the log"
   fi
   [[ -n "$WORK_DIR" ]] && rm -rf "$WORK_DIR"
   shutdown -h now
@@ -192,6 +242,7 @@ main() {
   trap 'on_signal HUP 129' HUP
   WORK_DIR="$(mktemp -d "${TMPDIR:-/tmp}/awsfun.XXXXXX")"
   LOG_FILE="$WORK_DIR/bootstrap.log"
+  LOG_CURL_CONFIG="$WORK_DIR/log-upload.curl"
   exec 3>&1 4>&2
   # A shutdown sends SIGTERM to every process: tee must outlive it, or the error report and
   # the log written after it would go to a closed pipe. It ends when the shell closes it.
@@ -218,11 +269,6 @@ main() {
     write_error_report start "python3 with boto3 is not available on this machine" 127
     return 127
   fi
-  local worker="$WORK_DIR/AwsS3.py"
-  if ! s3_copy get "$JOB_SOFTWARE_BUCKET" "$JOB_WORKER_KEY" "$worker"; then
-    write_error_report fetch "cannot fetch s3://$JOB_SOFTWARE_BUCKET/$JOB_WORKER_KEY" 1
-    return 1
-  fi
   local status=0
   local -a worker_args=()
   if [[ -n "$JOB_COMMAND" ]]; then
@@ -230,10 +276,14 @@ main() {
     worker_args=(--command "$JOB_COMMAND")
   fi
   AWSFUN_EXPECTED_ETAG="$JOB_ETAG" timeout -k 30 "$JOB_TIMEOUT_SECONDS" \
-    python3 "$worker" "${worker_args[@]}" "s3://$JOB_BUCKET/$JOB_KEY" || status=$?
+    python3 -c "$WORKER_LAUNCHER" "$FETCH_FAILED" "$WORK_DIR/AwsS3.py" \
+    "$JOB_SOFTWARE_BUCKET" "$JOB_WORKER_KEY" "$JOB_BUCKET" "$(report_key "$JOB_KEY" .log)" \
+    "$LOG_CURL_CONFIG" "${worker_args[@]}" "s3://$JOB_BUCKET/$JOB_KEY" ||
+    status=$?
   case "$status" in
     0) log "worker succeeded" ;;
     1) log "worker failed and wrote its error report"; REPORTED=yes ;;
+    "$FETCH_FAILED") write_error_report fetch "cannot fetch s3://$JOB_SOFTWARE_BUCKET/$JOB_WORKER_KEY" "$status" ;;
     124) write_error_report worker "worker exceeded its time limit of ${JOB_TIMEOUT_SECONDS}s" "$status" ;;
     137) write_error_report worker "worker was killed (SIGKILL: out of memory, or still running 30s past its time limit of ${JOB_TIMEOUT_SECONDS}s)" "$status" ;;
     *) write_error_report worker "worker exited with status $status" "$status" ;;

@@ -179,15 +179,21 @@ def record_calls(client):
 #: python3 start costs more than the rest of the bootstrap together. It leaves the program on
 #: its standard input unread: bash has already written the small here-document.
 RECORDING_PYTHON = r"""#!/bin/sh
+# The bootstrap's three uses of python3; each S3 copy is recorded as `OP BUCKET KEY FILE`.
 case "${1-}" in
-  -c) exit 0 ;;
-  -) printf '%s\0' "$@" >>"$AWSFUN_TEST_RECORD.s3"
-     case "$2" in
-       get) : >"$5" ;;
-       put) case "$4" in *.error.json) cat "$5" >"$AWSFUN_TEST_RECORD.error" ;; esac ;;
-     esac ;;
-  *) printf '%s\0' "$@" >"$AWSFUN_TEST_RECORD.argv"
-     exit "${AWSFUN_TEST_WORKER_STATUS:-0}" ;;
+  -c) [ "$#" -gt 2 ] || exit 0  # have_python's check: boto3 is "there"
+      # The launcher: -c CODE FETCH_FAILED PATH BUCKET KEY DATA_BUCKET LOG_KEY CURL_CONFIG
+      # WORKER_ARGS... fetches and runs the worker. It presigns nothing here, so the
+      # bootstrap falls back to s3_put_python for the log.
+      printf '%s\0' get "$5" "$6" "$4" >>"$AWSFUN_TEST_RECORD.s3"
+      path="$4"
+      shift 9
+      printf '%s\0' "$path" "$@" >"$AWSFUN_TEST_RECORD.argv"
+      exit "${AWSFUN_TEST_WORKER_STATUS:-0}" ;;
+  -) printf '%s\0' put "$2" "$3" "$4" >>"$AWSFUN_TEST_RECORD.s3"  # s3_put_python BUCKET KEY FILE CT
+     case "$3" in *.error.json) cat "$4" >"$AWSFUN_TEST_RECORD.error" ;; esac ;;
+  *) echo "recording python3: unexpected call: $*" >&2
+     exit 98 ;;
 esac
 """
 RECORDING_SHUTDOWN = """#!/bin/sh
@@ -232,9 +238,9 @@ def read_recording(record):
 
     argv = read(".argv")
     s3_fields = (read(".s3") or b"").split(b"\0")[:-1]
-    # Each copy is `- OP BUCKET KEY FILE CONTENT_TYPE`.
-    copies = [tuple(part.decode("utf-8") for part in s3_fields[i + 1:i + 4])
-              for i in range(0, len(s3_fields), 6)]
+    # Each copy is `OP BUCKET KEY FILE`.
+    copies = [tuple(part.decode("utf-8") for part in s3_fields[i:i + 3])
+              for i in range(0, len(s3_fields), 4)]
     return {
         "argv": argv.split(b"\0")[:-1] if argv is not None else None,
         "copies": copies,

@@ -195,9 +195,9 @@ def find_worker_process(cloud, instance_id, timeout=60):
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except (OSError, ValueError):
                 continue
-            # `python3 WORK_DIR/AwsS3.py s3://...`: not the fetch (`python3 - get ...`), not `timeout`.
-            if (len(argv) > 2 and b"python" in os.path.basename(argv[0])
-                    and argv[1].startswith(scratch) and argv[1].endswith(b"/AwsS3.py")):
+            # `python3 -c LAUNCHER FETCH_FAILED WORK_DIR/AwsS3.py ...`: the worker; not `timeout`.
+            if (len(argv) > 4 and b"python" in os.path.basename(argv[0]) and argv[1] == b"-c"
+                    and argv[4].startswith(scratch) and argv[4].endswith(b"/AwsS3.py")):
                 return int(entry.name)
         time.sleep(0.05)
     raise AssertionError(f"{instance_id} never started its worker")

@@ -9,6 +9,8 @@ import base64
 import gzip
 import hashlib
 import json
+import os
+import shutil
 import time
 
 import boto3
@@ -248,13 +250,47 @@ def test_object_deleted_before_the_worker_starts(cloud):
     assert_shut_down(stub)
 
 
+
+CURL_RECORDER = """#!/bin/sh
+printf '%s\\n' "$*" >>"{calls}"
+{action}
+"""
+
+
+@pytest.mark.parametrize("curl_works", [True, False], ids=["curl", "curl-fails"])
+def test_log_goes_up_whole_by_curl_or_else_boto3(cloud, tmp_path, curl_works):
+    """The launcher presigns the log's PUT, so curl uploads it without a third python3 start;
+    should curl fail, boto3 does. Either way the log is whole and holds no signature."""
+    key = "inbox/log upload ü [x] {y} &z.csv"
+    instance_id = cloud.launch(key, CSV)
+    tools, calls = tmp_path / "tools", tmp_path / "curl.calls"
+    tools.mkdir()
+    action = f'exec {shutil.which("curl")} "$@"' if curl_works else "exit 22"
+    (tools / "curl").write_text(CURL_RECORDER.format(calls=calls, action=action))
+    (tools / "curl").chmod(0o755)
+    done, stub = cloud.run(instance_id, path=python_path(f"{tools}:{os.environ['PATH']}"))
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    [call] = calls.read_text().splitlines()
+    assert call.startswith("--config ") and "X-Amz" not in call  # the URL stays out of argv
+    log = cloud.get(AwsS3.report_key(key, ".log")).decode("utf-8")
+    # The bootstrap's last line made it: the log went up after everything else was done.
+    assert log.splitlines()[-1].endswith("finished with status 0; shutting down"), log
+    assert key in log and "worker succeeded" in log and "X-Amz-Signature" not in log
+    assert cloud.head(AwsS3.report_key(key, ".log"))["ContentType"] == "text/plain"
+    console = done.stdout.decode() + done.stderr.decode()
+    assert ("curl could not upload the log" in console) is not curl_works
+    assert_shut_down(stub)
+
+
 def test_worker_code_missing_from_the_software_bucket(cloud):
     key = "inbox/no worker.csv"
     instance_id = cloud.launch(key, CSV)
     cloud.s3.delete_object(Bucket=SOFTWARE, Key="AwsS3.py")
     done, stub = cloud.run(instance_id)
-    assert done.returncode == 1
-    assert_error_report(cloud, key, "fetch", f"s3://{SOFTWARE}/AwsS3.py", written_by="bootstrap")
+    assert done.returncode == 4  # the bootstrap's FETCH_FAILED, distinct from the worker's statuses
+    report = assert_error_report(cloud, key, "fetch", f"s3://{SOFTWARE}/AwsS3.py",
+                                 written_by="bootstrap")
+    assert report["exit_code"] == 4
     assert "wrote error report for stage fetch" in cloud.get(AwsS3.report_key(key, ".log")).decode()
     assert_shut_down(stub)
 
