@@ -58,6 +58,22 @@ def local_aws(moto_endpoint, monkeypatch):
 
 
 @pytest.fixture
+def clients(local_aws):
+    """deploy.Clients pointed at the moto server (AWS_ENDPOINT_URL is set by local_aws)."""
+    import deploy
+
+    return deploy.Clients()
+
+
+@pytest.fixture
+def names(clients):
+    """The default deploy names (prefix su2c) for the moto server's account and region."""
+    import deploy
+
+    return deploy.resolve_names(clients)
+
+
+@pytest.fixture
 def shutdown_stub(tmp_path):
     """A `shutdown` first on PATH that records its arguments instead of powering off."""
     return ShutdownStub(tmp_path / "stub")

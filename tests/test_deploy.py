@@ -27,17 +27,6 @@ DENIED = ("403", "AccessDenied")
 
 
 @pytest.fixture
-def clients(local_aws):
-    """deploy.Clients pointed at the moto server (AWS_ENDPOINT_URL is set by local_aws)."""
-    return deploy.Clients()
-
-
-@pytest.fixture
-def names(clients):
-    return deploy.resolve_names(clients)
-
-
-@pytest.fixture
 def deployed(clients, names):
     """One deploy on an empty endpoint; returns (result, progress, create_function params)."""
     captured = {}

@@ -22,11 +22,6 @@ from support import s3_event, s3_record
 
 
 @pytest.fixture
-def clients(local_aws):
-    return deploy.Clients()
-
-
-@pytest.fixture
 def stack(clients):
     """A deployed stack (prefix "local", as local_cloud.py deploys it); returns its Names."""
     names = deploy.resolve_names(clients, "local")

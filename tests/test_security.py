@@ -53,16 +53,6 @@ def refused(calls):
 
 
 @pytest.fixture
-def clients(local_aws):
-    return deploy.Clients()
-
-
-@pytest.fixture
-def names(clients):
-    return deploy.resolve_names(clients)
-
-
-@pytest.fixture
 def stack(clients, names):
     """A deployed pipeline with one input object; returns the deploy result."""
     result = deploy.deploy(clients, names, progress=deploy.Progress(echo=False))
