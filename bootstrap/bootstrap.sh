@@ -17,6 +17,7 @@ HAVE_PYTHON=""
 WORK_DIR=""
 LOG_FILE=""
 LOG_CURL_CONFIG=""
+LOG_KEY=""
 TEE_PID=""
 SIGNALLED=""
 
@@ -178,8 +179,6 @@ write_error_report() {
 # upload_log: the run's log to analysis/KEY.log. With the upload the launcher presigned,
 # curl sends it without starting python3 again; otherwise (or should that fail) s3_put.
 upload_log() {
-  local key
-  key="$(report_key "$JOB_KEY" .log)"
   if [[ -s "$LOG_CURL_CONFIG" ]] && command -v curl >/dev/null 2>&1; then
     if curl --config "$LOG_CURL_CONFIG" --silent --show-error --fail --globoff \
       --header 'Expect:' --header 'Content-Type: text/plain' --upload-file "$LOG_FILE" \
@@ -188,7 +187,7 @@ upload_log() {
     fi
     log "curl could not upload the log; trying again with boto3"
   fi
-  s3_put "$JOB_BUCKET" "$key" "$LOG_FILE" text/plain
+  s3_put "$JOB_BUCKET" "$LOG_KEY" "$LOG_FILE" text/plain
 }
 
 # on_signal NAME STATUS: remember which signal stopped the job, then exit through on_exit.
@@ -215,7 +214,7 @@ on_exit() {
     exec 1>&3 2>&4
     wait "$TEE_PID" 2>/dev/null
   fi
-  if [[ -n "${JOB_KEY+set}" && -s "$LOG_FILE" ]]; then
+  if [[ -n "$LOG_KEY" && -s "$LOG_FILE" ]]; then
     upload_log || log "could not upload the log"
   fi
   [[ -n "$WORK_DIR" ]] && rm -rf "$WORK_DIR"
@@ -254,6 +253,7 @@ main() {
   fi
   b64_decode JOB_BUCKET "$JOB_BUCKET_B64"
   b64_decode JOB_KEY "$JOB_KEY_B64"
+  LOG_KEY="$(report_key "$JOB_KEY" .log)"
   b64_decode JOB_ETAG "$JOB_ETAG_B64"
   b64_decode JOB_SOFTWARE_BUCKET "$JOB_SOFTWARE_BUCKET_B64"
   b64_decode JOB_WORKER_KEY "$JOB_WORKER_KEY_B64"
@@ -277,7 +277,7 @@ main() {
   fi
   AWSFUN_EXPECTED_ETAG="$JOB_ETAG" timeout -k 30 "$JOB_TIMEOUT_SECONDS" \
     python3 -c "$WORKER_LAUNCHER" "$FETCH_FAILED" "$WORK_DIR/AwsS3.py" \
-    "$JOB_SOFTWARE_BUCKET" "$JOB_WORKER_KEY" "$JOB_BUCKET" "$(report_key "$JOB_KEY" .log)" \
+    "$JOB_SOFTWARE_BUCKET" "$JOB_WORKER_KEY" "$JOB_BUCKET" "$LOG_KEY" \
     "$LOG_CURL_CONFIG" "${worker_args[@]}" "s3://$JOB_BUCKET/$JOB_KEY" ||
     status=$?
   case "$status" in
