@@ -74,21 +74,32 @@ sys.exit(not (find_spec("boto3") and find_spec("botocore")))' >/dev/null 2>&1; t
   [[ "$HAVE_PYTHON" == yes ]]
 }
 
-# s3_put_python BUCKET KEY FILE CONTENT_TYPE: one PutObject with boto3; 127 if it cannot load.
-s3_put_python() {
-  python3 - "$@" <<'PY'
-import os, sys
+# What both python3 helpers below start with: no module shadowed from the current directory
+# (python3 - and -c put it first), boto3 or exit 127, botocore's standard retries.
+IFS= read -r -d '' PY_S3_PRELUDE <<'PY' || true
+import sys
+del sys.path[0]
+import os
 try:
     import boto3
     from botocore.config import Config
 except ImportError as err:
     sys.stderr.write(f"awsfun-bootstrap: python3 cannot import boto3: {err}\n")
     sys.exit(127)
+S3_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, signature_version="s3v4")
+PY
+
+# Run by python3 after PY_S3_PRELUDE, with BUCKET KEY FILE CONTENT_TYPE: one PutObject.
+IFS= read -r -d '' PY_S3_PUT <<'PY' || true
 bucket, key, path, content_type = (os.fsencode(a).decode("utf-8") for a in sys.argv[1:5])
-s3 = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+s3 = boto3.client("s3", config=S3_CONFIG)
 with open(path, "rb") as body:
     s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
 PY
+
+# s3_put_python BUCKET KEY FILE CONTENT_TYPE: one PutObject with boto3; 127 if it cannot load.
+s3_put_python() {
+  python3 - "$@" <<<"$PY_S3_PRELUDE$PY_S3_PUT"
 }
 
 # s3_put BUCKET KEY FILE [CONTENT_TYPE]: boto3 if usable, else the AWS CLI.
@@ -110,28 +121,19 @@ s3_put() {
   fi
 }
 
-# Run by python3 -c with FETCH_FAILED WORKER_PATH SOFTWARE_BUCKET WORKER_KEY DATA_BUCKET
-# LOG_KEY LOG_CURL_CONFIG WORKER_ARGS...: fetch AwsS3.py and run it in this same process,
-# then presign the log's upload for curl. Each python3 start that loads boto3 costs a
+# Run by python3 -c after PY_S3_PRELUDE, with FETCH_FAILED WORKER_PATH SOFTWARE_BUCKET
+# WORKER_KEY DATA_BUCKET LOG_KEY LOG_CURL_CONFIG WORKER_ARGS...: fetch AwsS3.py and run it
+# in this same process, then presign the log's upload for curl. Each python3 start that loads boto3 costs a
 # quarter of a CPU-second; this way a job needs one, not three.
 # Exit status: the worker's own, FETCH_FAILED when it cannot be fetched, 127 without boto3.
 FETCH_FAILED=4
 IFS= read -r -d '' WORKER_LAUNCHER <<'PY' || true
-import sys
-del sys.path[0]  # python3 -c puts the current directory first: nothing there may shadow a module
-import os, runpy
-try:
-    import boto3
-    from botocore.config import Config
-except ImportError as err:
-    sys.stderr.write(f"awsfun-bootstrap: python3 cannot import boto3: {err}\n")
-    sys.exit(127)
+import runpy
 fetch_failed = int(sys.argv[1])
 path, bucket, key, data_bucket, log_key, curl_config = (
     os.fsencode(a).decode("utf-8") for a in sys.argv[2:8])
 try:
-    s3 = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5},
-                                          signature_version="s3v4"))
+    s3 = boto3.client("s3", config=S3_CONFIG)
     s3.download_file(bucket, key, path)
 except Exception as err:
     sys.stderr.write(f"awsfun-bootstrap: cannot fetch s3://{bucket}/{key}: {err}\n")
@@ -276,7 +278,7 @@ main() {
     worker_args=(--command "$JOB_COMMAND")
   fi
   AWSFUN_EXPECTED_ETAG="$JOB_ETAG" timeout -k 30 "$JOB_TIMEOUT_SECONDS" \
-    python3 -c "$WORKER_LAUNCHER" "$FETCH_FAILED" "$WORK_DIR/AwsS3.py" \
+    python3 -c "$PY_S3_PRELUDE$WORKER_LAUNCHER" "$FETCH_FAILED" "$WORK_DIR/AwsS3.py" \
     "$JOB_SOFTWARE_BUCKET" "$JOB_WORKER_KEY" "$JOB_BUCKET" "$LOG_KEY" \
     "$LOG_CURL_CONFIG" "${worker_args[@]}" "s3://$JOB_BUCKET/$JOB_KEY" ||
     status=$?

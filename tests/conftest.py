@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import deploy  # noqa: E402
 import lambda_function  # noqa: E402
 from support import ShutdownStub  # noqa: E402
 
@@ -60,16 +61,12 @@ def local_aws(moto_endpoint, monkeypatch):
 @pytest.fixture
 def clients(local_aws):
     """deploy.Clients pointed at the moto server (AWS_ENDPOINT_URL is set by local_aws)."""
-    import deploy
-
     return deploy.Clients()
 
 
 @pytest.fixture
 def names(clients):
     """The default deploy names (prefix su2c) for the moto server's account and region."""
-    import deploy
-
     return deploy.resolve_names(clients)
 
 

@@ -250,7 +250,6 @@ def test_object_deleted_before_the_worker_starts(cloud):
     assert_shut_down(stub)
 
 
-
 CURL_RECORDER = """#!/bin/sh
 printf '%s\\n' "$*" >>"{calls}"
 {action}
