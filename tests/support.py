@@ -256,15 +256,49 @@ def remove_recording(record):
 
 
 class RecordingEc2:
-    """EC2 as the handler sees it: RunInstances records the request and 'launches' at once."""
+    """EC2 as the handler sees it: RunInstances records the request and 'launches' at once.
+
+    A ClientToken already used is answered as EC2 does since January 2025 (moto ignores the
+    token): the same parameters while its instance is not terminated give that instance
+    again; a terminated instance gives IdempotentInstanceTerminated; other parameters give
+    IdempotentParameterMismatch. `terminate` ends an instance, as its shutdown would.
+    """
 
     def __init__(self):
         self.requests = []
+        self.launches = {}  # ClientToken -> (the other parameters, instance id)
+        self.terminated = set()
 
     def run_instances(self, **params):
-        """Record the request; return a fresh instance id."""
+        """Record the request; return a fresh instance id, or answer a repeated token."""
         self.requests.append(params)
-        return {"Instances": [{"InstanceId": f"i-{len(self.requests):017x}"}]}
+        token = params.get("ClientToken")
+        others = {name: value for name, value in params.items() if name != "ClientToken"}
+        if token in self.launches:
+            first, instance_id = self.launches[token]
+            if first != others:
+                raise ec2_error("IdempotentParameterMismatch",
+                                f"Client token {token} was used with other parameters.")
+            if instance_id in self.terminated:
+                raise ec2_error("IdempotentInstanceTerminated",
+                                f"The instance of client token {token} has terminated.")
+            return {"Instances": [{"InstanceId": instance_id}]}
+        instance_id = f"i-{len(self.launches) + 1:017x}"
+        if token:
+            self.launches[token] = (others, instance_id)
+        return {"Instances": [{"InstanceId": instance_id}]}
+
+    def terminate(self, instance_id):
+        """End an instance, as its `shutdown -h now` (or a lost host) does."""
+        self.terminated.add(instance_id)
+
+
+def ec2_error(code, message):
+    """A ClientError as botocore raises it for an EC2 error answer."""
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": message},
+                        "ResponseMetadata": {"HTTPStatusCode": 400}}, "RunInstances")
 
 
 # --- moto's IAM enforcement and anonymous clients (the security tests) -----------------
