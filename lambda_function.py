@@ -30,6 +30,13 @@ CLIENT_TOKEN_LIMIT = 64
 # Room left for one last RunInstances (retries included) before Lambda's timeout.
 DEADLINE_MARGIN_MS = 10_000
 JOB_MARKER = ": __AWSFUN_JOB__"
+# The worker's report keys (AwsS3.report_key): under analysis/, hashed past S3's key limit.
+REPORT_PREFIX = "analysis/"
+S3_KEY_LIMIT = 1024
+# What EC2 answers (since January 2025) to a ClientToken already used: its instance has
+# terminated, or the token came with other parameters. Either way this upload was launched.
+IDEMPOTENT_TERMINATED = "IdempotentInstanceTerminated"
+IDEMPOTENT_MISMATCH = "IdempotentParameterMismatch"
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 LAUNCH_TEMPLATE_NAME = re.compile(r"^[a-zA-Z0-9().\-/_]{3,128}$")
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
@@ -176,21 +183,82 @@ def should_process(obj, skip_substring):
     """Return None if the object should get a worker, else the reason to skip it."""
     if not obj["event_name"].startswith("ObjectCreated"):
         return f"event {obj['event_name'] or '(none)'} is not ObjectCreated"
+    if is_folder_marker(obj["key"], obj.get("size")):
+        return ("folder marker (a zero-byte key ending in '/', as the S3 console's "
+                "Create folder makes): no input to analyse")
     if skip_substring and skip_substring in obj["key"]:
         return f"key contains {skip_substring!r} (worker output)"
     return None
 
 
+def is_folder_marker(key, size):
+    """True for a zero-byte key ending in '/': what the S3 console's "Create folder" writes (pure)."""
+    return key.endswith("/") and size == 0
+
+
 def client_token(obj, attempt=0):
-    """Derive RunInstances' ClientToken: one launch per bucket, key, object version (and relaunch attempt)."""
-    version = obj["version_id"] + "/" + (obj["etag"] or obj["sequencer"])
-    fields = [obj["bucket"], obj["key"], version]
+    """Derive RunInstances' ClientToken: one launch per upload (and relaunch attempt); pure.
+
+    An upload is its bucket, key, versionId and eTag plus, from an S3 event, the event's
+    `sequencer`, or, from reconcile's scan (no event), the object's LastModified. The
+    sequencer tells two PUTs of the same bytes to an unversioned bucket apart, so a new
+    upload is always a new job, while a duplicate delivery of one event (same sequencer)
+    keeps its token. An event's and a scan's tokens never collide: each names its field.
+    """
+    material = {"bucket": obj["bucket"], "key": obj["key"], "version_id": obj["version_id"],
+                "etag": obj["etag"], "sequencer": obj.get("sequencer") or "",
+                "last_modified": obj.get("last_modified") or ""}
     if attempt:
-        # Only reconcile relaunches (after EC2 answered the token with a worker that ended
-        # without a report); attempt 0, every event's, keeps the token it always had.
-        fields.append(f"relaunch {int(attempt)}")
-    material = json.dumps(fields, ensure_ascii=False)
-    return hashlib.sha256(material.encode("utf-8")).hexdigest()[:CLIENT_TOKEN_LIMIT]
+        # Only after EC2 answered an earlier attempt's token with a worker that ended
+        # without a report; attempt 0 is the token of the event (or of the scan).
+        material["relaunch"] = int(attempt)
+    text = json.dumps(material, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:CLIENT_TOKEN_LIMIT]
+
+
+def object_version_tag(obj):
+    """Return the awsfun:object tag value: bucket, key, versionId and eTag hashed (pure).
+
+    Every worker for the same object contents carries it, whichever event, scan or attempt
+    launched it, so reconcile finds a running worker without knowing the event's token.
+    """
+    fields = [obj["bucket"], obj["key"], obj["version_id"], obj["etag"]]
+    text = json.dumps(fields, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def report_key(key, suffix=".json"):
+    """Return the worker's report key for an input key, as AwsS3.report_key does (pure)."""
+    candidate = REPORT_PREFIX + key + suffix
+    if len(candidate.encode("utf-8")) <= S3_KEY_LIMIT:
+        return candidate
+    return f"{REPORT_PREFIX}_long/{hashlib.sha256(key.encode('utf-8')).hexdigest()}{suffix}"
+
+
+def already_launched_reason(obj, err):
+    """Return why a refused launch means this upload was already launched, or None (pure).
+
+    EC2 (since January 2025) answers a ClientToken already used with
+    IdempotentInstanceTerminated when its instance has terminated, and with
+    IdempotentParameterMismatch when the token came with other parameters (the user-data or
+    route changed by a redeploy since); see RunInstances' ClientToken in the EC2 API
+    reference. Both mean this upload has had its worker. The launcher role may read neither
+    reports nor instances (least privilege), so the reason names where the result lands;
+    a worker lost without a report is reconcile's to relaunch.
+    """
+    if not isinstance(err, ClientError):
+        return None
+    code = err.response.get("Error", {}).get("Code", "")
+    reports = f"{report_key(obj['key'])} or {report_key(obj['key'], '.error.json')}"
+    if code == IDEMPOTENT_TERMINATED:
+        return (f"already processed: report {reports}; this upload's worker has ended "
+                f"(EC2 {code}); if neither report is there the worker was lost, and "
+                "./deploy.sh reconcile relaunches it")
+    if code == IDEMPOTENT_MISMATCH:
+        return (f"already launched: this upload's worker was launched with other settings "
+                f"(EC2 {code}, e.g. after a redeploy) and writes report {reports}; "
+                "./deploy.sh reconcile relaunches it if it ends without one")
+    return None
 
 
 def shorten_tag_value(value, limit=TAG_VALUE_LIMIT):
@@ -214,6 +282,7 @@ def build_tags(obj, token, settings):
         {"Key": "awsfun:bucket", "Value": obj["bucket"]},
         {"Key": "awsfun:key", "Value": shorten_tag_value(obj["key"])},
         {"Key": "awsfun:token", "Value": token},
+        {"Key": "awsfun:object", "Value": object_version_tag(obj)},
         {"Key": "awsfun:launch-template", "Value": settings["LAUNCH_TEMPLATE"]},
     ]
     return [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")]
@@ -480,6 +549,14 @@ def lambda_handler(event, context):
                 continue
             instance_id = launch_object(obj, settings)
         except LAUNCH_ERRORS as err:
+            reason = already_launched_reason(obj, err)
+            if reason:
+                # A duplicate delivery (or Lambda's retry) of an upload already launched:
+                # retrying cannot change EC2's answer, so failing would only dead-letter it.
+                logger.info("skipped s3://%s/%s: %s", obj["bucket"], obj["key"], reason)
+                result["skipped"].append({"bucket": obj["bucket"], "key": obj["key"],
+                                          "reason": reason})
+                continue
             # One record's failure must not cost the others their launch: note it, go on.
             code, message = describe_failure(err)
             logger.error("failed s3://%s/%s: %s %s", obj["bucket"], obj["key"], code, message)

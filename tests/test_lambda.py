@@ -19,7 +19,8 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 import lambda_function as lf
-from support import REPO, record_calls, s3_event, s3_record
+import AwsS3
+from support import REPO, RecordingEc2, record_calls, s3_event, s3_record
 
 TEMPLATE = (REPO / "bootstrap" / "bootstrap.sh").read_text(encoding="utf-8")
 TEST_EVENT = REPO / "lambda_test_event.json"
@@ -274,6 +275,137 @@ def test_client_token_does_not_mix_fields():
     assert lf.client_token(obj('x", "v1/e', version_id="", etag="")) != \
         lf.client_token(obj("x", version_id="v1", etag="e"))
     assert lf.client_token(obj("a", bucket="bkt-b")) != lf.client_token(obj("b", bucket="bkt-a"))
+
+
+def test_client_token_differs_for_two_puts_of_the_same_bytes():
+    """S3 gives each PUT its own event `sequencer`, also in an unversioned bucket where the
+    eTag repeats: a new upload of identical bytes is a new job, so a new token."""
+    assert lf.client_token(obj(sequencer="0055AED6DCD90281E5")) != \
+        lf.client_token(obj(sequencer="0055AED6DCD90281F7"))
+
+
+def test_a_scan_token_never_equals_an_event_token():
+    """reconcile has no event: its token comes from LastModified, labelled as such, so it is
+    stable across runs and never an event's token, whatever the field values."""
+    scanned = dict(obj(sequencer=""), last_modified="2025-01-02T03:04:05+00:00")
+    assert lf.client_token(scanned) == lf.client_token(dict(scanned))
+    assert lf.client_token(scanned) != lf.client_token(obj(sequencer=""))
+    assert lf.client_token(scanned) != lf.client_token(obj(sequencer="2025-01-02T03:04:05+00:00"))
+
+
+def test_report_key_follows_the_workers_rule():
+    for key in ("inbox/a.csv", "ü/€ x.csv", "k" * 1010, "€" * 341):
+        for suffix in (".json", ".error.json"):
+            assert lf.report_key(key, suffix) == AwsS3.report_key(key, suffix)
+    assert lf.report_key("k" * 1030).startswith("analysis/_long/")
+
+
+def test_object_version_tag_is_the_same_for_every_upload_of_one_version():
+    assert lf.object_version_tag(obj(sequencer="A")) == lf.object_version_tag(
+        dict(obj(sequencer=""), last_modified="2025-01-01"))
+    assert lf.object_version_tag(obj()) != lf.object_version_tag(obj(etag="ffff"))
+    assert len(lf.object_version_tag(obj("€" * 341))) == 64
+
+
+# --- EC2's answers to a ClientToken already used (since January 2025) -------------------
+
+
+@pytest.fixture
+def recording_ec2(monkeypatch):
+    """The handler's EC2 replaced by RecordingEc2, which answers repeated tokens as EC2 does."""
+    recorder = RecordingEc2()
+    monkeypatch.setitem(lf._clients, "ec2", recorder)
+    return recorder
+
+
+def test_duplicate_event_while_the_worker_runs_returns_the_same_instance(recording_ec2):
+    """EC2: the same ClientToken and parameters while the instance is pending or running
+    return that instance (the idempotent success)."""
+    event = s3_event(s3_record(BUCKET, "inbox/a.csv"))
+    first = lf.lambda_handler(event, None)
+    again = lf.lambda_handler(json.loads(json.dumps(event)), None)
+    assert again["launched"][0]["instance_id"] == first["launched"][0]["instance_id"]
+    assert len(recording_ec2.launches) == 1
+
+
+def test_duplicate_event_after_its_worker_finished_is_skipped_not_failed(recording_ec2):
+    """EC2 (since January 2025) answers a ClientToken whose instance has terminated with
+    IdempotentInstanceTerminated; it used to return the ended instance. That upload was
+    processed: skipping it with the report's name beats failing into the dead-letter queue."""
+    key = "inbox/done " + "d" * 1000 + ".csv"  # its reports are hashed under analysis/_long/
+    event = s3_event(s3_record(BUCKET, key))
+    [launched] = lf.lambda_handler(event, None)["launched"]
+    recording_ec2.terminate(launched["instance_id"])
+    result = lf.lambda_handler(json.loads(json.dumps(event)), None)
+    assert result["launched"] == []
+    [skipped] = result["skipped"]
+    assert (skipped["bucket"], skipped["key"]) == (BUCKET, key)
+    assert skipped["reason"].startswith(f"already processed: report {AwsS3.report_key(key)} or "
+                                        f"{AwsS3.report_key(key, '.error.json')}")
+    assert "IdempotentInstanceTerminated" in skipped["reason"]
+    assert "reconcile" in skipped["reason"]
+    assert len(recording_ec2.requests) == 2 and len(recording_ec2.launches) == 1
+
+
+def test_duplicate_event_after_a_redeploy_changed_a_setting_is_skipped_not_failed(
+        recording_ec2, monkeypatch):
+    """EC2 answers a ClientToken reused with other parameters (here the user-data, which
+    carries the watchdog) with IdempotentParameterMismatch: that upload already has its
+    worker, launched with the old settings; skip it instead of failing."""
+    event = s3_event(s3_record(BUCKET, "inbox/a.csv"))
+    lf.lambda_handler(event, None)
+    monkeypatch.setenv("WATCHDOG_MINUTES", "30")
+    result = lf.lambda_handler(json.loads(json.dumps(event)), None)
+    assert result["launched"] == []
+    [skipped] = result["skipped"]
+    assert skipped["reason"].startswith("already launched: ")
+    assert "IdempotentParameterMismatch" in skipped["reason"]
+    assert "analysis/inbox/a.csv.json" in skipped["reason"]
+    first, second = recording_ec2.requests
+    assert first["ClientToken"] == second["ClientToken"] and first["UserData"] != second["UserData"]
+
+
+def test_the_same_bytes_uploaded_again_after_a_failed_job_launch_a_new_worker(recording_ec2):
+    """In an unversioned bucket a second PUT of the same bytes has the same eTag, but S3 gives
+    its event a new `sequencer`. The first job failed and its machine ended; EC2 (since
+    January 2025) answers that job's token with IdempotentInstanceTerminated and before that
+    returned the ended instance, so the new upload got no worker and no report ever came."""
+    first = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv",
+                                                 sequencer="0055AED6DCD90281E5")), None)
+    recording_ec2.terminate(first["launched"][0]["instance_id"])
+    again = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv",
+                                                 sequencer="0055AED6DCD9028A00")), None)
+    assert again["skipped"] == []
+    [launched] = again["launched"]
+    assert launched["instance_id"] != first["launched"][0]["instance_id"]
+    assert launched["instance_id"] not in recording_ec2.terminated
+
+
+def test_other_launch_errors_still_fail_the_record(recording_ec2):
+    err = lf.ClientError({"Error": {"Code": "InsufficientInstanceCapacity", "Message": "x"}},
+                         "RunInstances")
+    assert lf.already_launched_reason(obj(), err) is None
+    assert lf.already_launched_reason(obj(), lf.UserDataTooLarge("big")) is None
+
+
+# --- folder markers -------------------------------------------------------------------
+
+
+def test_a_console_folder_marker_is_skipped_with_a_reason(recording_ec2):
+    """The S3 console's "Create folder" writes a zero-byte key ending in '/': no input."""
+    result = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/new folder/", size=0),
+                                        s3_record(BUCKET, "inbox/x/", size=5)), None)
+    [skipped] = result["skipped"]
+    assert skipped["key"] == "inbox/new folder/" and skipped["reason"].startswith("folder marker")
+    assert [e["key"] for e in result["launched"]] == ["inbox/x/"]  # a real object, however named
+    assert len(recording_ec2.requests) == 1
+
+
+def test_build_tags_carry_the_object_version():
+    specs = lf.build_tags(obj(), lf.client_token(obj()), settings())
+    for spec in specs:
+        tags = {tag["Key"]: tag["Value"] for tag in spec["Tags"]}
+        assert tags["awsfun:object"] == lf.object_version_tag(obj())
 
 
 # --- tags -----------------------------------------------------------------------------
