@@ -173,6 +173,7 @@ class LocalCloud:
         self.threads = []
         self.pool = None
         self.restore_run_instances = None
+        self.restore_s3_events = None
         self.booted = {}  # instance id -> ClientToken
         self.tokens = {}  # ClientToken -> first instance id: EC2 launches once per token
         self.processes = {}
@@ -201,6 +202,7 @@ class LocalCloud:
         # start from an empty account, whatever an earlier local cloud left behind.
         self.reset_moto()
         self.restore_run_instances = honour_client_tokens()
+        self.restore_s3_events = stamp_s3_sequencers()
         self.saved_environ = dict(os.environ)
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
             os.environ.pop(name, None)
@@ -237,6 +239,9 @@ class LocalCloud:
         if self.restore_run_instances:
             self.restore_run_instances()
             self.restore_run_instances = None
+        if self.restore_s3_events:
+            self.restore_s3_events()
+            self.restore_s3_events = None
         if self.saved_environ is not None:
             os.environ.clear()
             os.environ.update(self.saved_environ)
@@ -541,24 +546,40 @@ class LocalCloud:
 
 
 def honour_client_tokens():
-    """Make moto's RunInstances answer a repeated ClientToken with the first reservation, as
-    EC2 does (moto ignores the token); return the function that undoes it.
+    """Make moto's RunInstances answer a ClientToken already used as EC2 does since January
+    2025 (moto ignores the token); return the function that undoes it.
 
-    The local cloud's moto server runs in this process, so this reaches every caller: the
-    handler, reconcile in a subprocess, the aws CLI. A repeat gets the first instance even
-    after it ended, which is what reconcile must see to relaunch a lost worker.
+    With the same parameters, the first reservation while its instance is not terminated;
+    IdempotentInstanceTerminated once it is; IdempotentParameterMismatch whenever the other
+    parameters differ (checked first: which of the two EC2 checks first is not documented,
+    and every caller treats a mismatch on an ended instance like a terminated one). The
+    local cloud's moto runs in this process, so this reaches every caller: the handler,
+    reconcile in a subprocess, the aws CLI.
     """
+    from moto.ec2.exceptions import EC2ClientError
     from moto.ec2.models.instances import InstanceBackend
 
     original = InstanceBackend.run_instances
 
     def run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
         token = kwargs.get("client_token")
-        if token and token != MOTO_NO_TOKEN:
-            for reservation in self.all_reservations():
-                if any(instance.client_token == token for instance in reservation.instances):
-                    return reservation
-        return original(self, image_id, count, user_data, security_group_names, **kwargs)
+        if not token or token == MOTO_NO_TOKEN:
+            return original(self, image_id, count, user_data, security_group_names, **kwargs)
+        asked = launch_parameters(image_id, count, user_data, security_group_names, kwargs)
+        for reservation in self.all_reservations():
+            if not any(instance.client_token == token for instance in reservation.instances):
+                continue
+            if getattr(reservation, "awsfun_parameters", asked) != asked:
+                raise EC2ClientError("IdempotentParameterMismatch",
+                                     f"Client token {token} was used with other parameters.")
+            if all(i.state == "terminated" for i in reservation.instances):
+                raise EC2ClientError("IdempotentInstanceTerminated",
+                                     f"The instance launched with client token {token} has "
+                                     "terminated.")
+            return reservation
+        reservation = original(self, image_id, count, user_data, security_group_names, **kwargs)
+        reservation.awsfun_parameters = asked
+        return reservation
 
     InstanceBackend.run_instances = run_instances
 
@@ -566,6 +587,47 @@ def honour_client_tokens():
         InstanceBackend.run_instances = original
 
     return restore
+
+
+def stamp_s3_sequencers():
+    """Give every S3 event record a `sequencer`, as S3 does (moto sends none); return the undo.
+
+    S3 gives each write of an object its own sequencer (two PUTs of the same bytes differ),
+    and a duplicate delivery of one event the same one. A write here is moto's key object,
+    so the Put and CompleteMultipartUpload events moto sends for one multipart upload (S3
+    sends one) share theirs. Hex, increasing, like S3's.
+    """
+    import itertools
+
+    from moto.s3 import notifications
+
+    original = notifications._get_s3_event
+    numbers = itertools.count(1)
+    lock = threading.Lock()
+
+    def get_s3_event(event_name, bucket, key, notification_id):
+        event = original(event_name, bucket, key, notification_id)
+        with lock:
+            if not hasattr(key, "awsfun_sequencer"):
+                key.awsfun_sequencer = f"{int(time.time()):010X}{next(numbers):08X}"
+        for record in event["Records"]:
+            record["s3"]["object"].setdefault("sequencer", key.awsfun_sequencer)
+        return event
+
+    notifications._get_s3_event = get_s3_event
+
+    def restore():
+        notifications._get_s3_event = original
+
+    return restore
+
+
+def launch_parameters(image_id, count, user_data, security_group_names, kwargs):
+    """Return one RunInstances request's parameters but its ClientToken, comparable (pure)."""
+    fields = dict(kwargs, image_id=image_id, count=count, user_data=user_data,
+                  security_group_names=security_group_names)
+    fields.pop("client_token", None)
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def _http_response(status):

@@ -4,6 +4,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import types
@@ -12,6 +13,7 @@ import time
 import pytest
 
 import AwsS3
+import lambda_function
 import local_cloud
 from local_cloud import LocalCloud, Tracker, process_files
 
@@ -185,3 +187,114 @@ def test_summary_table_splits_upload_launch_and_worker(capsys):
     assert header.split()[:6] == ["file", "outcome", "upload", "launch", "worker", "total"]
     # upload 1->3, launch 3->4 (event, handler, boot), worker 4->6.5, total 1->6.5
     assert row.split()[:6] == ["in/a.csv", "report", "2.00s", "1.00s", "2.50s", "5.50s"]
+
+
+# --- EC2's answers to a used ClientToken, and S3's sequencer ------------------------------
+
+
+def test_local_ec2_answers_a_used_client_token_as_ec2_does(local_aws):
+    """EC2 since January 2025 (moto ignores ClientToken): the same token and parameters give
+    the same instance while it is not terminated, IdempotentInstanceTerminated once it is,
+    and IdempotentParameterMismatch whenever the other parameters differ."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    ec2 = boto3.client("ec2")
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+
+    def launch(token, user_data="echo a"):
+        params = dict(ImageId=image, MinCount=1, MaxCount=1, UserData=user_data)
+        if token:
+            params["ClientToken"] = token
+        return ec2.run_instances(**params)["Instances"][0]["InstanceId"]
+
+    def refusal(token, user_data="echo a"):
+        with pytest.raises(ClientError) as raised:
+            launch(token, user_data)
+        return raised.value.response["Error"]["Code"]
+
+    restore = local_cloud.honour_client_tokens()
+    try:
+        first = launch("token-1")
+        assert launch("token-1") == first
+        assert refusal("token-1", "echo b") == "IdempotentParameterMismatch"
+        assert launch("token-2") != first
+        assert launch(None) != launch(None)  # no token: a new instance each time
+        ec2.terminate_instances(InstanceIds=[first])
+        assert refusal("token-1") == "IdempotentInstanceTerminated"
+        assert refusal("token-1", "echo b") == "IdempotentParameterMismatch"
+    finally:
+        restore()
+
+
+def test_local_s3_events_carry_one_sequencer_per_upload(local_aws):
+    """S3 gives each write its own event `sequencer` (two PUTs of the same bytes differ);
+    moto sends none, and sends two events for one multipart upload, which share one here."""
+    import boto3
+
+    s3, sqs = boto3.client("s3"), boto3.client("sqs")
+    s3.create_bucket(Bucket="seq-data")
+    url = sqs.create_queue(QueueName="seq-events")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"]
+    s3.put_bucket_notification_configuration(Bucket="seq-data", NotificationConfiguration={
+        "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]})
+    restore = local_cloud.stamp_s3_sequencers()
+    try:
+        for _ in range(2):
+            s3.put_object(Bucket="seq-data", Key="same.csv", Body=b"a,b\n")
+        upload = s3.create_multipart_upload(Bucket="seq-data", Key="multi.csv")["UploadId"]
+        part = s3.upload_part(Bucket="seq-data", Key="multi.csv", UploadId=upload, PartNumber=1,
+                              Body=b"x" * 10)["ETag"]
+        s3.complete_multipart_upload(Bucket="seq-data", Key="multi.csv", UploadId=upload,
+                                     MultipartUpload={"Parts": [{"ETag": part, "PartNumber": 1}]})
+    finally:
+        restore()
+    from support import receive_s3_records
+
+    events = receive_s3_records(sqs, url, 4)
+    records = [r["s3"]["object"] for e in events for r in e["Records"]]
+    same = [o["sequencer"] for o in records if o["key"] == "same.csv"]
+    multi = {o["sequencer"] for o in records if o["key"] == "multi.csv"}
+    assert len(same) == 2 and same[0] != same[1] and len(multi) == 1
+    assert all(re.fullmatch("[0-9A-F]+", o["sequencer"]) for o in records)
+
+
+def test_a_repeated_event_and_a_reupload_after_a_failed_job(cloud, tmp_path):
+    """The issue's two cases on the local cloud, whose EC2 answers as EC2 does since January
+    2025: the same event again after its worker ended is skipped (EC2 answers
+    IdempotentInstanceTerminated; no retries, no dead letter), and after the error report
+    is deleted, the same bytes uploaded again (same eTag, new sequencer) get a new worker
+    and a new report, where the ended instance used to come back as "launched"."""
+    bad = tmp_path / "broken.csv.gz"
+    bad.write_bytes(gzip.compress(b"a,b\n1,2\n" * 1000)[:-20])
+    events, results = [], []
+    original = cloud.invoke_handler
+
+    def invoke(event):
+        events.append(event)
+        original(event)
+
+    cloud.invoke_handler = invoke
+    assert process_files(cloud, [bad], "again", timeout=120) == {"again/broken.csv.gz": "error"}
+    assert cloud.wait_idle() == []
+    first = next(e for e in events if e["Records"][0]["s3"]["object"]["key"].startswith("again"))
+    os.environ.update(cloud.function_env)
+    results.append(lambda_function.lambda_handler(json.loads(json.dumps(first)), None))
+    [skipped] = results[0]["skipped"]
+    assert skipped["reason"].startswith("already processed: report analysis/again/broken.csv.gz")
+    assert results[0]["launched"] == []
+
+    s3, bucket = cloud.client("s3"), cloud.names["data_bucket"]
+    s3.delete_object(Bucket=bucket, Key=AwsS3.report_key("again/broken.csv.gz", ".error.json"))
+    machines = len(cloud.machines)
+    cloud.tracker.files.pop("again/broken.csv.gz", None)
+    assert process_files(cloud, [bad], "again", timeout=120) == {"again/broken.csv.gz": "error"}
+    assert cloud.wait_idle() == []
+    assert len(cloud.machines) == machines + 1
+    assert cloud.fetch_report("again/broken.csv.gz")[0] == "error"
+    dlq = cloud.names.get("dlq_url")
+    if dlq:
+        attributes = cloud.client("sqs").get_queue_attributes(
+            QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
+        assert attributes["ApproximateNumberOfMessages"] == "0"
