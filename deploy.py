@@ -1374,16 +1374,24 @@ DLQ_VISIBILITY_SECONDS = 300
 # How often reconcile relaunches an input whose workers all ended without a report (each
 # attempt its own deterministic ClientToken) before it reports the input as failed.
 MAX_RELAUNCHES = 3
+# Every worker carries its object version's tag (lambda_function.object_version_tag), whichever
+# event, scan or attempt launched it; reconcile cannot know an event's token (no sequencer).
+OBJECT_TAG = "awsfun:object"
+# EC2's states of an instance that will still write its report.
+LIVE_STATES = ("pending", "running")
 
 
 def worker_tokens(obj):
-    """Every ClientToken a worker for this object version may carry: the event's, then each relaunch's (pure)."""
+    """Every ClientToken reconcile may launch this upload with: attempt 0, then each relaunch's (pure)."""
     return [lambda_function.client_token(obj, attempt) for attempt in range(MAX_RELAUNCHES + 1)]
 
 
-def running_worker(obj, tokens):
-    """Return the instance id of a running worker for this object version, or None (pure)."""
-    return next((tokens[t] for t in worker_tokens(obj) if t in tokens), None)
+def running_worker(obj, running):
+    """Return the instance id of a running worker for this object version, or None (pure).
+
+    `running` maps awsfun:object tag values to instance ids (see running_tokens).
+    """
+    return running.get(lambda_function.object_version_tag(obj))
 
 
 def deployed_settings(lam, names):
@@ -1399,10 +1407,17 @@ def deployed_settings(lam, names):
 
 
 def object_from_head(bucket, key, head):
-    """Describe an object as parse_record does, from HeadObject, so its ClientToken is its event's (pure)."""
+    """Describe an object as parse_record does, from HeadObject (pure).
+
+    There is no event, so no sequencer: LastModified names this upload instead, which keeps
+    the ClientToken the same on every reconcile run and apart from any event's token.
+    """
+    modified = head.get("LastModified")
     return {"bucket": bucket, "key": key, "event_name": "ObjectCreated:Put",
             "etag": head["ETag"].strip('"'), "version_id": head.get("VersionId") or "",
-            "sequencer": "", "size": head.get("ContentLength")}
+            "sequencer": "", "size": head.get("ContentLength"),
+            "last_modified": modified.isoformat() if isinstance(modified, datetime)
+            else str(modified or "")}
 
 
 def head_input(s3, bucket, key):
@@ -1461,18 +1476,34 @@ def report_etags(s3, bucket, key, present=None):
 
 
 def running_tokens(ec2, bucket):
-    """Return {ClientToken: instance id} of the workers pending or running for the bucket's objects."""
-    tokens = {}
+    """Return {awsfun:object tag: instance id} of the workers pending or running for the bucket's objects."""
+    running = {}
     for page in ec2.get_paginator("describe_instances").paginate(Filters=[
         {"Name": f"tag:{BUCKET_TAG}", "Values": [bucket]},
-        {"Name": "instance-state-name", "Values": ["pending", "running"]},
+        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
     ]):
         for reservation in page["Reservations"]:
             for instance in reservation["Instances"]:
                 tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-                if tags.get(TOKEN_TAG):
-                    tokens[tags[TOKEN_TAG]] = instance["InstanceId"]
-    return tokens
+                if tags.get(OBJECT_TAG):
+                    running[tags[OBJECT_TAG]] = instance["InstanceId"]
+    return running
+
+
+def instance_by_token(ec2, token):
+    """Return (instance id, state) of the worker launched with this ClientToken, or (None, None).
+
+    By the handler's awsfun:token tag: the one that lives, if any does.
+    """
+    found = (None, None)
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=[
+            {"Name": f"tag:{TOKEN_TAG}", "Values": [token]}]):
+        for reservation in page["Reservations"]:
+            for instance in reservation["Instances"]:
+                found = (instance["InstanceId"], instance["State"]["Name"])
+                if found[1] in LIVE_STATES:
+                    return found
+    return found
 
 
 def instance_state(ec2, instance_id):
@@ -1488,15 +1519,22 @@ def instance_state(ec2, instance_id):
     return reservations[0]["Instances"][0]["State"]["Name"]
 
 
-def is_input(key, skip_substring, key_prefix=""):
-    """True for a key the handler would launch a worker for, under key_prefix (pure)."""
-    return key.startswith(key_prefix) and not (skip_substring and skip_substring in key)
+def is_input(key, skip_substring, key_prefix="", size=None):
+    """True for a key the handler would launch a worker for, under key_prefix (pure).
+
+    A console folder marker (zero-byte, ending in '/') is no input.
+    """
+    return (key.startswith(key_prefix) and not (skip_substring and skip_substring in key)
+            and not lambda_function.is_folder_marker(key, size))
 
 
 def scan_inputs(s3, bucket, skip_substring, tokens, key_prefix=""):
-    """Return one entry per input under key_prefix: key, state and, unless settled, its object and token."""
+    """Return one entry per input under key_prefix: key, state and, unless settled, its object and token.
+
+    `tokens` maps awsfun:object tag values to running instance ids (running_tokens).
+    """
     listing = [o for o in list_keys(s3, bucket, prefix=key_prefix)
-               if is_input(o["Key"], skip_substring, key_prefix)]
+               if is_input(o["Key"], skip_substring, key_prefix, o.get("Size"))]
     present = {o["Key"] for o in list_keys(s3, bucket, prefix=AwsS3.REPORT_PREFIX)}
     scanned = []
     for listed in listing:
@@ -1504,7 +1542,7 @@ def scan_inputs(s3, bucket, skip_substring, tokens, key_prefix=""):
         state = settled_state(etag, *report_etags(s3, bucket, key, present))
         entry = {"key": key, "etag": etag, "state": state}
         if state is None:
-            # HeadObject gives the VersionId the event carried, so the token is the event's.
+            # HeadObject gives the VersionId and LastModified the scan's token is made of.
             obj = head_input(s3, bucket, key)
             if obj is None:
                 continue  # deleted since the listing
@@ -1578,7 +1616,7 @@ class Reconciler:
         self.names, self.settings = names, settings
         self.key_prefix, self.dry_run, self.progress = key_prefix, dry_run, progress
         self.tokens = running_tokens(self.ec2, names.data_bucket)
-        self.refused = {}  # token -> error: a launch that failed is not tried twice in one run
+        self.refused = {}  # object version -> error: a refused launch is not tried twice a run
         self.queue_url = None
         self.result = {"dry_run": dry_run, "key_prefix": key_prefix, "unprocessed": [],
                        "launched": [], "failed": [], "replayed": [], "dlq_failed": [],
@@ -1587,17 +1625,23 @@ class Reconciler:
     def launch(self, obj):
         """Launch one object's worker through the handler's path; return (instance id, None) or (None, error).
 
-        The event's ClientToken first, so a repeat of the Lambda's launch is harmless. Only
-        when EC2 answers a token with a worker that already ended (without a report, or the
-        scan would not be here) does the next relaunch attempt, with its own token, follow.
+        Attempt 0 is the token of the object's event (a dead letter) or of the scan. EC2
+        (since January 2025) answers a token already used with IdempotentInstanceTerminated
+        when its worker has ended, which, with no report (or the scan would not be here),
+        means it was lost; and with IdempotentParameterMismatch when it was launched with
+        other settings: that worker is kept if it lives, else it ended like the first. Only
+        an ended worker moves on to the next attempt's token, MAX_RELAUNCHES times at most.
+        An older EC2 returned the ended instance itself: its state says the same.
         """
-        token = lambda_function.client_token(obj)
+        # By object version: a refused launch is not tried again in this run, event or scan.
+        token = lambda_function.object_version_tag(obj)
         if token in self.refused:
             return None, self.refused[token]
+        running = running_worker(obj, self.tokens)
+        if running:
+            return running, None
         ended = []
         for attempt, attempt_token in enumerate(worker_tokens(obj)):
-            if attempt_token in self.tokens:
-                return self.tokens[attempt_token], None
             try:
                 # local_dir "": render and route with what deploy published, like the function.
                 instance_id = lambda_function.launch_object(obj, self.settings, ec2=self.ec2,
@@ -1605,20 +1649,29 @@ class Reconciler:
                                                             attempt=attempt)
             except lambda_function.LAUNCH_ERRORS as err:
                 code, message = lambda_function.describe_failure(err)
-                logger.error("launch for s3://%s/%s failed: %s %s", obj["bucket"], obj["key"],
-                             code, message)
-                self.refused[token] = f"{code}: {message}"
-                return None, self.refused[token]
-            state = instance_state(self.ec2, instance_id)
-            if state in ("pending", "running"):
-                self.tokens[attempt_token] = instance_id
+                if code == lambda_function.IDEMPOTENT_MISMATCH:
+                    instance_id, state = instance_by_token(self.ec2, attempt_token)
+                elif code == lambda_function.IDEMPOTENT_TERMINATED:
+                    instance_id, state = None, "terminated"
+                else:
+                    logger.error("launch for s3://%s/%s failed: %s %s", obj["bucket"],
+                                 obj["key"], code, message)
+                    self.refused[token] = f"{code}: {message}"
+                    return None, self.refused[token]
+                logger.info("s3://%s/%s: ClientToken attempt %d answered %s", obj["bucket"],
+                            obj["key"], attempt, code)
+            else:
+                state = instance_state(self.ec2, instance_id)
+            if state in LIVE_STATES:
+                self.tokens[lambda_function.object_version_tag(obj)] = instance_id
                 return instance_id, None
             logger.warning("s3://%s/%s: ClientToken attempt %d is %s's, which is %s with no "
-                           "report; relaunching", obj["bucket"], obj["key"], attempt, instance_id,
-                           state)
-            ended.append(f"{instance_id} ({state})")
+                           "report; relaunching", obj["bucket"], obj["key"], attempt,
+                           instance_id or "a worker", state or "gone")
+            ended.append(f"{instance_id or 'attempt ' + str(attempt)} ({state or 'gone'})")
         self.refused[token] = (f"every ClientToken is used by a worker that ended without a "
                                f"report: {', '.join(ended)}; see their console output")
+        logger.error("s3://%s/%s: %s", obj["bucket"], obj["key"], self.refused[token])
         return None, self.refused[token]
 
     def replay_record(self, obj):

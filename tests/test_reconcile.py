@@ -1,8 +1,9 @@
 """reconcile and status counts on a deployed stack (moto server): nothing lost.
 
 Every input ends with a report, a visible error report or a running worker; reconcile finds
-the ones that have none, launches them through the handler's own path (same ClientToken,
-user-data and route), and replays the dead-letter queue, deleting only what it launched.
+the ones that have none, launches them through the handler's own path (same user-data and
+route; a ClientToken of the scan's own, from LastModified, as there is no event), and replays
+the dead-letter queue (the event's own token), deleting only what it launched.
 """
 
 import base64
@@ -17,6 +18,7 @@ from botocore.awsrequest import AWSResponse
 import AwsS3
 import deploy
 import lambda_function
+import local_cloud
 from conftest import REPO
 from support import s3_event, s3_record
 
@@ -57,6 +59,21 @@ def event_token(bucket, key, etag):
     return lambda_function.client_token(obj)
 
 
+def scan_token(s3, bucket, key, attempt=0):
+    """The ClientToken reconcile's scan derives for the object as it is now (no event)."""
+    obj = deploy.object_from_head(bucket, key, s3.head_object(Bucket=bucket, Key=key))
+    return lambda_function.client_token(obj, attempt)
+
+
+@pytest.fixture
+def ec2_answers_tokens():
+    """moto's RunInstances answers a used ClientToken as EC2 does since January 2025 (moto
+    ignores the token): the local cloud's emulation, local_cloud.honour_client_tokens."""
+    restore = local_cloud.honour_client_tokens()
+    yield
+    restore()
+
+
 def workers(ec2, bucket):
     """{key tag: [(instance id, token tag)]} of the pending or running workers for the bucket."""
     found = {}
@@ -93,7 +110,7 @@ def test_settled_state_rules():
     assert deploy.settled_state("e1", None, None) is None
 
 
-def test_reconcile_launches_exactly_the_unprocessed_inputs_with_the_lambdas_token(
+def test_reconcile_launches_exactly_the_unprocessed_inputs_with_a_token_of_its_own(
         clients, stack, function_env):
     s3, ec2 = clients("s3"), clients("ec2")
     bucket = stack.data_bucket
@@ -129,7 +146,9 @@ def test_reconcile_launches_exactly_the_unprocessed_inputs_with_the_lambdas_toke
     for entry in result["launched"]:
         [(instance_id, token)] = running[entry["key"]]
         assert instance_id == entry["instance_id"]
-        assert token == event_token(bucket, entry["key"], etags[entry["key"]])
+        # No event, so no sequencer: the scan's token, never the event's.
+        assert token == scan_token(s3, bucket, entry["key"])
+        assert token != event_token(bucket, entry["key"], etags[entry["key"]])
     assert running["busy/w.csv"] == [(busy_launch["instance_id"],
                                       event_token(bucket, "busy/w.csv", etags["busy/w.csv"]))]
 
@@ -173,10 +192,10 @@ def test_dry_run_key_prefix_second_run_and_new_version(clients, stack):
     fourth = deploy.reconcile(clients, stack, progress=quiet())
     assert fourth["unprocessed"] == ["other/c.csv"]
     tokens = {token for _, token in workers(ec2, bucket)["other/c.csv"]}
-    assert event_token(bucket, "other/c.csv", new) in tokens and len(tokens) == 2
+    assert scan_token(s3, bucket, "other/c.csv") in tokens and len(tokens) == 2
 
-    # A worker lost without any report (host failure): EC2 answers its ClientToken with
-    # that dead instance (moto does not, so the answer is imitated). reconcile relaunches
+    # A worker lost without any report (host failure): EC2 before January 2025 answered its
+    # ClientToken with that dead instance (imitated here). reconcile relaunches
     # under the next attempt's token, and a further run sees that worker running.
     [(dead, dead_token)] = workers(ec2, bucket)["in/a.csv"]
     ec2.terminate_instances(InstanceIds=[dead])
@@ -203,9 +222,78 @@ def test_dry_run_key_prefix_second_run_and_new_version(clients, stack):
     assert "every ClientToken is used by a worker that ended without a report" in failed["error"]
 
 
+def test_a_lost_worker_is_relaunched_when_ec2_answers_idempotent_instance_terminated(
+        clients, stack, ec2_answers_tokens):
+    """EC2 (since January 2025) answers the token of a terminated instance with
+    IdempotentInstanceTerminated instead of that instance. With no report, the worker was
+    lost: reconcile relaunches under the next attempt's token (it used to mark the input
+    failed), up to MAX_RELAUNCHES times, then fails loudly."""
+    s3, ec2 = clients("s3"), clients("ec2")
+    bucket = stack.data_bucket
+    put(s3, bucket, "in/a.csv")
+    first = deploy.reconcile(clients, stack, progress=quiet())
+    [(instance_id, token)] = workers(ec2, bucket)["in/a.csv"]
+    assert token == scan_token(s3, bucket, "in/a.csv")
+    assert first["launched"] == [{"key": "in/a.csv", "instance_id": instance_id, "source": "scan"}]
+    for attempt in range(1, deploy.MAX_RELAUNCHES + 1):
+        ec2.terminate_instances(InstanceIds=[instance_id])  # lost without a trace
+        result = deploy.reconcile(clients, stack, progress=quiet())
+        assert result["failed"] == [] and result["unprocessed"] == ["in/a.csv"]
+        [(instance_id, token)] = workers(ec2, bucket)["in/a.csv"]
+        assert result["launched"][0]["instance_id"] == instance_id
+        assert token == scan_token(s3, bucket, "in/a.csv", attempt)
+    # A re-run while that worker runs launches nothing: the same tokens, the worker found.
+    assert deploy.reconcile(clients, stack, progress=quiet())["launched"] == []
+    ec2.terminate_instances(InstanceIds=[instance_id])
+    last = deploy.reconcile(clients, stack, progress=quiet())
+    assert last["launched"] == [] and workers(ec2, bucket) == {}
+    [failed] = last["failed"]
+    assert failed["key"] == "in/a.csv"
+    assert "every ClientToken is used by a worker that ended without a report" in failed["error"]
+
+
+def test_a_redeploy_then_a_lost_worker_is_relaunched_on_parameter_mismatch(
+        clients, stack, ec2_answers_tokens):
+    """EC2 answers a token reused with other parameters (a redeploy changed the watchdog, so
+    the user-data) with IdempotentParameterMismatch. reconcile finds that token's instance
+    by its awsfun:token tag: it has ended with no report, so the next attempt launches."""
+    s3, ec2, lam = clients("s3"), clients("ec2"), clients("lambda")
+    bucket = stack.data_bucket
+    put(s3, bucket, "in/a.csv")
+    deploy.reconcile(clients, stack, progress=quiet())
+    [(dead, dead_token)] = workers(ec2, bucket)["in/a.csv"]
+    ec2.terminate_instances(InstanceIds=[dead])
+    env = lam.get_function_configuration(FunctionName=stack.function_name)["Environment"]
+    lam.update_function_configuration(FunctionName=stack.function_name, Environment={
+        "Variables": dict(env["Variables"], WATCHDOG_MINUTES="30")})
+    assert deploy.instance_by_token(ec2, dead_token) == (dead, "terminated")
+    result = deploy.reconcile(clients, stack, progress=quiet())
+    assert result["failed"] == []
+    [(instance_id, token)] = workers(ec2, bucket)["in/a.csv"]
+    assert result["launched"][0]["instance_id"] == instance_id != dead
+    assert token == scan_token(s3, bucket, "in/a.csv", 1)
+    assert "JOB_WATCHDOG_MINUTES='30'" in user_data(ec2, instance_id)
+    assert deploy.instance_by_token(ec2, token) == (instance_id, "running")
+
+
+def test_console_folder_markers_are_not_inputs(clients, stack):
+    """The S3 console's "Create folder" writes a zero-byte key ending in '/': no input, so
+    status does not count it and reconcile launches nothing for it."""
+    s3, ec2 = clients("s3"), clients("ec2")
+    bucket = stack.data_bucket
+    s3.put_object(Bucket=bucket, Key="in/new folder/", Body=b"")
+    put(s3, bucket, "in/new folder/a.csv")
+    assert deploy.collect_status(clients, stack)["counts"] == {
+        "inputs": 1, "reports": 0, "error_reports": 0, "running": 0, "unprocessed": 1}
+    result = deploy.reconcile(clients, stack, progress=quiet())
+    assert result["unprocessed"] == ["in/new folder/a.csv"]
+    assert sorted(workers(ec2, bucket)) == ["in/new folder/a.csv"]
+
+
 def answer_tokens_with_instance(ec2, answers):
-    """Make RunInstances answer these ClientTokens with an existing instance, as EC2 does for a
-    token already used; other tokens launch as usual. Returns the tokens asked for, in order."""
+    """Make RunInstances answer these ClientTokens with an existing instance, as EC2 did for a
+    token already used before January 2025; other tokens launch as usual. Returns the tokens
+    asked for, in order."""
     asked = []
 
     def note(params, **_):
@@ -294,7 +382,8 @@ def test_dead_letters_are_replayed_and_deleted_only_once_launched(clients, stack
     # The superseded event launched nothing; the scan launched the current version.
     assert launched["changed/e.csv"]["source"] == "scan"
     [(_, token)] = workers(ec2, bucket)["changed/e.csv"]
-    assert token == event_token(bucket, "changed/e.csv", new_e)
+    assert token == scan_token(s3, bucket, "changed/e.csv") != event_token(bucket, "changed/e.csv",
+                                                                            new_e)
 
     outcomes = {tuple(r["key"] for r in e["records"]): [r["outcome"] for r in e["records"]]
                 for e in result["replayed"]}
