@@ -362,3 +362,61 @@ def test_the_unrendered_template_refuses_and_shuts_down(tmp_path):
     assert done.returncode == 2
     assert "unrendered template" in done.stdout.decode() + done.stderr.decode()
     assert stub.calls() == ["-h now"]
+
+
+# --- EC2's answers to a used ClientToken (since January 2025) --------------------------
+
+
+@pytest.fixture
+def real_answers():
+    """The moto server answers as AWS does where moto does not (the local cloud's emulation):
+    RunInstances refuses a used ClientToken whose instance terminated
+    (IdempotentInstanceTerminated) or that comes with other parameters
+    (IdempotentParameterMismatch), and each S3 event carries its write's `sequencer`."""
+    import local_cloud
+
+    restores = [local_cloud.honour_client_tokens(), local_cloud.stamp_s3_sequencers()]
+    yield
+    for restore in restores:
+        restore()
+
+
+def test_a_duplicate_event_after_the_job_ended_is_skipped(cloud, real_answers):
+    """S3 may deliver an event twice; once its worker has ended EC2 answers its token with
+    IdempotentInstanceTerminated, which used to fail the invocation into the dead-letter
+    queue. The record is skipped, naming the report the worker wrote."""
+    key = "inbox/twice.csv"
+    cloud.put(key, CSV)
+    [event] = cloud.events(1)
+    [launched] = lf.lambda_handler(event, None)["launched"]
+    done, _ = cloud.run(launched["instance_id"])
+    assert done.returncode == 0
+    cloud.ec2.terminate_instances(InstanceIds=[launched["instance_id"]])  # its shutdown
+    result = lf.lambda_handler(json.loads(json.dumps(event)), None)
+    assert result["launched"] == []
+    [skipped] = result["skipped"]
+    assert skipped["reason"].startswith(f"already processed: report {AwsS3.report_key(key)}")
+    assert AwsS3.report_key(key) in cloud.keys()
+
+
+def test_the_same_bytes_again_after_a_failed_job_get_a_new_worker_and_report(cloud, real_answers):
+    """Unversioned bucket: after a failed job, the error report is deleted and the identical
+    bytes uploaded again (same eTag). S3 gives the new PUT's event a new sequencer, so the
+    upload gets a new token and a new worker; with the eTag-only token EC2 answered
+    IdempotentInstanceTerminated (before January 2025: the ended instance, "launched" with
+    no worker running), and no report ever came."""
+    key = "inbox/again.txt.gz"
+    body = gzip.compress(TEXT)[:-40]
+    first = cloud.launch(key, body)
+    done, _ = cloud.run(first)
+    assert done.returncode == 1
+    cloud.ec2.terminate_instances(InstanceIds=[first])
+    error_key = AwsS3.report_key(key, ".error.json")
+    cloud.s3.delete_object(Bucket=DATA, Key=error_key)
+    cloud.sqs.purge_queue(QueueUrl=cloud.queue)  # the first job's report and log events
+    second = cloud.launch(key, body)
+    assert second != first
+    done, _ = cloud.run(second)
+    assert done.returncode == 1
+    assert error_key in cloud.keys()
+    assert_error_report(cloud, key, "analyse", "truncated gzip", written_by="worker")
