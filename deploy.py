@@ -68,6 +68,10 @@ BUCKET_TAG = "awsfun:bucket"
 TOKEN_TAG = "awsfun:token"
 DATA_BUCKET_TAG = "awsfun:data-bucket"
 SOFTWARE_BUCKET_TAG = "awsfun:software-bucket"
+# On a bucket deploy did not create (--data-bucket/--software-bucket naming an existing one),
+# STACK_TAG is never written: it means "created by this deployment", and only such a bucket
+# is ever reconfigured or deleted. This tag, one per deployment, says who uses it.
+USED_BY_TAG = "awsfun:used-by:"
 
 AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
 AMI_FALLBACK_NAME = "al2023-ami-2023.*-kernel-*-{arch}"
@@ -101,7 +105,7 @@ NOT_FOUND = {
     "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound",
     "NoSuchBucketPolicy", "NoSuchPublicAccessBlockConfiguration",
     "ServerSideEncryptionConfigurationNotFoundError", "OwnershipControlsNotFoundError",
-    "ParameterNotFound",
+    "ParameterNotFound", "NoSuchTagSet",
 }
 PREFIX_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,18}[a-z0-9])?$")
 
@@ -171,8 +175,10 @@ def mismatches(desired, actual, path=""):
 
 def retry_while(retryable, action, doing, timeout=90.0, delay=3.0, sleep=time.sleep):
     """Call action() until it stops failing with an error whose code or message contains one
-    of the `retryable` fragments (eventual consistency), for at most `timeout` seconds."""
+    of the `retryable` fragments (eventual consistency), for at most `timeout` seconds
+    (of the clock, and of the waits `sleep` was asked for); then re-raise the ClientError."""
     deadline = time.monotonic() + timeout
+    waited = 0.0
     while True:
         try:
             return action()
@@ -180,13 +186,34 @@ def retry_while(retryable, action, doing, timeout=90.0, delay=3.0, sleep=time.sl
             error = err.response.get("Error", {})
             text = f"{error.get('Code', '')} {error.get('Message', '')}"
             if not any(fragment in text for fragment in retryable) or \
-                    time.monotonic() + delay > deadline:
+                    time.monotonic() + delay > deadline or waited + delay > timeout:
                 log_client_error(err, doing)
                 raise
             logger.warning("%s: %s %s; retrying in %ss (IAM and SQS changes take a few "
                            "seconds to propagate)", doing, error.get("Code"), error.get("Message"),
                            delay)
             sleep(delay)
+            waited += delay
+
+
+# Refusals that only mean a role or instance profile made seconds ago has not reached the
+# service yet (IAM is eventually consistent: "changes ... take time to become visible",
+# IAM User Guide, troubleshooting), or that the function is still being updated.
+PROPAGATION_REFUSALS = (
+    "cannot be assumed",                     # Lambda: "The role defined for the function cannot be assumed by Lambda."
+    "does not have permissions to call",     # Lambda: "...execution role does not have permissions to call SendMessage on SQS"
+    "Invalid IAM Instance Profile",          # EC2: "...iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name"
+    "An update is in progress",              # Lambda: ResourceConflictException while the function updates
+)
+PROPAGATION_TIMEOUT = 90.0
+PROPAGATION_DELAY = 3.0
+
+
+def wait_out_propagation(action, doing, sleep=time.sleep):
+    """Return action(), waiting (at most PROPAGATION_TIMEOUT s) while AWS refuses it only
+    because an IAM change has not propagated yet; any other refusal, or the last, is raised."""
+    return retry_while(PROPAGATION_REFUSALS, action, doing, timeout=PROPAGATION_TIMEOUT,
+                       delay=PROPAGATION_DELAY, sleep=sleep)
 
 
 class Progress:
@@ -1046,18 +1073,19 @@ def read_launch_template(ec2, name):
     }
 
 
-def ensure_launch_template(ec2, names, data, progress, name=None):
+def ensure_launch_template(ec2, names, data, progress, name=None, sleep=time.sleep):
     """Create the template (default: the worker template), or add a version only when `data`
     changed; keep the newest version the default. Return the template's id."""
     name = name or names.launch_template
     template = read_launch_template(ec2, name)
     if template is None:
-        created = ec2.create_launch_template(
+        # The instance profile in `data` may have been created seconds ago.
+        created = wait_out_propagation(lambda: ec2.create_launch_template(
             LaunchTemplateName=name, LaunchTemplateData=data,
             VersionDescription="deploy.sh",
             TagSpecifications=[{"ResourceType": "launch-template",
                                 "Tags": tag_list({STACK_TAG: names.prefix})}],
-        )["LaunchTemplate"]
+        ), f"creating launch template {name}", sleep)["LaunchTemplate"]
         progress.record(CREATED, "launch template", name,
                         f"version 1, {data['InstanceType']}")
         return created["LaunchTemplateId"]
@@ -1069,10 +1097,11 @@ def ensure_launch_template(ec2, names, data, progress, name=None):
     differences = mismatches(data, template["data"])
     version = template["latest_version"]
     if differences:
-        version = ec2.create_launch_template_version(
+        version = wait_out_propagation(lambda: ec2.create_launch_template_version(
             LaunchTemplateId=template["id"], LaunchTemplateData=data,
             VersionDescription="deploy.sh",
-        )["LaunchTemplateVersion"]["VersionNumber"]
+        ), f"adding a version to launch template {name}", sleep)[
+            "LaunchTemplateVersion"]["VersionNumber"]
     if differences or template["default_version"] != version:
         ec2.modify_launch_template(LaunchTemplateId=template["id"], DefaultVersion=str(version))
         if differences:
@@ -1265,7 +1294,7 @@ def _wait_for_function(lam, name, waiter):
     lam.get_waiter(waiter).wait(FunctionName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 60})
 
 
-def ensure_function(lam, names, zip_bytes, progress, environ=None):
+def ensure_function(lam, names, zip_bytes, progress, environ=None, sleep=time.sleep):
     """Create the function, or update its code and configuration only where they changed."""
     desired = function_configuration(names, environ)
     config = read_function(lam, names.function_name)
@@ -1273,9 +1302,8 @@ def ensure_function(lam, names, zip_bytes, progress, environ=None):
         params = dict(desired, Code={"ZipFile": zip_bytes}, Tags=function_tags(names),
                       Architectures=["x86_64"], PackageType="Zip")
         # A role created seconds ago may not be assumable by Lambda yet.
-        created = retry_while(("cannot be assumed",),
-                              lambda: lam.create_function(**params),
-                              f"creating function {names.function_name}")
+        created = wait_out_propagation(lambda: lam.create_function(**params),
+                                       f"creating function {names.function_name}", sleep)
         _wait_for_function(lam, names.function_name, "function_active_v2")
         progress.record(CREATED, "function", names.function_name, RUNTIME)
         return created["FunctionArn"]
@@ -1284,9 +1312,8 @@ def ensure_function(lam, names, zip_bytes, progress, environ=None):
         lam.update_function_code(FunctionName=names.function_name, ZipFile=zip_bytes)
         _wait_for_function(lam, names.function_name, "function_updated_v2")
     if any(d != "code" for d in differences):
-        retry_while(("cannot be assumed",),
-                    lambda: lam.update_function_configuration(**desired),
-                    f"updating function {names.function_name}")
+        wait_out_propagation(lambda: lam.update_function_configuration(**desired),
+                             f"updating function {names.function_name}", sleep)
         _wait_for_function(lam, names.function_name, "function_updated_v2")
     wanted_tags = function_tags(names)
     if any(config["Tags"].get(k) != v for k, v in wanted_tags.items()):
@@ -1301,7 +1328,7 @@ def read_event_invoke_config(lam, name):
     return _get_or_none(lam.get_function_event_invoke_config, FunctionName=name)
 
 
-def ensure_event_invoke_config(lam, names, progress):
+def ensure_event_invoke_config(lam, names, progress, sleep=time.sleep):
     """Bound Lambda's retries and event age; what still fails goes to the dead-letter queue."""
     wanted = {"MaximumRetryAttempts": MAX_RETRY_ATTEMPTS,
               "MaximumEventAgeInSeconds": MAX_EVENT_AGE_SECONDS}
@@ -1309,7 +1336,9 @@ def ensure_event_invoke_config(lam, names, progress):
     if current is not None and not mismatches(wanted, current):
         progress.record(IN_PLACE, "async retry settings", names.function_name)
         return
-    lam.put_function_event_invoke_config(FunctionName=names.function_name, **wanted)
+    wait_out_propagation(
+        lambda: lam.put_function_event_invoke_config(FunctionName=names.function_name, **wanted),
+        f"setting the retry settings of {names.function_name}", sleep)
     progress.record(CREATED if current is None else UPDATED, "async retry settings",
                     names.function_name, f"{MAX_RETRY_ATTEMPTS} retries")
 
@@ -1338,7 +1367,7 @@ def permission_matches(statement, names):
     )
 
 
-def ensure_s3_invoke_permission(lam, names, progress):
+def ensure_s3_invoke_permission(lam, names, progress, sleep=time.sleep):
     """Let S3 invoke the function for the data bucket of this account only."""
     statement = s3_permission_statement(lam, names)
     if permission_matches(statement, names):
@@ -1347,9 +1376,12 @@ def ensure_s3_invoke_permission(lam, names, progress):
     if statement:
         lam.remove_permission(FunctionName=names.function_name, StatementId=names.permission_sid)
     # SourceAccount too: a bucket name freed by its owner could be re-created elsewhere.
-    lam.add_permission(FunctionName=names.function_name, StatementId=names.permission_sid,
-                       Action="lambda:InvokeFunction", Principal="s3.amazonaws.com",
-                       SourceArn=names.data_bucket_arn, SourceAccount=names.account)
+    wait_out_propagation(
+        lambda: lam.add_permission(FunctionName=names.function_name,
+                                   StatementId=names.permission_sid,
+                                   Action="lambda:InvokeFunction", Principal="s3.amazonaws.com",
+                                   SourceArn=names.data_bucket_arn, SourceAccount=names.account),
+        f"letting S3 invoke {names.function_name}", sleep)
     progress.record(UPDATED if statement else CREATED, "S3 invoke permission",
                     names.function_name, names.data_bucket)
 
