@@ -403,7 +403,7 @@ def user_data_size(command, key):
 def test_a_route_whose_user_data_fits_a_short_key_but_not_the_longest_is_refused(tmp_path):
     # A command that leaves room for a short key but not for a 1,024-byte one.
     base = user_data_size(["x"], "a.csv")
-    command = ["x" * (lambda_function.USER_DATA_LIMIT - base - 200)]
+    command = ["x" * ((lambda_function.USER_DATA_LIMIT - base - 200) * 3 // 4)]  # base64: 4/3
     assert user_data_size(command, "a.csv") <= lambda_function.USER_DATA_LIMIT
     routes = write_routes(tmp_path, {"name": "long-command", "match": "tools/*",
                                      "launch_template": "su2cw_worker", "command": command})
