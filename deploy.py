@@ -68,6 +68,10 @@ BUCKET_TAG = "awsfun:bucket"
 TOKEN_TAG = "awsfun:token"
 DATA_BUCKET_TAG = "awsfun:data-bucket"
 SOFTWARE_BUCKET_TAG = "awsfun:software-bucket"
+# On a bucket deploy did not create (--data-bucket/--software-bucket naming an existing one),
+# STACK_TAG is never written: it means "created by this deployment", and only such a bucket
+# is ever reconfigured or deleted. This tag, one per deployment, says who uses it.
+USED_BY_TAG = "awsfun:used-by:"
 
 AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
 AMI_FALLBACK_NAME = "al2023-ami-2023.*-kernel-*-{arch}"
@@ -101,7 +105,7 @@ NOT_FOUND = {
     "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound",
     "NoSuchBucketPolicy", "NoSuchPublicAccessBlockConfiguration",
     "ServerSideEncryptionConfigurationNotFoundError", "OwnershipControlsNotFoundError",
-    "ParameterNotFound",
+    "ParameterNotFound", "NoSuchTagSet",
 }
 PREFIX_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,18}[a-z0-9])?$")
 
@@ -171,8 +175,10 @@ def mismatches(desired, actual, path=""):
 
 def retry_while(retryable, action, doing, timeout=90.0, delay=3.0, sleep=time.sleep):
     """Call action() until it stops failing with an error whose code or message contains one
-    of the `retryable` fragments (eventual consistency), for at most `timeout` seconds."""
+    of the `retryable` fragments (eventual consistency), for at most `timeout` seconds
+    (of the clock, and of the waits `sleep` was asked for); then re-raise the ClientError."""
     deadline = time.monotonic() + timeout
+    waited = 0.0
     while True:
         try:
             return action()
@@ -180,13 +186,34 @@ def retry_while(retryable, action, doing, timeout=90.0, delay=3.0, sleep=time.sl
             error = err.response.get("Error", {})
             text = f"{error.get('Code', '')} {error.get('Message', '')}"
             if not any(fragment in text for fragment in retryable) or \
-                    time.monotonic() + delay > deadline:
+                    time.monotonic() + delay > deadline or waited + delay > timeout:
                 log_client_error(err, doing)
                 raise
             logger.warning("%s: %s %s; retrying in %ss (IAM and SQS changes take a few "
                            "seconds to propagate)", doing, error.get("Code"), error.get("Message"),
                            delay)
             sleep(delay)
+            waited += delay
+
+
+# Refusals that only mean a role or instance profile made seconds ago has not reached the
+# service yet (IAM is eventually consistent: "changes ... take time to become visible",
+# IAM User Guide, troubleshooting), or that the function is still being updated. Lambda says
+# "The role defined for the function cannot be assumed by Lambda." or "The provided execution
+# role does not have permissions to call SendMessage on SQS" (or CreateNetworkInterface on
+# EC2); EC2 "Value (...) for parameter iamInstanceProfile.name is invalid. Invalid IAM
+# Instance Profile name"; Lambda's ResourceConflictException "An update is in progress".
+PROPAGATION_REFUSALS = ("cannot be assumed", "does not have permissions to call",
+                        "Invalid IAM Instance Profile", "An update is in progress")
+PROPAGATION_TIMEOUT = 90.0
+PROPAGATION_DELAY = 3.0
+
+
+def wait_out_propagation(action, doing, sleep=time.sleep):
+    """Return action(), waiting (at most PROPAGATION_TIMEOUT s) while AWS refuses it only
+    because an IAM change has not propagated yet; any other refusal, or the last, is raised."""
+    return retry_while(PROPAGATION_REFUSALS, action, doing, timeout=PROPAGATION_TIMEOUT,
+                       delay=PROPAGATION_DELAY, sleep=sleep)
 
 
 class Progress:
@@ -500,11 +527,52 @@ def bucket_setting_differences(settings, block):
     return found
 
 
+def used_by_tag(prefix):
+    """The tag key deploy puts on a bucket it uses but did not create (pure)."""
+    return f"{USED_BY_TAG}{prefix}"
+
+
+def read_bucket_tags(s3, bucket):
+    """Return the bucket's tags as {key: value} ({} when it has none)."""
+    tagging = _get_or_none(s3.get_bucket_tagging, Bucket=bucket)
+    return {t["Key"]: t["Value"] for t in (tagging or {}).get("TagSet", [])}
+
+
+def created_by(tags, names):
+    """True when a bucket's tags say this deployment created it (pure)."""
+    return tags.get(STACK_TAG) == names.prefix
+
+
+def put_bucket_tags(s3, bucket, tags):
+    """Set the bucket's whole tag set (PutBucketTagging replaces it); none deletes it."""
+    if tags:
+        s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list(tags)})
+    else:
+        s3.delete_bucket_tagging(Bucket=bucket)
+
+
+def merge_bucket_tags(s3, bucket, current, ours):
+    """Add or update only our tags, keeping the owner's; return True if anything changed."""
+    merged = dict(current, **ours)
+    if merged == current:
+        return False
+    put_bucket_tags(s3, bucket, merged)
+    return True
+
+
 def ensure_bucket(s3, bucket, names, block, progress, what):
-    """Create the bucket if needed and apply ownership, Block Public Access and SSE-S3."""
+    """Create the bucket if needed and apply ownership, Block Public Access and SSE-S3; a bucket
+    deploy did not create only gets our tag beside its own (and, for --public-software, the
+    two Block Public Access settings a public policy needs). Return True if deploy created it."""
     existed = bucket_exists(s3, bucket, names.account)
     if not existed:
         create_bucket(s3, bucket, names.region)
+    tags = read_bucket_tags(s3, bucket) if existed else {}
+    if existed and not created_by(tags, names):
+        differences = adopt_foreign_bucket(s3, bucket, names, block, tags)
+        progress.record(UPDATED if differences else IN_PLACE, what, bucket,
+                        ", ".join(differences))
+        return False
     differences = bucket_setting_differences(read_bucket_settings(s3, bucket), block)
     if "object ownership" in differences:
         # ACLs disabled: every object belongs to the bucket owner, whoever wrote it.
@@ -518,13 +586,49 @@ def ensure_bucket(s3, bucket, names, block, progress, what):
             Bucket=bucket,
             ServerSideEncryptionConfiguration={
                 "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
-    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list({STACK_TAG: names.prefix})})
+    if merge_bucket_tags(s3, bucket, tags, {STACK_TAG: names.prefix}) and existed:
+        differences.append("tags")
     if not existed:
         progress.record(CREATED, what, bucket)
     elif differences:
         progress.record(UPDATED, what, bucket, ", ".join(differences))
     else:
         progress.record(IN_PLACE, what, bucket)
+    return True
+
+
+def adopt_foreign_bucket(s3, bucket, names, block, tags):
+    """Use a bucket deploy did not create without undoing its owner's settings; return what changed.
+
+    Its ownership, encryption, versioning, lifecycle and CORS stay as they are (a warning
+    names what differs from deploy's defaults). Only a relaxed `block` (--public-software)
+    is merged into its Block Public Access, since S3 refuses a public policy otherwise.
+    """
+    changed = []
+    settings = read_bucket_settings(s3, bucket)
+    current_block = settings["block"] or dict.fromkeys(PRIVATE_BLOCK, False)
+    relaxed = {k: False for k, v in block.items() if v is False}
+    if relaxed and dict(current_block, **relaxed) != current_block:
+        s3.put_public_access_block(Bucket=bucket,
+                                   PublicAccessBlockConfiguration=dict(current_block, **relaxed))
+        changed.append("block public access")
+    kept = [d for d in bucket_setting_differences(settings, dict(current_block, **relaxed))
+            if d not in changed]
+    if kept:
+        logger.warning("bucket %s was not created by deploy: its %s left as its owner set them",
+                       bucket, ", ".join(kept))
+    if merge_bucket_tags(s3, bucket, tags, {used_by_tag(names.prefix): names.function_name}):
+        changed.append("tags")
+    return changed
+
+
+def release_foreign_bucket(s3, bucket, names, progress, what):
+    """Teardown of a bucket deploy did not create: remove only our tag; record it as kept."""
+    tags = read_bucket_tags(s3, bucket)
+    key = used_by_tag(names.prefix)
+    if key in tags:
+        put_bucket_tags(s3, bucket, {k: v for k, v in tags.items() if k != key})
+    progress.record(KEPT, what, bucket, "not created by deploy: only its awsfun tag removed")
 
 
 def file_sha256(path):
@@ -600,20 +704,29 @@ def read_bucket_policy(s3, bucket):
 def ensure_software_access(s3, names, public, published_files, progress):
     """Grant (public) or withdraw (private) anonymous read of exactly the published keys."""
     current = read_bucket_policy(s3, names.software_bucket)
-    ours = current is not None and any(
-        statement.get("Sid") == PUBLIC_READ_SID for statement in current.get("Statement", []))
+    statements = (current or {}).get("Statement", [])
+    if isinstance(statements, dict):
+        statements = [statements]
+    # Other statements are the bucket owner's: kept beside ours, never replaced.
+    others = [s for s in statements if s.get("Sid") != PUBLIC_READ_SID]
+    ours = len(others) != len(statements)
     if public:
-        wanted = render_policy("software-public-read",
-                               policy_values(names, published_files=published_files))
+        rendered = render_policy("software-public-read",
+                                 policy_values(names, published_files=published_files))
+        wanted = dict(current or rendered, Statement=others + rendered["Statement"])
         if current is not None and canonical(current) == canonical(wanted):
             progress.record(IN_PLACE, "public read policy", names.software_bucket)
             return
         # Block Public Access was relaxed by ensure_bucket first; S3 refuses a public policy before.
         s3.put_bucket_policy(Bucket=names.software_bucket, Policy=json.dumps(wanted))
-        progress.record(CREATED if current is None else UPDATED, "public read policy",
+        progress.record(UPDATED if ours else CREATED, "public read policy",
                         names.software_bucket, "anonymous s3:GetObject on published keys")
     elif ours:
-        s3.delete_bucket_policy(Bucket=names.software_bucket)
+        if others:
+            s3.put_bucket_policy(Bucket=names.software_bucket,
+                                 Policy=json.dumps(dict(current, Statement=others)))
+        else:
+            s3.delete_bucket_policy(Bucket=names.software_bucket)
         progress.record(DELETED, "public read policy", names.software_bucket, "bucket is private")
     elif current is not None:
         logger.warning("software bucket %s has a bucket policy deploy did not write; left as is",
@@ -627,19 +740,83 @@ def notification_config(s3, bucket):
     return config
 
 
+def with_notification(config, wanted):
+    """Return the notification configuration with `wanted` (a Lambda configuration) in place of
+    any of the same Id; every other consumer's configuration is kept as it is (pure)."""
+    lambdas = [c for c in config.get("LambdaFunctionConfigurations", [])
+               if c.get("Id") != wanted["Id"]]
+    return dict(config, LambdaFunctionConfigurations=lambdas + [wanted])
+
+
+def without_notification(config, notification_id):
+    """Return the notification configuration without our Lambda configuration (pure)."""
+    kept = [c for c in config.get("LambdaFunctionConfigurations", [])
+            if c.get("Id") != notification_id]
+    config = {k: v for k, v in config.items() if k != "LambdaFunctionConfigurations"}
+    return dict(config, LambdaFunctionConfigurations=kept) if kept else config
+
+
+def _events_overlap(first, second):
+    """True when two S3 event types share an event (s3:ObjectCreated:* covers :Put) (pure)."""
+    if first == second:
+        return True
+    return any(a.endswith(":*") and b.startswith(a[:-1]) for a, b in
+               ((first, second), (second, first)))
+
+
+def _filter_values(config):
+    rules = config.get("Filter", {}).get("Key", {}).get("FilterRules", [])
+    values = {rule.get("Name", "").lower(): rule.get("Value", "") for rule in rules}
+    return values.get("prefix", ""), values.get("suffix", "")
+
+
+def notifications_overlap(first, second):
+    """True when S3 would refuse two notification configurations side by side (pure).
+
+    "Configurations overlap" (Amazon S3 User Guide, event notifications, "Examples of valid
+    and invalid configurations"): they share an event type, and one key could match both
+    filters: each prefix starts the other (or is empty), and each suffix ends the other.
+    """
+    if not any(_events_overlap(a, b) for a in first.get("Events", [])
+               for b in second.get("Events", [])):
+        return False
+    (prefix_a, suffix_a), (prefix_b, suffix_b) = _filter_values(first), _filter_values(second)
+    prefixes = prefix_a.startswith(prefix_b) or prefix_b.startswith(prefix_a)
+    suffixes = suffix_a.endswith(suffix_b) or suffix_b.endswith(suffix_a)
+    return prefixes and suffixes
+
+
+NOTIFICATION_KINDS = ("LambdaFunctionConfigurations", "QueueConfigurations",
+                      "TopicConfigurations")
+
+
+def overlapping_notifications(config, wanted):
+    """Return "Kind Id" of each other configuration S3 would refuse beside `wanted` (pure)."""
+    found = []
+    for kind in NOTIFICATION_KINDS:
+        for other in config.get(kind, []):
+            if other.get("Id") != wanted["Id"] and notifications_overlap(wanted, other):
+                found.append(f"{kind[:-len('Configurations')]} configuration "
+                             f"{other.get('Id') or '(no id)'}")
+    return found
+
+
+def data_notification(names, function_arn):
+    """Our Lambda notification configuration on the data bucket (pure)."""
+    return {"Id": names.notification_id, "LambdaFunctionArn": function_arn,
+            "Events": ["s3:ObjectCreated:*"]}
+
+
 def ensure_data_notification(s3, names, function_arn, progress):
     """Send the data bucket's ObjectCreated events to the function, keeping other notifications."""
     config = notification_config(s3, names.data_bucket)
-    wanted = {"Id": names.notification_id, "LambdaFunctionArn": function_arn,
-              "Events": ["s3:ObjectCreated:*"]}
-    others = [c for c in config.get("LambdaFunctionConfigurations", [])
-              if c.get("Id") != names.notification_id]
+    wanted = data_notification(names, function_arn)
     current = [c for c in config.get("LambdaFunctionConfigurations", [])
                if c.get("Id") == names.notification_id]
     if current and not mismatches(wanted, current[0]) and "Filter" not in current[0]:
         progress.record(IN_PLACE, "object-created event", names.data_bucket)
         return
-    config["LambdaFunctionConfigurations"] = others + [wanted]
+    config = with_notification(config, wanted)
     # S3 test-sends to the function when the configuration is saved; right after the
     # invoke permission is added that can fail for a few seconds.
     retry_while(("Unable to validate",),
@@ -656,14 +833,11 @@ def remove_data_notification(s3, names, progress):
         progress.record(GONE, "object-created event", names.data_bucket)
         return
     config = notification_config(s3, names.data_bucket)
-    lambdas = config.get("LambdaFunctionConfigurations", [])
-    kept = [c for c in lambdas if c.get("Id") != names.notification_id]
-    if len(kept) == len(lambdas):
+    if not any(c.get("Id") == names.notification_id
+               for c in config.get("LambdaFunctionConfigurations", [])):
         progress.record(GONE, "object-created event", names.data_bucket)
         return
-    config["LambdaFunctionConfigurations"] = kept
-    if not kept:
-        del config["LambdaFunctionConfigurations"]
+    config = without_notification(config, names.notification_id)
     s3.put_bucket_notification_configuration(Bucket=names.data_bucket,
                                              NotificationConfiguration=config)
     progress.record(DELETED, "object-created event", names.data_bucket)
@@ -1046,18 +1220,19 @@ def read_launch_template(ec2, name):
     }
 
 
-def ensure_launch_template(ec2, names, data, progress, name=None):
+def ensure_launch_template(ec2, names, data, progress, name=None, sleep=time.sleep):
     """Create the template (default: the worker template), or add a version only when `data`
     changed; keep the newest version the default. Return the template's id."""
     name = name or names.launch_template
     template = read_launch_template(ec2, name)
     if template is None:
-        created = ec2.create_launch_template(
+        # The instance profile in `data` may have been created seconds ago.
+        created = wait_out_propagation(lambda: ec2.create_launch_template(
             LaunchTemplateName=name, LaunchTemplateData=data,
             VersionDescription="deploy.sh",
             TagSpecifications=[{"ResourceType": "launch-template",
                                 "Tags": tag_list({STACK_TAG: names.prefix})}],
-        )["LaunchTemplate"]
+        ), f"creating launch template {name}", sleep)["LaunchTemplate"]
         progress.record(CREATED, "launch template", name,
                         f"version 1, {data['InstanceType']}")
         return created["LaunchTemplateId"]
@@ -1069,10 +1244,11 @@ def ensure_launch_template(ec2, names, data, progress, name=None):
     differences = mismatches(data, template["data"])
     version = template["latest_version"]
     if differences:
-        version = ec2.create_launch_template_version(
+        version = wait_out_propagation(lambda: ec2.create_launch_template_version(
             LaunchTemplateId=template["id"], LaunchTemplateData=data,
             VersionDescription="deploy.sh",
-        )["LaunchTemplateVersion"]["VersionNumber"]
+        ), f"adding a version to launch template {name}", sleep)[
+            "LaunchTemplateVersion"]["VersionNumber"]
     if differences or template["default_version"] != version:
         ec2.modify_launch_template(LaunchTemplateId=template["id"], DefaultVersion=str(version))
         if differences:
@@ -1265,7 +1441,7 @@ def _wait_for_function(lam, name, waiter):
     lam.get_waiter(waiter).wait(FunctionName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 60})
 
 
-def ensure_function(lam, names, zip_bytes, progress, environ=None):
+def ensure_function(lam, names, zip_bytes, progress, environ=None, sleep=time.sleep):
     """Create the function, or update its code and configuration only where they changed."""
     desired = function_configuration(names, environ)
     config = read_function(lam, names.function_name)
@@ -1273,9 +1449,8 @@ def ensure_function(lam, names, zip_bytes, progress, environ=None):
         params = dict(desired, Code={"ZipFile": zip_bytes}, Tags=function_tags(names),
                       Architectures=["x86_64"], PackageType="Zip")
         # A role created seconds ago may not be assumable by Lambda yet.
-        created = retry_while(("cannot be assumed",),
-                              lambda: lam.create_function(**params),
-                              f"creating function {names.function_name}")
+        created = wait_out_propagation(lambda: lam.create_function(**params),
+                                       f"creating function {names.function_name}", sleep)
         _wait_for_function(lam, names.function_name, "function_active_v2")
         progress.record(CREATED, "function", names.function_name, RUNTIME)
         return created["FunctionArn"]
@@ -1284,9 +1459,8 @@ def ensure_function(lam, names, zip_bytes, progress, environ=None):
         lam.update_function_code(FunctionName=names.function_name, ZipFile=zip_bytes)
         _wait_for_function(lam, names.function_name, "function_updated_v2")
     if any(d != "code" for d in differences):
-        retry_while(("cannot be assumed",),
-                    lambda: lam.update_function_configuration(**desired),
-                    f"updating function {names.function_name}")
+        wait_out_propagation(lambda: lam.update_function_configuration(**desired),
+                             f"updating function {names.function_name}", sleep)
         _wait_for_function(lam, names.function_name, "function_updated_v2")
     wanted_tags = function_tags(names)
     if any(config["Tags"].get(k) != v for k, v in wanted_tags.items()):
@@ -1301,7 +1475,7 @@ def read_event_invoke_config(lam, name):
     return _get_or_none(lam.get_function_event_invoke_config, FunctionName=name)
 
 
-def ensure_event_invoke_config(lam, names, progress):
+def ensure_event_invoke_config(lam, names, progress, sleep=time.sleep):
     """Bound Lambda's retries and event age; what still fails goes to the dead-letter queue."""
     wanted = {"MaximumRetryAttempts": MAX_RETRY_ATTEMPTS,
               "MaximumEventAgeInSeconds": MAX_EVENT_AGE_SECONDS}
@@ -1309,7 +1483,9 @@ def ensure_event_invoke_config(lam, names, progress):
     if current is not None and not mismatches(wanted, current):
         progress.record(IN_PLACE, "async retry settings", names.function_name)
         return
-    lam.put_function_event_invoke_config(FunctionName=names.function_name, **wanted)
+    wait_out_propagation(
+        lambda: lam.put_function_event_invoke_config(FunctionName=names.function_name, **wanted),
+        f"setting the retry settings of {names.function_name}", sleep)
     progress.record(CREATED if current is None else UPDATED, "async retry settings",
                     names.function_name, f"{MAX_RETRY_ATTEMPTS} retries")
 
@@ -1338,7 +1514,7 @@ def permission_matches(statement, names):
     )
 
 
-def ensure_s3_invoke_permission(lam, names, progress):
+def ensure_s3_invoke_permission(lam, names, progress, sleep=time.sleep):
     """Let S3 invoke the function for the data bucket of this account only."""
     statement = s3_permission_statement(lam, names)
     if permission_matches(statement, names):
@@ -1347,9 +1523,12 @@ def ensure_s3_invoke_permission(lam, names, progress):
     if statement:
         lam.remove_permission(FunctionName=names.function_name, StatementId=names.permission_sid)
     # SourceAccount too: a bucket name freed by its owner could be re-created elsewhere.
-    lam.add_permission(FunctionName=names.function_name, StatementId=names.permission_sid,
-                       Action="lambda:InvokeFunction", Principal="s3.amazonaws.com",
-                       SourceArn=names.data_bucket_arn, SourceAccount=names.account)
+    wait_out_propagation(
+        lambda: lam.add_permission(FunctionName=names.function_name,
+                                   StatementId=names.permission_sid,
+                                   Action="lambda:InvokeFunction", Principal="s3.amazonaws.com",
+                                   SourceArn=names.data_bucket_arn, SourceAccount=names.account),
+        f"letting S3 invoke {names.function_name}", sleep)
     progress.record(UPDATED if statement else CREATED, "S3 invoke permission",
                     names.function_name, names.data_bucket)
 
@@ -1794,13 +1973,19 @@ def plan_templates(ec2, types):
     return {name: (kind, architectures[kind]) for name, kind in types.items()}
 
 
-def ensure_launch_templates(ec2, ssm, names, plan, progress):
-    """Create or update each planned launch template; return ({name: id}, {architecture: image id})."""
-    images, ids = {}, {}
+def plan_images(ec2, ssm, plan):
+    """Return {architecture: (image id, (root device, GiB))} for the planned templates (reads only)."""
+    images = {}
     for architecture in sorted({arch for _, arch in plan.values()}):
         image_id, source = latest_worker_ami(ssm, ec2, architecture)
         logger.info("worker image %s (%s) from %s", image_id, architecture, source)
         images[architecture] = (image_id, root_device(ec2, image_id))
+    return images
+
+
+def ensure_launch_templates(ec2, ssm, names, plan, progress, images=None):
+    """Create or update each planned launch template; return ({name: id}, {architecture: image id})."""
+    images, ids = images or plan_images(ec2, ssm, plan), {}
     for name, (kind, architecture) in plan.items():
         image_id, (device, size) = images[architecture]
         data = worker_launch_template_data(image_id, kind, names.worker_instance_profile,
@@ -1809,23 +1994,266 @@ def ensure_launch_templates(ec2, ssm, names, plan, progress):
     return ids, {arch: image_id for arch, (image_id, _) in images.items()}
 
 
+def location_region(constraint):
+    """Return the region GetBucketLocation's LocationConstraint names (pure).
+
+    It answers None (or "") for us-east-1 and the legacy "EU" for eu-west-1 (S3 API
+    Reference, GetBucketLocation).
+    """
+    return {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(constraint, constraint)
+
+
+def bucket_region(s3, bucket):
+    """Return the region a bucket lives in."""
+    return location_region(s3.get_bucket_location(Bucket=bucket).get("LocationConstraint"))
+
+
+def check_preconditions(s3, ec2, names, plan):
+    """Read (never change) what deploy would otherwise trip over halfway through; DeployError
+    names the first problem: a bucket someone else owns or in another region, a bucket's tag
+    limit, a notification S3 would refuse beside ours, a template of another deployment."""
+    for option, bucket in (("--data-bucket", names.data_bucket),
+                           ("--software-bucket", names.software_bucket)):
+        if not bucket_exists(s3, bucket, names.account):
+            continue
+        region = bucket_region(s3, bucket)
+        if region != names.region:
+            raise DeployError(
+                f"{option} {bucket} is in {region}, but this deployment is in {names.region}; "
+                "S3 notifies only a function in its own region and the pipeline lives in one "
+                f"region: deploy with AWS_REGION={region}, or use a bucket in {names.region}")
+        tags = read_bucket_tags(s3, bucket)
+        if not created_by(tags, names) and used_by_tag(names.prefix) not in tags and \
+                len(tags) >= BUCKET_TAG_LIMIT:
+            raise DeployError(f"{option} {bucket} already has {len(tags)} tags, S3's limit of "
+                              f"{BUCKET_TAG_LIMIT}; deploy adds {used_by_tag(names.prefix)}")
+        if option == "--data-bucket":
+            wanted = data_notification(names, names.function_arn)
+            clash = overlapping_notifications(notification_config(s3, bucket), wanted)
+            if clash:
+                raise DeployError(
+                    f"data bucket {bucket}: its {clash[0]} overlaps ours (s3:ObjectCreated:*, "
+                    "every key) and S3 refuses overlapping notification configurations; "
+                    "narrow or remove it, or use another --data-bucket")
+    for name in plan:
+        template = read_launch_template(ec2, name)
+        owner = (template or {}).get("tags", {}).get(STACK_TAG)
+        if owner and owner != names.prefix:
+            hint = ("set LAUNCH_TEMPLATE to use another name" if name == names.launch_template
+                    else "name another launch_template in the routing table")
+            raise DeployError(f"launch template {name} belongs to deployment {owner!r}; {hint}")
+
+
+# Service limits a setting can break. Sources: IAM User Guide "IAM and AWS STS quotas";
+# Lambda Developer Guide "Lambda quotas" and the CreateFunction/PutFunctionEventInvokeConfig
+# references; EC2 API Reference (CreateLaunchTemplate, RunInstances UserData); SQS Developer
+# Guide (queue names); S3 User Guide (object keys, bucket tagging); CloudWatch Logs API.
+NAME_LIMITS = (
+    ("function name", "function_name", 64),
+    ("launcher role name", "lambda_role", 64),
+    ("worker role name", "worker_role", 64),
+    ("worker instance profile name", "worker_instance_profile", 128),
+    ("dead-letter queue name", "dlq_name", 80),
+    ("log group name", "log_group", 512),
+    ("worker policy name", "worker_policy_name", 128),
+    ("launcher policy name", "lambda_policy_name", 128),
+    ("S3 invoke permission statement id", "permission_sid", 100),
+)
+S3_KEY_LIMIT = 1024
+BUCKET_TAG_LIMIT = 50
+TAG_KEY_LIMIT = 128
+ENVIRONMENT_LIMIT = 4096
+ROLE_POLICY_LIMIT = 10240
+FUNCTION_TIMEOUT_LIMIT = 900
+# `timeout -k 30` in bootstrap.sh: a worker past its time limit gets 30 s more before SIGKILL.
+KILL_GRACE_SECONDS = 30
+# systemd's `shutdown +N` adds N minutes (as microseconds) to the clock in a 64-bit counter
+# with no bound check (parse_shutdown_time_spec); half the counter leaves room for the clock.
+WATCHDOG_MAX_MINUTES = (2 ** 64 - 1) // 60_000_000 // 2
+# One record's work in the handler: render, then one RunInstances of a second or two with
+# botocore's retries; the handler stops DEADLINE_MARGIN_MS before the timeout.
+ONE_RECORD_SECONDS = 5
+# The longest eTag S3 gives: a multipart upload of 10,000 parts.
+WORST_ETAG = "0" * 32 + "-10000"
+# A template id as EC2 makes them (lt- and 17 hex digits), for sizing the launcher policy.
+WORST_TEMPLATE_ID = "lt-" + "f" * 17
+
+
+def name_problems(names, environ):
+    """Return one message per name past its service's length limit (pure)."""
+    found = []
+    for what, field, limit in NAME_LIMITS:
+        value = getattr(names, field)
+        if len(value) > limit:
+            found.append(f"--prefix {names.prefix!r} in region {names.region} makes the {what} "
+                         f"{value!r} {len(value)} characters; the limit is {limit}")
+    if not lambda_function.LAUNCH_TEMPLATE_NAME.match(names.launch_template):
+        source = ("LAUNCH_TEMPLATE" if environ.get("LAUNCH_TEMPLATE") == names.launch_template
+                  else "--prefix")
+        found.append(f"{source} makes the launch template name {names.launch_template[:40]!r}"
+                     f"{'...' if len(names.launch_template) > 40 else ''} "
+                     f"({len(names.launch_template)} characters); EC2 allows 3-128 letters, "
+                     "digits and ( ) . - / _")
+    return found
+
+
+def environment_problems(environment):
+    """Return a message if the function's environment passes Lambda's 4 KB total (pure)."""
+    size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in environment.items())
+    if size <= ENVIRONMENT_LIMIT:
+        return []
+    largest = max(environment, key=lambda k: len(environment[k].encode("utf-8")))
+    return [f"the function's environment variables total {size:,} bytes; Lambda allows 4 KB "
+            f"({ENVIRONMENT_LIMIT:,} bytes) in all; the largest is {largest}"]
+
+
+def tag_problems(tags, where):
+    """Return one message per tag key or value past AWS's 128/256-character limits (pure)."""
+    found = []
+    for key, value in tags.items():
+        if len(key) > TAG_KEY_LIMIT:
+            found.append(f"{where}: tag key {key[:40]!r}... is {len(key)} characters; "
+                         f"the limit is {TAG_KEY_LIMIT}")
+        if len(value) > lambda_function.TAG_VALUE_LIMIT:
+            found.append(f"{where}: tag {key} is {len(value)} characters for the worst case; "
+                         f"the limit is {lambda_function.TAG_VALUE_LIMIT}")
+    return found
+
+
+def report_key_problems(skip_substring, key="k" * S3_KEY_LIMIT):
+    """Return a message per report key of the longest input key that breaks the report rule (pure):
+    within S3's 1,024 bytes, and holding SKIP_SUBSTRING, or every report would launch a worker."""
+    found = []
+    for suffix in (".json", ".error.json", ".log"):
+        report = AwsS3.report_key(key, suffix)
+        if len(report.encode("utf-8")) > S3_KEY_LIMIT:
+            found.append(f"the report key {report[:40]}... of a 1,024-byte key is "
+                         f"{len(report.encode('utf-8')):,} bytes; S3 allows {S3_KEY_LIMIT:,}")
+        if not skip_substring or skip_substring not in report:
+            found.append(f"SKIP_SUBSTRING {skip_substring!r} is not in the report key "
+                         f"{report[:40]}...: every report under {AwsS3.REPORT_PREFIX} "
+                         "would launch another worker")
+            break
+    return found
+
+
+def time_limit_problems(where, launch, route=None):
+    """Return a message if a worker's watchdog or time limit is out of range (pure): the time
+    limit plus `timeout`'s kill grace must end before the watchdog's `shutdown -h +N`."""
+    watchdog, timeout = int(launch["WATCHDOG_MINUTES"]), int(launch["WORKER_TIMEOUT_SECONDS"])
+    watchdog_label = (f"watchdog_minutes {watchdog}" if "watchdog_minutes" in (route or {})
+                      else f"WATCHDOG_MINUTES={watchdog}")
+    timeout_label = (f"worker_timeout_seconds {timeout}"
+                     if "worker_timeout_seconds" in (route or {})
+                     else f"the worker time limit {timeout} s (derived from the watchdog)")
+    if not 1 <= watchdog <= WATCHDOG_MAX_MINUTES:
+        return [f"{where}{watchdog_label}: `shutdown -h +N` takes 1 to "
+                f"{WATCHDOG_MAX_MINUTES:,} minutes"]
+    if timeout + KILL_GRACE_SECONDS >= watchdog * 60:
+        return [f"{where}{timeout_label} plus {KILL_GRACE_SECONDS} s kill grace does not end "
+                f"before the watchdog ({watchdog_label}: {watchdog * 60} s), so the worker "
+                "could never report its own time limit"]
+    return []
+
+
+def function_limit_problems():
+    """Return messages for function settings outside Lambda's ranges or too short for one record."""
+    found = []
+    margin = lambda_function.DEADLINE_MARGIN_MS // 1000
+    if not margin + ONE_RECORD_SECONDS <= FUNCTION_TIMEOUT <= FUNCTION_TIMEOUT_LIMIT:
+        found.append(f"function timeout {FUNCTION_TIMEOUT} s: the handler stops {margin} s before "
+                     f"its end (DEADLINE_MARGIN_MS) and one record takes up to "
+                     f"{ONE_RECORD_SECONDS} s, so it needs {margin + ONE_RECORD_SECONDS} to "
+                     f"{FUNCTION_TIMEOUT_LIMIT} s")
+    if not 60 <= MAX_EVENT_AGE_SECONDS <= 21600:
+        found.append(f"MAX_EVENT_AGE_SECONDS {MAX_EVENT_AGE_SECONDS}: Lambda allows 60 to 21600")
+    if not 0 <= MAX_RETRY_ATTEMPTS <= 2:
+        found.append(f"MAX_RETRY_ATTEMPTS {MAX_RETRY_ATTEMPTS}: Lambda allows 0 to 2")
+    return found
+
+
+def launcher_policy_problems(names, template_names):
+    """Return a message if the launcher role's policy, naming every launch template, passes
+    IAM's 10,240 characters (white space not counted) for a role's inline policies (pure)."""
+    values = policy_values(names, [WORST_TEMPLATE_ID] * len(template_names))
+    size = len(canonical(render_policy("lambda-policy", values)))
+    if size <= ROLE_POLICY_LIMIT:
+        return []
+    return [f"routing table: the launcher role's policy for {len(template_names)} launch "
+            f"templates is {size:,} characters; IAM allows {ROLE_POLICY_LIMIT:,} for a role's "
+            "inline policies: let routes share launch templates"]
+
+
+def limit_problems(names, routes, environ, template=None):
+    """Return one message per service limit a setting breaks in its worst case (pure).
+
+    Worst case: a 1,024-byte key (S3's longest) with the longest eTag, each route's settings
+    and command, every launch template the table names. DeployError for a malformed
+    WATCHDOG_MINUTES.
+    """
+    environ = os.environ if environ is None else environ
+    template = template if template is not None else \
+        (REPO / BOOTSTRAP_KEY).read_text(encoding="utf-8")
+    environment = handler_environment(names, environ)
+    settings = lambda_function.load_settings(dict(environment, AWS_REGION=names.region))
+    found = name_problems(names, environ) + environment_problems(environment)
+    found += function_limit_problems() + report_key_problems(environment["SKIP_SUBSTRING"])
+    found += tag_problems(function_tags(names), "function tags")
+    found += tag_problems({used_by_tag(names.prefix): names.function_name}, "bucket tags")
+    worst = {"bucket": names.data_bucket, "key": "k" * S3_KEY_LIMIT, "etag": WORST_ETAG,
+             "version_id": "v" * 32, "sequencer": "0" * 18}
+    for route in [None] + list(routes):
+        where = f"route {route['name']!r}: " if route else ""
+        launch = lambda_function.apply_route(settings, route)
+        if route is None or {"watchdog_minutes", "worker_timeout_seconds"} & set(route):
+            # A route that sets neither shares the default's limits (checked once).
+            found += time_limit_problems(where, launch, route)
+        try:
+            lambda_function.render_user_data(template, worst, launch)
+        except lambda_function.UserDataTooLarge as err:
+            found.append(f"{where or 'default route: '}{err} for a worst-case 1,024-byte key "
+                         "(EC2's limit: 16,384 bytes before base64)"
+                         + ("; shorten its command" if launch.get("COMMAND") else ""))
+        for spec in lambda_function.build_tags(worst, "t" * lambda_function.CLIENT_TOKEN_LIMIT,
+                                               launch)[:1]:
+            found += tag_problems({t["Key"]: t["Value"] for t in spec["Tags"]},
+                                  f"{where}worker tags")
+    templates = {names.launch_template} | {route["launch_template"] for route in routes}
+    found += launcher_policy_problems(names, templates)
+    return found
+
+
+def check_limits(names, routes, environ, template=None):
+    """Raise DeployError naming every limit a setting breaks (see limit_problems); no AWS call."""
+    found = limit_problems(names, routes, environ, template)
+    if found:
+        raise DeployError("; ".join(found))
+
+
 def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=False,
            progress=None, environ=None, published_files=PUBLISHED_FILES, routes_file=ROUTES_FILE):
     """Create or update every part of the pipeline; return what was deployed (names and ARNs)."""
     progress = progress or Progress()
     # A bad routing table fails here, before anything is made, not later in the handler.
-    _, types = check_routing_table(routes_file, names.launch_template, instance_type)
+    routes, types = check_routing_table(routes_file, names.launch_template, instance_type)
     sources = software_sources(routes_file)
+    # So does every limit a setting can break, for the worst case it allows.
+    check_limits(names, routes, environ,
+                 sources[BOOTSTRAP_KEY].read_text(encoding="utf-8"))
     s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
     lam, sqs, logs, ssm = clients("lambda"), clients("sqs"), clients("logs"), clients("ssm")
     plan = plan_templates(ec2, types)
+    images = plan_images(ec2, ssm, plan)
+    check_preconditions(s3, ec2, names, plan)
 
     ensure_bucket(s3, names.data_bucket, names, PRIVATE_BLOCK, progress, "data bucket")
-    ensure_bucket(s3, names.software_bucket, names,
-                  PUBLIC_SOFTWARE_BLOCK if public_software else PRIVATE_BLOCK, progress,
-                  "software bucket")
+    software_is_ours = ensure_bucket(
+        s3, names.software_bucket, names,
+        PUBLIC_SOFTWARE_BLOCK if public_software else PRIVATE_BLOCK, progress, "software bucket")
     publish_software(s3, names.software_bucket, published_files, progress, sources=sources)
-    remove_unpublished(s3, names.software_bucket, published_files, progress)
+    if software_is_ours:
+        # Only in a bucket deploy created: anyone else's objects are theirs.
+        remove_unpublished(s3, names.software_bucket, published_files, progress)
     ensure_software_access(s3, names, public_software, published_files, progress)
 
     dlq_url = ensure_queue(sqs, names, progress)
@@ -1837,7 +2265,7 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
                 progress, "worker role")
     ensure_instance_profile(iam, names, progress)
 
-    template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress)
+    template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress, images)
 
     # The launcher's policy names the templates' ids, so it follows the templates: exactly
     # the worker template and those the routing table names.
@@ -1889,12 +2317,31 @@ def teardown(clients, names, delete_data=False, progress=None, wait=True):
         progress.record(DELETED, "log group", names.log_group)
     else:
         progress.record(GONE, "log group", names.log_group)
-    delete_bucket(s3, names.software_bucket, names.account, progress, "software bucket")
-    if delete_data:
+    release_software_bucket(s3, names, progress)
+    data_exists = bucket_exists(s3, names.data_bucket, names.account)
+    if data_exists and not created_by(read_bucket_tags(s3, names.data_bucket), names):
+        # Never deleted, not even with --delete-data: deploy did not create it.
+        release_foreign_bucket(s3, names.data_bucket, names, progress, "data bucket")
+    elif delete_data:
         delete_bucket(s3, names.data_bucket, names.account, progress, "data bucket")
     else:
         progress.record(KEPT, "data bucket", names.data_bucket, "--delete-data removes it")
     return progress
+
+
+def release_software_bucket(s3, names, progress):
+    """Delete the software bucket if deploy created it; else remove only what deploy put there."""
+    bucket = names.software_bucket
+    if not bucket_exists(s3, bucket, names.account) or \
+            created_by(read_bucket_tags(s3, bucket), names):
+        delete_bucket(s3, bucket, names.account, progress, "software bucket")
+        return
+    for key in PUBLISHED_FILES:
+        if published_digest(s3, bucket, key) is not None:
+            s3.delete_object(Bucket=bucket, Key=key)
+            progress.record(DELETED, "software file", f"s3://{bucket}/{key}")
+    ensure_software_access(s3, names, False, PUBLISHED_FILES, progress)
+    release_foreign_bucket(s3, bucket, names, progress, "software bucket")
 
 
 def _iso(moment):

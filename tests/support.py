@@ -341,3 +341,26 @@ def anonymous_client(service="s3"):
     from botocore.config import Config
 
     return boto3.client(service, config=Config(signature_version=UNSIGNED))
+
+
+def fail_first(client, operation, code, message, times=1, status=400):
+    """Make the first `times` `operation` calls on `client` fail with `code` and `message`, the
+    rest reach the service; returns the list of every call's parameters (refused or not)."""
+    from botocore.awsrequest import AWSResponse
+
+    calls = []
+
+    def note(params, **_):
+        calls.append(dict(params))
+
+    def refuse(**_):
+        if len(calls) > times:
+            return None
+        return (AWSResponse(None, status, {}, None),
+                {"Error": {"Code": code, "Message": message},
+                 "ResponseMetadata": {"HTTPStatusCode": status}})
+
+    service = client.meta.service_model.service_id.hyphenize()
+    client.meta.events.register(f"provide-client-params.{service}.{operation}", note)
+    client.meta.events.register(f"before-call.{service}.{operation}", refuse)
+    return calls
