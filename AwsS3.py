@@ -530,8 +530,11 @@ def n50(lengths, total):
 
 # A data line of a VCF: CHROM, POS (digits), ID, REF, ALT, QUAL, FILTER, then a tab or the end.
 # The match runs to the end of the line, so the next search starts at the next line.
+# Plain greedy repeats, not possessive ones (Python 3.11+; AL2023's python3 is 3.9): each
+# repeated class excludes the tab or newline that follows it, so a failing line backtracks
+# only once per field, and the matches are the same.
 VCF_RECORD = re.compile(
-    rb"^([^\t\n#][^\t\n]*+)\t\d++\t[^\t\n]*+\t([^\t\n]++)\t([^\t\n]++)\t[^\t\n]*+\t([^\t\n]*+)[^\n]*+\n", re.M)
+    rb"^([^\t\n#][^\t\n]*)\t\d+\t[^\t\n]*\t([^\t\n]+)\t([^\t\n]+)\t[^\t\n]*\t([^\t\n]*)[^\n]*\n", re.M)
 TRANSITIONS = {(b"A", b"G"), (b"G", b"A"), (b"C", b"T"), (b"T", b"C")}
 VARIANT_KINDS = ("snvs", "mnvs", "indels", "others")
 INDEL_ONLY = (("indels",), 0, 0)
@@ -1177,26 +1180,44 @@ def analyse_file(path):
 
 
 def worker_info(started, nbytes):
-    """Return who produced a report and how fast."""
+    """Return who produced a report and how fast, on which Python (and boto3, if loaded)."""
     seconds = max(time.time() - started, 1e-9)
-    return {
+    info = {
         "version": __version__,
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(seconds, 3),
         "mb_per_s": round(nbytes / seconds / 1e6, 1),
+        "python": "%d.%d.%d" % sys.version_info[:3],
     }
+    for package in ("boto3", "botocore"):
+        if package in sys.modules:
+            info[package] = getattr(sys.modules[package], "__version__", None)
+    return info
 
 
 # --- S3 ------------------------------------------------------------------------------
 
 
+def s3_endpoint_url(environ=None):
+    """Return the S3 endpoint named by AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, or None.
+
+    botocore reads these variables itself only from 1.31.0 on, and not at all under
+    AWS_IGNORE_CONFIGURED_ENDPOINT_URLS; an older boto3 on the machine would send every request
+    to AWS. Same precedence as botocore's (the service's own first):
+    https://docs.aws.amazon.com/sdkref/latest/guide/feature-ss-endpoints.html
+    """
+    environ = os.environ if environ is None else environ
+    return environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or None
+
+
 def make_s3_client():
-    """Create the S3 client with botocore's standard retry mode (honours AWS_ENDPOINT_URL)."""
+    """Create the S3 client with botocore's standard retry mode, at s3_endpoint_url() if set."""
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}))
+    return boto3.client("s3", endpoint_url=s3_endpoint_url(),
+                        config=Config(retries={"mode": "standard", "max_attempts": 8}))
 
 
 def _error_code(err):

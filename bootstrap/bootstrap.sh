@@ -87,12 +87,14 @@ except ImportError as err:
     sys.stderr.write(f"awsfun-bootstrap: python3 cannot import boto3: {err}\n")
     sys.exit(127)
 S3_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, signature_version="s3v4")
+# Passed on: botocore < 1.31.0 ignores these.
+S3_ENDPOINT = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 PY
 
 # Run by python3 after PY_S3_PRELUDE, with BUCKET KEY FILE CONTENT_TYPE: one PutObject.
 IFS= read -r -d '' PY_S3_PUT <<'PY' || true
 bucket, key, path, content_type = (os.fsencode(a).decode("utf-8") for a in sys.argv[1:5])
-s3 = boto3.client("s3", config=S3_CONFIG)
+s3 = boto3.client("s3", config=S3_CONFIG, endpoint_url=S3_ENDPOINT)
 with open(path, "rb") as body:
     s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
 PY
@@ -133,7 +135,7 @@ fetch_failed = int(sys.argv[1])
 path, bucket, key, data_bucket, log_key, curl_config = (
     os.fsencode(a).decode("utf-8") for a in sys.argv[2:8])
 try:
-    s3 = boto3.client("s3", config=S3_CONFIG)
+    s3 = boto3.client("s3", config=S3_CONFIG, endpoint_url=S3_ENDPOINT)
     s3.download_file(bucket, key, path)
 except Exception as err:
     sys.stderr.write(f"awsfun-bootstrap: cannot fetch s3://{bucket}/{key}: {err}\n")

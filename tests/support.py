@@ -307,3 +307,21 @@ def anonymous_client(service="s3"):
     from botocore.config import Config
 
     return boto3.client(service, config=Config(signature_version=UNSIGNED))
+
+
+# --- the target machine's Python (tests/target_python.py) ------------------------------
+
+
+def target_venv_bin():
+    """Return the bin directory of .venv-target (Python 3.9 with AL2023's boto3 and botocore).
+
+    Raises AssertionError naming the command that makes it when it is missing or stale: a test
+    that needs the target fails there, it never skips.
+    """
+    import target_python
+
+    if not target_python.venv_is_current():
+        raise AssertionError(
+            f"the target venv {target_python.VENV} is missing or older than "
+            f"{target_python.REQUIREMENTS.name}: make it with `{target_python.MAKE_COMMAND}`")
+    return target_python.venv_python().parent

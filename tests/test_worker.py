@@ -340,6 +340,19 @@ def test_denied_report_write_through_main_exits_3(s3, monkeypatch, caplog):
     assert "cannot write the error report" in caplog.text
 
 
+def test_the_worker_names_the_endpoint_itself(monkeypatch):
+    """botocore reads AWS_ENDPOINT_URL itself only from 1.31.0 on; AWS_IGNORE_CONFIGURED_ENDPOINT_URLS
+    makes any botocore behave as an older one would, and the worker still reaches the endpoint."""
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert AwsS3.make_s3_client().meta.endpoint_url == "http://127.0.0.1:9"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")  # the service's own wins
+    assert AwsS3.make_s3_client().meta.endpoint_url == "http://127.0.0.1:10"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert AwsS3.make_s3_client().meta.endpoint_url.startswith("https://s3.")
+
+
 def test_transient_s3_errors_are_retried(s3):
     """botocore's standard retry mode: a 503 SlowDown on the read is retried, not reported."""
     key = "inbox/busy.csv"
