@@ -127,10 +127,13 @@ s3_put() {
 # WORKER_KEY DATA_BUCKET LOG_KEY LOG_CURL_CONFIG WORKER_ARGS...: fetch AwsS3.py and run it
 # in this same process, then presign the log's upload for curl. Each python3 start that loads boto3 costs a
 # quarter of a CPU-second; this way a job needs one, not three.
-# Exit status: the worker's own, FETCH_FAILED when it cannot be fetched, 127 without boto3.
+# Exit status: the worker's own, FETCH_FAILED when it cannot be fetched, 127 without boto3,
+# 1 when the worker raised (at import too), the cause then in WORKER_PATH.crash.
 FETCH_FAILED=4
+WORKER_REPORTED=5  # AwsS3.EXIT_FAILED_REPORTED: any other failure's report is ours to write
 IFS= read -r -d '' WORKER_LAUNCHER <<'PY' || true
 import runpy
+import traceback
 fetch_failed = int(sys.argv[1])
 path, bucket, key, data_bucket, log_key, curl_config = (
     os.fsencode(a).decode("utf-8") for a in sys.argv[2:8])
@@ -143,6 +146,11 @@ except Exception as err:
 sys.argv = [path, *sys.argv[8:]]
 try:
     runpy.run_path(path, run_name="__main__")
+except Exception as err:
+    traceback.print_exc()  # as Python would, and the cause for the bootstrap's report
+    with open(path + ".crash", "w", encoding="utf-8", errors="backslashreplace") as crash:
+        crash.write(f"{type(err).__name__}: {err}"[:500])
+    sys.exit(1)
 finally:
     # Valid for minutes, for this one PUT, and kept out of argv and the log. Without it the
     # bootstrap uploads with boto3, so a failure here must not replace the worker's status.
@@ -286,8 +294,9 @@ main() {
     status=$?
   case "$status" in
     0) log "worker succeeded" ;;
-    1) log "worker failed and wrote its error report"; REPORTED=yes ;;
+    "$WORKER_REPORTED") log "worker failed and wrote its error report"; REPORTED=yes ;;
     "$FETCH_FAILED") write_error_report fetch "cannot fetch s3://$JOB_SOFTWARE_BUCKET/$JOB_WORKER_KEY" "$status" ;;
+    1) write_error_report worker "worker crashed: $(cat "$WORK_DIR/AwsS3.py.crash" 2>/dev/null || echo 'see its traceback in the log')" "$status" ;;
     124) write_error_report worker "worker exceeded its time limit of ${JOB_TIMEOUT_SECONDS}s" "$status" ;;
     137) write_error_report worker "worker was killed (SIGKILL: out of memory, or still running 30s past its time limit of ${JOB_TIMEOUT_SECONDS}s)" "$status" ;;
     *) write_error_report worker "worker exited with status $status" "$status" ;;

@@ -232,7 +232,7 @@ def test_bad_objects_leave_an_error_report(cloud, name, body, message):
     key = f"inbox/{name}"
     instance_id = cloud.launch(key, body)
     done, stub = cloud.run(instance_id)
-    assert done.returncode == 1
+    assert done.returncode == AwsS3.EXIT_FAILED_REPORTED
     assert_error_report(cloud, key, "analyse", message, written_by="worker")
     assert cloud.get(key) == body
     assert "worker failed and wrote its error report" in cloud.get(AwsS3.report_key(key, ".log")).decode()
@@ -244,7 +244,7 @@ def test_object_deleted_before_the_worker_starts(cloud):
     instance_id = cloud.launch(key, CSV)
     cloud.s3.delete_object(Bucket=DATA, Key=key)
     done, stub = cloud.run(instance_id)
-    assert done.returncode == 1
+    assert done.returncode == AwsS3.EXIT_FAILED_REPORTED
     report = assert_error_report(cloud, key, "analyse", written_by="worker")
     assert report["error_code"] in ("404", "NoSuchKey", "NotFound")
     assert_shut_down(stub)
@@ -322,6 +322,43 @@ def test_worker_that_cannot_write_its_report(cloud):
     report = assert_error_report(cloud, key, "worker", "exited with status 3", written_by="bootstrap")
     assert report["exit_code"] == 3
     assert "AccessDenied on PutObject" in cloud.get(AwsS3.report_key(key, ".log")).decode()
+    assert_shut_down(stub)
+
+
+# A worker that dies without a report of its own: the bootstrap writes one naming the cause.
+# (stand-in code, settings, exit status, what the report's error must say)
+WORKER_DEATHS = {
+    "import-error": ("import awsfun_no_such_module\n", {}, 1,
+                     ("crashed", "ModuleNotFoundError", "awsfun_no_such_module")),
+    "syntax-error": ("def broken(:\n    pass\n", {}, 1, ("crashed", "SyntaxError")),
+    "uncaught-exception": ("raise RuntimeError('the worker broke')\n", {}, 1,
+                           ("crashed", "RuntimeError: the worker broke")),
+    "oom-kill": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", {}, 137,
+                 ("SIGKILL", "out of memory")),
+    "timeout": ("import time\ntime.sleep(600)\n", {"WORKER_TIMEOUT_SECONDS": "1"}, 124,
+                ("time limit of 1s",)),
+}
+
+
+@pytest.mark.parametrize("death", list(WORKER_DEATHS))
+def test_a_worker_that_dies_without_a_report_gets_one_from_the_bootstrap(cloud, monkeypatch, death):
+    """Python exits 1 on any uncaught exception, a crash at import included: 1 is never the
+    worker's "I wrote my error report" (AwsS3.EXIT_FAILED_REPORTED), so the bootstrap writes it."""
+    code, settings, status, fragments = WORKER_DEATHS[death]
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    _publish_stand_in(cloud, code)
+    key = f"inbox/dies/{death}.csv"
+    instance_id = cloud.launch(key, CSV)
+    done, stub = cloud.run(instance_id, timeout=60)
+    assert done.returncode == status, done.stdout.decode() + done.stderr.decode()
+    report = assert_error_report(cloud, key, "worker", *fragments, written_by="bootstrap")
+    assert report["exit_code"] == status
+    log = cloud.get(AwsS3.report_key(key, ".log")).decode()
+    assert "wrote error report for stage worker" in log
+    assert "wrote its error report" not in log
+    assert cloud.keys() == sorted([key, AwsS3.report_key(key, ".error.json"),
+                                   AwsS3.report_key(key, ".log")])
     assert_shut_down(stub)
 
 
