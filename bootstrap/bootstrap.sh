@@ -115,7 +115,10 @@ s3_put() {
     HAVE_PYTHON=no
   fi
   if command -v aws >/dev/null 2>&1; then
-    aws s3api put-object --bucket "$bucket" --key "$key" --body "$file" \
+    # Passed on: AWS CLIs before 1.29.0 and 2.13.0 ignore these.
+    local url="${AWS_ENDPOINT_URL_S3:-${AWS_ENDPOINT_URL:-}}" endpoint=()
+    [[ -n "$url" ]] && endpoint=(--endpoint-url "$url")
+    aws "${endpoint[@]}" s3api put-object --bucket "$bucket" --key "$key" --body "$file" \
       --content-type "$content_type" >/dev/null
   else
     log "neither python3 with boto3 nor the aws CLI is available for S3"
@@ -192,7 +195,8 @@ write_error_report() {
 # curl sends it without starting python3 again; otherwise (or should that fail) s3_put.
 upload_log() {
   if [[ -s "$LOG_CURL_CONFIG" ]] && command -v curl >/dev/null 2>&1; then
-    if curl --config "$LOG_CURL_CONFIG" --silent --show-error --fail --globoff \
+    # --path-as-is: else curl squashes a key's /./ and /../, which S3 keeps.
+    if curl --config "$LOG_CURL_CONFIG" --path-as-is --silent --show-error --fail --globoff \
       --header 'Expect:' --header 'Content-Type: text/plain' --upload-file "$LOG_FILE" \
       --output /dev/null; then
       return 0
