@@ -51,10 +51,13 @@ REPORT_PREFIX = "analysis/"
 S3_KEY_LIMIT = 1024
 PROGRESS_SECONDS = 5.0
 
+# Exit statuses. 1 is never returned on purpose: it is what Python exits with on an uncaught
+# exception (a crash at import included), so the bootstrap reads 1 as "crashed, no report" and
+# writes the error report itself. bootstrap.sh's WORKER_REPORTED must equal EXIT_FAILED_REPORTED.
 EXIT_OK = 0
-EXIT_FAILED_REPORTED = 1
-EXIT_USAGE = 2
-EXIT_FAILED_UNREPORTED = 3
+EXIT_USAGE = 2               # argparse's own
+EXIT_FAILED_UNREPORTED = 3   # failed, and the error report could not be written
+EXIT_FAILED_REPORTED = 5     # failed, and the error report is written (printed for a local file)
 
 
 class AnalysisError(Exception):
@@ -530,8 +533,11 @@ def n50(lengths, total):
 
 # A data line of a VCF: CHROM, POS (digits), ID, REF, ALT, QUAL, FILTER, then a tab or the end.
 # The match runs to the end of the line, so the next search starts at the next line.
+# Plain greedy repeats, not possessive ones (Python 3.11+; AL2023's python3 is 3.9): each
+# repeated class excludes the tab or newline that follows it, so a failing line backtracks
+# only once per field, and the matches are the same.
 VCF_RECORD = re.compile(
-    rb"^([^\t\n#][^\t\n]*+)\t\d++\t[^\t\n]*+\t([^\t\n]++)\t([^\t\n]++)\t[^\t\n]*+\t([^\t\n]*+)[^\n]*+\n", re.M)
+    rb"^([^\t\n#][^\t\n]*)\t\d+\t[^\t\n]*\t([^\t\n]+)\t([^\t\n]+)\t[^\t\n]*\t([^\t\n]*)[^\n]*\n", re.M)
 TRANSITIONS = {(b"A", b"G"), (b"G", b"A"), (b"C", b"T"), (b"T", b"C")}
 VARIANT_KINDS = ("snvs", "mnvs", "indels", "others")
 INDEL_ONLY = (("indels",), 0, 0)
@@ -1177,26 +1183,44 @@ def analyse_file(path):
 
 
 def worker_info(started, nbytes):
-    """Return who produced a report and how fast."""
+    """Return who produced a report and how fast, on which Python (and boto3, if loaded)."""
     seconds = max(time.time() - started, 1e-9)
-    return {
+    info = {
         "version": __version__,
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(seconds, 3),
         "mb_per_s": round(nbytes / seconds / 1e6, 1),
+        "python": "%d.%d.%d" % sys.version_info[:3],
     }
+    for package in ("boto3", "botocore"):
+        if package in sys.modules:
+            info[package] = getattr(sys.modules[package], "__version__", None)
+    return info
 
 
 # --- S3 ------------------------------------------------------------------------------
 
 
+def s3_endpoint_url(environ=None):
+    """Return the S3 endpoint named by AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, or None.
+
+    botocore reads these variables itself only from 1.31.0 on, and not at all under
+    AWS_IGNORE_CONFIGURED_ENDPOINT_URLS; an older boto3 on the machine would send every request
+    to AWS. Same precedence as botocore's (the service's own first):
+    https://docs.aws.amazon.com/sdkref/latest/guide/feature-ss-endpoints.html
+    """
+    environ = os.environ if environ is None else environ
+    return environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or None
+
+
 def make_s3_client():
-    """Create the S3 client with botocore's standard retry mode (honours AWS_ENDPOINT_URL)."""
+    """Create the S3 client with botocore's standard retry mode, at s3_endpoint_url() if set."""
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 8}))
+    return boto3.client("s3", endpoint_url=s3_endpoint_url(),
+                        config=Config(retries={"mode": "standard", "max_attempts": 8}))
 
 
 def _error_code(err):
@@ -1360,6 +1384,28 @@ def run_s3(uri, s3=None, command=None):
     return EXIT_FAILED_REPORTED
 
 
+def report_unexpected(target, err, s3=None):
+    """Leave the error report for an exception nothing else caught; return the exit status.
+
+    For s3://BUCKET/KEY it writes analysis/KEY.error.json (EXIT_FAILED_REPORTED), or returns
+    EXIT_FAILED_UNREPORTED when even that fails; for a local file it prints the report.
+    """
+    if not target.startswith("s3://"):
+        print(json.dumps(error_report("worker", err, {"path": target}), indent=2, ensure_ascii=False))
+        return EXIT_FAILED_REPORTED
+    try:
+        bucket, key = parse_s3_uri(os.fsencode(target).decode("utf-8"))
+        inputs = {"bucket": bucket, "key": key, "etag": os.environ.get("AWSFUN_EXPECTED_ETAG", "")}
+        target_key = put_report(s3 or make_s3_client(), bucket, key,
+                                error_report("worker", err, inputs), ".error.json")
+    except Exception as again:  # noqa: BLE001 - the bootstrap reports what this cannot
+        code, message = _error_code(again)
+        logger.error("cannot write the error report: %s %s", code, message)
+        return EXIT_FAILED_UNREPORTED
+    logger.info("wrote s3://%s/%s", bucket, target_key)
+    return EXIT_FAILED_REPORTED
+
+
 def run_local(path):
     """Print the report of a local file; return the process exit status."""
     try:
@@ -1378,8 +1424,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Analyse one file: an S3 object (writes analysis/KEY.json next to it) "
         "or a local path (prints the report).",
-        epilog="Exit status: 0 done, 1 failed with an error report, 2 usage, "
-        "3 failed and the error report could not be written.",
+        epilog=f"Exit status: {EXIT_OK} done, {EXIT_FAILED_REPORTED} failed and wrote its error report "
+        f"(printed for a local file), {EXIT_USAGE} usage, {EXIT_FAILED_UNREPORTED} failed and the "
+        "error report could not be written; 1 only when Python itself died (no report).",
     )
     parser.add_argument("target", help="s3://BUCKET/KEY or a local file path")
     parser.add_argument("--command", metavar="JSON",
@@ -1394,6 +1441,15 @@ def main(argv=None):
     )
     if args.verbose is False:
         logging.getLogger("botocore").setLevel(logging.WARNING)
+    try:
+        return run_target(parser, args)
+    except Exception as err:  # noqa: BLE001 - whatever breaks, the run still leaves its error report
+        logger.exception("unexpected failure on %s", args.target)
+        return report_unexpected(args.target, err)
+
+
+def run_target(parser, args):
+    """Run main's parsed arguments; return the exit status (parser.error for bad ones)."""
     # Arguments arrive as the locale decoded them; S3 keys are UTF-8 whatever the locale.
     target = os.fsencode(args.target).decode("utf-8")
     command = None

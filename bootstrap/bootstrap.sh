@@ -87,12 +87,14 @@ except ImportError as err:
     sys.stderr.write(f"awsfun-bootstrap: python3 cannot import boto3: {err}\n")
     sys.exit(127)
 S3_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, signature_version="s3v4")
+# Passed on: botocore < 1.31.0 ignores these.
+S3_ENDPOINT = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 PY
 
 # Run by python3 after PY_S3_PRELUDE, with BUCKET KEY FILE CONTENT_TYPE: one PutObject.
 IFS= read -r -d '' PY_S3_PUT <<'PY' || true
 bucket, key, path, content_type = (os.fsencode(a).decode("utf-8") for a in sys.argv[1:5])
-s3 = boto3.client("s3", config=S3_CONFIG)
+s3 = boto3.client("s3", config=S3_CONFIG, endpoint_url=S3_ENDPOINT)
 with open(path, "rb") as body:
     s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
 PY
@@ -113,7 +115,10 @@ s3_put() {
     HAVE_PYTHON=no
   fi
   if command -v aws >/dev/null 2>&1; then
-    aws s3api put-object --bucket "$bucket" --key "$key" --body "$file" \
+    # Passed on: AWS CLIs before 1.29.0 and 2.13.0 ignore these.
+    local url="${AWS_ENDPOINT_URL_S3:-${AWS_ENDPOINT_URL:-}}" endpoint=()
+    [[ -n "$url" ]] && endpoint=(--endpoint-url "$url")
+    aws "${endpoint[@]}" s3api put-object --bucket "$bucket" --key "$key" --body "$file" \
       --content-type "$content_type" >/dev/null
   else
     log "neither python3 with boto3 nor the aws CLI is available for S3"
@@ -125,15 +130,18 @@ s3_put() {
 # WORKER_KEY DATA_BUCKET LOG_KEY LOG_CURL_CONFIG WORKER_ARGS...: fetch AwsS3.py and run it
 # in this same process, then presign the log's upload for curl. Each python3 start that loads boto3 costs a
 # quarter of a CPU-second; this way a job needs one, not three.
-# Exit status: the worker's own, FETCH_FAILED when it cannot be fetched, 127 without boto3.
+# Exit status: the worker's own, FETCH_FAILED when it cannot be fetched, 127 without boto3,
+# 1 when the worker raised (at import too), the cause then in WORKER_PATH.crash.
 FETCH_FAILED=4
+WORKER_REPORTED=5  # AwsS3.EXIT_FAILED_REPORTED: any other failure's report is ours to write
 IFS= read -r -d '' WORKER_LAUNCHER <<'PY' || true
 import runpy
+import traceback
 fetch_failed = int(sys.argv[1])
 path, bucket, key, data_bucket, log_key, curl_config = (
     os.fsencode(a).decode("utf-8") for a in sys.argv[2:8])
 try:
-    s3 = boto3.client("s3", config=S3_CONFIG)
+    s3 = boto3.client("s3", config=S3_CONFIG, endpoint_url=S3_ENDPOINT)
     s3.download_file(bucket, key, path)
 except Exception as err:
     sys.stderr.write(f"awsfun-bootstrap: cannot fetch s3://{bucket}/{key}: {err}\n")
@@ -141,6 +149,11 @@ except Exception as err:
 sys.argv = [path, *sys.argv[8:]]
 try:
     runpy.run_path(path, run_name="__main__")
+except Exception as err:
+    traceback.print_exc()  # as Python would, and the cause for the bootstrap's report
+    with open(path + ".crash", "w", encoding="utf-8", errors="backslashreplace") as crash:
+        crash.write(f"{type(err).__name__}: {err}"[:500])
+    sys.exit(1)
 finally:
     # Valid for minutes, for this one PUT, and kept out of argv and the log. Without it the
     # bootstrap uploads with boto3, so a failure here must not replace the worker's status.
@@ -182,7 +195,8 @@ write_error_report() {
 # curl sends it without starting python3 again; otherwise (or should that fail) s3_put.
 upload_log() {
   if [[ -s "$LOG_CURL_CONFIG" ]] && command -v curl >/dev/null 2>&1; then
-    if curl --config "$LOG_CURL_CONFIG" --silent --show-error --fail --globoff \
+    # --path-as-is: else curl squashes a key's /./ and /../, which S3 keeps.
+    if curl --config "$LOG_CURL_CONFIG" --path-as-is --silent --show-error --fail --globoff \
       --header 'Expect:' --header 'Content-Type: text/plain' --upload-file "$LOG_FILE" \
       --output /dev/null; then
       return 0
@@ -284,8 +298,9 @@ main() {
     status=$?
   case "$status" in
     0) log "worker succeeded" ;;
-    1) log "worker failed and wrote its error report"; REPORTED=yes ;;
+    "$WORKER_REPORTED") log "worker failed and wrote its error report"; REPORTED=yes ;;
     "$FETCH_FAILED") write_error_report fetch "cannot fetch s3://$JOB_SOFTWARE_BUCKET/$JOB_WORKER_KEY" "$status" ;;
+    1) write_error_report worker "worker crashed: $(cat "$WORK_DIR/AwsS3.py.crash" 2>/dev/null || echo 'see its traceback in the log')" "$status" ;;
     124) write_error_report worker "worker exceeded its time limit of ${JOB_TIMEOUT_SECONDS}s" "$status" ;;
     137) write_error_report worker "worker was killed (SIGKILL: out of memory, or still running 30s past its time limit of ${JOB_TIMEOUT_SECONDS}s)" "$status" ;;
     *) write_error_report worker "worker exited with status $status" "$status" ;;

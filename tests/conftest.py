@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import deploy  # noqa: E402
-import lambda_function  # noqa: E402
+# deploy and lambda_function are imported where used, not here: the worker's tests also run
+# under the target's Python 3.9 (tests/test_target_python.py), which need not run either.
 from support import ShutdownStub  # noqa: E402
 
 REGION = "us-east-1"
@@ -22,7 +22,8 @@ REGION = "us-east-1"
 @pytest.fixture(autouse=True)
 def aws_credentials(monkeypatch):
     """Fake credentials for every test; no test may reach a real account or IMDS."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
                  "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "DRY_RUN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -32,11 +33,17 @@ def aws_credentials(monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    lambda_function._clients.clear()
-    lambda_function._template_cache.clear()
+    _clear_handler_caches()
     yield
-    lambda_function._clients.clear()
-    lambda_function._template_cache.clear()
+    _clear_handler_caches()
+
+
+def _clear_handler_caches():
+    """Empty the handler's warm-container caches, if a test module has imported it."""
+    handler = sys.modules.get("lambda_function")
+    if handler is not None:
+        handler._clients.clear()
+        handler._template_cache.clear()
 
 
 @pytest.fixture(scope="session")
@@ -61,12 +68,16 @@ def local_aws(moto_endpoint, monkeypatch):
 @pytest.fixture
 def clients(local_aws):
     """deploy.Clients pointed at the moto server (AWS_ENDPOINT_URL is set by local_aws)."""
+    import deploy
+
     return deploy.Clients()
 
 
 @pytest.fixture
 def names(clients):
     """The default deploy names (prefix su2c) for the moto server's account and region."""
+    import deploy
+
     return deploy.resolve_names(clients)
 
 

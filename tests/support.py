@@ -364,3 +364,21 @@ def fail_first(client, operation, code, message, times=1, status=400):
     client.meta.events.register(f"provide-client-params.{service}.{operation}", note)
     client.meta.events.register(f"before-call.{service}.{operation}", refuse)
     return calls
+
+
+# --- the target machine's Python (tests/target_python.py) ------------------------------
+
+
+def target_venv_bin():
+    """Return the bin directory of .venv-target (Python 3.9 with AL2023's boto3 and botocore).
+
+    Raises AssertionError naming the command that makes it when it is missing or stale: a test
+    that needs the target fails there, it never skips.
+    """
+    import target_python
+
+    if not target_python.venv_is_current():
+        raise AssertionError(
+            f"the target venv {target_python.VENV} is missing or older than "
+            f"{target_python.REQUIREMENTS.name}: make it with `{target_python.MAKE_COMMAND}`")
+    return target_python.venv_python().parent

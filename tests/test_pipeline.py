@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import pytest
@@ -19,7 +20,7 @@ import pytest
 import AwsS3
 import lambda_function as lf
 from support import (REPO, ShutdownStub, bare_path, find_aws_cli, publish_software, python_path,
-                     receive_s3_records, run_user_data)
+                     receive_s3_records, run_user_data, s3_event, s3_record, target_venv_bin)
 
 DATA = "awsfun-data"
 SOFTWARE = "awsfun-software"
@@ -232,7 +233,7 @@ def test_bad_objects_leave_an_error_report(cloud, name, body, message):
     key = f"inbox/{name}"
     instance_id = cloud.launch(key, body)
     done, stub = cloud.run(instance_id)
-    assert done.returncode == 1
+    assert done.returncode == AwsS3.EXIT_FAILED_REPORTED
     assert_error_report(cloud, key, "analyse", message, written_by="worker")
     assert cloud.get(key) == body
     assert "worker failed and wrote its error report" in cloud.get(AwsS3.report_key(key, ".log")).decode()
@@ -244,7 +245,7 @@ def test_object_deleted_before_the_worker_starts(cloud):
     instance_id = cloud.launch(key, CSV)
     cloud.s3.delete_object(Bucket=DATA, Key=key)
     done, stub = cloud.run(instance_id)
-    assert done.returncode == 1
+    assert done.returncode == AwsS3.EXIT_FAILED_REPORTED
     report = assert_error_report(cloud, key, "analyse", written_by="worker")
     assert report["error_code"] in ("404", "NoSuchKey", "NotFound")
     assert_shut_down(stub)
@@ -323,6 +324,145 @@ def test_worker_that_cannot_write_its_report(cloud):
     assert report["exit_code"] == 3
     assert "AccessDenied on PutObject" in cloud.get(AwsS3.report_key(key, ".log")).decode()
     assert_shut_down(stub)
+
+
+# A worker that dies without a report of its own: the bootstrap writes one naming the cause.
+# (stand-in code, settings, exit status, what the report's error must say)
+WORKER_DEATHS = {
+    "import-error": ("import awsfun_no_such_module\n", {}, 1,
+                     ("crashed", "ModuleNotFoundError", "awsfun_no_such_module")),
+    "syntax-error": ("def broken(:\n    pass\n", {}, 1, ("crashed", "SyntaxError")),
+    "uncaught-exception": ("raise RuntimeError('the worker broke')\n", {}, 1,
+                           ("crashed", "RuntimeError: the worker broke")),
+    "oom-kill": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", {}, 137,
+                 ("SIGKILL", "out of memory")),
+    "timeout": ("import time\ntime.sleep(600)\n", {"WORKER_TIMEOUT_SECONDS": "1"}, 124,
+                ("time limit of 1s",)),
+}
+
+
+@pytest.mark.parametrize("death", list(WORKER_DEATHS))
+def test_a_worker_that_dies_without_a_report_gets_one_from_the_bootstrap(cloud, monkeypatch, death):
+    """Python exits 1 on any uncaught exception, a crash at import included: 1 is never the
+    worker's "I wrote my error report" (AwsS3.EXIT_FAILED_REPORTED), so the bootstrap writes it."""
+    code, settings, status, fragments = WORKER_DEATHS[death]
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    _publish_stand_in(cloud, code)
+    key = f"inbox/dies/{death}.csv"
+    instance_id = cloud.launch(key, CSV)
+    done, stub = cloud.run(instance_id, timeout=60)
+    assert done.returncode == status, done.stdout.decode() + done.stderr.decode()
+    report = assert_error_report(cloud, key, "worker", *fragments, written_by="bootstrap")
+    assert report["exit_code"] == status
+    log = cloud.get(AwsS3.report_key(key, ".log")).decode()
+    assert "wrote error report for stage worker" in log
+    assert "wrote its error report" not in log
+    assert cloud.keys() == sorted([key, AwsS3.report_key(key, ".error.json"),
+                                   AwsS3.report_key(key, ".log")])
+    assert_shut_down(stub)
+
+
+# Keys a generic HTTP tool would rewrite: dot segments (curl squashes /./ and /../ unless
+# --path-as-is), an encoded dot segment, and the characters URLs give a meaning to.
+PATH_KEYS = ("a/../b.csv", "x/./y.csv", "../z.csv", "d/%2e%2e/e.csv", "p/q/..",
+             "odd/?x=1#frag+plus%20 100% ü €/a b.csv")
+
+
+def _failing_curl(directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "curl").write_text("#!/bin/sh\nexit 22\n")
+    (directory / "curl").chmod(0o755)
+    return str(directory)
+
+
+def _boot_each(cloud, keys, body, path, variant, env=None):
+    """Store `keys` with `body`, launch each through the handler, boot them all at once;
+    return {key: CompletedProcess}."""
+    runs = {}
+    for key in keys:
+        etag = cloud.put(key, body).strip('"')
+        [launched] = lf.lambda_handler(s3_event(s3_record(DATA, key, etag=etag)), None)["launched"]
+        runs[key] = cloud.user_data(launched["instance_id"])
+
+    def boot(item):
+        index, (key, user_data) = item
+        workdir = cloud.workdir / f"{variant}-{index}"
+        return key, run_user_data(user_data, workdir, ShutdownStub(workdir / "stub"), env, path)
+
+    with ThreadPoolExecutor(3) as pool:
+        return dict(pool.map(boot, enumerate(runs.items())))
+
+
+def test_every_byte_of_a_key_reaches_s3_on_every_write_path(cloud, tmp_path):
+    """The report and the worker's error report (boto3), the bootstrap's error report (boto3,
+    and the AWS CLI without python3), and the log (curl with a presigned URL, else boto3, else
+    the AWS CLI) each land at exactly analysis/KEY.SUFFIX, and nothing else is written.
+
+    moto takes a presigned PUT whose path curl squashed (the signature no longer matches the
+    path, which S3 refuses with 403, and the boto3 fallback would then hide curl's slip), so
+    where curl uploads the log the test also asserts curl did not fail."""
+    venv_bin = target_venv_bin()
+    no_python = bare_path(tmp_path / "bare-bin", extra=[str(venv_bin / "aws")])
+    variants = [
+        # name, body, stand-in worker, PATH, report suffix, written_by, stage, curl must succeed
+        ("report, log by curl", CSV, None, python_path(), ".json", None, None, True),
+        ("worker error report, log by boto3", b"", None,
+         python_path(f"{_failing_curl(tmp_path / 'no-curl')}:{os.environ['PATH']}"),
+         ".error.json", "worker", "analyse", False),
+        ("bootstrap error report by boto3, log by curl", CSV, "raise SystemError('stand-in')\n",
+         python_path(), ".error.json", "bootstrap", "worker", True),
+        ("bootstrap error report and log by the AWS CLI", CSV, None, no_python,
+         ".error.json", "bootstrap", "start", False),
+    ]
+    problems = []
+    for variant, body, stand_in, path, suffix, written_by, stage, curl_ok in variants:
+        if stand_in:
+            _publish_stand_in(cloud, stand_in)
+        runs = _boot_each(cloud, PATH_KEYS, body, path, variant.split(",")[0])
+        publish_software(cloud.s3, SOFTWARE)
+        expected = set(PATH_KEYS)
+        for key, done in runs.items():
+            console = (done.stdout + done.stderr).decode("utf-8", "replace")
+            report_key, log_key = f"analysis/{key}{suffix}", f"analysis/{key}.log"
+            expected |= {report_key, log_key}
+            if curl_ok and "curl could not upload the log" in console:
+                problems.append(f"{variant}: {key!r}: curl failed: {console[-1500:]}")
+            try:
+                report = json.loads(cloud.get(report_key))
+                log = cloud.get(log_key).decode("utf-8")
+            except cloud.s3.exceptions.NoSuchKey:
+                problems.append(f"{variant}: {key!r}: {report_key!r} or its log is missing")
+                continue
+            if report["input"]["key"] != key or (report.get("written_by"), report.get("stage")) \
+                    != (written_by, stage):
+                problems.append(f"{variant}: {key!r}: report {report}")
+            if key not in log:
+                problems.append(f"{variant}: {key!r}: the log does not name the key")
+        others = set(cloud.keys()) - expected
+        missing = expected - set(cloud.keys())
+        if others or missing:
+            problems.append(f"{variant}: keys written besides the expected: {sorted(others)}, "
+                            f"expected but missing: {sorted(missing)}")
+        for key in cloud.keys():
+            cloud.s3.delete_object(Bucket=DATA, Key=key)
+    assert problems == [], "\n".join(problems)
+
+
+def test_the_bootstrap_names_the_endpoint_to_every_tool(cloud, tmp_path):
+    """AWS_IGNORE_CONFIGURED_ENDPOINT_URLS makes botocore and the AWS CLI behave as those from
+    before AWS_ENDPOINT_URL (botocore < 1.31.0, AWS CLI < 1.29.0) do: the worker, the launcher,
+    the boto3 PUT and the AWS CLI must each be handed the endpoint, or they go to AWS."""
+    env = {"AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}
+    no_python = bare_path(tmp_path / "bare-bin", extra=[str(target_venv_bin() / "aws")])
+    for key, body, path, suffix in (("inbox/ok.csv", CSV, python_path(), ".json"),
+                                    ("inbox/failed.csv", b"", python_path(), ".error.json"),
+                                    ("inbox/cli.csv", CSV, no_python, ".error.json")):
+        done = _boot_each(cloud, [key], body, path, key.split("/")[1], env)[key]
+        console = (done.stdout + done.stderr).decode("utf-8", "replace")
+        assert "curl could not upload the log" not in console, console
+        assert cloud.report(key, suffix)["input"]["key"] == key, console
+        assert key in cloud.get(f"analysis/{key}.log").decode("utf-8")
 
 
 def test_python_missing_with_the_aws_cli(cloud):

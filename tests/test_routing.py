@@ -179,7 +179,7 @@ def test_external_command_runs_end_to_end_and_uploads_its_outputs(buckets, tmp_p
 def test_failing_external_command_leaves_an_error_report(buckets, tmp_path, shutdown_stub, command, message):
     route = dict(COPY, command=command)
     done = run_routed(buckets, "tools/x.csv", b"a,b\n1,2\n", route, tmp_path, shutdown_stub)
-    assert done.returncode == 1
+    assert done.returncode == AwsS3.EXIT_FAILED_REPORTED
     error = json.loads(buckets.get_object(Bucket="data-bucket",
                                           Key="analysis/tools/x.csv.error.json")["Body"].read())
     assert message in error["error"]

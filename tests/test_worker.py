@@ -154,17 +154,17 @@ def test_local_lines_count_a_last_unterminated_line(tmp_path, capsys):
     ("corrupt.gz", b"\x1f\x8b\x08\x00" + b"\xff" * 64, "corrupt gzip"),
     ("truncated.gz", gzip.compress(b"x\n" * 5000)[:-20], "truncated"),
 ])
-def test_local_mode_failures_print_an_error_report_and_exit_1(tmp_path, capsys, name, content, message):
+def test_local_mode_failures_print_an_error_report_and_exit_5(tmp_path, capsys, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
-    assert AwsS3.main([str(path)]) == 1
+    assert AwsS3.main([str(path)]) == AwsS3.EXIT_FAILED_REPORTED == 5
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "error" and message in report["error"]
     assert report["input"]["path"] == str(path)
 
 
 def test_local_mode_missing_file(tmp_path, capsys):
-    assert AwsS3.main([str(tmp_path / "nope.csv")]) == 1
+    assert AwsS3.main([str(tmp_path / "nope.csv")]) == AwsS3.EXIT_FAILED_REPORTED
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "error" and "nope.csv" in report["error"]
 
@@ -261,7 +261,7 @@ def test_an_error_report_does_not_block_a_later_success(s3):
     key = "inbox/fixed.csv"
     put_input(s3, key, b"")
     uri = f"s3://{BUCKET}/{key}"
-    assert AwsS3.run_s3(uri, s3=s3) == 1
+    assert AwsS3.run_s3(uri, s3=s3) == AwsS3.EXIT_FAILED_REPORTED
     put_input(s3, key, CSV)
     assert AwsS3.run_s3(uri, s3=s3) == 0
     assert get_json(s3, AwsS3.report_key(key))["status"] == "ok"
@@ -291,7 +291,7 @@ def _corrupt_gzip():
 def test_s3_mode_failures_leave_an_error_report(s3, name, body, message):
     key = f"inbox/{name}"
     etag = put_input(s3, key, body)
-    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 1
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == AwsS3.EXIT_FAILED_REPORTED
     report = get_json(s3, AwsS3.report_key(key, ".error.json"))
     assert report["status"] == "error" and message in report["error"]
     assert report["input"]["bucket"] == BUCKET and report["input"]["key"] == key
@@ -303,7 +303,7 @@ def test_s3_mode_failures_leave_an_error_report(s3, name, body, message):
 
 def test_s3_mode_missing_object_leaves_an_error_report(s3):
     key = "inbox/deleted before the worker.csv"
-    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 1
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == AwsS3.EXIT_FAILED_REPORTED
     report = get_json(s3, AwsS3.report_key(key, ".error.json"))
     assert report["status"] == "error" and report["input"]["key"] == key
     assert report["error_code"] in ("404", "NoSuchKey", "NotFound")
@@ -314,7 +314,7 @@ def test_s3_mode_denied_read_leaves_an_error_report(s3):
     key = "inbox/secret.csv"
     put_input(s3, key, CSV)
     fail_operation(s3, "GetObject", "AccessDenied")
-    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 1
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == AwsS3.EXIT_FAILED_REPORTED
     report = get_json(s3, AwsS3.report_key(key, ".error.json"))
     assert report["error_code"] == "AccessDenied" and "AccessDenied" in report["error"]
 
@@ -338,6 +338,71 @@ def test_denied_report_write_through_main_exits_3(s3, monkeypatch, caplog):
     monkeypatch.setattr(AwsS3, "make_s3_client", lambda: s3)
     assert AwsS3.main([f"s3://{BUCKET}/{key}"]) == AwsS3.EXIT_FAILED_UNREPORTED == 3
     assert "cannot write the error report" in caplog.text
+
+
+# --- the exit-status contract with the bootstrap ---------------------------------------
+
+
+def test_the_reported_failure_status_is_none_python_exits_with_by_itself():
+    """1 is Python's status for an uncaught exception (a crash at import too), 2 argparse's:
+    the bootstrap must tell "failed and wrote my error report" apart from both."""
+    statuses = {AwsS3.EXIT_OK, AwsS3.EXIT_USAGE, AwsS3.EXIT_FAILED_UNREPORTED,
+                AwsS3.EXIT_FAILED_REPORTED, 1}
+    assert len(statuses) == 5
+    constants = dict(re.findall(r"^(WORKER_REPORTED|FETCH_FAILED)=(\d+)\b", BOOTSTRAP, re.M))
+    assert int(constants["WORKER_REPORTED"]) == AwsS3.EXIT_FAILED_REPORTED
+    assert int(constants["FETCH_FAILED"]) not in statuses
+
+
+def test_an_unexpected_exception_in_s3_mode_still_writes_the_error_report(s3, monkeypatch, caplog):
+    key = "inbox/bug ü.csv"
+    put_input(s3, key, CSV)
+
+    def broken(uri, s3=None, command=None):
+        raise RuntimeError("a bug outside the analysis")
+
+    monkeypatch.setattr(AwsS3, "run_s3", broken)
+    monkeypatch.setattr(AwsS3, "make_s3_client", lambda: s3)
+    monkeypatch.setenv("AWSFUN_EXPECTED_ETAG", "e" * 32)
+    assert AwsS3.main([f"s3://{BUCKET}/{key}"]) == AwsS3.EXIT_FAILED_REPORTED
+    report = get_json(s3, AwsS3.report_key(key, ".error.json"))
+    assert report["written_by"] == "worker" and report["stage"] == "worker"
+    assert report["error"] == "RuntimeError: a bug outside the analysis"
+    assert report["input"] == {"bucket": BUCKET, "key": key, "etag": "e" * 32}
+    assert "Traceback" in caplog.text  # the log keeps the traceback
+
+
+def test_an_unexpected_exception_that_cannot_be_reported_exits_3(s3, monkeypatch):
+    key = "inbox/bug, denied.csv"
+    put_input(s3, key, CSV)
+    monkeypatch.setattr(AwsS3, "run_s3", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(AwsS3, "make_s3_client", lambda: s3)
+    fail_operation(s3, "PutObject", "AccessDenied")
+    assert AwsS3.main([f"s3://{BUCKET}/{key}"]) == AwsS3.EXIT_FAILED_UNREPORTED
+    assert keys(s3) == [key]
+
+
+def test_an_unexpected_exception_in_local_mode_prints_an_error_report(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "t.csv"
+    path.write_bytes(CSV)
+    monkeypatch.setattr(AwsS3, "analyse_file", lambda p: [][1])
+    assert AwsS3.main([str(path)]) == AwsS3.EXIT_FAILED_REPORTED
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "error" and report["error"].startswith("IndexError: ")
+    assert report["input"] == {"path": str(path)}
+
+
+def test_the_worker_names_the_endpoint_itself(monkeypatch):
+    """botocore reads AWS_ENDPOINT_URL itself only from 1.31.0 on; AWS_IGNORE_CONFIGURED_ENDPOINT_URLS
+    makes any botocore behave as an older one would, and the worker still reaches the endpoint."""
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert AwsS3.make_s3_client().meta.endpoint_url == "http://127.0.0.1:9"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")  # the service's own wins
+    assert AwsS3.make_s3_client().meta.endpoint_url == "http://127.0.0.1:10"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert AwsS3.make_s3_client().meta.endpoint_url.startswith("https://s3.")
 
 
 def test_transient_s3_errors_are_retried(s3):
