@@ -549,7 +549,7 @@ def test_the_same_bytes_again_after_a_failed_job_get_a_new_worker_and_report(clo
     body = gzip.compress(TEXT)[:-40]
     first = cloud.launch(key, body)
     done, _ = cloud.run(first)
-    assert done.returncode == 1
+    assert done.returncode == AwsS3.EXIT_FAILED_REPORTED
     cloud.ec2.terminate_instances(InstanceIds=[first])
     error_key = AwsS3.report_key(key, ".error.json")
     cloud.s3.delete_object(Bucket=DATA, Key=error_key)
@@ -557,6 +557,6 @@ def test_the_same_bytes_again_after_a_failed_job_get_a_new_worker_and_report(clo
     second = cloud.launch(key, body)
     assert second != first
     done, _ = cloud.run(second)
-    assert done.returncode == 1
+    assert done.returncode == AwsS3.EXIT_FAILED_REPORTED
     assert error_key in cloud.keys()
     assert_error_report(cloud, key, "analyse", "truncated gzip", written_by="worker")
