@@ -1,0 +1,239 @@
+"""The command line of ./deploy.sh: parsing, confirmation, one run_* per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError, WaiterError
+
+from .core import CREATED, Clients, DELETED, DeployError, GONE, IN_PLACE, Progress, UPDATED
+from .names import (
+    DEFAULT_INSTANCE_TYPE, DEFAULT_PREFIX, default_launch_template, discover_names, resolve_names,
+)
+from .artifacts import ROUTES_FILE
+from .routes import check_routing_table
+from .reconcile import reconcile
+from .stack import deploy, teardown
+from .status import collect_status, print_status
+
+
+def confirm(question, stdin=None, stream=None):
+    """Ask a yes/no question on the terminal; anything but yes (or end of input) is no."""
+    print(f"{question} [y/N] ", end="", file=stream or sys.stdout, flush=True)
+    answer = (stdin or sys.stdin).readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+def run_deploy(args, clients):
+    """`deploy`: create or update everything."""
+    # Before any AWS call: a bad routing table is the operator's to fix now, not the handler's later.
+    check_routing_table(args.routes, default_launch_template(args.prefix), args.instance_type)
+    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    print(f"awsfun deploy: prefix {names.prefix}, account {names.account}, "
+          f"region {names.region}")
+    progress = Progress()
+    result = deploy(clients, names, args.instance_type, args.public_software, progress,
+                    routes_file=args.routes)
+    if progress.changed():
+        print(f"Deployed: {progress.count(CREATED)} created, {progress.count(UPDATED)} updated, "
+              f"{progress.count(DELETED)} removed, {progress.count(IN_PLACE)} already in place.")
+    else:
+        print("Nothing to change: everything already in place.")
+    print(f"Upload inputs to s3://{names.data_bucket}/ ; reports appear under analysis/. "
+          f"Function {result['function_arn']}")
+    return 0
+
+
+def run_status(args, clients):
+    """`status`: what is deployed, running and reported, and any drift."""
+    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    status = collect_status(clients, names, instance_type=args.instance_type,
+                            routes_file=args.routes)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print_status(status)
+    return 0
+
+
+def run_reconcile(args, clients):
+    """`reconcile`: replay dead letters and launch every input nothing has processed."""
+    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    if not args.json:
+        print(f"awsfun reconcile: s3://{names.data_bucket}/{args.key_prefix}"
+              + (" (dry run: nothing is launched or deleted)" if args.dry_run else ""))
+    result = reconcile(clients, names, args.key_prefix, args.dry_run,
+                       Progress(echo=not args.json))
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(reconcile_summary(result))
+    launch_failed = result["failed"] or any(
+        entry.get("reason") == "a launch failed" for entry in result["dlq_failed"])
+    return 1 if launch_failed else 0
+
+
+def reconcile_summary(result):
+    """The closing lines of `reconcile` for a person (pure)."""
+    counts = result["counts"]
+    lines = [f"Inputs: {counts['inputs']}: {counts['reports']} reported, "
+             f"{counts['error_reports']} error-reported, {counts['running']} with a running "
+             f"worker, {counts['unprocessed']} unprocessed."]
+    if result["dry_run"]:
+        lines.append(f"Dry run: would launch {len(result['unprocessed'])}; "
+                     f"{len(result['dlq_kept'])} dead letters looked at, none deleted.")
+    else:
+        lines.append(f"Launched {len(result['launched'])}, failed {len(result['failed'])}; "
+                     f"dead letters replayed {len(result['replayed'])}, kept "
+                     f"{len(result['dlq_failed']) + len(result['dlq_kept'])}.")
+    return "\n".join(lines)
+
+
+def run_teardown(args, clients):
+    """`teardown`: remove everything deploy created (the data bucket only with --delete-data)."""
+    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    data = (f"and the data bucket {names.data_bucket} with ALL its objects" if args.delete_data
+            else f"(the data bucket {names.data_bucket} is kept)")
+    print(f"This removes the awsfun deployment {names.prefix!r} from account {names.account}, "
+          f"region {names.region}: function, workers, launch template {names.launch_template}, "
+          f"roles, queue, logs, software bucket {names.software_bucket} {data}.")
+    if not args.yes and not confirm("Continue?"):
+        print("Nothing removed.")
+        return 1
+    progress = teardown(clients, names, args.delete_data)
+    print(f"Removed {progress.count(DELETED)}; {progress.count(GONE)} already gone.")
+    return 0
+# Subcommands by name, registered with add_command.
+COMMANDS = {}
+
+
+def add_command(name, run, help_text, add_arguments=None):
+    """Register a subcommand: run(args, clients) -> exit status; add_arguments(parser) adds options."""
+    COMMANDS[name] = {"run": run, "help": help_text, "add_arguments": add_arguments}
+
+
+def _common_options():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--prefix", default=DEFAULT_PREFIX,
+                        help="short name for this deployment (default: %(default)s); names are "
+                             "PREFIX plus account and region")
+    common.add_argument("--data-bucket", help="data bucket name "
+                        "(default: PREFIX-data-ACCOUNT-REGION)")
+    common.add_argument("--software-bucket", help="software bucket name "
+                        "(default: PREFIX-software-ACCOUNT-REGION)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    return common
+
+
+def _routes_option(parser):
+    parser.add_argument("--routes", default=str(ROUTES_FILE), metavar="FILE",
+                        help="routing table to validate, publish and make launch templates for "
+                             "(default: routes.json beside deploy.py)")
+
+
+def _deploy_options(parser):
+    parser.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
+                        help="worker instance type (default: %(default)s)")
+    _routes_option(parser)
+    parser.add_argument("--public-software", action="store_true",
+                        help="let anyone read the published files (relaxes Block Public Access "
+                             "on the software bucket only); private by default")
+
+
+def _status_options(parser):
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--instance-type", default=None,
+                        help="report drift against this instance type (default: the deployed one)")
+    _routes_option(parser)
+
+
+def _reconcile_options(parser):
+    parser.add_argument("--key-prefix", default="", metavar="K",
+                        help="only inputs (and dead letters) whose keys start with K")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only print what would be launched and replayed")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _teardown_options(parser):
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    parser.add_argument("--delete-data", action="store_true",
+                        help="also empty and delete the data bucket (inputs and reports)")
+add_command("deploy", run_deploy, "create or update everything (the default; safe to re-run)",
+            _deploy_options)
+add_command("status", run_status, "show names, running workers, reports, dead letters, drift",
+            _status_options)
+add_command("reconcile", run_reconcile,
+            "launch every input with no report, error report or running worker; replay the "
+            "dead-letter queue", _reconcile_options)
+add_command("teardown", run_teardown, "remove what deploy created (asks first)",
+            _teardown_options)
+# Options that take a value, so a value that happens to be a command name stays a value.
+VALUE_OPTIONS = ("--prefix", "--data-bucket", "--software-bucket", "--instance-type",
+                 "--routes", "--key-prefix")
+
+
+def command_first(argv):
+    """Return argv with its command moved first (`--prefix p status` works); `deploy` if none."""
+    index = 0
+    while index < len(argv):
+        if argv[index] in COMMANDS:
+            return [argv[index]] + argv[:index] + argv[index + 1:]
+        index += 2 if argv[index] in VALUE_OPTIONS else 1
+    if argv[:1] in (["-h"], ["--help"]):
+        return argv
+    return ["deploy"] + argv
+
+
+def build_parser():
+    """Return the argument parser with one subparser per registered command."""
+    parser = argparse.ArgumentParser(
+        prog="deploy.sh",
+        description="Deploy the awsfun pipeline (S3 -> Lambda -> one EC2 worker per object) "
+                    "with least-privilege IAM, show its status, or tear it down. Uses your "
+                    "usual AWS settings: AWS_PROFILE, AWS_REGION/AWS_DEFAULT_REGION, "
+                    "AWS_ENDPOINT_URL.",
+        epilog="Without a command, deploy. Run `deploy.sh COMMAND --help` for its options.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common_options()
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, parents=[common], help=command["help"],
+                                  description=command["help"])
+        if command["add_arguments"]:
+            command["add_arguments"](sub)
+    return parser
+
+
+def main(argv=None, clients=None):
+    """Command-line entry point; returns the exit status."""
+    argv = command_first(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
+    if not args.verbose:
+        logging.getLogger("botocore").setLevel(logging.WARNING)
+    try:
+        clients = clients or Clients()
+        return COMMANDS[args.command]["run"](args, clients)
+    except DeployError as err:
+        print(f"deploy.sh {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (NoCredentialsError, NoRegionError) as err:
+        print(f"deploy.sh {args.command}: {err}; configure AWS credentials and a region "
+              "(AWS_PROFILE or AWS_ACCESS_KEY_ID..., AWS_REGION)", file=sys.stderr)
+        return 2
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        print(f"deploy.sh {args.command}: AWS refused {err.operation_name}: "
+              f"{error.get('Code')} {error.get('Message')}", file=sys.stderr)
+        return 1
+    except WaiterError as err:
+        print(f"deploy.sh {args.command}: gave up waiting: {err}", file=sys.stderr)
+        return 1

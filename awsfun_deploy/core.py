@@ -1,0 +1,178 @@
+"""Shared plumbing of the deploy package: errors, progress lines, AWS clients, retries, diffs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+logger = logging.getLogger("awsfun.deploy")
+CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 8})
+NOT_FOUND = {
+    "404", "NoSuchBucket", "NotFound", "NoSuchKey", "NoSuchEntity", "ResourceNotFoundException",
+    "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist",
+    "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound",
+    "NoSuchBucketPolicy", "NoSuchPublicAccessBlockConfiguration",
+    "ServerSideEncryptionConfigurationNotFoundError", "OwnershipControlsNotFoundError",
+    "ParameterNotFound", "NoSuchTagSet",
+}
+CREATED, UPDATED, IN_PLACE = "created", "updated", "already in place"
+DELETED, GONE, KEPT = "deleted", "already gone", "kept"
+CHANGES = (CREATED, UPDATED, DELETED)
+
+
+class DeployError(RuntimeError):
+    """Something the operator has to fix; the message says what."""
+
+
+def error_code(err):
+    """Return the AWS error code of a ClientError."""
+    return err.response.get("Error", {}).get("Code", "")
+
+
+def log_client_error(err, doing):
+    """Log a ClientError's code and message with what we were doing (the caller re-raises)."""
+    error = err.response.get("Error", {})
+    logger.error("%s failed: %s %s", doing, error.get("Code"), error.get("Message"))
+
+
+def is_not_found(err):
+    """True when a ClientError says the thing asked about does not exist."""
+    return error_code(err) in NOT_FOUND
+
+
+def canonical(document):
+    """Return a policy document as canonical JSON, so equal documents compare equal."""
+    if isinstance(document, str):
+        document = json.loads(document)
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+def tag_list(tags):
+    """Turn {key: value} into AWS's [{"Key", "Value"}] list."""
+    return [{"Key": key, "Value": value} for key, value in tags.items()]
+
+
+def mismatches(desired, actual, path=""):
+    """Return the paths where `actual` differs from `desired`, looking only at what `desired` sets.
+
+    Lists match when every desired item matches some actual item, so extra entries the
+    service adds (default tags, echoed fields) are not reported as drift.
+    """
+    if isinstance(desired, dict):
+        if not isinstance(actual, dict):
+            return [path or "."]
+        found = []
+        for key, value in desired.items():
+            found += mismatches(value, actual.get(key), f"{path}.{key}" if path else key)
+        return found
+    if isinstance(desired, list):
+        if not isinstance(actual, list):
+            return [path or "."]
+        return [
+            f"{path}[{index}]"
+            for index, item in enumerate(desired)
+            if not any(not mismatches(item, candidate) for candidate in actual)
+        ]
+    return [] if desired == actual else [path or "."]
+
+
+def retry_while(retryable, action, doing, timeout=90.0, delay=3.0, sleep=time.sleep):
+    """Call action() until it stops failing with an error whose code or message contains one
+    of the `retryable` fragments (eventual consistency), for at most `timeout` seconds
+    (of the clock, and of the waits `sleep` was asked for); then re-raise the ClientError."""
+    deadline = time.monotonic() + timeout
+    waited = 0.0
+    while True:
+        try:
+            return action()
+        except ClientError as err:
+            error = err.response.get("Error", {})
+            text = f"{error.get('Code', '')} {error.get('Message', '')}"
+            if not any(fragment in text for fragment in retryable) or \
+                    time.monotonic() + delay > deadline or waited + delay > timeout:
+                log_client_error(err, doing)
+                raise
+            logger.warning("%s: %s %s; retrying in %ss (IAM and SQS changes take a few "
+                           "seconds to propagate)", doing, error.get("Code"), error.get("Message"),
+                           delay)
+            sleep(delay)
+            waited += delay
+# Refusals that only mean a role or instance profile made seconds ago has not reached the
+# service yet (IAM is eventually consistent: "changes ... take time to become visible",
+# IAM User Guide, troubleshooting), or that the function is still being updated. Lambda says
+# "The role defined for the function cannot be assumed by Lambda." or "The provided execution
+# role does not have permissions to call SendMessage on SQS" (or CreateNetworkInterface on
+# EC2); EC2 "Value (...) for parameter iamInstanceProfile.name is invalid. Invalid IAM
+# Instance Profile name"; Lambda's ResourceConflictException "An update is in progress".
+PROPAGATION_REFUSALS = ("cannot be assumed", "does not have permissions to call",
+                        "Invalid IAM Instance Profile", "An update is in progress")
+PROPAGATION_TIMEOUT = 90.0
+PROPAGATION_DELAY = 3.0
+
+
+def wait_out_propagation(action, doing, sleep=time.sleep):
+    """Return action(), waiting (at most PROPAGATION_TIMEOUT s) while AWS refuses it only
+    because an IAM change has not propagated yet; any other refusal, or the last, is raised."""
+    return retry_while(PROPAGATION_REFUSALS, action, doing, timeout=PROPAGATION_TIMEOUT,
+                       delay=PROPAGATION_DELAY, sleep=sleep)
+
+
+class Progress:
+    """Prints each step as it happens and keeps the list, so callers and tests can read it back."""
+
+    def __init__(self, echo=True, stream=None):
+        self.steps = []
+        self.echo = echo
+        self.stream = stream
+
+    def record(self, outcome, what, name, detail=""):
+        """Remember one step's outcome and print it for the person at the terminal."""
+        self.steps.append({"outcome": outcome, "what": what, "name": name, "detail": detail})
+        if self.echo:
+            extra = f"  ({detail})" if detail else ""
+            print(f"  {outcome:<17} {what:<24} {name}{extra}", file=self.stream or sys.stdout,
+                  flush=True)
+
+    def count(self, outcome):
+        """How many steps ended with `outcome`."""
+        return sum(1 for step in self.steps if step["outcome"] == outcome)
+
+    def changed(self):
+        """True when any step created, updated or deleted something."""
+        return any(step["outcome"] in CHANGES for step in self.steps)
+
+
+class Clients:
+    """boto3 clients for one account and region, each created on first use with standard retries."""
+
+    def __init__(self, session=None, region=None):
+        self.session = session or boto3.session.Session()
+        # AWS_REGION wins over AWS_DEFAULT_REGION, as in the AWS CLI and the Lambda runtime.
+        self.region = region or os.environ.get("AWS_REGION") or self.session.region_name
+        if not self.region:
+            raise DeployError("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION, "
+                              "or a region in your AWS profile")
+        self._cache = {}
+
+    def __call__(self, service):
+        if service not in self._cache:
+            self._cache[service] = self.session.client(
+                service, region_name=self.region, config=CLIENT_CONFIG)
+        return self._cache[service]
+
+
+def _get_or_none(call, **params):
+    try:
+        return call(**params)
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, call.__name__)
+        raise

@@ -1,0 +1,261 @@
+"""The worker launch templates, their AMI, and the workers they start."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from botocore.exceptions import ClientError, WaiterError
+
+from .core import (
+    CREATED, DELETED, DeployError, GONE, IN_PLACE, UPDATED, error_code, is_not_found,
+    log_client_error, mismatches, tag_list, wait_out_propagation,
+)
+from .names import BUCKET_TAG, STACK_TAG, TOKEN_TAG, WORKER_KEY_TAG, WORKER_TAG
+
+logger = logging.getLogger("awsfun.deploy")
+AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
+AMI_FALLBACK_NAME = "al2023-ami-2023.*-kernel-*-{arch}"
+ROOT_VOLUME_MIN_GIB = 8
+
+
+def instance_architecture(ec2, instance_type):
+    """Return "arm64" or "x86_64" for an instance type, so the AMI matches it."""
+    try:
+        types = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
+    except ClientError as err:
+        if error_code(err) in ("InvalidInstanceType", "InvalidParameterValue"):
+            raise DeployError(f"--instance-type {instance_type}: not an instance type "
+                              "this region offers") from None
+        log_client_error(err, f"describing instance type {instance_type}")
+        raise
+    architectures = types[0]["ProcessorInfo"]["SupportedArchitectures"] if types else []
+    return "arm64" if architectures and "x86_64" not in architectures else "x86_64"
+
+
+def latest_worker_ami(ssm, ec2, architecture):
+    """Return (image id, where it came from): the public SSM parameter for Amazon Linux 2023."""
+    parameter = AMI_PARAMETER.format(arch=architecture)
+    try:
+        return ssm.get_parameter(Name=parameter)["Parameter"]["Value"], parameter
+    except ClientError as err:
+        if not is_not_found(err):
+            log_client_error(err, f"reading SSM parameter {parameter}")
+            raise
+    # Some partitions and emulators lack the parameter: take Amazon's newest AL2023 image.
+    pattern = AMI_FALLBACK_NAME.format(arch=architecture)
+    logger.warning("SSM parameter %s not found; using the newest Amazon-owned image named %s",
+                   parameter, pattern)
+    images = ec2.describe_images(Owners=["amazon"], Filters=[
+        {"Name": "name", "Values": [pattern]},
+        {"Name": "architecture", "Values": [architecture]},
+        {"Name": "state", "Values": ["available"]},
+    ])["Images"]
+    if not images:
+        raise DeployError(f"no Amazon Linux 2023 image found: neither {parameter} nor an image "
+                          f"named {pattern} exists in this region")
+    newest = max(images, key=lambda image: image.get("CreationDate", ""))
+    return newest["ImageId"], f"newest image named {pattern}"
+
+
+def root_device(ec2, image_id):
+    """Return (root device name, root volume GiB) of an image, with safe defaults."""
+    try:
+        image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
+    except (ClientError, IndexError) as err:
+        logger.warning("cannot describe image %s (%s); assuming /dev/xvda, %s GiB",
+                       image_id, err, ROOT_VOLUME_MIN_GIB)
+        return "/dev/xvda", ROOT_VOLUME_MIN_GIB
+    device = image.get("RootDeviceName", "/dev/xvda")
+    size = ROOT_VOLUME_MIN_GIB
+    for mapping in image.get("BlockDeviceMappings", []):
+        if mapping.get("DeviceName") == device:
+            size = max(size, int(mapping.get("Ebs", {}).get("VolumeSize") or 0))
+    return device, size
+
+
+def worker_launch_template_data(image_id, instance_type, profile_name, device, size, prefix):
+    """Return the LaunchTemplateData of the worker template (pure)."""
+    tags = tag_list({STACK_TAG: prefix, "awsfun:role": "worker"})
+    return {
+        "ImageId": image_id,
+        "InstanceType": instance_type,
+        "IamInstanceProfile": {"Name": profile_name},
+        # Shutting down at the end of the job must end the bill, not leave a stopped machine.
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                            "HttpPutResponseHopLimit": 1},
+        "BlockDeviceMappings": [{
+            "DeviceName": device,
+            # The size is explicit (never below the image's) because EC2 needs one for gp3 here.
+            "Ebs": {"VolumeSize": size, "VolumeType": "gp3", "Encrypted": True,
+                    "DeleteOnTermination": True},
+        }],
+        "TagSpecifications": [{"ResourceType": kind, "Tags": tags}
+                              for kind in ("instance", "volume")],
+    }
+
+
+def read_launch_template(ec2, name):
+    """Return the template's id, versions, tags and latest data, or None."""
+    try:
+        template = ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"][0]
+    except ClientError as err:
+        if is_not_found(err) or error_code(err) == "InvalidLaunchTemplateName.NotFound":
+            return None
+        log_client_error(err, f"reading launch template {name}")
+        raise
+    latest = ec2.describe_launch_template_versions(
+        LaunchTemplateId=template["LaunchTemplateId"], Versions=["$Latest"],
+    )["LaunchTemplateVersions"][0]
+    return {
+        "id": template["LaunchTemplateId"],
+        "default_version": template["DefaultVersionNumber"],
+        "latest_version": template["LatestVersionNumber"],
+        "tags": {t["Key"]: t["Value"] for t in template.get("Tags", [])},
+        "data": latest["LaunchTemplateData"],
+    }
+
+
+def ensure_launch_template(ec2, names, data, progress, name=None, sleep=time.sleep):
+    """Create the template (default: the worker template), or add a version only when `data`
+    changed; keep the newest version the default. Return the template's id."""
+    name = name or names.launch_template
+    template = read_launch_template(ec2, name)
+    if template is None:
+        # The instance profile in `data` may have been created seconds ago.
+        created = wait_out_propagation(lambda: ec2.create_launch_template(
+            LaunchTemplateName=name, LaunchTemplateData=data,
+            VersionDescription="deploy.sh",
+            TagSpecifications=[{"ResourceType": "launch-template",
+                                "Tags": tag_list({STACK_TAG: names.prefix})}],
+        ), f"creating launch template {name}", sleep)["LaunchTemplate"]
+        progress.record(CREATED, "launch template", name,
+                        f"version 1, {data['InstanceType']}")
+        return created["LaunchTemplateId"]
+    owner = template["tags"].get(STACK_TAG)
+    if owner and owner != names.prefix:
+        hint = ("set LAUNCH_TEMPLATE to use another name" if name == names.launch_template
+                else "name another launch_template in the routing table")
+        raise DeployError(f"launch template {name} belongs to deployment {owner!r}; {hint}")
+    differences = mismatches(data, template["data"])
+    version = template["latest_version"]
+    if differences:
+        version = wait_out_propagation(lambda: ec2.create_launch_template_version(
+            LaunchTemplateId=template["id"], LaunchTemplateData=data,
+            VersionDescription="deploy.sh",
+        ), f"adding a version to launch template {name}", sleep)[
+            "LaunchTemplateVersion"]["VersionNumber"]
+    if differences or template["default_version"] != version:
+        ec2.modify_launch_template(LaunchTemplateId=template["id"], DefaultVersion=str(version))
+        if differences:
+            detail = f"version {version}: " + ", ".join(differences)
+        else:
+            detail = f"default version {version}"
+        progress.record(UPDATED, "launch template", name, detail)
+    else:
+        progress.record(IN_PLACE, "launch template", name, f"version {version}")
+    if not owner:
+        ec2.create_tags(Resources=[template["id"]], Tags=tag_list({STACK_TAG: names.prefix}))
+    return template["id"]
+
+
+def find_workers(ec2, launch_templates, states=("pending", "running")):
+    """Return the workers launched from the template(s) (by the handler's tag) in the given states."""
+    if isinstance(launch_templates, str):
+        launch_templates = [launch_templates]
+    workers = []
+    paginator = ec2.get_paginator("describe_instances")
+    for page in paginator.paginate(Filters=[
+        {"Name": f"tag:{WORKER_TAG}", "Values": sorted(set(launch_templates))},
+        {"Name": "instance-state-name", "Values": list(states)},
+    ]):
+        for reservation in page["Reservations"]:
+            for instance in reservation["Instances"]:
+                tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                workers.append({
+                    "instance_id": instance["InstanceId"],
+                    "state": instance["State"]["Name"],
+                    "bucket": tags.get(BUCKET_TAG, ""),
+                    "key": tags.get(WORKER_KEY_TAG, ""),
+                    "token": tags.get(TOKEN_TAG, ""),
+                    "launch_template": tags.get(WORKER_TAG, ""),
+                    "launch_time": instance["LaunchTime"],
+                })
+    return workers
+
+
+def terminate_workers(ec2, names, progress, wait=True, templates=None):
+    """Terminate every worker still alive so teardown orphans none; wait (bounded) for it."""
+    templates = templates or [names.launch_template]
+    workers = find_workers(ec2, templates, states=("pending", "running", "stopping", "stopped"))
+    if not workers:
+        progress.record(GONE, "running workers", ", ".join(templates), "none")
+        return []
+    ids = [w["instance_id"] for w in workers]
+    ec2.terminate_instances(InstanceIds=ids)
+    if wait:
+        try:
+            ec2.get_waiter("instance_terminated").wait(
+                InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 60})
+        except WaiterError as err:
+            # Termination is already requested and cannot be taken back; carry on.
+            logger.warning("workers still terminating after 5 minutes: %s", err)
+    for worker in workers:
+        progress.record(DELETED, "worker", worker["instance_id"], worker["key"])
+    return ids
+
+
+def delete_launch_template(ec2, names, progress, name=None):
+    """Delete a launch template (default: the worker template); tolerate it being gone."""
+    name = name or names.launch_template
+    template = read_launch_template(ec2, name)
+    if template is None:
+        progress.record(GONE, "launch template", name)
+        return
+    ec2.delete_launch_template(LaunchTemplateId=template["id"])
+    progress.record(DELETED, "launch template", name)
+
+
+def stack_launch_templates(ec2, names):
+    """Return the names of the launch templates tagged as this deployment's, the worker template first."""
+    found = []
+    for page in ec2.get_paginator("describe_launch_templates").paginate(
+            Filters=[{"Name": f"tag:{STACK_TAG}", "Values": [names.prefix]}]):
+        found += [t["LaunchTemplateName"] for t in page["LaunchTemplates"]]
+    return [names.launch_template] + sorted(set(found) - {names.launch_template})
+
+
+def remove_unrouted_templates(ec2, names, wanted, progress):
+    """Delete this deployment's launch templates that the routing table no longer names."""
+    for name in stack_launch_templates(ec2, names):
+        if name not in wanted:
+            # Running workers keep running; only new launches from it stop being possible.
+            delete_launch_template(ec2, names, progress, name)
+
+
+def plan_templates(ec2, types):
+    """Return {launch template: (instance type, architecture)}, checking every type before anything is made."""
+    architectures = {kind: instance_architecture(ec2, kind) for kind in sorted(set(types.values()))}
+    return {name: (kind, architectures[kind]) for name, kind in types.items()}
+
+
+def plan_images(ec2, ssm, plan):
+    """Return {architecture: (image id, (root device, GiB))} for the planned templates (reads only)."""
+    images = {}
+    for architecture in sorted({arch for _, arch in plan.values()}):
+        image_id, source = latest_worker_ami(ssm, ec2, architecture)
+        logger.info("worker image %s (%s) from %s", image_id, architecture, source)
+        images[architecture] = (image_id, root_device(ec2, image_id))
+    return images
+
+
+def ensure_launch_templates(ec2, ssm, names, plan, progress, images=None):
+    """Create or update each planned launch template; return ({name: id}, {architecture: image id})."""
+    images, ids = images or plan_images(ec2, ssm, plan), {}
+    for name, (kind, architecture) in plan.items():
+        image_id, (device, size) = images[architecture]
+        data = worker_launch_template_data(image_id, kind, names.worker_instance_profile,
+                                           device, size, names.prefix)
+        ids[name] = ensure_launch_template(ec2, names, data, progress, name)
+    return ids, {arch: image_id for arch, (image_id, _) in images.items()}

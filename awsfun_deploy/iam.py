@@ -1,0 +1,146 @@
+"""The function's and the workers' roles and the workers' instance profile."""
+
+from __future__ import annotations
+
+import json
+
+from botocore.exceptions import ClientError
+
+from .core import (
+    CREATED, DELETED, GONE, IN_PLACE, UPDATED, canonical, is_not_found, log_client_error, tag_list,
+)
+from .names import STACK_TAG
+
+
+def read_role(iam, role_name):
+    """Return the role's trust policy, inline policies and attached policies, or None."""
+    try:
+        role = iam.get_role(RoleName=role_name)["Role"]
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"reading role {role_name}")
+        raise
+    inline = {}
+    for page in iam.get_paginator("list_role_policies").paginate(RoleName=role_name):
+        for name in page["PolicyNames"]:
+            inline[name] = iam.get_role_policy(RoleName=role_name, PolicyName=name)["PolicyDocument"]
+    attached = []
+    for page in iam.get_paginator("list_attached_role_policies").paginate(RoleName=role_name):
+        attached += [p["PolicyArn"] for p in page["AttachedPolicies"]]
+    return {"arn": role["Arn"], "trust": role["AssumeRolePolicyDocument"], "inline": inline,
+            "attached": attached}
+
+
+def role_differences(role, trust, policy_name, policy):
+    """Return how a role read by read_role differs from its documents (pure)."""
+    if role is None:
+        return ["missing"]
+    found = []
+    if canonical(role["trust"]) != canonical(trust):
+        found.append("trust policy")
+    if policy_name not in role["inline"]:
+        found.append(f"policy {policy_name} missing")
+    elif canonical(role["inline"][policy_name]) != canonical(policy):
+        found.append(f"policy {policy_name}")
+    found += [f"extra policy {name}" for name in role["inline"] if name != policy_name]
+    found += [f"attached policy {arn}" for arn in role["attached"]]
+    return found
+
+
+def ensure_role(iam, role_name, trust, policy_name, policy, names, progress, what):
+    """Create or correct a role so it holds exactly one inline policy; return its ARN."""
+    role = read_role(iam, role_name)
+    if role is None:
+        iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=json.dumps(trust),
+                        Description=f"awsfun {what} ({names.prefix}, {names.region}); "
+                                    "managed by deploy.sh",
+                        Tags=tag_list({STACK_TAG: names.prefix}))
+        iam.get_waiter("role_exists").wait(RoleName=role_name,
+                                           WaiterConfig={"Delay": 2, "MaxAttempts": 30})
+        iam.put_role_policy(RoleName=role_name, PolicyName=policy_name,
+                            PolicyDocument=json.dumps(policy))
+        progress.record(CREATED, what, role_name)
+        return iam.get_role(RoleName=role_name)["Role"]["Arn"]
+    differences = role_differences(role, trust, policy_name, policy)
+    if "trust policy" in differences:
+        iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=json.dumps(trust))
+    if any(d.startswith(f"policy {policy_name}") for d in differences):
+        iam.put_role_policy(RoleName=role_name, PolicyName=policy_name,
+                            PolicyDocument=json.dumps(policy))
+    # Least privilege means nothing but our policy: drop what someone added by hand.
+    for name in role["inline"]:
+        if name != policy_name:
+            iam.delete_role_policy(RoleName=role_name, PolicyName=name)
+    for arn in role["attached"]:
+        iam.detach_role_policy(RoleName=role_name, PolicyArn=arn)
+    progress.record(UPDATED if differences else IN_PLACE, what, role_name, ", ".join(differences))
+    return role["arn"]
+
+
+def read_instance_profile(iam, name):
+    """Return the instance profile (with its roles), or None."""
+    try:
+        return iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"reading instance profile {name}")
+        raise
+
+
+def ensure_instance_profile(iam, names, progress):
+    """Create the worker instance profile holding exactly the worker role; return its ARN."""
+    name, role = names.worker_instance_profile, names.worker_role
+    profile = read_instance_profile(iam, name)
+    created = profile is None
+    if created:
+        iam.create_instance_profile(InstanceProfileName=name,
+                                    Tags=tag_list({STACK_TAG: names.prefix}))
+        iam.get_waiter("instance_profile_exists").wait(
+            InstanceProfileName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 30})
+        profile = read_instance_profile(iam, name)
+    roles = [r["RoleName"] for r in profile.get("Roles", [])]
+    for other in roles:
+        if other != role:
+            iam.remove_role_from_instance_profile(InstanceProfileName=name, RoleName=other)
+    if role not in roles:
+        iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=role)
+    outcome = CREATED if created else (UPDATED if roles != [role] else IN_PLACE)
+    progress.record(outcome, "worker instance profile", name)
+    return profile["Arn"]
+
+
+def delete_role(iam, role_name, progress, what):
+    """Delete a role with its inline and attached policies; tolerate it being gone."""
+    role = read_role(iam, role_name)
+    if role is None:
+        progress.record(GONE, what, role_name)
+        return
+    for name in role["inline"]:
+        iam.delete_role_policy(RoleName=role_name, PolicyName=name)
+    for arn in role["attached"]:
+        iam.detach_role_policy(RoleName=role_name, PolicyArn=arn)
+    try:
+        profiles = iam.list_instance_profiles_for_role(RoleName=role_name)["InstanceProfiles"]
+    except ClientError as err:
+        log_client_error(err, f"listing instance profiles of {role_name}")
+        raise
+    for profile in profiles:
+        iam.remove_role_from_instance_profile(
+            InstanceProfileName=profile["InstanceProfileName"], RoleName=role_name)
+    iam.delete_role(RoleName=role_name)
+    progress.record(DELETED, what, role_name)
+
+
+def delete_instance_profile(iam, names, progress):
+    """Delete the worker instance profile (after removing its roles); tolerate it being gone."""
+    profile = read_instance_profile(iam, names.worker_instance_profile)
+    if profile is None:
+        progress.record(GONE, "worker instance profile", names.worker_instance_profile)
+        return
+    for role in profile.get("Roles", []):
+        iam.remove_role_from_instance_profile(
+            InstanceProfileName=names.worker_instance_profile, RoleName=role["RoleName"])
+    iam.delete_instance_profile(InstanceProfileName=names.worker_instance_profile)
+    progress.record(DELETED, "worker instance profile", names.worker_instance_profile)

@@ -1,0 +1,434 @@
+"""reconcile: find every input without a report, replay dead letters, relaunch lost workers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+
+from botocore.exceptions import ClientError, WaiterError
+
+import AwsS3
+import lambda_function
+
+from .core import DeployError, GONE, Progress, is_not_found, log_client_error
+from .names import BUCKET_TAG, TOKEN_TAG
+from .s3 import bucket_exists, list_keys
+from .sqs import find_queue
+from .function import read_function
+
+logger = logging.getLogger("awsfun.deploy")
+REPORTED, FAILED, RUNNING, UNPROCESSED = "reported", "error-reported", "running", "unprocessed"
+DLQ_VISIBILITY_SECONDS = 300
+# How often reconcile relaunches an input whose workers all ended without a report (each
+# attempt its own deterministic ClientToken) before it reports the input as failed.
+MAX_RELAUNCHES = 3
+# Every worker carries its object version's tag (lambda_function.object_version_tag), whichever
+# event, scan or attempt launched it; reconcile cannot know an event's token (no sequencer).
+OBJECT_TAG = "awsfun:object"
+# EC2's states of an instance that will still write its report.
+LIVE_STATES = ("pending", "running")
+
+
+def worker_tokens(obj):
+    """Every ClientToken reconcile may launch this upload with: attempt 0, then each relaunch's (pure)."""
+    return [lambda_function.client_token(obj, attempt) for attempt in range(MAX_RELAUNCHES + 1)]
+
+
+def running_worker(obj, running):
+    """Return the instance id of a running worker for this object version, or None (pure).
+
+    `running` maps awsfun:object tag values to instance ids (see running_tokens).
+    """
+    return running.get(lambda_function.object_version_tag(obj))
+
+
+def deployed_settings(lam, names):
+    """Return the handler's settings exactly as the deployed function has them (its environment)."""
+    config = read_function(lam, names.function_name)
+    if config is None:
+        raise DeployError(f"{names.function_name} is not deployed (run ./deploy.sh --prefix "
+                          f"{names.prefix} deploy first)")
+    env = dict((config.get("Environment") or {}).get("Variables") or {}, AWS_REGION=names.region)
+    # Reconcile launches for real even if a permission check left DRY_RUN on the function.
+    env.pop("DRY_RUN", None)
+    return lambda_function.load_settings(env)
+
+
+def object_from_head(bucket, key, head):
+    """Describe an object as parse_record does, from HeadObject (pure).
+
+    There is no event, so no sequencer: LastModified names this upload instead, which keeps
+    the ClientToken the same on every reconcile run and apart from any event's token.
+    """
+    modified = head.get("LastModified")
+    return {"bucket": bucket, "key": key, "event_name": "ObjectCreated:Put",
+            "etag": head["ETag"].strip('"'), "version_id": head.get("VersionId") or "",
+            "sequencer": "", "size": head.get("ContentLength"),
+            "last_modified": modified.isoformat() if isinstance(modified, datetime)
+            else str(modified or "")}
+
+
+def head_input(s3, bucket, key):
+    """Return the object as object_from_head describes it, or None if it no longer exists."""
+    try:
+        return object_from_head(bucket, key, s3.head_object(Bucket=bucket, Key=key))
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"reading s3://{bucket}/{key}")
+        raise
+
+
+def recorded_input_etag(s3, bucket, report):
+    """Return the input eTag a report records, "" if it records none, or None if there is no report."""
+    try:
+        head = s3.head_object(Bucket=bucket, Key=report)
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        log_client_error(err, f"reading s3://{bucket}/{report}")
+        raise
+    metadata = head.get("Metadata", {})
+    if "input-etag" in metadata:
+        return metadata["input-etag"]
+    # bootstrap.sh writes its error reports without metadata; the body names the eTag.
+    body = s3.get_object(Bucket=bucket, Key=report)["Body"].read()
+    try:
+        return str((json.loads(body).get("input") or {}).get("etag") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def settled_state(etag, report_etag, error_etag):
+    """Return REPORTED or FAILED when an input needs no worker, else None (pure).
+
+    A report counts only for the input's current eTag. An error report is a visible
+    failure (not re-launched) unless it names another eTag; one that names none is
+    taken as current, since re-launching a failure nobody looked at helps no one.
+    """
+    if report_etag is not None and report_etag == etag:
+        return REPORTED
+    if error_etag is not None and error_etag in ("", etag):
+        return FAILED
+    return None
+
+
+def report_etags(s3, bucket, key, present=None):
+    """Return (report eTag, error report eTag) of an input; `present` (listed report keys) saves HEADs."""
+    found = []
+    for suffix in (".json", ".error.json"):
+        target = AwsS3.report_key(key, suffix)
+        found.append(None if present is not None and target not in present
+                     else recorded_input_etag(s3, bucket, target))
+    return tuple(found)
+
+
+def running_tokens(ec2, bucket):
+    """Return {awsfun:object tag: instance id} of the workers pending or running for the bucket's objects."""
+    running = {}
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=[
+        {"Name": f"tag:{BUCKET_TAG}", "Values": [bucket]},
+        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+    ]):
+        for reservation in page["Reservations"]:
+            for instance in reservation["Instances"]:
+                tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                if tags.get(OBJECT_TAG):
+                    running[tags[OBJECT_TAG]] = instance["InstanceId"]
+    return running
+
+
+def instance_by_token(ec2, token):
+    """Return (instance id, state) of the worker launched with this ClientToken, or (None, None).
+
+    By the handler's awsfun:token tag: the one that lives, if any does.
+    """
+    found = (None, None)
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=[
+            {"Name": f"tag:{TOKEN_TAG}", "Values": [token]}]):
+        for reservation in page["Reservations"]:
+            for instance in reservation["Instances"]:
+                found = (instance["InstanceId"], instance["State"]["Name"])
+                if found[1] in LIVE_STATES:
+                    return found
+    return found
+
+
+def instance_state(ec2, instance_id):
+    """Return an instance's state name, or "gone" when EC2 no longer shows it."""
+    try:
+        # A new instance may take seconds to show (eventual consistency); a worker that
+        # ended long ago never shows again.
+        ec2.get_waiter("instance_exists").wait(InstanceIds=[instance_id],
+                                               WaiterConfig={"Delay": 2, "MaxAttempts": 10})
+    except WaiterError:
+        return "gone"
+    reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return reservations[0]["Instances"][0]["State"]["Name"]
+
+
+def is_input(key, skip_substring, key_prefix="", size=None):
+    """True for a key the handler would launch a worker for, under key_prefix (pure).
+
+    A console folder marker (zero-byte, ending in '/') is no input.
+    """
+    return (key.startswith(key_prefix) and not (skip_substring and skip_substring in key)
+            and not lambda_function.is_folder_marker(key, size))
+
+
+def scan_inputs(s3, bucket, skip_substring, tokens, key_prefix=""):
+    """Return one entry per input under key_prefix: key, state and, unless settled, its object and token.
+
+    `tokens` maps awsfun:object tag values to running instance ids (running_tokens).
+    """
+    listing = [o for o in list_keys(s3, bucket, prefix=key_prefix)
+               if is_input(o["Key"], skip_substring, key_prefix, o.get("Size"))]
+    present = {o["Key"] for o in list_keys(s3, bucket, prefix=AwsS3.REPORT_PREFIX)}
+    scanned = []
+    for listed in listing:
+        key, etag = listed["Key"], listed["ETag"].strip('"')
+        state = settled_state(etag, *report_etags(s3, bucket, key, present))
+        entry = {"key": key, "etag": etag, "state": state}
+        if state is None:
+            # HeadObject gives the VersionId and LastModified the scan's token is made of.
+            obj = head_input(s3, bucket, key)
+            if obj is None:
+                continue  # deleted since the listing
+            running = running_worker(obj, tokens)
+            entry.update(obj=obj, token=lambda_function.client_token(obj), instance_id=running,
+                         state=RUNNING if running else UNPROCESSED)
+        scanned.append(entry)
+    return scanned
+
+
+def state_counts(scanned):
+    """Count scanned inputs by state (pure)."""
+    counts = {"inputs": len(scanned), "reports": 0, "error_reports": 0, "running": 0,
+              "unprocessed": 0}
+    field = {REPORTED: "reports", FAILED: "error_reports", RUNNING: "running",
+             UNPROCESSED: "unprocessed"}
+    for entry in scanned:
+        counts[field[entry["state"]]] += 1
+    return counts
+
+
+def count_inputs(clients, names):
+    """Return status's counts of inputs by state (see state_counts); None without a data bucket."""
+    s3 = clients("s3")
+    if not bucket_exists(s3, names.data_bucket, names.account):
+        return None
+    scanned = scan_inputs(s3, names.data_bucket, lambda_function.DEFAULTS["SKIP_SUBSTRING"],
+                          running_tokens(clients("ec2"), names.data_bucket))
+    return state_counts(scanned)
+
+
+def dead_letter_event(body):
+    """Return the S3 event in a dead-letter message (the body, or a destination's requestPayload)."""
+    try:
+        event = json.loads(body)
+    except ValueError:
+        raise lambda_function.EventError("the message body is not JSON") from None
+    if isinstance(event, dict) and isinstance(event.get("requestPayload"), dict):
+        event = event["requestPayload"]
+    return event
+
+
+def receive_dead_letters(sqs, queue_url):
+    """Yield every message in the queue once, each hidden from others while this run handles it."""
+    seen = set()
+    while True:
+        messages = sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+            VisibilityTimeout=DLQ_VISIBILITY_SECONDS, MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        fresh = [m for m in messages if m["MessageId"] not in seen]
+        if not fresh:
+            return
+        for message in fresh:
+            seen.add(message["MessageId"])
+            yield message
+
+
+def dead_letter_summary(entry):
+    """One line for a person: each record's key and outcome, or why the message was kept (pure)."""
+    records = ", ".join(f"{r['key']}: {r['outcome']}" + (f" {r['detail']}" if r["detail"] else "")
+                        for r in entry["records"])
+    return "; ".join(part for part in (records, entry.get("reason", "")) if part) or "no records"
+
+
+class Reconciler:
+    """One reconcile run: what it knows of running workers, what it launched, what it found."""
+
+    def __init__(self, clients, names, settings, key_prefix, dry_run, progress):
+        self.s3, self.ec2, self.sqs = clients("s3"), clients("ec2"), clients("sqs")
+        self.names, self.settings = names, settings
+        self.key_prefix, self.dry_run, self.progress = key_prefix, dry_run, progress
+        self.tokens = running_tokens(self.ec2, names.data_bucket)
+        self.refused = {}  # object version -> error: a refused launch is not tried twice a run
+        self.queue_url = None
+        self.result = {"dry_run": dry_run, "key_prefix": key_prefix, "unprocessed": [],
+                       "launched": [], "failed": [], "replayed": [], "dlq_failed": [],
+                       "dlq_kept": []}
+
+    def launch(self, obj):
+        """Launch one object's worker through the handler's path; return (instance id, None) or (None, error).
+
+        Attempt 0 is the token of the object's event (a dead letter) or of the scan. EC2
+        (since January 2025) answers a token already used with IdempotentInstanceTerminated
+        when its worker has ended, which, with no report (or the scan would not be here),
+        means it was lost; and with IdempotentParameterMismatch when it was launched with
+        other settings: that worker is kept if it lives, else it ended like the first. Only
+        an ended worker moves on to the next attempt's token, MAX_RELAUNCHES times at most.
+        An older EC2 returned the ended instance itself: its state says the same.
+        """
+        # By object version: a refused launch is not tried again in this run, event or scan.
+        token = lambda_function.object_version_tag(obj)
+        if token in self.refused:
+            return None, self.refused[token]
+        running = running_worker(obj, self.tokens)
+        if running:
+            return running, None
+        ended = []
+        for attempt, attempt_token in enumerate(worker_tokens(obj)):
+            try:
+                # local_dir "": render and route with what deploy published, like the function.
+                instance_id = lambda_function.launch_object(obj, self.settings, ec2=self.ec2,
+                                                            s3=self.s3, local_dir="",
+                                                            attempt=attempt)
+            except lambda_function.LAUNCH_ERRORS as err:
+                code, message = lambda_function.describe_failure(err)
+                if code == lambda_function.IDEMPOTENT_MISMATCH:
+                    instance_id, state = instance_by_token(self.ec2, attempt_token)
+                elif code == lambda_function.IDEMPOTENT_TERMINATED:
+                    instance_id, state = None, "terminated"
+                else:
+                    logger.error("launch for s3://%s/%s failed: %s %s", obj["bucket"],
+                                 obj["key"], code, message)
+                    self.refused[token] = f"{code}: {message}"
+                    return None, self.refused[token]
+                logger.info("s3://%s/%s: ClientToken attempt %d answered %s", obj["bucket"],
+                            obj["key"], attempt, code)
+            else:
+                state = instance_state(self.ec2, instance_id)
+            if state in LIVE_STATES:
+                self.tokens[lambda_function.object_version_tag(obj)] = instance_id
+                return instance_id, None
+            logger.warning("s3://%s/%s: ClientToken attempt %d is %s's, which is %s with no "
+                           "report; relaunching", obj["bucket"], obj["key"], attempt,
+                           instance_id or "a worker", state or "gone")
+            ended.append(f"{instance_id or 'attempt ' + str(attempt)} ({state or 'gone'})")
+        self.refused[token] = (f"every ClientToken is used by a worker that ended without a "
+                               f"report: {', '.join(ended)}; see their console output")
+        logger.error("s3://%s/%s: %s", obj["bucket"], obj["key"], self.refused[token])
+        return None, self.refused[token]
+
+    def replay_record(self, obj):
+        """Return (outcome, instance id or error) for one dead-lettered record."""
+        if not obj["key"].startswith(self.key_prefix):
+            return "outside --key-prefix", None
+        running = running_worker(obj, self.tokens)
+        if running:
+            return "worker running", running
+        current = head_input(self.s3, obj["bucket"], obj["key"])
+        if current is None:
+            return "object deleted", None
+        if current["etag"] != obj["etag"] or (obj["version_id"] and
+                                              obj["version_id"] != current["version_id"]):
+            # The current version is the scan's to launch; this event's is gone.
+            return "superseded by a newer version", None
+        state = settled_state(obj["etag"], *report_etags(self.s3, obj["bucket"], obj["key"]))
+        if state:
+            return state, None
+        if self.dry_run:
+            return "would launch", None
+        instance_id, error = self.launch(obj)
+        if not instance_id:
+            return "failed", error
+        self.result["launched"].append({"key": obj["key"], "instance_id": instance_id,
+                                        "source": "dead-letter queue"})
+        return "launched", instance_id
+
+    def replay_message(self, message):
+        """Replay one dead-letter message's records; delete it only when none of them failed."""
+        entry = {"message_id": message["MessageId"], "records": []}
+        try:
+            objects, skipped = lambda_function.parse_records(dead_letter_event(message["Body"]))
+        except lambda_function.EventError as err:
+            entry["reason"] = f"not an S3 event: {err}"
+            self.result["dlq_failed"].append(entry)
+            self.progress.record("kept", "dead letter", message["MessageId"], entry["reason"])
+            return False
+        for obj in objects:
+            reason = lambda_function.should_process(obj, self.settings["SKIP_SUBSTRING"])
+            outcome, detail = (reason, None) if reason else self.replay_record(obj)
+            entry["records"].append({"key": obj["key"], "outcome": outcome,
+                                     "detail": detail})
+        outcomes = {r["outcome"] for r in entry["records"]}
+        if "failed" in outcomes:
+            entry["reason"] = "a launch failed"
+            self.result["dlq_failed"].append(entry)
+        elif self.dry_run or "outside --key-prefix" in outcomes:
+            entry["reason"] = "dry run" if self.dry_run else "outside --key-prefix"
+            self.result["dlq_kept"].append(entry)
+        else:
+            # Only now: every record launched (or needs no launch), so nothing is lost.
+            self.sqs.delete_message(QueueUrl=self.queue_url,
+                                    ReceiptHandle=message["ReceiptHandle"])
+            self.result["replayed"].append(entry)
+        replayed = "reason" not in entry
+        self.progress.record("replayed" if replayed else "kept", "dead letter",
+                             message["MessageId"], dead_letter_summary(entry))
+        return replayed
+
+    def replay_dead_letters(self):
+        """Replay the dead-letter queue; messages kept become visible again at the end."""
+        found = find_queue(self.sqs, self.names.dlq_name)
+        if found is None:
+            self.progress.record(GONE, "dead-letter queue", self.names.dlq_name)
+            return
+        self.queue_url = found[0]
+        if not int(found[1].get("ApproximateNumberOfMessages", 0)):
+            # Saves a long poll on an empty queue; a letter that lands meanwhile waits for the next run.
+            self.progress.record("checked", "dead-letter queue", self.names.dlq_name, "empty")
+            return
+        kept = [message for message in receive_dead_letters(self.sqs, self.queue_url)
+                if not self.replay_message(message)]
+        for message in kept:
+            # Visible again at once, for the next reconcile or a person to inspect.
+            self.sqs.change_message_visibility(QueueUrl=self.queue_url,
+                                               ReceiptHandle=message["ReceiptHandle"],
+                                               VisibilityTimeout=0)
+
+    def launch_unprocessed(self):
+        """Scan the data bucket and launch every unprocessed input."""
+        scanned = scan_inputs(self.s3, self.names.data_bucket, self.settings["SKIP_SUBSTRING"],
+                              self.tokens, self.key_prefix)
+        self.result["counts"] = state_counts(scanned)
+        for entry in scanned:
+            if entry["state"] != UNPROCESSED:
+                continue
+            self.result["unprocessed"].append(entry["key"])
+            if self.dry_run:
+                self.progress.record("would launch", "unprocessed input", entry["key"])
+                continue
+            instance_id, error = self.launch(entry["obj"])
+            if instance_id:
+                self.result["launched"].append({"key": entry["key"], "instance_id": instance_id,
+                                                "source": "scan"})
+                self.progress.record("launched", "unprocessed input", entry["key"], instance_id)
+            else:
+                self.result["failed"].append({"key": entry["key"], "error": error})
+                self.progress.record("failed", "unprocessed input", entry["key"], error)
+
+
+def reconcile(clients, names, key_prefix="", dry_run=False, progress=None):
+    """Replay the dead-letter queue, then launch a worker for every input with no report,
+    error report or running worker; return what was found and done."""
+    progress = progress or Progress()
+    settings = deployed_settings(clients("lambda"), names)
+    run = Reconciler(clients, names, settings, key_prefix, dry_run, progress)
+    # Dead letters first: their events' own tokens, so the scan then sees those workers running.
+    run.replay_dead_letters()
+    run.launch_unprocessed()
+    return run.result

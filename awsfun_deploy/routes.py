@@ -1,0 +1,76 @@
+"""The routing table (routes.json) as deploy reads and checks it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lambda_function
+
+from .core import DeployError
+from .artifacts import ROUTES_FILE
+
+
+def load_routes_file(path=ROUTES_FILE):
+    """Return the routes of a routing table file, validated as the handler would; DeployError names the problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise DeployError(f"cannot read the routing table {path}: {err.strerror}") from None
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DeployError(f"routing table {path} is not valid JSON: {err}") from None
+    try:
+        return lambda_function.validate_routes(table)
+    except lambda_function.RoutesError as err:
+        raise DeployError(f"routing table {path}: {err}") from None
+
+
+def template_instance_types(routes, default_template, default_type):
+    """Return {launch template: instance type}: the worker template, then each one the routes name (pure).
+
+    A route without instance_type takes the default; two routes that give one template
+    different types, or a route that gives the worker template another type than
+    --instance-type, are refused, since one template has one instance type.
+    """
+    chosen = {default_template: (default_type, "--instance-type")}
+    for route in routes:
+        wanted = route.get("instance_type")
+        if wanted is None:
+            continue
+        name = route["launch_template"]
+        have, source = chosen.setdefault(name, (wanted, f"route {route['name']!r}"))
+        if have != wanted:
+            raise DeployError(
+                f"route {route['name']!r} wants launch template {name} as {wanted}, but "
+                f"{source} makes it {have}; give the route its own launch_template")
+    types = {name: chosen[name][0] for name in chosen}
+    for route in routes:
+        types.setdefault(route["launch_template"], default_type)
+    return types
+
+
+def check_routing_table(routes_file, default_template, default_type):
+    """Return (routes, {launch template: instance type}) of a routing table file; DeployError names the file and problem."""
+    routes = load_routes_file(routes_file)
+    try:
+        return routes, template_instance_types(routes, default_template, default_type)
+    except DeployError as err:
+        raise DeployError(f"routing table {routes_file}: {err}") from None
+
+
+def routes_by_template(routes, default_template):
+    """Return {launch template: [route names]}; the worker template also serves unmatched keys (pure)."""
+    found = {default_template: ["default"]}
+    for route in routes:
+        found.setdefault(route["launch_template"], []).append(route["name"])
+    return found
+
+
+def load_routes_or_none(routes_file):
+    """Return the routing table's routes, or [] when it is invalid (status reports that as drift)."""
+    try:
+        return load_routes_file(routes_file)
+    except DeployError:
+        return []

@@ -1,0 +1,126 @@
+"""deploy() and teardown(): the order in which the whole stack is created and removed."""
+
+from __future__ import annotations
+
+from .core import DELETED, GONE, KEPT, Progress
+from .names import DEFAULT_INSTANCE_TYPE
+from .artifacts import (
+    BOOTSTRAP_KEY, PUBLISHED_FILES, ROUTES_FILE, build_function_zip, software_sources,
+)
+from .routes import check_routing_table
+from .policies import policy_values, render_policy
+from .s3 import (
+    PRIVATE_BLOCK, PUBLIC_SOFTWARE_BLOCK, bucket_exists, created_by, delete_bucket, ensure_bucket,
+    ensure_data_notification, ensure_software_access, publish_software, read_bucket_tags,
+    release_foreign_bucket, release_software_bucket, remove_data_notification, remove_unpublished,
+)
+from .sqs import ensure_queue, find_queue
+from .iam import delete_instance_profile, delete_role, ensure_instance_profile, ensure_role
+from .ec2 import (
+    delete_launch_template, ensure_launch_templates, plan_images, plan_templates,
+    remove_unrouted_templates, stack_launch_templates, terminate_workers,
+)
+from .function import (
+    delete_function, ensure_event_invoke_config, ensure_function, ensure_log_group,
+    ensure_s3_invoke_permission, find_log_group,
+)
+from .preflight import check_limits, check_preconditions
+
+
+def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=False,
+           progress=None, environ=None, published_files=PUBLISHED_FILES, routes_file=ROUTES_FILE):
+    """Create or update every part of the pipeline; return what was deployed (names and ARNs)."""
+    progress = progress or Progress()
+    # A bad routing table fails here, before anything is made, not later in the handler.
+    routes, types = check_routing_table(routes_file, names.launch_template, instance_type)
+    sources = software_sources(routes_file)
+    # So does every limit a setting can break, for the worst case it allows.
+    check_limits(names, routes, environ,
+                 sources[BOOTSTRAP_KEY].read_text(encoding="utf-8"))
+    s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
+    lam, sqs, logs, ssm = clients("lambda"), clients("sqs"), clients("logs"), clients("ssm")
+    plan = plan_templates(ec2, types)
+    images = plan_images(ec2, ssm, plan)
+    check_preconditions(s3, ec2, names, plan)
+
+    ensure_bucket(s3, names.data_bucket, names, PRIVATE_BLOCK, progress, "data bucket")
+    software_is_ours = ensure_bucket(
+        s3, names.software_bucket, names,
+        PUBLIC_SOFTWARE_BLOCK if public_software else PRIVATE_BLOCK, progress, "software bucket")
+    publish_software(s3, names.software_bucket, published_files, progress, sources=sources)
+    if software_is_ours:
+        # Only in a bucket deploy created: anyone else's objects are theirs.
+        remove_unpublished(s3, names.software_bucket, published_files, progress)
+    ensure_software_access(s3, names, public_software, published_files, progress)
+
+    dlq_url = ensure_queue(sqs, names, progress)
+    ensure_log_group(logs, names, progress)
+
+    values = policy_values(names, published_files=published_files)
+    ensure_role(iam, names.worker_role, render_policy("worker-trust", values),
+                names.worker_policy_name, render_policy("worker-policy", values), names,
+                progress, "worker role")
+    ensure_instance_profile(iam, names, progress)
+
+    template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress, images)
+
+    # The launcher's policy names the templates' ids, so it follows the templates: exactly
+    # the worker template and those the routing table names.
+    values = policy_values(names, list(template_ids.values()), published_files)
+    ensure_role(iam, names.lambda_role, render_policy("lambda-trust", values),
+                names.lambda_policy_name, render_policy("lambda-policy", values), names,
+                progress, "launcher role")
+    remove_unrouted_templates(ec2, names, template_ids, progress)
+
+    function_arn = ensure_function(lam, names, build_function_zip(sources=sources), progress,
+                                   environ)
+    ensure_event_invoke_config(lam, names, progress)
+    ensure_s3_invoke_permission(lam, names, progress)
+    ensure_data_notification(s3, names, function_arn, progress)
+    return {
+        "function_arn": function_arn,
+        "launch_template_id": template_ids[names.launch_template],
+        "launch_templates": template_ids,
+        "dlq_url": dlq_url,
+        "image_id": images[plan[names.launch_template][1]],
+    }
+
+
+def teardown(clients, names, delete_data=False, progress=None, wait=True):
+    """Remove everything deploy created, in dependency order, tolerating parts already gone."""
+    progress = progress or Progress()
+    s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
+    lam, sqs, logs = clients("lambda"), clients("sqs"), clients("logs")
+
+    # Stop new launches first, then end the workers already running.
+    remove_data_notification(s3, names, progress)
+    delete_function(lam, names, progress)
+    # By tag, not by the routing table: a template a table named once is found too.
+    templates = stack_launch_templates(ec2, names)
+    terminate_workers(ec2, names, progress, wait=wait, templates=templates)
+    for name in templates:
+        delete_launch_template(ec2, names, progress, name)
+    delete_role(iam, names.lambda_role, progress, "launcher role")
+    delete_instance_profile(iam, names, progress)
+    delete_role(iam, names.worker_role, progress, "worker role")
+    found = find_queue(sqs, names.dlq_name)
+    if found:
+        sqs.delete_queue(QueueUrl=found[0])
+        progress.record(DELETED, "dead-letter queue", names.dlq_name)
+    else:
+        progress.record(GONE, "dead-letter queue", names.dlq_name)
+    if find_log_group(logs, names.log_group):
+        logs.delete_log_group(logGroupName=names.log_group)
+        progress.record(DELETED, "log group", names.log_group)
+    else:
+        progress.record(GONE, "log group", names.log_group)
+    release_software_bucket(s3, names, progress)
+    data_exists = bucket_exists(s3, names.data_bucket, names.account)
+    if data_exists and not created_by(read_bucket_tags(s3, names.data_bucket), names):
+        # Never deleted, not even with --delete-data: deploy did not create it.
+        release_foreign_bucket(s3, names.data_bucket, names, progress, "data bucket")
+    elif delete_data:
+        delete_bucket(s3, names.data_bucket, names.account, progress, "data bucket")
+    else:
+        progress.record(KEPT, "data bucket", names.data_bucket, "--delete-data removes it")
+    return progress

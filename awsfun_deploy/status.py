@@ -1,0 +1,284 @@
+"""status: names, running workers, recent reports, counts, dead letters and drift."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+
+from .core import DeployError, mismatches
+from .names import DEFAULT_INSTANCE_TYPE
+from .artifacts import (
+    PUBLISHED_FILES, ROUTES_FILE, build_function_zip, code_sha256, file_sha256, software_sources,
+)
+from .routes import check_routing_table, load_routes_or_none, routes_by_template
+from .policies import policy_values, render_policy
+from .s3 import (
+    PRIVATE_BLOCK, PUBLIC_READ_SID, PUBLIC_SOFTWARE_BLOCK, bucket_exists,
+    bucket_setting_differences, list_keys, notification_config, published_digest,
+    read_bucket_policy, read_bucket_settings,
+)
+from .sqs import find_queue
+from .iam import read_instance_profile, read_role, role_differences
+from .ec2 import (
+    find_workers, instance_architecture, latest_worker_ami, read_launch_template, root_device,
+    stack_launch_templates, worker_launch_template_data,
+)
+from .function import (
+    MAX_RETRY_ATTEMPTS, find_log_group, function_configuration, function_differences,
+    permission_matches, read_event_invoke_config, read_function, s3_permission_statement,
+)
+from .reconcile import count_inputs
+
+
+def _iso(moment):
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def input_key_of(report_key):
+    """Map analysis/KEY.json or .error.json back to KEY (hashed long keys stay as they are)."""
+    key = report_key[len("analysis/"):]
+    for suffix in (".error.json", ".json"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def recent_reports(s3, bucket, limit=10, scan_limit=10000):
+    """Return (reports, error reports, how many listed): the newest under analysis/."""
+    objects = list_keys(s3, bucket, prefix="analysis/", limit=scan_limit)
+    objects.sort(key=lambda o: o["LastModified"], reverse=True)
+
+    def entry(obj):
+        return {"key": obj["Key"], "input_key": input_key_of(obj["Key"]),
+                "last_modified": _iso(obj["LastModified"]), "size": obj["Size"]}
+
+    errors = [entry(o) for o in objects if o["Key"].endswith(".error.json")][:limit]
+    reports = [entry(o) for o in objects
+               if o["Key"].endswith(".json") and not o["Key"].endswith(".error.json")][:limit]
+    return reports, errors, len(objects)
+
+
+def routed_templates(ec2, names, instance_type=None, routes_file=ROUTES_FILE):
+    """Return ({launch template: its template or None}, {name: wanted instance type}, problem or None)
+    for the worker template and those the routing table names."""
+    default = read_launch_template(ec2, names.launch_template)
+    default_type = (instance_type or (default or {}).get("data", {}).get("InstanceType")
+                    or DEFAULT_INSTANCE_TYPE)
+    try:
+        _, types = check_routing_table(routes_file, names.launch_template, default_type)
+        problem = None
+    except DeployError as err:
+        types, problem = {names.launch_template: default_type}, str(err)
+    templates = {name: default if name == names.launch_template
+                 else read_launch_template(ec2, name) for name in types}
+    return templates, types, problem
+
+
+def template_drift(ec2, ssm, names, name, template, instance_type):
+    """Return the problems of one launch template against what deploy would make of it."""
+    if template is None:
+        return ["missing"]
+    image_id, _ = latest_worker_ami(ssm, ec2, instance_architecture(ec2, instance_type))
+    device, size = root_device(ec2, image_id)
+    wanted = worker_launch_template_data(image_id, instance_type, names.worker_instance_profile,
+                                         device, size, names.prefix)
+    return [f"changed: {problem}" + (" (a newer Amazon Linux 2023 image is out)"
+                                     if problem == "ImageId" else "")
+            for problem in mismatches(wanted, template["data"])]
+
+
+def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
+    """Return each missing or changed resource as {"resource", "name", "problem"}."""
+    s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
+    lam, sqs, logs, ssm = clients("lambda"), clients("sqs"), clients("logs"), clients("ssm")
+    drift = []
+
+    def note(resource, name, problem):
+        drift.append({"resource": resource, "name": name, "problem": problem})
+
+    for what, bucket in (("data bucket", names.data_bucket),
+                         ("software bucket", names.software_bucket)):
+        if not bucket_exists(s3, bucket, names.account):
+            note(what, bucket, "missing")
+            continue
+        settings = read_bucket_settings(s3, bucket)
+        # The software bucket may be public on purpose (--public-software); ACLs never.
+        block = (PUBLIC_SOFTWARE_BLOCK if what == "software bucket"
+                 and settings["block"] == PUBLIC_SOFTWARE_BLOCK else PRIVATE_BLOCK)
+        for problem in bucket_setting_differences(settings, block):
+            note(what, bucket, f"changed: {problem}")
+    sources = software_sources(routes_file)
+    if not any(d["name"] == names.software_bucket for d in drift):
+        present = {o["Key"] for o in list_keys(s3, names.software_bucket)}
+        for key in PUBLISHED_FILES:
+            digest = published_digest(s3, names.software_bucket, key)
+            if digest is None:
+                note("software file", key, "missing")
+            elif digest != file_sha256(sources[key]):
+                note("software file", key, "changed: differs from this checkout")
+        for key in sorted(present - set(PUBLISHED_FILES)):
+            note("software file", key, "not on the published allowlist")
+    if not any(d["name"] == names.data_bucket for d in drift):
+        lambdas = notification_config(s3, names.data_bucket).get("LambdaFunctionConfigurations", [])
+        if not any(c.get("Id") == names.notification_id
+                   and c.get("LambdaFunctionArn") == names.function_arn for c in lambdas):
+            note("object-created event", names.data_bucket, "missing")
+
+    if find_queue(sqs, names.dlq_name) is None:
+        note("dead-letter queue", names.dlq_name, "missing")
+    if find_log_group(logs, names.log_group) is None:
+        note("log group", names.log_group, "missing")
+
+    routed, types, routes_problem = routed_templates(ec2, names, instance_type, routes_file)
+    if routes_problem:
+        note("routing table", str(routes_file), f"invalid: {routes_problem}")
+    values = policy_values(names, [t["id"] for t in routed.values() if t])
+    for what, role, trust, policy_name, policy in (
+        ("worker role", names.worker_role, "worker-trust", names.worker_policy_name,
+         "worker-policy"),
+        ("launcher role", names.lambda_role, "lambda-trust", names.lambda_policy_name,
+         "lambda-policy"),
+    ):
+        for problem in role_differences(read_role(iam, role), render_policy(trust, values),
+                                        policy_name, render_policy(policy, values)):
+            note(what, role, problem if problem == "missing" else f"changed: {problem}")
+    profile = read_instance_profile(iam, names.worker_instance_profile)
+    if profile is None:
+        note("worker instance profile", names.worker_instance_profile, "missing")
+    elif [r["RoleName"] for r in profile.get("Roles", [])] != [names.worker_role]:
+        note("worker instance profile", names.worker_instance_profile,
+             "changed: does not hold exactly the worker role")
+
+    for name, template in routed.items():
+        for problem in template_drift(ec2, ssm, names, name, template, types[name]):
+            note("launch template", name, problem)
+    for name in stack_launch_templates(ec2, names):
+        if name not in routed and read_launch_template(ec2, name):
+            note("launch template", name, "not named by the routing table")
+
+    config = read_function(lam, names.function_name)
+    if config is None:
+        note("function", names.function_name, "missing")
+    else:
+        for problem in function_differences(function_configuration(names), config,
+                                            code_sha256(build_function_zip(sources=sources))):
+            note("function", names.function_name, f"changed: {problem}")
+        if not permission_matches(s3_permission_statement(lam, names), names):
+            note("S3 invoke permission", names.function_name, "missing or changed")
+        retry = read_event_invoke_config(lam, names.function_name)
+        if retry is None or mismatches({"MaximumRetryAttempts": MAX_RETRY_ATTEMPTS}, retry):
+            note("async retry settings", names.function_name, "missing or changed")
+    return drift
+
+
+def collect_status(clients, names, now=None, instance_type=None, routes_file=ROUTES_FILE):
+    """Return the deployment's status as one JSON-ready dict (see `status --json`)."""
+    now = now or datetime.now(timezone.utc)
+    s3, ec2, lam, sqs = clients("s3"), clients("ec2"), clients("lambda"), clients("sqs")
+    templates, _, _ = routed_templates(ec2, names, instance_type, routes_file)
+    template = templates[names.launch_template]
+    config = read_function(lam, names.function_name)
+    queue = find_queue(sqs, names.dlq_name)
+    all_templates = sorted(set(templates) | set(stack_launch_templates(ec2, names)))
+    workers = []
+    for worker in find_workers(ec2, all_templates):
+        worker["age_seconds"] = int((now - worker["launch_time"]).total_seconds())
+        worker["launch_time"] = _iso(worker["launch_time"])
+        workers.append(worker)
+    reports, errors, listed = [], [], 0
+    if bucket_exists(s3, names.data_bucket, names.account):
+        reports, errors, listed = recent_reports(s3, names.data_bucket)
+    policy = (read_bucket_policy(s3, names.software_bucket)
+              if bucket_exists(s3, names.software_bucket, names.account) else None)
+    return {
+        "deployed": config is not None,
+        "prefix": names.prefix,
+        "account": names.account,
+        "region": names.region,
+        "data_bucket": names.data_bucket,
+        "software_bucket": names.software_bucket,
+        "public_software": bool(policy and any(
+            s.get("Sid") == PUBLIC_READ_SID for s in policy.get("Statement", []))),
+        "function_name": names.function_name,
+        "function_arn": config["FunctionArn"] if config else None,
+        "launch_template": names.launch_template,
+        "launch_template_id": template["id"] if template else None,
+        "launch_template_version": template["default_version"] if template else None,
+        "launch_templates": template_summaries(templates, load_routes_or_none(routes_file),
+                                               names.launch_template),
+        "worker_role": names.worker_role,
+        "worker_instance_profile": names.worker_instance_profile,
+        "lambda_role": names.lambda_role,
+        "log_group": names.log_group,
+        "dlq_name": names.dlq_name,
+        "dlq_url": queue[0] if queue else None,
+        "dlq_depth": int(queue[1].get("ApproximateNumberOfMessages", 0)) if queue else None,
+        "dlq_in_flight": (int(queue[1].get("ApproximateNumberOfMessagesNotVisible", 0))
+                          if queue else None),
+        "workers": workers,
+        "reports": reports,
+        "error_reports": errors,
+        "analysis_objects_listed": listed,
+        "counts": count_inputs(clients, names),
+        "drift": find_drift(clients, names, instance_type, routes_file),
+    }
+
+
+def template_summaries(templates, routes, default_template):
+    """Return one status entry per launch template: id, default version, instance type, routes (pure)."""
+    serving = routes_by_template(routes, default_template)
+    return [{"name": name,
+             "id": template["id"] if template else None,
+             "version": template["default_version"] if template else None,
+             "instance_type": template["data"].get("InstanceType") if template else None,
+             "routes": serving.get(name, [])}
+            for name, template in templates.items()]
+
+
+def _age(seconds):
+    minutes, seconds = divmod(max(0, seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def print_status(status, stream=None):
+    """Print a status dict for people."""
+    out = stream or sys.stdout
+
+    def say(text=""):
+        print(text, file=out)
+
+    say(f"awsfun {status['prefix']} in account {status['account']}, region {status['region']}: "
+        + ("deployed" if status["deployed"] else "NOT deployed"))
+    for label, key in (("data bucket", "data_bucket"), ("software bucket", "software_bucket"),
+                       ("function", "function_name"), ("launch template", "launch_template"),
+                       ("worker role", "worker_role"), ("launcher role", "lambda_role"),
+                       ("dead-letter queue", "dlq_name")):
+        say(f"  {label:<18} {status[key]}")
+    if status["public_software"]:
+        say("  software bucket is PUBLIC: anyone may read the published files")
+    say(f"  dead letters       {status['dlq_depth'] if status['dlq_depth'] is not None else '-'}")
+    for template in status["launch_templates"]:
+        say(f"  template           {template['name']}: {template['instance_type'] or 'MISSING'}"
+            f" (routes: {', '.join(template['routes']) or '-'})")
+    counts = status["counts"]
+    if counts is not None:
+        say(f"inputs: {counts['inputs']}  reported: {counts['reports']}  error-reported: "
+            f"{counts['error_reports']}  running: {counts['running']}  unprocessed: "
+            f"{counts['unprocessed']}" + ("  (./deploy.sh reconcile launches them)"
+                                          if counts["unprocessed"] else ""))
+    say(f"running workers: {len(status['workers'])}")
+    for worker in status["workers"]:
+        say(f"  {worker['instance_id']}  {worker['state']:<8} {_age(worker['age_seconds']):>7}  "
+            f"{worker['key']}")
+    for title, entries in (("last reports", status["reports"]),
+                           ("last error reports", status["error_reports"])):
+        say(f"{title}: {len(entries)}")
+        for entry in entries:
+            say(f"  {entry['last_modified']}  {entry['key']}")
+    if status["drift"]:
+        say(f"drift: {len(status['drift'])} (./deploy.sh deploy puts it right)")
+        for item in status["drift"]:
+            say(f"  {item['resource']} {item['name']}: {item['problem']}")
+    else:
+        say("drift: none")
