@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import quote_plus
 
 REPO = Path(__file__).resolve().parent.parent
-PUBLISHED = ("AwsS3.py", "bootstrap/bootstrap.sh")
+PUBLISHED = ("AwsS3.py", "bootstrap/bootstrap.sh", "bootstrap/launcher.py")
 
 
 class ShutdownStub:
@@ -53,8 +53,7 @@ def publish_software(s3, bucket, files=PUBLISHED):
 # --- S3 events, PATHs and fault injection (used by the pipeline tests) -----------------
 
 #: Commands bootstrap.sh runs besides bash builtins; what a bare machine must still offer.
-BOOTSTRAP_TOOLS = ("bash", "base64", "cat", "cut", "date", "mktemp", "rm", "sha256sum", "tee",
-                   "timeout", "wc")
+BOOTSTRAP_TOOLS = ("bash", "base64", "cat", "date", "mktemp", "rm", "tee", "timeout")
 
 
 def s3_record(bucket, key, *, etag="0123456789abcdef0123456789abcdef",
