@@ -240,6 +240,17 @@ def report_key(key, suffix=".json"):
     return f"{REPORT_PREFIX}_long/{hashlib.sha256(key.encode('utf-8')).hexdigest()}{suffix}"
 
 
+def long_report_key(key, suffix):
+    """Return report_key(key, suffix) if it is hashed under _long/, else "" (pure).
+
+    Rendered into the user-data: the shell then needs no hashing of its own, and writes
+    analysis/KEY.SUFFIX when it is given "", so a key is rendered once, not three times, and
+    the longest key (1,024 bytes) stays the largest user-data.
+    """
+    target = report_key(key, suffix)
+    return target if target != REPORT_PREFIX + key + suffix else ""
+
+
 def already_launched_reason(obj, err):
     """Return why a refused launch means this upload was already launched, or None (pure).
 
@@ -317,8 +328,7 @@ def render_user_data(template, obj, settings, launcher=None):
     """Render the bootstrap template for one object; values travel as base64 data, never code.
 
     `launcher` is the launcher's source (default: read_software_file(LAUNCHER_KEY), beside
-    the handler if packaged there). The report keys are rendered so the shell needs no copy
-    of report_key's rule. UserDataTooLarge past EC2's 16 KB.
+    the handler if packaged there). UserDataTooLarge past EC2's 16 KB.
     """
     if JOB_MARKER not in template:
         raise ValueError(f"bootstrap template has no line {JOB_MARKER!r} to render into")
@@ -328,8 +338,8 @@ def render_user_data(template, obj, settings, launcher=None):
         "JOB_BUCKET_B64": _b64(obj["bucket"]),
         "JOB_KEY_B64": _b64(obj["key"]),
         "JOB_ETAG_B64": _b64(obj["etag"]),
-        "JOB_ERROR_KEY_B64": _b64(report_key(obj["key"], ".error.json")),
-        "JOB_LOG_KEY_B64": _b64(report_key(obj["key"], ".log")),
+        "JOB_ERROR_KEY_B64": _b64(long_report_key(obj["key"], ".error.json")),
+        "JOB_LOG_KEY_B64": _b64(long_report_key(obj["key"], ".log")),
         "JOB_SOFTWARE_BUCKET_B64": _b64(settings["SOFTWARE_BUCKET"]),
         "JOB_WORKER_KEY_B64": _b64(settings["WORKER_KEY"]),
         "JOB_REGION_B64": _b64(settings["REGION"]),

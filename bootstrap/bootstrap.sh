@@ -134,6 +134,9 @@ main() {
     name="JOB_${name}_B64"
     b64_decode "${name%_B64}" "${!name:-}"
   done
+  # The handler renders only hashed report keys (lambda_function.long_report_key).
+  JOB_ERROR_KEY="${JOB_ERROR_KEY:-analysis/$JOB_KEY.error.json}"
+  JOB_LOG_KEY="${JOB_LOG_KEY:-analysis/$JOB_KEY.log}"
   printf '%s' "$JOB_LAUNCHER_B64" | base64 -d >"$WORK_DIR/launcher.pyz"
   export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-$JOB_REGION}"
   log "job: s3://$JOB_BUCKET/$JOB_KEY; watchdog ${JOB_WATCHDOG_MINUTES} min"
