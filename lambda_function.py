@@ -7,13 +7,16 @@ CONTRACT.md for the names and the result shape.
 
 import base64
 import fnmatch
+import functools
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import string
 import unicodedata
+import zipfile
 from urllib.parse import unquote_plus
 
 import boto3
@@ -30,6 +33,8 @@ CLIENT_TOKEN_LIMIT = 64
 # Room left for one last RunInstances (retries included) before Lambda's timeout.
 DEADLINE_MARGIN_MS = 10_000
 JOB_MARKER = ": __AWSFUN_JOB__"
+# The program bootstrap.sh runs once per job; rendered into the user-data as a zip (zipapp).
+LAUNCHER_KEY = "bootstrap/launcher.py"
 # The worker's report keys (AwsS3.report_key): under analysis/, hashed past S3's key limit.
 REPORT_PREFIX = "analysis/"
 S3_KEY_LIMIT = 1024
@@ -235,6 +240,17 @@ def report_key(key, suffix=".json"):
     return f"{REPORT_PREFIX}_long/{hashlib.sha256(key.encode('utf-8')).hexdigest()}{suffix}"
 
 
+def long_report_key(key, suffix):
+    """Return report_key(key, suffix) if it is hashed under _long/, else "" (pure).
+
+    Rendered into the user-data: the shell then needs no hashing of its own, and writes
+    analysis/KEY.SUFFIX when it is given "", so a key is rendered once, not three times, and
+    the longest key (1,024 bytes) stays the largest user-data.
+    """
+    target = report_key(key, suffix)
+    return target if target != REPORT_PREFIX + key + suffix else ""
+
+
 def already_launched_reason(obj, err):
     """Return why a refused launch means this upload was already launched, or None (pure).
 
@@ -292,20 +308,45 @@ def _b64(text):
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
-def render_user_data(template, obj, settings):
-    """Render the bootstrap template for one object; values travel as base64 data, never code."""
+@functools.lru_cache(maxsize=4)
+def launcher_archive(source):
+    """Return the launcher's source as a zip python3 runs directly, base64 (pure, cached).
+
+    python3 runs a zip holding __main__.py (https://docs.python.org/3/library/zipapp.html);
+    deflated, the launcher takes a third of its size in the 16 KB of user-data. A fixed
+    timestamp keeps the bytes, and so the ClientToken's user-data, the same on every render.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        member = zipfile.ZipInfo("__main__.py", date_time=(1980, 1, 1, 0, 0, 0))
+        archive.writestr(member, source.encode("utf-8"), compress_type=zipfile.ZIP_DEFLATED,
+                         compresslevel=9)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def render_user_data(template, obj, settings, launcher=None):
+    """Render the bootstrap template for one object; values travel as base64 data, never code.
+
+    `launcher` is the launcher's source (default: read_software_file(LAUNCHER_KEY), beside
+    the handler if packaged there). UserDataTooLarge past EC2's 16 KB.
+    """
     if JOB_MARKER not in template:
         raise ValueError(f"bootstrap template has no line {JOB_MARKER!r} to render into")
+    if launcher is None:
+        launcher = read_software_file(LAUNCHER_KEY, settings)
     job = {
         "JOB_BUCKET_B64": _b64(obj["bucket"]),
         "JOB_KEY_B64": _b64(obj["key"]),
         "JOB_ETAG_B64": _b64(obj["etag"]),
+        "JOB_ERROR_KEY_B64": _b64(long_report_key(obj["key"], ".error.json")),
+        "JOB_LOG_KEY_B64": _b64(long_report_key(obj["key"], ".log")),
         "JOB_SOFTWARE_BUCKET_B64": _b64(settings["SOFTWARE_BUCKET"]),
         "JOB_WORKER_KEY_B64": _b64(settings["WORKER_KEY"]),
         "JOB_REGION_B64": _b64(settings["REGION"]),
         "JOB_COMMAND_B64": _b64(json.dumps(settings["COMMAND"])) if settings.get("COMMAND") else "",
         "JOB_WATCHDOG_MINUTES": str(int(settings["WATCHDOG_MINUTES"])),
         "JOB_TIMEOUT_SECONDS": str(int(settings["WORKER_TIMEOUT_SECONDS"])),
+        "JOB_LAUNCHER_B64": launcher_archive(launcher),
     }
     # base64 and decimal digits hold no quote, so single quotes keep them inert.
     block = "\n".join(f"{name}='{value}'" for name, value in job.items())
@@ -348,6 +389,11 @@ def read_software_file(key, settings, s3=None, local_dir=None, missing_ok=False)
 def load_bootstrap_template(settings, s3=None, local_dir=None):
     """Return the bootstrap template: packaged beside the handler if present, else from S3, cached."""
     return read_software_file(settings["BOOTSTRAP_KEY"], settings, s3, local_dir)
+
+
+def load_launcher(settings, s3=None, local_dir=None):
+    """Return the launcher's source (bootstrap/launcher.py), as load_bootstrap_template does."""
+    return read_software_file(LAUNCHER_KEY, settings, s3, local_dir)
 
 
 def load_routes(settings, s3=None, local_dir=None):
@@ -476,7 +522,8 @@ def prepare_launch(obj, settings, s3=None, local_dir=None):
     """Return (launch settings, user-data) for one object: its route applied, the template rendered."""
     template = load_bootstrap_template(settings, s3, local_dir)
     launch = apply_route(settings, choose_route(obj["key"], load_routes(settings, s3, local_dir)))
-    return launch, render_user_data(template, obj, launch)
+    launcher = load_launcher(settings, s3, local_dir)
+    return launch, render_user_data(template, obj, launch, launcher)
 
 
 def launch_object(obj, settings, ec2=None, s3=None, local_dir=None, attempt=0):

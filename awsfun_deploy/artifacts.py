@@ -9,20 +9,24 @@ import zipfile
 from pathlib import Path
 
 import lambda_function
+
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP_KEY = lambda_function.DEFAULTS["BOOTSTRAP_KEY"]
 ROUTES_KEY = lambda_function.DEFAULTS["ROUTES_KEY"]
+LAUNCHER_KEY = lambda_function.LAUNCHER_KEY
 # The routing table deploy validates, publishes and packages unless --routes names another.
 ROUTES_FILE = REPO / ROUTES_KEY
 # What a worker fetches (and, with --public-software, what anyone may read).
 WORKER_FILES = ("AwsS3.py", BOOTSTRAP_KEY)
 # The one allowlist of files published to the software bucket, at their repository
 # paths. Nothing else is ever uploaded (never anything under private/).
-PUBLISHED_FILES = WORKER_FILES + (ROUTES_KEY,)
-# What the Lambda may read from the software bucket: its user-data template and the routing table.
-LAUNCHER_SOFTWARE_KEYS = (BOOTSTRAP_KEY, ROUTES_KEY)
+# The launcher is not a worker file: it reaches the machine inside the user-data.
+PUBLISHED_FILES = WORKER_FILES + (LAUNCHER_KEY, ROUTES_KEY)
+# What the Lambda may read from the software bucket: its user-data template and launcher, and
+# the routing table.
+LAUNCHER_SOFTWARE_KEYS = (BOOTSTRAP_KEY, LAUNCHER_KEY, ROUTES_KEY)
 # Files packaged into the function's zip, at the paths read_software_file looks for first.
-FUNCTION_FILES = ("lambda_function.py", BOOTSTRAP_KEY, ROUTES_KEY)
+FUNCTION_FILES = ("lambda_function.py", BOOTSTRAP_KEY, LAUNCHER_KEY, ROUTES_KEY)
 
 
 def file_sha256(path):

@@ -16,6 +16,7 @@ from .core import (
 )
 from .names import DATA_BUCKET_TAG, SOFTWARE_BUCKET_TAG, STACK_TAG
 from .artifacts import BOOTSTRAP_KEY, code_sha256
+
 RUNTIME = "python3.13"
 HANDLER = "lambda_function.lambda_handler"
 # One S3 event usually carries one record, and each record is one RunInstances call

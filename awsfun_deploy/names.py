@@ -11,6 +11,7 @@ from botocore.exceptions import ClientError
 import lambda_function
 
 from .core import DeployError, is_not_found, log_client_error
+
 DEFAULT_PREFIX = "su2c"
 DEFAULT_INSTANCE_TYPE = "t3.small"
 STACK_TAG = "awsfun:stack"

@@ -7,6 +7,7 @@ import re
 import string
 
 from .artifacts import LAUNCHER_SOFTWARE_KEYS, PUBLISHED_FILES, REPO, WORKER_FILES
+
 IAM_DIR = REPO / "iam"
 _WHOLE_PLACEHOLDER = re.compile(r"^\$\{(\w+)\}$")
 

@@ -6,6 +6,7 @@ from botocore.exceptions import ClientError
 
 from .core import CREATED, IN_PLACE, UPDATED, is_not_found, log_client_error, retry_while
 from .names import STACK_TAG
+
 DLQ_ATTRIBUTES = {"MessageRetentionPeriod": str(14 * 24 * 3600), "SqsManagedSseEnabled": "true"}
 
 

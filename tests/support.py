@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import quote_plus
 
 REPO = Path(__file__).resolve().parent.parent
-PUBLISHED = ("AwsS3.py", "bootstrap/bootstrap.sh")
+PUBLISHED = ("AwsS3.py", "bootstrap/bootstrap.sh", "bootstrap/launcher.py")
 
 
 class ShutdownStub:
@@ -53,8 +53,7 @@ def publish_software(s3, bucket, files=PUBLISHED):
 # --- S3 events, PATHs and fault injection (used by the pipeline tests) -----------------
 
 #: Commands bootstrap.sh runs besides bash builtins; what a bare machine must still offer.
-BOOTSTRAP_TOOLS = ("bash", "base64", "cat", "cut", "date", "mktemp", "rm", "sha256sum", "tee",
-                   "timeout", "wc")
+BOOTSTRAP_TOOLS = ("bash", "base64", "cat", "date", "mktemp", "rm", "tee", "timeout")
 
 
 def s3_record(bucket, key, *, etag="0123456789abcdef0123456789abcdef",
@@ -174,27 +173,32 @@ def record_calls(client):
 
 # --- many keys through rendered user-data, cheaply (the injection soak) -----------------
 
-#: python3 as the soak's user-data sees it: answers the boto3 probe, records every S3 copy and
-#: the worker's argv (NUL-separated, byte for byte), and starts no interpreter, because a real
-#: python3 start costs more than the rest of the bootstrap together. It leaves the program on
-#: its standard input unread: bash has already written the small here-document.
+#: python3 as the soak's user-data sees it: the launcher, recording instead of running. It
+#: records the fetch of the worker as `get BUCKET KEY FILE`, the worker's argv (its path, then
+#: the arguments after the launcher's seven, NUL-separated, byte for byte) and the launcher's
+#: own arguments, and starts no interpreter: a real python3 start costs more than the rest of
+#: the bootstrap together. It presigns nothing, so the log goes up by the AWS CLI below.
 RECORDING_PYTHON = r"""#!/bin/sh
-# The bootstrap's three uses of python3; each S3 copy is recorded as `OP BUCKET KEY FILE`.
+# python3 WORK_DIR/launcher.pyz WORK_DIR SOFTWARE WORKER_KEY ERROR_KEY LOG_KEY LIMIT STARTED ARGS...
 case "${1-}" in
-  -c) [ "$#" -gt 2 ] || exit 0  # have_python's check: boto3 is "there"
-      # The launcher: -c CODE FETCH_FAILED PATH BUCKET KEY DATA_BUCKET LOG_KEY CURL_CONFIG
-      # WORKER_ARGS... fetches and runs the worker. It presigns nothing here, so the
-      # bootstrap falls back to s3_put_python for the log.
-      printf '%s\0' get "$5" "$6" "$4" >>"$AWSFUN_TEST_RECORD.s3"
-      path="$4"
-      shift 9
+  */launcher.pyz) printf '%s\0' get "$3" "$4" "$2/AwsS3.py" >>"$AWSFUN_TEST_RECORD.s3"
+      printf '%s\0' "$@" >"$AWSFUN_TEST_RECORD.launcher"
+      path="$2/AwsS3.py"
+      shift 8
       printf '%s\0' "$path" "$@" >"$AWSFUN_TEST_RECORD.argv"
       exit "${AWSFUN_TEST_WORKER_STATUS:-0}" ;;
-  -) printf '%s\0' put "$2" "$3" "$4" >>"$AWSFUN_TEST_RECORD.s3"  # s3_put_python BUCKET KEY FILE CT
-     case "$3" in *.error.json) cat "$4" >"$AWSFUN_TEST_RECORD.error" ;; esac ;;
   *) echo "recording python3: unexpected call: $*" >&2
      exit 98 ;;
 esac
+"""
+#: The AWS CLI, for the bootstrap's own writes (error report and log): `aws [--endpoint-url U]
+#: s3api put-object --bucket B --key K --body F --content-type T`, recorded as `put B K F`.
+RECORDING_AWS = r"""#!/bin/sh
+[ "$1" = --endpoint-url ] && shift 2
+[ "$1 $2 $3 $5 $7" = "s3api put-object --bucket --key --body" ] || {
+  echo "recording aws: unexpected call: $*" >&2; exit 98; }
+printf '%s\0' put "$4" "$6" "$8" >>"$AWSFUN_TEST_RECORD.s3"
+case "$6" in *.error.json) cat "$8" >"$AWSFUN_TEST_RECORD.error" ;; esac
 """
 RECORDING_SHUTDOWN = """#!/bin/sh
 printf '%s\\n' "$*" >>"$AWSFUN_TEST_RECORD.shutdown"
@@ -202,10 +206,11 @@ printf '%s\\n' "$*" >>"$AWSFUN_TEST_RECORD.shutdown"
 
 
 def write_recording_machine(directory):
-    """Write the recording python3 and shutdown into `directory`; return it for PATH."""
+    """Write the recording python3, aws and shutdown into `directory`; return it for PATH."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, text in (("python3", RECORDING_PYTHON), ("shutdown", RECORDING_SHUTDOWN)):
+    for name, text in (("python3", RECORDING_PYTHON), ("aws", RECORDING_AWS),
+                       ("shutdown", RECORDING_SHUTDOWN)):
         (directory / name).write_text(text)
         (directory / name).chmod(0o755)
     return str(directory)
@@ -229,20 +234,22 @@ def boot_recorded(user_data, record, machine, worker_status=0, timeout=60):
 
 
 def read_recording(record):
-    """Return what one recorded boot did: worker argv (bytes), S3 copies, error report, shutdowns."""
+    """Return what one recorded boot did: worker and launcher argv (bytes), S3 copies, error
+    report, shutdowns."""
     record = str(record)
 
     def read(suffix):
         path = Path(record + suffix)
         return path.read_bytes() if path.exists() else None
 
-    argv = read(".argv")
+    argv, launcher = read(".argv"), read(".launcher")
     s3_fields = (read(".s3") or b"").split(b"\0")[:-1]
     # Each copy is `OP BUCKET KEY FILE`.
     copies = [tuple(part.decode("utf-8") for part in s3_fields[i:i + 3])
               for i in range(0, len(s3_fields), 4)]
     return {
         "argv": argv.split(b"\0")[:-1] if argv is not None else None,
+        "launcher": launcher.split(b"\0")[:-1] if launcher is not None else None,
         "copies": copies,
         "error_report": read(".error"),
         "shutdown": (read(".shutdown") or b"").decode().splitlines(),
@@ -251,7 +258,7 @@ def read_recording(record):
 
 def remove_recording(record):
     """Delete one boot's script and recordings."""
-    for suffix in (".sh", ".argv", ".s3", ".error", ".shutdown"):
+    for suffix in (".sh", ".argv", ".launcher", ".s3", ".error", ".shutdown"):
         Path(str(record) + suffix).unlink(missing_ok=True)
 
 

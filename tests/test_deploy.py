@@ -91,8 +91,8 @@ def test_function_zip_is_reproducible_and_holds_handler_template_and_routes():
     first, second = deploy.build_function_zip(), deploy.build_function_zip()
     assert first == second
     with zipfile.ZipFile(io.BytesIO(first)) as archive:
-        assert sorted(archive.namelist()) == ["bootstrap/bootstrap.sh", "lambda_function.py",
-                                              "routes.json"]
+        assert sorted(archive.namelist()) == ["bootstrap/bootstrap.sh", "bootstrap/launcher.py",
+                                              "lambda_function.py", "routes.json"]
         for name in archive.namelist():
             assert archive.read(name) == (REPO / name).read_bytes()
 
@@ -518,6 +518,7 @@ def test_handler_launch_request_is_what_the_launcher_policy_allows(clients, name
     (read,) = by_action["s3:GetObject"]
     assert sorted(as_list(read["Resource"])) == [
         f"arn:aws:s3:::{names.software_bucket}/bootstrap/bootstrap.sh",
+        f"arn:aws:s3:::{names.software_bucket}/bootstrap/launcher.py",
         f"arn:aws:s3:::{names.software_bucket}/routes.json"]
     (send,) = by_action["sqs:SendMessage"]
     assert send["Resource"] == f"arn:aws:sqs:us-east-1:{ACCOUNT}:{names.dlq_name}"

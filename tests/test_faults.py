@@ -185,20 +185,26 @@ def assert_reconciled_to_complete(cloud, prefix, command_line=False):
 # --- the faults ----------------------------------------------------------------------
 
 
-def find_worker_process(cloud, instance_id, timeout=60):
-    """Return the pid of the worker python running on one machine."""
+def find_worker_process(cloud, instance_id, which="child", timeout=60):
+    """Return the pid of one machine's launcher python, or of the analysis child it forked."""
     scratch = str(cloud.scratch_root / instance_id).encode()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        launchers = {}
         for entry in Path("/proc").iterdir():
             try:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
+                status = (entry / "status").read_text()
             except (OSError, ValueError):
                 continue
-            # `python3 -c LAUNCHER FETCH_FAILED WORK_DIR/AwsS3.py ...`: the worker; not `timeout`.
-            if (len(argv) > 4 and b"python" in os.path.basename(argv[0]) and argv[1] == b"-c"
-                    and argv[4].startswith(scratch) and argv[4].endswith(b"/AwsS3.py")):
-                return int(entry.name)
+            # `python3 WORK_DIR/launcher.pyz WORK_DIR ...`: launcher and child; not `timeout`.
+            if (len(argv) > 2 and b"python" in os.path.basename(argv[0])
+                    and argv[1].startswith(scratch) and argv[1].endswith(b"/launcher.pyz")):
+                parent = int(status.split("PPid:")[1].split()[0])
+                launchers[int(entry.name)] = parent
+        children = [pid for pid, parent in launchers.items() if parent in launchers]
+        if children:
+            return children[0] if which == "child" else launchers[children[0]]
         time.sleep(0.05)
     raise AssertionError(f"{instance_id} never started its worker")
 
@@ -211,9 +217,13 @@ def wait_until(condition, timeout, what):
         time.sleep(0.02)
 
 
-def test_worker_killed_mid_stream(cloud):
-    """SIGKILL (as the OOM killer sends) while a quarter of the input has been streamed."""
-    key = "faults/killed/big.fastq"
+# Not "analysis" in a key: the handler skips those as worker output (SKIP_SUBSTRING).
+@pytest.mark.parametrize("which", ["child", "launcher"])
+def test_worker_killed_mid_stream(cloud, which):
+    """SIGKILL (as the OOM killer sends) while a quarter of the input has been streamed: to the
+    analysis child (the OOM killer's pick: the large process), which the launcher reports, or
+    to the launcher itself, which the bootstrap reports (the child dies with it)."""
+    key = f"faults/killed/{which}/big.fastq"
     body = FASTQ_RECORD * (16 * 1024 * 1024 // len(FASTQ_RECORD))
     input_path = f"/{cloud.names['data_bucket']}/{key}"
     # A slow network (4 MB/s for this object) keeps the worker mid-stream for seconds.
@@ -231,7 +241,7 @@ def test_worker_killed_mid_stream(cloud):
         put(cloud, key, body)
         wait_until(lambda: proxy.sent.get(input_path, 0) >= len(body) // 4, OUTCOME_TIMEOUT,
                    "a quarter of the input to stream")
-        os.kill(find_worker_process(cloud, booted[0]), signal.SIGKILL)
+        os.kill(find_worker_process(cloud, booted[0], which), signal.SIGKILL)
         streamed = proxy.sent[input_path]
         wait_for_outcome(cloud, key)
     finally:
@@ -239,14 +249,16 @@ def test_worker_killed_mid_stream(cloud):
     assert streamed < len(body), "the whole input had streamed before the kill"
 
     outcome, report = cloud.fetch_report(key)
-    # Killed before it finished: the bootstrap, not the worker, reports it.
+    # Killed before it finished: the launcher or the shell, not the worker, reports it.
     assert outcome == "error", report
     assert (report["stage"], report["exit_code"], report["written_by"]) == ("worker", 137, "bootstrap")
     assert "SIGKILL" in report["error"]
+    assert ("out of memory" in report["error"]) and \
+        ("before it reported" in report["error"]) is (which == "launcher"), report
     assert "wrote error report for stage worker" in s3_text(cloud, AwsS3.report_key(key, ".log"))
     assert_shut_down(cloud, key)
     assert stored(cloud, key) == body
-    assert_reconciled_to_complete(cloud, "faults/killed/")
+    assert_reconciled_to_complete(cloud, f"faults/killed/{which}/")
 
 
 def test_worker_hung_past_a_short_watchdog(cloud, monkeypatch):

@@ -12,9 +12,11 @@ How 2,000 keys fit in a CI run (a real bootstrap with a real worker costs ~2 s a
   1. event -> handler: the S3 event S3 would send (key quote_plus-encoded, JSON round trip)
      goes to lambda_handler, whose RunInstances is recorded (RecordingEc2) for its UserData;
   2. user-data -> bash: that exact rendered script runs under bash, unchanged, with
-     support.RECORDING_PYTHON first on PATH as python3: it records the worker's argv byte for
-     byte and the S3 copies, and starts no interpreter. Every other job's recording worker
-     fails, so the bootstrap's own error report (json_string, report_key) is checked too;
+     support.RECORDING_PYTHON first on PATH as python3 (the launcher): it records the worker's
+     argv byte for byte, the report keys the launcher is given and the S3 copies, and starts
+     no interpreter. Every other job's recording worker fails, so the bootstrap's own error
+     report (json_string, by support.RECORDING_AWS as the AWS CLI) is checked too, and the
+     keys it writes must be the worker's (lambda_function.report_key, rendered into the job);
   3. -> worker: the argv bytes bash produced, decoded as Python decodes sys.argv, are given to
      the real worker's entry point AwsS3.main, in-process against moto (mock_aws), with one S3
      client reused (creating a client costs more than the analysis); the report must name the
@@ -213,12 +215,16 @@ def boot_problems(key, done, recording, worker_status):
     argv = recording["argv"]
     if argv is None or not argv[0].endswith(b"/AwsS3.py") or argv[1:] != expected_worker_argv(key):
         problems.append(f"worker argv {argv!r}")
+    launcher = recording["launcher"]
+    keys = [AwsS3.report_key(key, suffix).encode("utf-8") for suffix in (".error.json", ".log")]
+    if launcher is None or not launcher[0].endswith(b"/launcher.pyz") or launcher[4:6] != keys:
+        problems.append(f"launcher argv {launcher!r}: not the report keys {keys!r}")
     copies = recording["copies"]
     software = lf.DEFAULTS["SOFTWARE_BUCKET"]
     if ("get", software, lf.DEFAULTS["WORKER_KEY"]) not in copies:
         problems.append(f"the worker was never fetched: {copies!r}")
-    # Reads come from the software bucket only; writes are this key's reports (bash's own
-    # report_key must agree with the worker's, _long/ hashing included).
+    # Reads come from the software bucket only; writes are this key's reports (the handler's
+    # report_key, rendered into the job, must agree with the worker's, _long/ hashing included).
     reports = {AwsS3.report_key(key, suffix) for suffix in (".error.json", ".log")}
     for op, bucket, target in copies:
         if (op, bucket) != ("get", software) and ((op, bucket) != ("put", DATA)
@@ -327,8 +333,8 @@ def test_the_soak_fails_when_the_worker_gets_another_key(mocked_data_bucket, tmp
     """The soak can fail: user-data that loses a key's trailing line feed is caught."""
     real = lf.render_user_data
 
-    def losing_trailing_line_feeds(template, obj, launch):
-        return real(template, dict(obj, key=obj["key"].rstrip("\n")), launch)
+    def losing_trailing_line_feeds(template, obj, launch, launcher=None):
+        return real(template, dict(obj, key=obj["key"].rstrip("\n")), launch, launcher)
 
     with mock.patch.object(lf, "render_user_data", losing_trailing_line_feeds):
         failures = soak(("x\n", "y"), tmp_path, mocked_data_bucket).failures
@@ -339,11 +345,12 @@ def test_the_soak_fails_when_the_worker_gets_another_key(mocked_data_bucket, tmp
 def test_the_soak_fails_when_the_shell_evaluates_a_key(mocked_data_bucket, tmp_path):
     """The soak can fail: user-data that lets bash evaluate the key creates the canary."""
     real = lf.render_user_data
-    decode = 'b64_decode JOB_KEY "$JOB_KEY_B64"'
+    decoded = 'printf \'%s\' "$JOB_LAUNCHER_B64" | base64 -d'  # after the job's values
 
-    def evaluating_the_key(template, obj, launch):
-        assert decode in template
-        return real(template.replace(decode, decode + '; eval ": $JOB_KEY"'), obj, launch)
+    def evaluating_the_key(template, obj, launch, launcher=None):
+        assert decoded in template
+        return real(template.replace(decoded, 'eval ": $JOB_KEY"; ' + decoded), obj, launch,
+                    launcher)
 
     with mock.patch.object(lf, "render_user_data", evaluating_the_key):
         failures = soak((f"$(touch {CANARY})",), tmp_path, mocked_data_bucket).failures

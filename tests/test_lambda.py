@@ -10,6 +10,8 @@ import json
 import logging
 import re
 import subprocess
+import sys
+import zipfile
 from urllib.parse import quote_plus
 
 import boto3
@@ -39,9 +41,13 @@ def obj(key="inbox/a.csv", bucket=BUCKET, etag="0123456789abcdef0123456789abcdef
 
 
 def job_values(user_data):
-    """The JOB_* assignments of rendered user-data, base64 values decoded."""
+    """The JOB_* assignments of rendered user-data, base64 values decoded (the launcher, a zip,
+    to bytes, the others to text)."""
     values = {}
     for name, value in JOB_LINE.findall(user_data):
+        if name == "JOB_LAUNCHER_B64":
+            values[name] = base64.b64decode(value, validate=True)
+            continue
         values[name] = base64.b64decode(value, validate=True).decode("utf-8") \
             if name.endswith("_B64") else value
     return values
@@ -540,6 +546,36 @@ def test_render_refuses_user_data_over_16_kb():
         lf.render_user_data(TEMPLATE + pad * 200, obj("k"), settings())
 
 
+@pytest.mark.parametrize("key", [
+    "inbox/a.csv", "k" * 1004, "k" * 1005, "k" * 1011, "k" * 1012, "k" * 1015, "k" * 1024,
+    "€" * 336, "€" * 337, "€" * 341, "a\nb $(x) ü", "-n", "%s\\n", "😀" * 254,
+])
+@pytest.mark.parametrize("suffix", [".json", ".error.json", ".log"])
+def test_the_handler_names_reports_like_the_worker(key, suffix):
+    """The handler renders the keys of the bootstrap's .error.json and .log: the worker's rule,
+    _long/ hashing past 1,024 bytes included."""
+    assert lf.report_key(key, suffix) == AwsS3.report_key(key, suffix)
+
+
+def test_rendered_report_keys_and_launcher_are_what_the_job_needs(tmp_path):
+    key = "k" * 1010
+    values = job_values(lf.render_user_data(TEMPLATE, obj(key), settings()))
+    # Hashed: rendered. Not hashed: "" and the shell writes analysis/KEY.log (the soak in
+    # tests/test_injection.py checks what it writes against AwsS3.report_key).
+    assert values["JOB_ERROR_KEY_B64"] == lf.report_key(key, ".error.json")
+    assert values["JOB_ERROR_KEY_B64"].startswith("analysis/_long/")
+    assert values["JOB_LOG_KEY_B64"] == ""
+    archive = base64.b64decode(re.search(r"^JOB_LAUNCHER_B64='([^']*)'$", lf.render_user_data(
+        TEMPLATE, obj(), settings()), re.M).group(1))
+    (tmp_path / "launcher.pyz").write_bytes(archive)
+    with zipfile.ZipFile(tmp_path / "launcher.pyz") as unpacked:
+        assert unpacked.read("__main__.py") == (REPO / lf.LAUNCHER_KEY).read_bytes()
+    # python3 runs the zip: without its arguments the launcher fails on unpacking them.
+    done = subprocess.run([sys.executable, str(tmp_path / "launcher.pyz")], capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert "not enough values to unpack" in done.stderr
+
+
 def test_render_refuses_a_template_without_the_marker():
     with pytest.raises(ValueError, match="__AWSFUN_JOB__"):
         lf.render_user_data(TEMPLATE.replace(lf.JOB_MARKER, ": nothing here"), obj(), settings())
@@ -608,6 +644,8 @@ def test_a_warm_console_launch_makes_exactly_one_call_run_instances(clients, mon
         software = boto3.client("s3", region_name="us-east-1")
         software.create_bucket(Bucket="su2csoftware")
         software.put_object(Bucket="su2csoftware", Key="bootstrap/bootstrap.sh", Body=TEMPLATE.encode())
+        software.put_object(Bucket="su2csoftware", Key=lf.LAUNCHER_KEY,
+                            Body=(REPO / lf.LAUNCHER_KEY).read_bytes())
         cold_calls = record_calls(software)
         lf._clients["s3"] = software
         clients.ec2_stub.add_response("run_instances", instance("i-00000000000000001"))
@@ -841,6 +879,7 @@ def test_user_data_too_large_fails_that_record_only(clients, monkeypatch, tmp_pa
     base = len(lf.render_user_data(TEMPLATE, obj("k"), settings()).encode("utf-8"))
     padded = TEMPLATE + "# " + "p" * (lf.USER_DATA_LIMIT - base - 3 - 200) + "\n"
     (tmp_path / "bootstrap" / "bootstrap.sh").write_text(padded, encoding="utf-8")
+    (tmp_path / lf.LAUNCHER_KEY).write_bytes((REPO / lf.LAUNCHER_KEY).read_bytes())
     monkeypatch.setattr(lf, "__file__", str(tmp_path / "lambda_function.py"))
     clients.s3_stub.add_client_error("get_object", "NoSuchKey", "no routes.json", 404)
     clients.ec2_stub.add_response("run_instances", instance("i-0000000000000000a"))

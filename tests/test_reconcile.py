@@ -188,7 +188,7 @@ def test_dry_run_key_prefix_second_run_and_new_version(clients, stack):
     # A new version of a reported input needs its own worker, with its own token.
     put_report(s3, bucket, "other/c.csv", s3.head_object(Bucket=bucket, Key="other/c.csv")[
         "ETag"].strip('"'))
-    new = put(s3, bucket, "other/c.csv", b"changed\n")
+    put(s3, bucket, "other/c.csv", b"changed\n")
     fourth = deploy.reconcile(clients, stack, progress=quiet())
     assert fourth["unprocessed"] == ["other/c.csv"]
     tokens = {token for _, token in workers(ec2, bucket)["other/c.csv"]}

@@ -6,8 +6,10 @@ import hashlib
 import io
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import boto3
 import pytest
@@ -16,6 +18,9 @@ from moto import mock_aws
 
 import AwsS3
 from support import REPO, fail_operation, record_calls
+
+sys.path.insert(0, str(REPO / "bootstrap"))
+import launcher  # noqa: E402
 
 BUCKET = "awsfun-data"
 CSV = b"sample,reads,ok\nS1,10,yes\nS2,20,no\nS3,30,yes\n"
@@ -60,21 +65,8 @@ def test_long_report_keys_are_distinct_and_valid():
     assert all(len(AwsS3.report_key(k).encode()) <= 1024 for k in (a, b, "€" * 341))
 
 
-def _bash_report_key(key, suffix):
-    function = re.search(r"^report_key\(\) \{.*?^\}", BOOTSTRAP, re.S | re.M).group(0)
-    done = subprocess.run(["bash", "-c", function + '\nreport_key "$1" "$2"', "bash", key, suffix],
-                          capture_output=True, check=True, timeout=10)
-    return done.stdout.decode("utf-8")
-
-
-@pytest.mark.parametrize("key", [
-    "inbox/a.csv", "k" * 1010, "k" * 1011, "k" * 1004, "k" * 1005, "€" * 336, "€" * 337,
-    "a\nb $(x) ü", "-n", "%s\\n",
-])
-@pytest.mark.parametrize("suffix", [".json", ".error.json", ".log"])
-def test_bootstrap_names_reports_like_the_worker(key, suffix):
-    """The bootstrap writes .error.json and .log itself: same name as the worker's rule."""
-    assert _bash_report_key(key, suffix) == AwsS3.report_key(key, suffix)
+# The bootstrap's keys for .error.json and .log come from lambda_function.report_key (rendered
+# into the user-data): tests/test_lambda.py checks that rule agrees with this one.
 
 
 # --- parse_s3_uri ---------------------------------------------------------------------
@@ -349,9 +341,61 @@ def test_the_reported_failure_status_is_none_python_exits_with_by_itself():
     statuses = {AwsS3.EXIT_OK, AwsS3.EXIT_USAGE, AwsS3.EXIT_FAILED_UNREPORTED,
                 AwsS3.EXIT_FAILED_REPORTED, 1}
     assert len(statuses) == 5
-    constants = dict(re.findall(r"^(WORKER_REPORTED|FETCH_FAILED)=(\d+)\b", BOOTSTRAP, re.M))
+    constants = dict(re.findall(r"^(WORKER_REPORTED)=(\d+)\b", BOOTSTRAP, re.M))
     assert int(constants["WORKER_REPORTED"]) == AwsS3.EXIT_FAILED_REPORTED
-    assert int(constants["FETCH_FAILED"]) not in statuses
+    assert launcher.WORKER_REPORTED == AwsS3.EXIT_FAILED_REPORTED
+    assert launcher.outcome(AwsS3.EXIT_FAILED_REPORTED, 60) == (AwsS3.EXIT_FAILED_REPORTED, None)
+    assert launcher.FETCH_FAILED not in statuses
+
+
+# --- the launcher's supervision (bootstrap/launcher.py, forked child) ---------------------
+
+
+def _supervised(tmp_path, code, seconds=30):
+    """Run `code` as the worker the way the launcher does; return (exit code, timed out)."""
+    worker = tmp_path / "AwsS3.py"
+    worker.write_text(code)
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        return launcher.run(str(worker), ["s3://b/k"], time.time() + seconds)
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
+def test_a_child_killed_by_sigkill_leaves_the_launcher_alive_to_report(tmp_path):
+    """What the OOM killer does to the large analysis child: the launcher's process lives on."""
+    code, timed_out = _supervised(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert (code, timed_out) == (-signal.SIGKILL, False)
+    status, message = launcher.outcome(code, 60)
+    assert status == 137 and "SIGKILL" in message and "out of memory" in message
+
+
+def test_the_launcher_stops_a_child_at_its_deadline(tmp_path):
+    started = time.monotonic()
+    code, timed_out = _supervised(tmp_path, "import time\ntime.sleep(60)\n", seconds=0.5)
+    assert timed_out and time.monotonic() - started < 10
+    assert launcher.outcome(code, 7, timed_out=True) == (124, "worker exceeded its time limit of 7s")
+
+
+def test_the_deadline_counts_from_the_shell_s_clock_less_a_margin():
+    assert launcher.deadline("1000.5", 100, now=5000.0) == 1000.5 + 100 - 10
+    assert launcher.deadline("1000,5", 5, now=5000.0) == 1000.5 + 5 - 1  # a comma locale
+    assert launcher.deadline("", 5, now=5000.0) == 5000.0 + 5 - 1  # bash < 5: its own start
+
+
+@pytest.mark.parametrize("code, status, fragment", [
+    ("raise RuntimeError('broke')\n", 1, "RuntimeError: broke"),
+    ("def broken(:\n", 1, "SyntaxError"),
+    ("import sys\nsys.exit(3)\n", 3, "exited with status 3"),
+    ("import sys\nsys.exit(5)\n", 5, None),
+    ("import sys\nsys.exit()\n", 0, None),
+])
+def test_the_launcher_reads_how_the_worker_ended(tmp_path, code, status, fragment):
+    exit_code, timed_out = _supervised(tmp_path, code)
+    crash = (tmp_path / "AwsS3.py.crash").read_text() if exit_code == 1 else ""
+    got, message = launcher.outcome(exit_code, 60, crash, timed_out)
+    assert got == status
+    assert (message is None) if fragment is None else (fragment in message)
 
 
 def test_an_unexpected_exception_in_s3_mode_still_writes_the_error_report(s3, monkeypatch, caplog):
