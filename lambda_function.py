@@ -447,9 +447,13 @@ def launch_worker(ec2, obj, user_data, settings, dry_run=False, attempt=0):
         UserData=user_data,
         ClientToken=token,
         # Repeated here so a hand-made template can never leave a stopped (billed)
-        # machine behind or expose IMDSv1.
+        # machine behind or expose IMDSv1. Every metadata option is stated: this structure
+        # overrides the template's, and an option left out falls to the account's or the
+        # AMI's default (a hop limit of 2 on Amazon Linux 2023, which lets containers reach
+        # the worker role's credentials).
         InstanceInitiatedShutdownBehavior="terminate",
-        MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled"},
+        MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled",
+                         "HttpPutResponseHopLimit": 1},
         TagSpecifications=build_tags(obj, token, settings),
         DryRun=dry_run,
     )

@@ -655,6 +655,20 @@ def test_launch_parameters(clients):
         (BUCKET, key, "e" * 32)
 
 
+def test_run_instances_states_every_metadata_option_itself_hop_limit_one(clients):
+    """The request's MetadataOptions override the template's, and EC2 documents no merge of a
+    partial structure: an option left out falls to the account's instance metadata defaults
+    (ModifyInstanceMetadataDefaults) or the AMI's, and Amazon Linux 2023 images (ImdsSupport
+    v2.0) default HttpPutResponseHopLimit to 2, which lets a container on the worker reach the
+    worker role's credentials (EC2 User Guide, "Configure instance metadata options"). moto
+    keeps whatever is sent, so the request must say 1 itself."""
+    clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
+    lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
+    [(_, params)] = clients.ec2_calls
+    assert params["MetadataOptions"] == {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                                         "HttpPutResponseHopLimit": 1}
+
+
 def test_launch_template_name_is_overridable(clients, monkeypatch):
     monkeypatch.setenv("LAUNCH_TEMPLATE", "other_template")
     clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
