@@ -21,7 +21,9 @@ from awsfun_deploy.core import (  # noqa: F401
     CHANGES, CREATED, Clients, DELETED, DeployError, KEPT, PROPAGATION_TIMEOUT, Progress,
     UPDATED, _get_or_none, canonical, mismatches, retry_while, tag_list, wait_out_propagation,
 )
-from awsfun_deploy.names import STACK_TAG, derive_names, discover_names, resolve_names  # noqa: F401
+from awsfun_deploy.names import (  # noqa: F401
+    DEFAULT_INSTANCE_TYPE, STACK_TAG, derive_names, discover_names, resolve_names,
+)
 from awsfun_deploy.artifacts import (  # noqa: F401
     BOOTSTRAP_KEY, PUBLISHED_FILES, REPO, ROUTES_FILE, WORKER_FILES, build_function_zip,
     code_sha256, software_sources,

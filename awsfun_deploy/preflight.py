@@ -89,6 +89,10 @@ ONE_RECORD_SECONDS = 5
 WORST_ETAG = "0" * 32 + "-10000"
 # A template id as EC2 makes them (lt- and 17 hex digits), for sizing the launcher policy.
 WORST_TEMPLATE_ID = "lt-" + "f" * 17
+# An image id (ami- and 17 hex digits; one per architecture) and a long instance type name
+# (u7in-32tb.224xlarge is 19 characters), for the same sizing.
+WORST_IMAGE_ID = "ami-" + "f" * 16
+WORST_INSTANCE_TYPE = "x" * 22
 
 
 def name_problems(names, environ):
@@ -187,7 +191,10 @@ def function_limit_problems():
 def launcher_policy_problems(names, template_names):
     """Return a message if the launcher role's policy, naming every launch template, passes
     IAM's 10,240 characters (white space not counted) for a role's inline policies (pure)."""
-    values = policy_values(names, [WORST_TEMPLATE_ID] * len(template_names))
+    values = policy_values(names, [WORST_TEMPLATE_ID] * len(template_names),
+                           image_ids=[f"{WORST_IMAGE_ID}{arch}" for arch in range(2)],
+                           instance_types=[f"{WORST_INSTANCE_TYPE}{index}"
+                                           for index in range(len(template_names))])
     size = len(canonical(render_policy("lambda-policy", values)))
     if size <= ROLE_POLICY_LIMIT:
         return []

@@ -64,9 +64,11 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
 
     template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress, images)
 
-    # The launcher's policy names the templates' ids, so it follows the templates: exactly
-    # the worker template and those the routing table names.
-    values = policy_values(names, list(template_ids.values()), published_files)
+    # The launcher's policy names the templates' ids, images and instance types, so it follows
+    # the templates: exactly the worker template and those the routing table names.
+    values = policy_values(names, list(template_ids.values()), published_files,
+                           image_ids=images.values(),
+                           instance_types=[kind for kind, _ in plan.values()])
     ensure_role(iam, names.lambda_role, render_policy("lambda-trust", values),
                 names.lambda_policy_name, render_policy("lambda-policy", values), names,
                 progress, "launcher role")

@@ -132,7 +132,11 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
     routed, types, routes_problem = routed_templates(ec2, names, instance_type, routes_file)
     if routes_problem:
         note("routing table", str(routes_file), f"invalid: {routes_problem}")
-    values = policy_values(names, [t["id"] for t in routed.values() if t])
+    # As deploy renders it: the templates' images, the instance types the table wants.
+    values = policy_values(names, [t["id"] for t in routed.values() if t],
+                           image_ids=[t["data"].get("ImageId") for t in routed.values()
+                                      if t and t["data"].get("ImageId")],
+                           instance_types=types.values())
     for what, role, trust, policy_name, policy in (
         ("worker role", names.worker_role, "worker-trust", names.worker_policy_name,
          "worker-policy"),

@@ -175,7 +175,8 @@ def test_deploy_creates_every_resource_with_its_properties(clients, names, deplo
         assert body == (REPO / key).read_bytes()
 
     # Roles: exactly one inline policy each, the rendered documents, nothing attached.
-    documents = deploy.policy_documents(names, result["launch_template_id"])
+    documents = deploy.policy_documents(names, result["launch_template_id"], [result["image_id"]],
+                                        [deploy.DEFAULT_INSTANCE_TYPE])
     for role, trust, policy_name, policy in (
         (names.worker_role, "worker-trust", names.worker_policy_name, "worker-policy"),
         (names.lambda_role, "lambda-trust", names.lambda_policy_name, "lambda-policy"),
@@ -275,8 +276,9 @@ def test_second_deploy_changes_nothing(clients, names, deployed, capsys):
 def test_changed_instance_type_adds_one_version_and_makes_it_default(clients, names, deployed):
     progress = deploy.Progress(echo=False)
     deploy.deploy(clients, names, instance_type="t3.micro", progress=progress)
+    # The launcher's policy names the instance types it may start, so it follows.
     assert [(s["what"], s["outcome"]) for s in changes(progress)] == \
-        [("launch template", deploy.UPDATED)]
+        [("launch template", deploy.UPDATED), ("launcher role", deploy.UPDATED)]
     ec2 = clients("ec2")
     (template,) = ec2.describe_launch_templates(LaunchTemplateNames=["su2cw_worker"])[
         "LaunchTemplates"]
@@ -494,16 +496,24 @@ def test_handler_launch_request_is_what_the_launcher_policy_allows(clients, name
                                  "sqs:SendMessage"]
 
     template_arn = f"arn:aws:ec2:us-east-1:{ACCOUNT}:launch-template/{template_id}"
-    (run,) = by_action["ec2:RunInstances"]
+    run, sized, imaged = by_action["ec2:RunInstances"]
     assert request["LaunchTemplate"] == {"LaunchTemplateName": "su2cw_worker",
                                          "Version": "$Latest"}
+    # The request overrides neither image, type nor key: the template's are what is judged.
+    assert not {"ImageId", "InstanceType", "KeyName", "SecurityGroupIds"} & set(request)
+    data = clients("ec2").describe_launch_template_versions(
+        LaunchTemplateId=template_id, Versions=["$Latest"])["LaunchTemplateVersions"][0][
+        "LaunchTemplateData"]
     resources = as_list(run["Resource"])
     assert template_arn in resources
-    for kind in ("instance", "volume", "network-interface", "subnet", "security-group",
-                 "key-pair"):
+    for kind in ("volume", "network-interface", "subnet", "security-group"):
         assert f"arn:aws:ec2:us-east-1:{ACCOUNT}:{kind}/*" in resources
-    assert "arn:aws:ec2:us-east-1::image/*" in resources
     assert run["Condition"] == {"ArnLike": {"ec2:LaunchTemplate": [template_arn]}}
+    assert sized["Resource"] == f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance/*"
+    assert sized["Condition"]["ArnLike"] == run["Condition"]["ArnLike"]
+    assert data["InstanceType"] in sized["Condition"]["StringEquals"]["ec2:InstanceType"]
+    assert as_list(imaged["Resource"]) == [f"arn:aws:ec2:us-east-1::image/{data['ImageId']}"]
+    assert imaged["Condition"]["ArnLike"] == run["Condition"]["ArnLike"]
 
     (tag,) = by_action["ec2:CreateTags"]
     assert tag["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
@@ -703,10 +713,16 @@ def test_routes_get_their_launch_templates_policy_publication_and_package(client
     # The launcher may launch from exactly these templates.
     policy = iam.get_role_policy(RoleName=names.lambda_role,
                                  PolicyName=names.lambda_policy_name)["PolicyDocument"]
-    (run,) = [st for st in policy["Statement"] if st["Action"] == "ec2:RunInstances"]
+    run, sized, imaged = [st for st in policy["Statement"] if st["Action"] == "ec2:RunInstances"]
     arns = sorted(f"arn:aws:ec2:us-east-1:{ACCOUNT}:launch-template/{i}" for i in ids.values())
     assert sorted(a for a in run["Resource"] if ":launch-template/" in a) == arns
-    assert sorted(run["Condition"]["ArnLike"]["ec2:LaunchTemplate"]) == arns
+    for statement in (run, sized, imaged):
+        assert sorted(statement["Condition"]["ArnLike"]["ec2:LaunchTemplate"]) == arns
+    # ... and only their instance types and images.
+    assert sized["Condition"]["StringEquals"]["ec2:InstanceType"] == \
+        sorted({kind for kind, _ in expected.values()})
+    assert sorted(imaged["Resource"]) == sorted(f"arn:aws:ec2:us-east-1::image/{image}"
+                                                for image in images.values())
 
     # The table is published (private to the launcher) and packaged beside the handler.
     assert s3.get_object(Bucket=names.software_bucket, Key="routes.json")["Body"].read() == \
