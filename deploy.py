@@ -38,6 +38,7 @@ from awsfun_deploy.s3 import (  # noqa: F401
 from awsfun_deploy.ec2 import AMI_PARAMETER, ensure_launch_template, read_launch_template  # noqa: F401
 from awsfun_deploy.function import (  # noqa: F401
     LOG_RETENTION_DAYS, MAX_RETRY_ATTEMPTS, ensure_event_invoke_config, ensure_function,
+    function_configuration,
     ensure_s3_invoke_permission,
 )
 from awsfun_deploy.preflight import (  # noqa: F401
