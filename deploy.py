@@ -35,7 +35,10 @@ from awsfun_deploy.s3 import (  # noqa: F401
     notifications_overlap, publish_software, used_by_tag, with_notification,
     without_notification,
 )
-from awsfun_deploy.ec2 import AMI_PARAMETER, ensure_launch_template, read_launch_template  # noqa: F401
+from awsfun_deploy.ec2 import (  # noqa: F401
+    AMI_PARAMETER, PROFILE_WAIT_DELAY, PROFILE_WAIT_SECONDS, ensure_launch_template,
+    read_launch_template, wait_until_ec2_accepts_profile,
+)
 from awsfun_deploy.function import (  # noqa: F401
     LOG_RETENTION_DAYS, MAX_RETRY_ATTEMPTS, ensure_event_invoke_config, ensure_function,
     function_configuration,

@@ -9,7 +9,7 @@ from botocore.exceptions import ClientError, WaiterError
 
 from .core import (
     CREATED, DELETED, DeployError, GONE, IN_PLACE, UPDATED, error_code, is_not_found,
-    log_client_error, mismatches, tag_list, wait_out_propagation,
+    log_client_error, mismatches, retry_while, tag_list, wait_out_propagation,
 )
 from .names import BUCKET_TAG, STACK_TAG, TOKEN_TAG, WORKER_KEY_TAG, WORKER_TAG
 
@@ -158,6 +158,39 @@ def ensure_launch_template(ec2, names, data, progress, name=None, sleep=time.sle
     if not owner:
         ec2.create_tags(Resources=[template["id"]], Tags=tag_list({STACK_TAG: names.prefix}))
     return template["id"]
+
+
+# How EC2 refuses an instance profile it does not know yet: InvalidParameterValue, "Value (...)
+# for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name".
+PROFILE_NOT_YET = ("Invalid IAM Instance Profile", "iamInstanceProfile")
+PROFILE_WAIT_SECONDS = 120.0
+PROFILE_WAIT_DELAY = 5.0
+
+
+def wait_until_ec2_accepts_profile(ec2, name, sleep=time.sleep, timeout=PROFILE_WAIT_SECONDS,
+                                   delay=PROFILE_WAIT_DELAY):
+    """Return once a DryRun RunInstances from launch template `name` is accepted.
+
+    An instance profile made (or re-made) seconds ago is refused by RunInstances for a while
+    (IAM is eventually consistent; EC2 User Guide, "IAM roles for Amazon EC2": "it can take a
+    few seconds" before a new profile can be used), so the first uploads after a deploy would
+    fail. DryRunOperation means accepted; a refusal naming the instance profile is waited out
+    (at most `timeout` s); any other refusal (e.g. UnauthorizedOperation, no default VPC) and
+    the last are logged and raised as ClientError.
+    """
+    def dry_run():
+        try:
+            ec2.run_instances(LaunchTemplate={"LaunchTemplateName": name, "Version": "$Latest"},
+                              MinCount=1, MaxCount=1, DryRun=True)
+        except ClientError as err:
+            if error_code(err) == "DryRunOperation":
+                return True
+            raise
+        return True
+
+    return retry_while(PROFILE_NOT_YET, dry_run,
+                       f"checking that EC2 accepts the instance profile of {name}",
+                       timeout=timeout, delay=delay, sleep=sleep)
 
 
 def find_workers(ec2, launch_templates, states=("pending", "running")):

@@ -19,6 +19,7 @@ from .iam import delete_instance_profile, delete_role, ensure_instance_profile, 
 from .ec2 import (
     delete_launch_template, ensure_launch_templates, plan_images, plan_templates,
     remove_unrouted_templates, stack_launch_templates, terminate_workers,
+    wait_until_ec2_accepts_profile,
 )
 from .function import (
     delete_function, ensure_event_invoke_config, ensure_function, ensure_log_group,
@@ -63,6 +64,9 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     ensure_instance_profile(iam, names, progress)
 
     template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress, images)
+    # Every template names the one worker instance profile: once EC2 accepts it for one, the
+    # first uploads after this deploy will not be refused it.
+    wait_until_ec2_accepts_profile(ec2, names.launch_template)
 
     # The launcher's policy names the templates' ids, images and instance types, so it follows
     # the templates: exactly the worker template and those the routing table names.

@@ -387,6 +387,57 @@ def test_a_propagation_refusal_that_never_ends_is_reraised_after_a_bounded_wait(
     assert sum(sleeps) <= deploy.PROPAGATION_TIMEOUT  # not waited for
 
 
+def stubbed_ec2(*answers):
+    """An EC2 client whose RunInstances answers are `answers` in order (error codes, messages)."""
+    from botocore.stub import Stubber
+    ec2 = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x",
+                       aws_secret_access_key="x")
+    stub = Stubber(ec2)
+    for code, message in answers:
+        stub.add_client_error("run_instances", code, message, 412 if code == "DryRunOperation"
+                              else 400, expected_params={
+                                  "LaunchTemplate": {"LaunchTemplateName": "su2cw_worker",
+                                                     "Version": "$Latest"},
+                                  "MinCount": 1, "MaxCount": 1, "DryRun": True})
+    stub.activate()
+    return ec2, stub
+
+
+ACCEPTED = ("DryRunOperation", "Request would have succeeded, but DryRun flag is set.")
+
+
+def test_deploy_waits_until_ec2_accepts_a_new_instance_profile():
+    """Right after an instance profile is made, EC2 refuses it in RunInstances for a while
+    (InvalidParameterValue, "Invalid IAM Instance Profile name"; IAM is eventually
+    consistent), so the first uploads after a deploy would fail. moto accepts at once."""
+    sleeps = []
+    ec2, stub = stubbed_ec2(("InvalidParameterValue", BAD_PROFILE),
+                            ("InvalidParameterValue", BAD_PROFILE), ACCEPTED)
+    assert deploy.wait_until_ec2_accepts_profile(ec2, "su2cw_worker", sleep=sleeps.append)
+    stub.assert_no_pending_responses()
+    assert sleeps == [deploy.PROFILE_WAIT_DELAY] * 2
+
+    # Any other refusal is not waited for; a profile never accepted stops after a bounded wait.
+    ec2, stub = stubbed_ec2(("UnauthorizedOperation", "You are not authorized"))
+    with pytest.raises(ClientError, match="UnauthorizedOperation"):
+        deploy.wait_until_ec2_accepts_profile(ec2, "su2cw_worker", sleep=sleeps.append)
+    assert len(sleeps) == 2
+    ec2, stub = stubbed_ec2(*[("InvalidParameterValue", BAD_PROFILE)] * 100)
+    with pytest.raises(ClientError, match="Invalid IAM Instance Profile"):
+        deploy.wait_until_ec2_accepts_profile(ec2, "su2cw_worker", sleep=sleeps.append)
+    assert 0 < sum(sleeps) <= deploy.PROFILE_WAIT_SECONDS + 2 * deploy.PROFILE_WAIT_DELAY
+
+
+def test_deploy_asks_ec2_with_a_dry_run_launch_from_the_worker_template(clients, names):
+    from support import record_calls
+    calls = record_calls(clients("ec2"))
+    deploy.deploy(clients, names, progress=deploy.Progress(echo=False))
+    dry_runs = [params for name, params in calls if name == "RunInstances"]
+    assert dry_runs == [{"LaunchTemplate": {"LaunchTemplateName": names.launch_template,
+                                            "Version": "$Latest"},
+                         "MinCount": 1, "MaxCount": 1, "DryRun": True}]
+
+
 # --- 4. limits checked for the worst case at deploy time --------------------------------
 
 WORST_KEY = "k" * 1024  # S3 keys go up to 1,024 bytes of UTF-8
