@@ -45,7 +45,8 @@ from awsfun_deploy.function import (  # noqa: F401
     ensure_s3_invoke_permission,
 )
 from awsfun_deploy.preflight import (  # noqa: F401
-    environment_problems, limit_problems, report_key_problems, tag_problems,
+    environment_problems, limit_problems, public_software_problems, report_key_problems,
+    tag_problems,
 )
 from awsfun_deploy.reconcile import (  # noqa: F401
     FAILED, MAX_RELAUNCHES, REPORTED, instance_by_token, object_from_head, reconcile,

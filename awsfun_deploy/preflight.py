@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+from botocore.exceptions import ClientError
+
 import AwsS3
 import lambda_function
 
-from .core import DeployError, canonical
+from .core import DeployError, canonical, error_code, log_client_error
 from .names import STACK_TAG
 from .artifacts import BOOTSTRAP_KEY, REPO
 from .policies import policy_values, render_policy
@@ -56,6 +58,42 @@ def check_preconditions(s3, ec2, names, plan):
             hint = ("set LAUNCH_TEMPLATE to use another name" if name == names.launch_template
                     else "name another launch_template in the routing table")
             raise DeployError(f"launch template {name} belongs to deployment {owner!r}; {hint}")
+def public_software_problems(s3control, account):
+    """Return a message if the account's Block Public Access forbids --public-software (reads only).
+
+    --public-software puts a bucket policy granting anonymous s3:GetObject. S3 refuses it
+    (PutBucketPolicy, AccessDenied) under BlockPublicPolicy and ignores it for anonymous
+    callers under RestrictPublicBuckets, when set for the account (s3control
+    GetPublicAccessBlock), whatever the bucket's own settings (S3 User Guide, "Blocking
+    public access to your Amazon S3 storage"). No configuration means none is set.
+    ClientError (e.g. AccessDenied for s3:GetAccountPublicAccessBlock) is logged and raised.
+    """
+    try:
+        block = s3control.get_public_access_block(AccountId=account)[
+            "PublicAccessBlockConfiguration"]
+    except ClientError as err:
+        if error_code(err) == "NoSuchPublicAccessBlockConfiguration":
+            return []
+        log_client_error(err, f"reading account {account}'s Block Public Access settings")
+        raise
+    blocking = [setting for setting in ("BlockPublicPolicy", "RestrictPublicBuckets")
+                if block.get(setting)]
+    if not blocking:
+        return []
+    return [f"--public-software: account {account} has Block Public Access "
+            f"{' and '.join(blocking)} on, so S3 would refuse or ignore the software bucket's "
+            "public-read policy; deploy without --public-software (workers read the software "
+            "with their role), or turn the account setting off (aws s3control "
+            "put-public-access-block)"]
+
+
+def check_public_software(s3control, names):
+    """Raise DeployError if --public-software cannot work in this account (see above)."""
+    found = public_software_problems(s3control, names.account)
+    if found:
+        raise DeployError("; ".join(found))
+
+
 # Service limits a setting can break. Sources: IAM User Guide "IAM and AWS STS quotas";
 # Lambda Developer Guide "Lambda quotas" and the CreateFunction/PutFunctionEventInvokeConfig
 # references; EC2 API Reference (CreateLaunchTemplate, RunInstances UserData); SQS Developer

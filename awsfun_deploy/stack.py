@@ -25,7 +25,7 @@ from .function import (
     delete_function, ensure_event_invoke_config, ensure_function, ensure_log_group,
     ensure_s3_invoke_permission, find_log_group,
 )
-from .preflight import check_limits, check_preconditions
+from .preflight import check_limits, check_preconditions, check_public_software
 
 
 def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=False,
@@ -43,6 +43,8 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     plan = plan_templates(ec2, types)
     images = plan_images(ec2, ssm, plan)
     check_preconditions(s3, ec2, names, plan)
+    if public_software:
+        check_public_software(clients("s3control"), names)
 
     ensure_bucket(s3, names.data_bucket, names, PRIVATE_BLOCK, progress, "data bucket")
     software_is_ours = ensure_bucket(

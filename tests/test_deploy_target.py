@@ -289,6 +289,28 @@ def test_a_bucket_in_another_region_stops_deploy_before_any_change(clients, whic
     assert account_snapshot(clients) == before
 
 
+@pytest.mark.parametrize("setting", ["BlockPublicPolicy", "RestrictPublicBuckets"])
+def test_public_software_in_an_account_that_blocks_public_policies_stops_before_any_change(
+        clients, names, setting):
+    """The account's Block Public Access (s3control) wins over the bucket's own: S3 refuses a
+    public bucket policy under BlockPublicPolicy and ignores it under RestrictPublicBuckets.
+    Deploy used to make both buckets and publish before PutBucketPolicy failed."""
+    clients("s3control").put_public_access_block(
+        AccountId=ACCOUNT, PublicAccessBlockConfiguration={setting: True})
+    before = account_snapshot(clients)
+    with pytest.raises(deploy.DeployError, match=f"--public-software: .*{setting}"):
+        deploy.deploy(clients, names, public_software=True, progress=deploy.Progress(echo=False))
+    assert account_snapshot(clients) == before
+
+
+def test_an_account_block_on_acls_only_leaves_public_software_possible(clients):
+    s3control = clients("s3control")
+    assert deploy.public_software_problems(s3control, ACCOUNT) == []  # none set
+    s3control.put_public_access_block(AccountId=ACCOUNT, PublicAccessBlockConfiguration={
+        "BlockPublicAcls": True, "IgnorePublicAcls": True})
+    assert deploy.public_software_problems(s3control, ACCOUNT) == []
+
+
 def test_a_launch_template_of_another_deployment_stops_deploy_before_any_change(clients, names):
     clients("ec2").create_launch_template(
         LaunchTemplateName=names.launch_template, LaunchTemplateData={"InstanceType": "t3.small"},
