@@ -50,7 +50,7 @@ def ec2_service_principal(partition):
 
 
 def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES, image_ids=(),
-                  instance_types=()):
+                  instance_types=(), security_group_ids=()):
     """Return the values the iam/ templates are rendered with.
 
     The launcher may start only the images and instance types deploy put in its templates:
@@ -76,17 +76,21 @@ def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES
         "ImageArns": [f"arn:{names.partition}:ec2:{names.region}::image/{image}"
                       for image in sorted(set(image_ids))],
         "InstanceTypes": sorted(set(instance_types)),
+        "SecurityGroupArns": [
+            f"arn:{names.partition}:ec2:{names.region}:{names.account}:security-group/{group}"
+            for group in sorted(set(security_group_ids))],
         "WorkerSoftwareObjectArns": [f"{software}/{key}" for key in worker_files],
         "LauncherSoftwareObjectArns": [f"{software}/{key}" for key in LAUNCHER_SOFTWARE_KEYS],
     }
 
 
-def policy_documents(names, launch_template_ids, image_ids=(), instance_types=()):
+def policy_documents(names, launch_template_ids, image_ids=(), instance_types=(),
+                     security_group_ids=()):
     """Return every rendered policy document by template name (what deploy applies)."""
     if isinstance(launch_template_ids, str):
         launch_template_ids = [launch_template_ids]
     values = policy_values(names, launch_template_ids, image_ids=image_ids,
-                           instance_types=instance_types)
+                           instance_types=instance_types, security_group_ids=security_group_ids)
     return {
         name: render_policy(name, values)
         for name in ("worker-trust", "worker-policy", "lambda-trust", "lambda-policy",

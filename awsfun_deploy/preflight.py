@@ -232,7 +232,8 @@ def launcher_policy_problems(names, template_names):
     values = policy_values(names, [WORST_TEMPLATE_ID] * len(template_names),
                            image_ids=[f"{WORST_IMAGE_ID}{arch}" for arch in range(2)],
                            instance_types=[f"{WORST_INSTANCE_TYPE}{index}"
-                                           for index in range(len(template_names))])
+                                           for index in range(len(template_names))],
+                           security_group_ids=["sg-" + "f" * 17])
     size = len(canonical(render_policy("lambda-policy", values)))
     if size <= ROLE_POLICY_LIMIT:
         return []

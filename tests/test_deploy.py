@@ -186,7 +186,8 @@ def test_deploy_creates_every_resource_with_its_properties(clients, names, deplo
 
     # Roles: exactly one inline policy each, the rendered documents, nothing attached.
     documents = deploy.policy_documents(names, result["launch_template_id"], [result["image_id"]],
-                                        [deploy.DEFAULT_INSTANCE_TYPE])
+                                        [deploy.DEFAULT_INSTANCE_TYPE],
+                                        [result["security_group_id"]])
     for role, trust, policy_name, policy in (
         (names.worker_role, "worker-trust", names.worker_policy_name, "worker-policy"),
         (names.lambda_role, "lambda-trust", names.lambda_policy_name, "lambda-policy"),
@@ -310,6 +311,42 @@ def test_arm_instance_type_gets_the_arm_image(clients, names):
     arm = clients("ssm").get_parameter(
         Name="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64")
     assert result["image_id"] == arm["Parameter"]["Value"]
+
+
+def test_workers_get_the_stacks_own_security_group_no_inbound_https_out(clients, names,
+                                                                       deployed):
+    """Without a group of its own a worker gets the default VPC's default group, which lets
+    in everything from its other members and out everything (VPC User Guide, "Default
+    security groups"). Workers need no inbound and only HTTPS out (S3, the package
+    repository); moto never applies groups to traffic, so the rules are read back."""
+    result = deployed[0]
+    ec2 = clients("ec2")
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]
+    (group,) = ec2.describe_security_groups(GroupIds=[result["security_group_id"]])[
+        "SecurityGroups"]
+    assert (group["GroupName"], group["VpcId"]) == ("su2c-worker", vpc["VpcId"])
+    assert {"Key": deploy.STACK_TAG, "Value": "su2c"} in group["Tags"]
+    assert group["IpPermissions"] == []
+    (egress,) = group["IpPermissionsEgress"]
+    assert (egress["IpProtocol"], egress["FromPort"], egress["ToPort"]) == ("tcp", 443, 443)
+    assert [r["CidrIp"] for r in egress["IpRanges"]] == ["0.0.0.0/0"]
+    assert not egress.get("Ipv6Ranges") and not egress.get("UserIdGroupPairs")
+    data = template_data(ec2, names.launch_template)
+    assert data["SecurityGroupIds"] == [group["GroupId"]]
+
+    # Hand edits are drift, and deploy repairs them.
+    ec2.authorize_security_group_ingress(GroupId=group["GroupId"], IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    ec2.authorize_security_group_egress(GroupId=group["GroupId"], IpPermissions=[
+        {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    found = {(d["resource"], d["problem"]) for d in deploy.collect_status(clients, names)["drift"]}
+    assert found == {("worker security group", "changed: inbound rules"),
+                     ("worker security group", "changed: outbound rules")}
+    progress = deploy.Progress(echo=False)
+    deploy.deploy(clients, names, progress=progress)
+    assert [(s["what"], s["outcome"]) for s in changes(progress)] == \
+        [("worker security group", deploy.UPDATED)]
+    assert deploy.collect_status(clients, names)["drift"] == []
 
 
 def test_drift_is_reported_by_status_and_repaired_by_deploy(clients, names, deployed):
@@ -516,8 +553,12 @@ def test_handler_launch_request_is_what_the_launcher_policy_allows(clients, name
         "LaunchTemplateData"]
     resources = as_list(run["Resource"])
     assert template_arn in resources
-    for kind in ("volume", "network-interface", "subnet", "security-group"):
+    for kind in ("volume", "network-interface", "subnet"):
         assert f"arn:aws:ec2:us-east-1:{ACCOUNT}:{kind}/*" in resources
+    # Only the stack's own security group, the one the template names.
+    assert [arn for arn in resources if ":security-group/" in arn] == \
+        [f"arn:aws:ec2:us-east-1:{ACCOUNT}:security-group/{group}"
+         for group in data["SecurityGroupIds"]]
     assert run["Condition"] == {"ArnLike": {"ec2:LaunchTemplate": [template_arn]}}
     assert sized["Resource"] == f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance/*"
     assert sized["Condition"]["ArnLike"] == run["Condition"]["ArnLike"]
@@ -903,6 +944,8 @@ def assert_nothing_left(clients, names):
     assert error_of(clients("s3").head_bucket, Bucket=names.software_bucket) == "404"
     assert clients("logs").describe_log_groups(
         logGroupNamePrefix=names.log_group)["logGroups"] == []
+    assert ec2.describe_security_groups(Filters=[
+        {"Name": "group-name", "Values": [names.worker_security_group]}])["SecurityGroups"] == []
 
 
 # --- command line -----------------------------------------------------------------------

@@ -29,9 +29,13 @@ IMAGE_ID = "ami-0123456789abcdef0"
 INSTANCE_TYPES = ["t3.small", "c7g.large"]
 
 
+SECURITY_GROUP_ID = "sg-0123456789abcdef0"
+
+
 def rendered(template, names=NAMES):
     return deploy.render_policy(template, deploy.policy_values(
-        names, [TEMPLATE_ID], image_ids=[IMAGE_ID], instance_types=INSTANCE_TYPES))
+        names, [TEMPLATE_ID], image_ids=[IMAGE_ID], instance_types=INSTANCE_TYPES,
+        security_group_ids=[SECURITY_GROUP_ID]))
 
 
 def run_instances_resources(document):
@@ -188,6 +192,9 @@ def test_launcher_cannot_start_another_image_size_or_ssh_key_with_the_worker_rol
     assert not [arn for arn in granted if ":key-pair/" in arn]
     assert [arn for arn in granted if ":image/" in arn] == \
         [f"arn:aws:ec2:us-east-1::image/{IMAGE_ID}"]
+    # SecurityGroupIds is overridable too: only the stack's own group (no inbound) is granted.
+    assert [arn for arn in granted if ":security-group/" in arn] == \
+        [f"arn:aws:ec2:us-east-1:{NAMES.account}:security-group/{SECURITY_GROUP_ID}"]
     for statement in run_statements:
         resources = as_list(statement["Resource"])
         conditions = statement["Condition"]
