@@ -21,7 +21,9 @@ from awsfun_deploy.core import (  # noqa: F401
     CHANGES, CREATED, Clients, DELETED, DeployError, KEPT, PROPAGATION_TIMEOUT, Progress,
     UPDATED, _get_or_none, canonical, mismatches, retry_while, tag_list, wait_out_propagation,
 )
-from awsfun_deploy.names import STACK_TAG, derive_names, discover_names, resolve_names  # noqa: F401
+from awsfun_deploy.names import (  # noqa: F401
+    DEFAULT_INSTANCE_TYPE, STACK_TAG, derive_names, discover_names, resolve_names,
+)
 from awsfun_deploy.artifacts import (  # noqa: F401
     BOOTSTRAP_KEY, PUBLISHED_FILES, REPO, ROUTES_FILE, WORKER_FILES, build_function_zip,
     code_sha256, software_sources,
@@ -33,13 +35,18 @@ from awsfun_deploy.s3 import (  # noqa: F401
     notifications_overlap, publish_software, used_by_tag, with_notification,
     without_notification,
 )
-from awsfun_deploy.ec2 import AMI_PARAMETER, ensure_launch_template, read_launch_template  # noqa: F401
+from awsfun_deploy.ec2 import (  # noqa: F401
+    AMI_PARAMETER, PROFILE_WAIT_DELAY, PROFILE_WAIT_SECONDS, ensure_launch_template,
+    read_launch_template, wait_until_ec2_accepts_profile,
+)
 from awsfun_deploy.function import (  # noqa: F401
     LOG_RETENTION_DAYS, MAX_RETRY_ATTEMPTS, ensure_event_invoke_config, ensure_function,
+    function_configuration,
     ensure_s3_invoke_permission,
 )
 from awsfun_deploy.preflight import (  # noqa: F401
-    environment_problems, limit_problems, report_key_problems, tag_problems,
+    environment_problems, limit_problems, public_software_problems, report_key_problems,
+    tag_problems,
 )
 from awsfun_deploy.reconcile import (  # noqa: F401
     FAILED, MAX_RELAUNCHES, REPORTED, instance_by_token, object_from_head, reconcile,

@@ -360,7 +360,11 @@ def render_user_data(template, obj, settings, launcher=None):
 
 
 def read_software_file(key, settings, s3=None, local_dir=None, missing_ok=False):
-    """Return a published file: from local_dir (default: beside the handler; "": none) if there, else S3; cached."""
+    """Return a published file: from local_dir (default: beside the handler; "": none) if there, else S3; cached.
+
+    With missing_ok, None for a key S3 says is missing (NoSuchKey) or refuses (AccessDenied,
+    which is how a missing key looks to a role without s3:ListBucket); otherwise those raise.
+    """
     local_dir = os.path.dirname(os.path.abspath(__file__)) if local_dir is None else local_dir
     cache_key = (local_dir, settings["SOFTWARE_BUCKET"], key)
     if cache_key in _template_cache:
@@ -377,6 +381,15 @@ def read_software_file(key, settings, s3=None, local_dir=None, missing_ok=False)
         except ClientError as err:
             code = err.response["Error"]["Code"]
             if missing_ok and code == "NoSuchKey":
+                text = None
+            elif missing_ok and code == "AccessDenied":
+                # S3 answers 403, not 404, for a missing key when the caller may not list
+                # the bucket (S3 API Reference, GetObject): the launcher may not. Cached, so
+                # said once per container.
+                logger.warning("cannot read s3://%s/%s (%s %s): taken as absent; without "
+                               "s3:ListBucket a missing key looks the same",
+                               settings["SOFTWARE_BUCKET"], key, code,
+                               err.response["Error"]["Message"])
                 text = None
             else:
                 logger.error("cannot read s3://%s/%s: %s %s", settings["SOFTWARE_BUCKET"], key,
@@ -493,9 +506,13 @@ def launch_worker(ec2, obj, user_data, settings, dry_run=False, attempt=0):
         UserData=user_data,
         ClientToken=token,
         # Repeated here so a hand-made template can never leave a stopped (billed)
-        # machine behind or expose IMDSv1.
+        # machine behind or expose IMDSv1. Every metadata option is stated: this structure
+        # overrides the template's, and an option left out falls to the account's or the
+        # AMI's default (a hop limit of 2 on Amazon Linux 2023, which lets containers reach
+        # the worker role's credentials).
         InstanceInitiatedShutdownBehavior="terminate",
-        MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled"},
+        MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled",
+                         "HttpPutResponseHopLimit": 1},
         TagSpecifications=build_tags(obj, token, settings),
         DryRun=dry_run,
     )

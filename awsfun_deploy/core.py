@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 from botocore.config import Config
@@ -163,9 +164,26 @@ class Clients:
 
     def __call__(self, service):
         if service not in self._cache:
-            self._cache[service] = self.session.client(
-                service, region_name=self.region, config=CLIENT_CONFIG)
+            client = self.session.client(service, region_name=self.region, config=CLIENT_CONFIG)
+            if service == "s3control" and os.environ.get("AWS_ENDPOINT_URL"):
+                # S3 Control is addressed at ACCOUNT.s3-control...; an emulator at one
+                # address (moto) serves it there, not at a per-account host name.
+                client.meta.events.register("before-send.s3-control",
+                                            _send_to_endpoint(client.meta.endpoint_url))
+            self._cache[service] = client
         return self._cache[service]
+
+
+def _send_to_endpoint(endpoint_url):
+    """Return a before-send hook that drops a host prefix added to `endpoint_url`'s host."""
+    endpoint = urlsplit(endpoint_url)
+
+    def send_to_endpoint(request, **_):
+        parts = urlsplit(request.url)
+        if parts.netloc.endswith("." + endpoint.netloc):
+            request.url = urlunsplit(parts._replace(netloc=endpoint.netloc))
+
+    return send_to_endpoint
 
 
 def _get_or_none(call, **params):

@@ -9,7 +9,7 @@ from botocore.exceptions import ClientError, WaiterError
 
 from .core import (
     CREATED, DELETED, DeployError, GONE, IN_PLACE, UPDATED, error_code, is_not_found,
-    log_client_error, mismatches, tag_list, wait_out_propagation,
+    log_client_error, mismatches, retry_while, tag_list, wait_out_propagation,
 )
 from .names import BUCKET_TAG, STACK_TAG, TOKEN_TAG, WORKER_KEY_TAG, WORKER_TAG
 
@@ -74,13 +74,16 @@ def root_device(ec2, image_id):
     return device, size
 
 
-def worker_launch_template_data(image_id, instance_type, profile_name, device, size, prefix):
+def worker_launch_template_data(image_id, instance_type, profile_name, device, size, prefix,
+                                security_group_id=None):
     """Return the LaunchTemplateData of the worker template (pure)."""
     tags = tag_list({STACK_TAG: prefix, "awsfun:role": "worker"})
+    network = {"SecurityGroupIds": [security_group_id]} if security_group_id else {}
     return {
         "ImageId": image_id,
         "InstanceType": instance_type,
         "IamInstanceProfile": {"Name": profile_name},
+        **network,
         # Shutting down at the end of the job must end the bill, not leave a stopped machine.
         "InstanceInitiatedShutdownBehavior": "terminate",
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
@@ -158,6 +161,39 @@ def ensure_launch_template(ec2, names, data, progress, name=None, sleep=time.sle
     if not owner:
         ec2.create_tags(Resources=[template["id"]], Tags=tag_list({STACK_TAG: names.prefix}))
     return template["id"]
+
+
+# How EC2 refuses an instance profile it does not know yet: InvalidParameterValue, "Value (...)
+# for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name".
+PROFILE_NOT_YET = ("Invalid IAM Instance Profile", "iamInstanceProfile")
+PROFILE_WAIT_SECONDS = 120.0
+PROFILE_WAIT_DELAY = 5.0
+
+
+def wait_until_ec2_accepts_profile(ec2, name, sleep=time.sleep, timeout=PROFILE_WAIT_SECONDS,
+                                   delay=PROFILE_WAIT_DELAY):
+    """Return once a DryRun RunInstances from launch template `name` is accepted.
+
+    An instance profile made (or re-made) seconds ago is refused by RunInstances for a while
+    (IAM is eventually consistent; EC2 User Guide, "IAM roles for Amazon EC2": "it can take a
+    few seconds" before a new profile can be used), so the first uploads after a deploy would
+    fail. DryRunOperation means accepted; a refusal naming the instance profile is waited out
+    (at most `timeout` s); any other refusal (e.g. UnauthorizedOperation, no default VPC) and
+    the last are logged and raised as ClientError.
+    """
+    def dry_run():
+        try:
+            ec2.run_instances(LaunchTemplate={"LaunchTemplateName": name, "Version": "$Latest"},
+                              MinCount=1, MaxCount=1, DryRun=True)
+        except ClientError as err:
+            if error_code(err) == "DryRunOperation":
+                return True
+            raise
+        return True
+
+    return retry_while(PROFILE_NOT_YET, dry_run,
+                       f"checking that EC2 accepts the instance profile of {name}",
+                       timeout=timeout, delay=delay, sleep=sleep)
 
 
 def find_workers(ec2, launch_templates, states=("pending", "running")):
@@ -250,12 +286,108 @@ def plan_images(ec2, ssm, plan):
     return images
 
 
-def ensure_launch_templates(ec2, ssm, names, plan, progress, images=None):
+def ensure_launch_templates(ec2, ssm, names, plan, progress, images=None, security_group_id=None):
     """Create or update each planned launch template; return ({name: id}, {architecture: image id})."""
     images, ids = images or plan_images(ec2, ssm, plan), {}
     for name, (kind, architecture) in plan.items():
         image_id, (device, size) = images[architecture]
         data = worker_launch_template_data(image_id, kind, names.worker_instance_profile,
-                                           device, size, names.prefix)
+                                           device, size, names.prefix, security_group_id)
         ids[name] = ensure_launch_template(ec2, names, data, progress, name)
     return ids, {arch: image_id for arch, (image_id, _) in images.items()}
+
+
+# --- the workers' own security group ---------------------------------------------------------
+
+# Workers take no connection and make only HTTPS ones: to S3 and the Amazon Linux package
+# repository. DNS (the VPC resolver), NTP (169.254.169.123) and the instance metadata service
+# are not filtered by security groups (VPC User Guide, "Security group rules").
+WORKER_EGRESS = [{"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443,
+                  "IpRanges": [{"CidrIp": "0.0.0.0/0",
+                                "Description": "HTTPS to S3 and the package repository"}]}]
+
+
+def default_vpc(ec2):
+    """Return the region's default VPC id, where the templates launch (they name no subnet)."""
+    vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    if not vpcs:
+        raise DeployError("this region has no default VPC, and the worker templates launch "
+                          "into it: create one (aws ec2 create-default-vpc)")
+    return vpcs[0]["VpcId"]
+
+
+def read_security_group(ec2, names, vpc_id):
+    """Return the workers' security group in the VPC (its id, tags and rules), or None."""
+    groups = ec2.describe_security_groups(Filters=[
+        {"Name": "group-name", "Values": [names.worker_security_group]},
+        {"Name": "vpc-id", "Values": [vpc_id]},
+    ])["SecurityGroups"]
+    return groups[0] if groups else None
+
+
+def _rule_keys(permissions):
+    """The (protocol, from, to, CIDR) of each rule, comparable across what AWS answers."""
+    return {(p.get("IpProtocol"), p.get("FromPort"), p.get("ToPort"), r["CidrIp"])
+            for p in permissions for r in p.get("IpRanges", [])} | \
+        {(p.get("IpProtocol"), p.get("FromPort"), p.get("ToPort"), r["CidrIpv6"])
+         for p in permissions for r in p.get("Ipv6Ranges", [])} | \
+        {(p.get("IpProtocol"), p.get("FromPort"), p.get("ToPort"), g["GroupId"])
+         for p in permissions for g in p.get("UserIdGroupPairs", [])}
+
+
+def security_group_differences(group):
+    """Return how the workers' security group differs from no inbound and HTTPS out (pure)."""
+    if group is None:
+        return ["missing"]
+    found = ["inbound rules"] if group.get("IpPermissions") else []
+    if _rule_keys(group.get("IpPermissionsEgress", [])) != _rule_keys(WORKER_EGRESS):
+        found.append("outbound rules")
+    return found
+
+
+def ensure_security_group(ec2, names, vpc_id, progress):
+    """Create or correct the workers' security group (no inbound; HTTPS out); return its id."""
+    group = read_security_group(ec2, names, vpc_id)
+    created = group is None
+    if created:
+        group_id = ec2.create_security_group(
+            GroupName=names.worker_security_group, VpcId=vpc_id,
+            Description=f"awsfun workers ({names.prefix}): no inbound, HTTPS out; deploy.sh",
+            TagSpecifications=[{"ResourceType": "security-group",
+                                "Tags": tag_list({STACK_TAG: names.prefix})}],
+        )["GroupId"]
+        group = read_security_group(ec2, names, vpc_id)
+    else:
+        owner = {t["Key"]: t["Value"] for t in group.get("Tags", [])}.get(STACK_TAG)
+        if owner != names.prefix:
+            raise DeployError(f"security group {names.worker_security_group} in {vpc_id} was "
+                              f"not made by this deployment (tag {STACK_TAG}={owner!r})")
+        group_id = group["GroupId"]
+    differences = security_group_differences(group)
+    if group.get("IpPermissions"):
+        ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=group["IpPermissions"])
+    if "outbound rules" in differences:
+        # A new group allows all outbound traffic: replace that with HTTPS only.
+        if group.get("IpPermissionsEgress"):
+            ec2.revoke_security_group_egress(GroupId=group_id,
+                                             IpPermissions=group["IpPermissionsEgress"])
+        ec2.authorize_security_group_egress(GroupId=group_id, IpPermissions=WORKER_EGRESS)
+    outcome = CREATED if created else (UPDATED if differences else IN_PLACE)
+    progress.record(outcome, "worker security group", names.worker_security_group,
+                    group_id if created else ", ".join(differences))
+    return group_id
+
+
+def delete_security_group(ec2, names, progress, sleep=time.sleep):
+    """Delete the workers' security group (after the workers are gone); tolerate it being gone."""
+    vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    group = read_security_group(ec2, names, vpcs[0]["VpcId"]) if vpcs else None
+    if group is None:
+        progress.record(GONE, "worker security group", names.worker_security_group)
+        return
+    # A terminated worker's network interface holds the group for a little while.
+    retry_while(("DependencyViolation",),
+                lambda: ec2.delete_security_group(GroupId=group["GroupId"]),
+                f"deleting security group {names.worker_security_group}", timeout=300.0,
+                delay=10.0, sleep=sleep)
+    progress.record(DELETED, "worker security group", names.worker_security_group)

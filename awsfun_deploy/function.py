@@ -85,8 +85,10 @@ def function_configuration(names, environ=None):
         "MemorySize": FUNCTION_MEMORY,
         "Environment": {"Variables": handler_environment(names, environ)},
         "DeadLetterConfig": {"TargetArn": names.dlq_arn},
+        # System level INFO keeps Lambda's START and REPORT lines (duration, memory), which
+        # WARN drops; log levels need the JSON format (Lambda Developer Guide, log levels).
         "LoggingConfig": {"LogFormat": "JSON", "ApplicationLogLevel": "INFO",
-                          "SystemLogLevel": "WARN", "LogGroup": names.log_group},
+                          "SystemLogLevel": "INFO", "LogGroup": names.log_group},
     }
 
 

@@ -78,6 +78,11 @@ class Names:
         return f"{self.prefix}-s3-invoke"
 
     @property
+    def worker_security_group(self):
+        # Security group names are per VPC, and a VPC is in one region.
+        return f"{self.prefix}-worker"
+
+    @property
     def worker_policy_name(self):
         return f"{self.prefix}-worker"
 

@@ -36,13 +36,35 @@ def render_policy(name, values):
     return _render_value(template, values)
 
 
-def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES):
-    """Return the values the iam/ templates are rendered with."""
+def ec2_service_principal(partition):
+    """Return the service principal(s) EC2 presents in a partition: a string, or a list.
+
+    In the China regions (aws-cn) EC2 is ec2.amazonaws.com.cn, both when it assumes an
+    instance profile's role and as iam:PassedToService (Amazon Web Services in China,
+    "IAM: differences"); IAM there also accepts ec2.amazonaws.com, which some of its docs
+    still show, so both are named. Elsewhere it is ec2.amazonaws.com alone, kept a string so
+    documents already deployed do not change.
+    """
+    if partition == "aws-cn":
+        return ["ec2.amazonaws.com", "ec2.amazonaws.com.cn"]
+    return "ec2.amazonaws.com"
+
+
+def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES, image_ids=(),
+                  instance_types=(), security_group_ids=()):
+    """Return the values the iam/ templates are rendered with.
+
+    The launcher may start only the images and instance types deploy put in its templates:
+    RunInstances lets the caller override both (and add a key pair) even when it names a
+    launch template, and ec2:LaunchTemplate only proves a template was named (EC2 User Guide,
+    "Example policies to control access to the Amazon EC2 API", launch templates).
+    """
     software = f"arn:{names.partition}:s3:::{names.software_bucket}"
     # Workers never read the routing table: their route arrives in the user-data.
     worker_files = [key for key in published_files if key in WORKER_FILES]
     return {
         "Partition": names.partition,
+        "Ec2ServicePrincipal": ec2_service_principal(names.partition),
         "Region": names.region,
         "AccountId": names.account,
         "DataBucket": names.data_bucket,
@@ -51,16 +73,25 @@ def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES
         "WorkerRoleArn": names.worker_role_arn,
         "DeadLetterQueueArn": names.dlq_arn,
         "LaunchTemplateArns": [names.launch_template_arn(i) for i in launch_template_ids],
+        # An AMI's ARN has no account: public images belong to none of ours.
+        "ImageArns": [f"arn:{names.partition}:ec2:{names.region}::image/{image}"
+                      for image in sorted(set(image_ids))],
+        "InstanceTypes": sorted(set(instance_types)),
+        "SecurityGroupArns": [
+            f"arn:{names.partition}:ec2:{names.region}:{names.account}:security-group/{group}"
+            for group in sorted(set(security_group_ids))],
         "WorkerSoftwareObjectArns": [f"{software}/{key}" for key in worker_files],
         "LauncherSoftwareObjectArns": [f"{software}/{key}" for key in LAUNCHER_SOFTWARE_KEYS],
     }
 
 
-def policy_documents(names, launch_template_ids):
+def policy_documents(names, launch_template_ids, image_ids=(), instance_types=(),
+                     security_group_ids=()):
     """Return every rendered policy document by template name (what deploy applies)."""
     if isinstance(launch_template_ids, str):
         launch_template_ids = [launch_template_ids]
-    values = policy_values(names, launch_template_ids)
+    values = policy_values(names, launch_template_ids, image_ids=image_ids,
+                           instance_types=instance_types, security_group_ids=security_group_ids)
     return {
         name: render_policy(name, values)
         for name in ("worker-trust", "worker-policy", "lambda-trust", "lambda-policy",

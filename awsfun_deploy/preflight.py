@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+from botocore.exceptions import ClientError
+
 import AwsS3
 import lambda_function
 
-from .core import DeployError, canonical
+from .core import DeployError, canonical, error_code, log_client_error
 from .names import STACK_TAG
 from .artifacts import BOOTSTRAP_KEY, REPO
 from .policies import policy_values, render_policy
@@ -56,6 +58,42 @@ def check_preconditions(s3, ec2, names, plan):
             hint = ("set LAUNCH_TEMPLATE to use another name" if name == names.launch_template
                     else "name another launch_template in the routing table")
             raise DeployError(f"launch template {name} belongs to deployment {owner!r}; {hint}")
+def public_software_problems(s3control, account):
+    """Return a message if the account's Block Public Access forbids --public-software (reads only).
+
+    --public-software puts a bucket policy granting anonymous s3:GetObject. S3 refuses it
+    (PutBucketPolicy, AccessDenied) under BlockPublicPolicy and ignores it for anonymous
+    callers under RestrictPublicBuckets, when set for the account (s3control
+    GetPublicAccessBlock), whatever the bucket's own settings (S3 User Guide, "Blocking
+    public access to your Amazon S3 storage"). No configuration means none is set.
+    ClientError (e.g. AccessDenied for s3:GetAccountPublicAccessBlock) is logged and raised.
+    """
+    try:
+        block = s3control.get_public_access_block(AccountId=account)[
+            "PublicAccessBlockConfiguration"]
+    except ClientError as err:
+        if error_code(err) == "NoSuchPublicAccessBlockConfiguration":
+            return []
+        log_client_error(err, f"reading account {account}'s Block Public Access settings")
+        raise
+    blocking = [setting for setting in ("BlockPublicPolicy", "RestrictPublicBuckets")
+                if block.get(setting)]
+    if not blocking:
+        return []
+    return [f"--public-software: account {account} has Block Public Access "
+            f"{' and '.join(blocking)} on, so S3 would refuse or ignore the software bucket's "
+            "public-read policy; deploy without --public-software (workers read the software "
+            "with their role), or turn the account setting off (aws s3control "
+            "put-public-access-block)"]
+
+
+def check_public_software(s3control, names):
+    """Raise DeployError if --public-software cannot work in this account (see above)."""
+    found = public_software_problems(s3control, names.account)
+    if found:
+        raise DeployError("; ".join(found))
+
+
 # Service limits a setting can break. Sources: IAM User Guide "IAM and AWS STS quotas";
 # Lambda Developer Guide "Lambda quotas" and the CreateFunction/PutFunctionEventInvokeConfig
 # references; EC2 API Reference (CreateLaunchTemplate, RunInstances UserData); SQS Developer
@@ -89,6 +127,10 @@ ONE_RECORD_SECONDS = 5
 WORST_ETAG = "0" * 32 + "-10000"
 # A template id as EC2 makes them (lt- and 17 hex digits), for sizing the launcher policy.
 WORST_TEMPLATE_ID = "lt-" + "f" * 17
+# An image id (ami- and 17 hex digits; one per architecture) and a long instance type name
+# (u7in-32tb.224xlarge is 19 characters), for the same sizing.
+WORST_IMAGE_ID = "ami-" + "f" * 16
+WORST_INSTANCE_TYPE = "x" * 22
 
 
 def name_problems(names, environ):
@@ -187,7 +229,11 @@ def function_limit_problems():
 def launcher_policy_problems(names, template_names):
     """Return a message if the launcher role's policy, naming every launch template, passes
     IAM's 10,240 characters (white space not counted) for a role's inline policies (pure)."""
-    values = policy_values(names, [WORST_TEMPLATE_ID] * len(template_names))
+    values = policy_values(names, [WORST_TEMPLATE_ID] * len(template_names),
+                           image_ids=[f"{WORST_IMAGE_ID}{arch}" for arch in range(2)],
+                           instance_types=[f"{WORST_INSTANCE_TYPE}{index}"
+                                           for index in range(len(template_names))],
+                           security_group_ids=["sg-" + "f" * 17])
     size = len(canonical(render_policy("lambda-policy", values)))
     if size <= ROLE_POLICY_LIMIT:
         return []

@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError, WaiterError
 import AwsS3
 import lambda_function
 
-from .core import DeployError, GONE, Progress, is_not_found, log_client_error
+from .core import DeployError, GONE, Progress, error_code, is_not_found, log_client_error
 from .names import BUCKET_TAG, TOKEN_TAG
 from .s3 import bucket_exists, list_keys
 from .sqs import find_queue
@@ -168,6 +168,33 @@ def instance_state(ec2, instance_id):
     return reservations[0]["Instances"][0]["State"]["Name"]
 
 
+def end_reason(ec2, instance_id=None, token=None):
+    """Return EC2's StateReason of an ended worker (by id, else by its awsfun:token tag), or "".
+
+    A worker that ended without a report may never have booted, and EC2 says why only there:
+    e.g. Client.InvalidKMSKey.InvalidState (the launching role may not use the account's
+    default EBS key), Client.VolumeLimitExceeded, Server.InsufficientInstanceCapacity; a
+    terminated instance stays visible for about an hour (EC2 API Reference, StateReason).
+    """
+    if not instance_id and not token:
+        return ""
+    params = ({"InstanceIds": [instance_id]} if instance_id else
+              {"Filters": [{"Name": f"tag:{TOKEN_TAG}", "Values": [token]}]})
+    try:
+        reservations = ec2.describe_instances(**params)["Reservations"]
+    except ClientError as err:
+        if error_code(err) == "InvalidInstanceID.NotFound":
+            return ""
+        log_client_error(err, f"reading why {instance_id or token} ended")
+        raise
+    for reservation in reservations:
+        for instance in reservation["Instances"]:
+            reason = instance.get("StateReason") or {}
+            if reason.get("Message") or reason.get("Code"):
+                return reason.get("Message") or reason["Code"]
+    return ""
+
+
 def is_input(key, skip_substring, key_prefix="", size=None):
     """True for a key the handler would launch a worker for, under key_prefix (pure).
 
@@ -314,10 +341,12 @@ class Reconciler:
             if state in LIVE_STATES:
                 self.tokens[lambda_function.object_version_tag(obj)] = instance_id
                 return instance_id, None
+            reason = end_reason(self.ec2, instance_id, attempt_token)
             logger.warning("s3://%s/%s: ClientToken attempt %d is %s's, which is %s with no "
-                           "report; relaunching", obj["bucket"], obj["key"], attempt,
-                           instance_id or "a worker", state or "gone")
-            ended.append(f"{instance_id or 'attempt ' + str(attempt)} ({state or 'gone'})")
+                           "report (%s); relaunching", obj["bucket"], obj["key"], attempt,
+                           instance_id or "a worker", state or "gone", reason or "no reason shown")
+            ended.append(f"{instance_id or 'attempt ' + str(attempt)} ({state or 'gone'}"
+                         f"{': ' + reason if reason else ''})")
         self.refused[token] = (f"every ClientToken is used by a worker that ended without a "
                                f"report: {', '.join(ended)}; see their console output")
         logger.error("s3://%s/%s: %s", obj["bucket"], obj["key"], self.refused[token])

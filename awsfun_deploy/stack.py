@@ -17,14 +17,16 @@ from .s3 import (
 from .sqs import ensure_queue, find_queue
 from .iam import delete_instance_profile, delete_role, ensure_instance_profile, ensure_role
 from .ec2 import (
-    delete_launch_template, ensure_launch_templates, plan_images, plan_templates,
+    default_vpc, delete_launch_template, delete_security_group, ensure_launch_templates,
+    ensure_security_group, plan_images, plan_templates,
     remove_unrouted_templates, stack_launch_templates, terminate_workers,
+    wait_until_ec2_accepts_profile,
 )
 from .function import (
     delete_function, ensure_event_invoke_config, ensure_function, ensure_log_group,
     ensure_s3_invoke_permission, find_log_group,
 )
-from .preflight import check_limits, check_preconditions
+from .preflight import check_limits, check_preconditions, check_public_software
 
 
 def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=False,
@@ -41,7 +43,10 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     lam, sqs, logs, ssm = clients("lambda"), clients("sqs"), clients("logs"), clients("ssm")
     plan = plan_templates(ec2, types)
     images = plan_images(ec2, ssm, plan)
+    vpc_id = default_vpc(ec2)
     check_preconditions(s3, ec2, names, plan)
+    if public_software:
+        check_public_software(clients("s3control"), names)
 
     ensure_bucket(s3, names.data_bucket, names, PRIVATE_BLOCK, progress, "data bucket")
     software_is_ours = ensure_bucket(
@@ -62,11 +67,19 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
                 progress, "worker role")
     ensure_instance_profile(iam, names, progress)
 
-    template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress, images)
+    security_group_id = ensure_security_group(ec2, names, vpc_id, progress)
+    template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress, images,
+                                                   security_group_id)
+    # Every template names the one worker instance profile: once EC2 accepts it for one, the
+    # first uploads after this deploy will not be refused it.
+    wait_until_ec2_accepts_profile(ec2, names.launch_template)
 
-    # The launcher's policy names the templates' ids, so it follows the templates: exactly
-    # the worker template and those the routing table names.
-    values = policy_values(names, list(template_ids.values()), published_files)
+    # The launcher's policy names the templates' ids, images and instance types, so it follows
+    # the templates: exactly the worker template and those the routing table names.
+    values = policy_values(names, list(template_ids.values()), published_files,
+                           image_ids=images.values(),
+                           instance_types=[kind for kind, _ in plan.values()],
+                           security_group_ids=[security_group_id])
     ensure_role(iam, names.lambda_role, render_policy("lambda-trust", values),
                 names.lambda_policy_name, render_policy("lambda-policy", values), names,
                 progress, "launcher role")
@@ -83,6 +96,7 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
         "launch_templates": template_ids,
         "dlq_url": dlq_url,
         "image_id": images[plan[names.launch_template][1]],
+        "security_group_id": security_group_id,
     }
 
 
@@ -100,6 +114,7 @@ def teardown(clients, names, delete_data=False, progress=None, wait=True):
     terminate_workers(ec2, names, progress, wait=wait, templates=templates)
     for name in templates:
         delete_launch_template(ec2, names, progress, name)
+    delete_security_group(ec2, names, progress)
     delete_role(iam, names.lambda_role, progress, "launcher role")
     delete_instance_profile(iam, names, progress)
     delete_role(iam, names.worker_role, progress, "worker role")

@@ -20,8 +20,9 @@ from .s3 import (
 from .sqs import find_queue
 from .iam import read_instance_profile, read_role, role_differences
 from .ec2 import (
-    find_workers, instance_architecture, latest_worker_ami, read_launch_template, root_device,
-    stack_launch_templates, worker_launch_template_data,
+    find_workers, instance_architecture, latest_worker_ami, read_launch_template,
+    read_security_group, root_device, security_group_differences, stack_launch_templates,
+    worker_launch_template_data,
 )
 from .function import (
     MAX_RETRY_ATTEMPTS, find_log_group, function_configuration, function_differences,
@@ -74,14 +75,14 @@ def routed_templates(ec2, names, instance_type=None, routes_file=ROUTES_FILE):
     return templates, types, problem
 
 
-def template_drift(ec2, ssm, names, name, template, instance_type):
+def template_drift(ec2, ssm, names, name, template, instance_type, security_group_id=None):
     """Return the problems of one launch template against what deploy would make of it."""
     if template is None:
         return ["missing"]
     image_id, _ = latest_worker_ami(ssm, ec2, instance_architecture(ec2, instance_type))
     device, size = root_device(ec2, image_id)
     wanted = worker_launch_template_data(image_id, instance_type, names.worker_instance_profile,
-                                         device, size, names.prefix)
+                                         device, size, names.prefix, security_group_id)
     return [f"changed: {problem}" + (" (a newer Amazon Linux 2023 image is out)"
                                      if problem == "ImageId" else "")
             for problem in mismatches(wanted, template["data"])]
@@ -132,7 +133,18 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
     routed, types, routes_problem = routed_templates(ec2, names, instance_type, routes_file)
     if routes_problem:
         note("routing table", str(routes_file), f"invalid: {routes_problem}")
-    values = policy_values(names, [t["id"] for t in routed.values() if t])
+    vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    group = read_security_group(ec2, names, vpcs[0]["VpcId"]) if vpcs else None
+    group_id = group["GroupId"] if group else None
+    for problem in security_group_differences(group):
+        note("worker security group", names.worker_security_group,
+             problem if problem == "missing" else f"changed: {problem}")
+    # As deploy renders it: the templates' images, the instance types the table wants.
+    values = policy_values(names, [t["id"] for t in routed.values() if t],
+                           image_ids=[t["data"].get("ImageId") for t in routed.values()
+                                      if t and t["data"].get("ImageId")],
+                           instance_types=types.values(),
+                           security_group_ids=[group_id] if group_id else [])
     for what, role, trust, policy_name, policy in (
         ("worker role", names.worker_role, "worker-trust", names.worker_policy_name,
          "worker-policy"),
@@ -150,7 +162,7 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
              "changed: does not hold exactly the worker role")
 
     for name, template in routed.items():
-        for problem in template_drift(ec2, ssm, names, name, template, types[name]):
+        for problem in template_drift(ec2, ssm, names, name, template, types[name], group_id):
             note("launch template", name, problem)
     for name in stack_launch_templates(ec2, names):
         if name not in routed and read_launch_template(ec2, name):

@@ -87,6 +87,16 @@ def dataclass_values(names):
     return [getattr(names, field) for field in names.__dataclass_fields__]
 
 
+def test_function_logging_keeps_lambdas_start_and_report_lines():
+    """Lambda writes START, END and REPORT (duration, billed duration, max memory used) at
+    system log level INFO; SystemLogLevel WARN drops them. Log levels need the JSON log
+    format (Lambda Developer Guide, "Log-level filtering"). moto stores no LoggingConfig."""
+    names = deploy.derive_names("su2c", ACCOUNT, "us-east-1")
+    logging_config = deploy.function_configuration(names)["LoggingConfig"]
+    assert logging_config == {"LogFormat": "JSON", "SystemLogLevel": "INFO",
+                              "ApplicationLogLevel": "INFO", "LogGroup": names.log_group}
+
+
 def test_function_zip_is_reproducible_and_holds_handler_template_and_routes():
     first, second = deploy.build_function_zip(), deploy.build_function_zip()
     assert first == second
@@ -175,7 +185,9 @@ def test_deploy_creates_every_resource_with_its_properties(clients, names, deplo
         assert body == (REPO / key).read_bytes()
 
     # Roles: exactly one inline policy each, the rendered documents, nothing attached.
-    documents = deploy.policy_documents(names, result["launch_template_id"])
+    documents = deploy.policy_documents(names, result["launch_template_id"], [result["image_id"]],
+                                        [deploy.DEFAULT_INSTANCE_TYPE],
+                                        [result["security_group_id"]])
     for role, trust, policy_name, policy in (
         (names.worker_role, "worker-trust", names.worker_policy_name, "worker-policy"),
         (names.lambda_role, "lambda-trust", names.lambda_policy_name, "lambda-policy"),
@@ -275,8 +287,9 @@ def test_second_deploy_changes_nothing(clients, names, deployed, capsys):
 def test_changed_instance_type_adds_one_version_and_makes_it_default(clients, names, deployed):
     progress = deploy.Progress(echo=False)
     deploy.deploy(clients, names, instance_type="t3.micro", progress=progress)
+    # The launcher's policy names the instance types it may start, so it follows.
     assert [(s["what"], s["outcome"]) for s in changes(progress)] == \
-        [("launch template", deploy.UPDATED)]
+        [("launch template", deploy.UPDATED), ("launcher role", deploy.UPDATED)]
     ec2 = clients("ec2")
     (template,) = ec2.describe_launch_templates(LaunchTemplateNames=["su2cw_worker"])[
         "LaunchTemplates"]
@@ -298,6 +311,42 @@ def test_arm_instance_type_gets_the_arm_image(clients, names):
     arm = clients("ssm").get_parameter(
         Name="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64")
     assert result["image_id"] == arm["Parameter"]["Value"]
+
+
+def test_workers_get_the_stacks_own_security_group_no_inbound_https_out(clients, names,
+                                                                       deployed):
+    """Without a group of its own a worker gets the default VPC's default group, which lets
+    in everything from its other members and out everything (VPC User Guide, "Default
+    security groups"). Workers need no inbound and only HTTPS out (S3, the package
+    repository); moto never applies groups to traffic, so the rules are read back."""
+    result = deployed[0]
+    ec2 = clients("ec2")
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]
+    (group,) = ec2.describe_security_groups(GroupIds=[result["security_group_id"]])[
+        "SecurityGroups"]
+    assert (group["GroupName"], group["VpcId"]) == ("su2c-worker", vpc["VpcId"])
+    assert {"Key": deploy.STACK_TAG, "Value": "su2c"} in group["Tags"]
+    assert group["IpPermissions"] == []
+    (egress,) = group["IpPermissionsEgress"]
+    assert (egress["IpProtocol"], egress["FromPort"], egress["ToPort"]) == ("tcp", 443, 443)
+    assert [r["CidrIp"] for r in egress["IpRanges"]] == ["0.0.0.0/0"]
+    assert not egress.get("Ipv6Ranges") and not egress.get("UserIdGroupPairs")
+    data = template_data(ec2, names.launch_template)
+    assert data["SecurityGroupIds"] == [group["GroupId"]]
+
+    # Hand edits are drift, and deploy repairs them.
+    ec2.authorize_security_group_ingress(GroupId=group["GroupId"], IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    ec2.authorize_security_group_egress(GroupId=group["GroupId"], IpPermissions=[
+        {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    found = {(d["resource"], d["problem"]) for d in deploy.collect_status(clients, names)["drift"]}
+    assert found == {("worker security group", "changed: inbound rules"),
+                     ("worker security group", "changed: outbound rules")}
+    progress = deploy.Progress(echo=False)
+    deploy.deploy(clients, names, progress=progress)
+    assert [(s["what"], s["outcome"]) for s in changes(progress)] == \
+        [("worker security group", deploy.UPDATED)]
+    assert deploy.collect_status(clients, names)["drift"] == []
 
 
 def test_drift_is_reported_by_status_and_repaired_by_deploy(clients, names, deployed):
@@ -494,16 +543,28 @@ def test_handler_launch_request_is_what_the_launcher_policy_allows(clients, name
                                  "sqs:SendMessage"]
 
     template_arn = f"arn:aws:ec2:us-east-1:{ACCOUNT}:launch-template/{template_id}"
-    (run,) = by_action["ec2:RunInstances"]
+    run, sized, imaged = by_action["ec2:RunInstances"]
     assert request["LaunchTemplate"] == {"LaunchTemplateName": "su2cw_worker",
                                          "Version": "$Latest"}
+    # The request overrides neither image, type nor key: the template's are what is judged.
+    assert not {"ImageId", "InstanceType", "KeyName", "SecurityGroupIds"} & set(request)
+    data = clients("ec2").describe_launch_template_versions(
+        LaunchTemplateId=template_id, Versions=["$Latest"])["LaunchTemplateVersions"][0][
+        "LaunchTemplateData"]
     resources = as_list(run["Resource"])
     assert template_arn in resources
-    for kind in ("instance", "volume", "network-interface", "subnet", "security-group",
-                 "key-pair"):
+    for kind in ("volume", "network-interface", "subnet"):
         assert f"arn:aws:ec2:us-east-1:{ACCOUNT}:{kind}/*" in resources
-    assert "arn:aws:ec2:us-east-1::image/*" in resources
+    # Only the stack's own security group, the one the template names.
+    assert [arn for arn in resources if ":security-group/" in arn] == \
+        [f"arn:aws:ec2:us-east-1:{ACCOUNT}:security-group/{group}"
+         for group in data["SecurityGroupIds"]]
     assert run["Condition"] == {"ArnLike": {"ec2:LaunchTemplate": [template_arn]}}
+    assert sized["Resource"] == f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance/*"
+    assert sized["Condition"]["ArnLike"] == run["Condition"]["ArnLike"]
+    assert data["InstanceType"] in sized["Condition"]["StringEquals"]["ec2:InstanceType"]
+    assert as_list(imaged["Resource"]) == [f"arn:aws:ec2:us-east-1::image/{data['ImageId']}"]
+    assert imaged["Condition"]["ArnLike"] == run["Condition"]["ArnLike"]
 
     (tag,) = by_action["ec2:CreateTags"]
     assert tag["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
@@ -704,10 +765,16 @@ def test_routes_get_their_launch_templates_policy_publication_and_package(client
     # The launcher may launch from exactly these templates.
     policy = iam.get_role_policy(RoleName=names.lambda_role,
                                  PolicyName=names.lambda_policy_name)["PolicyDocument"]
-    (run,) = [st for st in policy["Statement"] if st["Action"] == "ec2:RunInstances"]
+    run, sized, imaged = [st for st in policy["Statement"] if st["Action"] == "ec2:RunInstances"]
     arns = sorted(f"arn:aws:ec2:us-east-1:{ACCOUNT}:launch-template/{i}" for i in ids.values())
     assert sorted(a for a in run["Resource"] if ":launch-template/" in a) == arns
-    assert sorted(run["Condition"]["ArnLike"]["ec2:LaunchTemplate"]) == arns
+    for statement in (run, sized, imaged):
+        assert sorted(statement["Condition"]["ArnLike"]["ec2:LaunchTemplate"]) == arns
+    # ... and only their instance types and images.
+    assert sized["Condition"]["StringEquals"]["ec2:InstanceType"] == \
+        sorted({kind for kind, _ in expected.values()})
+    assert sorted(imaged["Resource"]) == sorted(f"arn:aws:ec2:us-east-1::image/{image}"
+                                                for image in images.values())
 
     # The table is published (private to the launcher) and packaged beside the handler.
     assert s3.get_object(Bucket=names.software_bucket, Key="routes.json")["Body"].read() == \
@@ -878,6 +945,8 @@ def assert_nothing_left(clients, names):
     assert error_of(clients("s3").head_bucket, Bucket=names.software_bucket) == "404"
     assert clients("logs").describe_log_groups(
         logGroupNamePrefix=names.log_group)["logGroups"] == []
+    assert ec2.describe_security_groups(Filters=[
+        {"Name": "group-name", "Values": [names.worker_security_group]}])["SecurityGroups"] == []
 
 
 # --- command line -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from botocore.exceptions import ClientError
 import AwsS3
 import deploy
 import lambda_function
+from awsfun_deploy import preflight
 from conftest import REPO
 from support import fail_first
 
@@ -289,6 +290,28 @@ def test_a_bucket_in_another_region_stops_deploy_before_any_change(clients, whic
     assert account_snapshot(clients) == before
 
 
+@pytest.mark.parametrize("setting", ["BlockPublicPolicy", "RestrictPublicBuckets"])
+def test_public_software_in_an_account_that_blocks_public_policies_stops_before_any_change(
+        clients, names, setting):
+    """The account's Block Public Access (s3control) wins over the bucket's own: S3 refuses a
+    public bucket policy under BlockPublicPolicy and ignores it under RestrictPublicBuckets.
+    Deploy used to make both buckets and publish before PutBucketPolicy failed."""
+    clients("s3control").put_public_access_block(
+        AccountId=ACCOUNT, PublicAccessBlockConfiguration={setting: True})
+    before = account_snapshot(clients)
+    with pytest.raises(deploy.DeployError, match=f"--public-software: .*{setting}"):
+        deploy.deploy(clients, names, public_software=True, progress=deploy.Progress(echo=False))
+    assert account_snapshot(clients) == before
+
+
+def test_an_account_block_on_acls_only_leaves_public_software_possible(clients):
+    s3control = clients("s3control")
+    assert deploy.public_software_problems(s3control, ACCOUNT) == []  # none set
+    s3control.put_public_access_block(AccountId=ACCOUNT, PublicAccessBlockConfiguration={
+        "BlockPublicAcls": True, "IgnorePublicAcls": True})
+    assert deploy.public_software_problems(s3control, ACCOUNT) == []
+
+
 def test_a_launch_template_of_another_deployment_stops_deploy_before_any_change(clients, names):
     clients("ec2").create_launch_template(
         LaunchTemplateName=names.launch_template, LaunchTemplateData={"InstanceType": "t3.small"},
@@ -387,6 +410,57 @@ def test_a_propagation_refusal_that_never_ends_is_reraised_after_a_bounded_wait(
     assert sum(sleeps) <= deploy.PROPAGATION_TIMEOUT  # not waited for
 
 
+def stubbed_ec2(*answers):
+    """An EC2 client whose RunInstances answers are `answers` in order (error codes, messages)."""
+    from botocore.stub import Stubber
+    ec2 = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x",
+                       aws_secret_access_key="x")
+    stub = Stubber(ec2)
+    for code, message in answers:
+        stub.add_client_error("run_instances", code, message, 412 if code == "DryRunOperation"
+                              else 400, expected_params={
+                                  "LaunchTemplate": {"LaunchTemplateName": "su2cw_worker",
+                                                     "Version": "$Latest"},
+                                  "MinCount": 1, "MaxCount": 1, "DryRun": True})
+    stub.activate()
+    return ec2, stub
+
+
+ACCEPTED = ("DryRunOperation", "Request would have succeeded, but DryRun flag is set.")
+
+
+def test_deploy_waits_until_ec2_accepts_a_new_instance_profile():
+    """Right after an instance profile is made, EC2 refuses it in RunInstances for a while
+    (InvalidParameterValue, "Invalid IAM Instance Profile name"; IAM is eventually
+    consistent), so the first uploads after a deploy would fail. moto accepts at once."""
+    sleeps = []
+    ec2, stub = stubbed_ec2(("InvalidParameterValue", BAD_PROFILE),
+                            ("InvalidParameterValue", BAD_PROFILE), ACCEPTED)
+    assert deploy.wait_until_ec2_accepts_profile(ec2, "su2cw_worker", sleep=sleeps.append)
+    stub.assert_no_pending_responses()
+    assert sleeps == [deploy.PROFILE_WAIT_DELAY] * 2
+
+    # Any other refusal is not waited for; a profile never accepted stops after a bounded wait.
+    ec2, stub = stubbed_ec2(("UnauthorizedOperation", "You are not authorized"))
+    with pytest.raises(ClientError, match="UnauthorizedOperation"):
+        deploy.wait_until_ec2_accepts_profile(ec2, "su2cw_worker", sleep=sleeps.append)
+    assert len(sleeps) == 2
+    ec2, stub = stubbed_ec2(*[("InvalidParameterValue", BAD_PROFILE)] * 100)
+    with pytest.raises(ClientError, match="Invalid IAM Instance Profile"):
+        deploy.wait_until_ec2_accepts_profile(ec2, "su2cw_worker", sleep=sleeps.append)
+    assert 0 < sum(sleeps) <= deploy.PROFILE_WAIT_SECONDS + 2 * deploy.PROFILE_WAIT_DELAY
+
+
+def test_deploy_asks_ec2_with_a_dry_run_launch_from_the_worker_template(clients, names):
+    from support import record_calls
+    calls = record_calls(clients("ec2"))
+    deploy.deploy(clients, names, progress=deploy.Progress(echo=False))
+    dry_runs = [params for name, params in calls if name == "RunInstances"]
+    assert dry_runs == [{"LaunchTemplate": {"LaunchTemplateName": names.launch_template,
+                                            "Version": "$Latest"},
+                         "MinCount": 1, "MaxCount": 1, "DryRun": True}]
+
+
 # --- 4. limits checked for the worst case at deploy time --------------------------------
 
 WORST_KEY = "k" * 1024  # S3 keys go up to 1,024 bytes of UTF-8
@@ -437,7 +511,7 @@ def test_a_worker_time_limit_that_cannot_end_before_the_watchdog_is_refused(rout
 
 
 def test_a_function_timeout_too_short_for_one_record_is_refused(monkeypatch):
-    monkeypatch.setattr(deploy, "FUNCTION_TIMEOUT", 12)
+    monkeypatch.setattr(preflight, "FUNCTION_TIMEOUT", 12)  # where limit_problems reads it
     names = deploy.derive_names("su2c", ACCOUNT, "us-east-1")
     (problem,) = deploy.limit_problems(names, [], {})
     assert "function timeout 12 s" in problem and "10 s" in problem

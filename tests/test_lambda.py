@@ -693,6 +693,20 @@ def test_launch_parameters(clients):
         (BUCKET, key, "e" * 32)
 
 
+def test_run_instances_states_every_metadata_option_itself_hop_limit_one(clients):
+    """The request's MetadataOptions override the template's, and EC2 documents no merge of a
+    partial structure: an option left out falls to the account's instance metadata defaults
+    (ModifyInstanceMetadataDefaults) or the AMI's, and Amazon Linux 2023 images (ImdsSupport
+    v2.0) default HttpPutResponseHopLimit to 2, which lets a container on the worker reach the
+    worker role's credentials (EC2 User Guide, "Configure instance metadata options"). moto
+    keeps whatever is sent, so the request must say 1 itself."""
+    clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
+    lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
+    [(_, params)] = clients.ec2_calls
+    assert params["MetadataOptions"] == {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                                         "HttpPutResponseHopLimit": 1}
+
+
 def test_launch_template_name_is_overridable(clients, monkeypatch):
     monkeypatch.setenv("LAUNCH_TEMPLATE", "other_template")
     clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
@@ -887,6 +901,35 @@ def test_user_data_too_large_fails_that_record_only(clients, monkeypatch, tmp_pa
     with pytest.raises(lf.LaunchFailed, match="1 of 2 records failed: .*16384"):
         lf.lambda_handler(event, None)
     assert [name for name, _ in clients.ec2_calls] == ["RunInstances"]
+
+
+def test_a_missing_routes_file_read_without_list_permission_means_no_routes(
+        clients, monkeypatch, tmp_path, caplog):
+    """S3 answers a GetObject of a missing key with 403 AccessDenied, not 404 NoSuchKey, when
+    the caller may not s3:ListBucket (S3 API Reference, GetObject, "Permissions"); the
+    launcher may not. The handler pasted alone, with no routes.json published, must still
+    launch every record on the default route, and say why once. moto answers NoSuchKey."""
+    (tmp_path / "bootstrap").mkdir()
+    (tmp_path / "bootstrap" / "bootstrap.sh").write_text(TEMPLATE, encoding="utf-8")
+    monkeypatch.setattr(lf, "__file__", str(tmp_path / "lambda_function.py"))
+    clients.s3_stub.add_client_error("get_object", "AccessDenied", "Access Denied", 403,
+                                     expected_params={"Bucket": "su2csoftware",
+                                                      "Key": "routes.json"})
+    for suffix in "ab":
+        clients.ec2_stub.add_response("run_instances", instance(f"i-000000000000000{suffix}"))
+    event = s3_event(s3_record(BUCKET, "one.csv", etag="1"), s3_record(BUCKET, "two.csv", etag="2"))
+    with caplog.at_level(logging.WARNING):
+        result = lf.lambda_handler(event, None)
+    assert [entry["route"] for entry in result["launched"]] == ["default", "default"]
+    warnings = [r.getMessage() for r in caplog.records if "routes.json" in r.getMessage()]
+    assert len(warnings) == 1 and "AccessDenied" in warnings[0], warnings
+    clients.s3_stub.assert_no_pending_responses()
+
+
+def test_a_bootstrap_template_the_role_may_not_read_still_fails_loudly(clients):
+    clients.s3_stub.add_client_error("get_object", "AccessDenied", "Access Denied", 403)
+    with pytest.raises(lf.ClientError, match="AccessDenied"):
+        lf.load_bootstrap_template(settings(), local_dir="")
 
 
 # --- lambda_test_event.json -----------------------------------------------------------
