@@ -85,3 +85,19 @@ def names(clients):
 def shutdown_stub(tmp_path):
     """A `shutdown` first on PATH that records its arguments instead of powering off."""
     return ShutdownStub(tmp_path / "stub")
+
+
+@pytest.fixture
+def deployed(clients, names):
+    """One deploy on an empty endpoint; returns (result, progress, create_function params)."""
+    import deploy
+
+    captured = {}
+
+    def capture(params, **_):
+        captured.update(params)
+
+    clients("lambda").meta.events.register("provide-client-params.lambda.CreateFunction", capture)
+    progress = deploy.Progress(echo=False)
+    result = deploy.deploy(clients, names, progress=progress)
+    return result, progress, captured

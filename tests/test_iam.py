@@ -12,7 +12,7 @@ JUSTIFIED = {
     # Community auditors flag every iam:PassRole. Passing the worker role to EC2 is the one
     # thing the launcher must do (it is why the original needed admin rights); the statement
     # names that single role and carries iam:PassedToService = ec2.amazonaws.com, which
-    # test_deploy asserts. Nothing else here touches IAM.
+    # test_roles asserts. Nothing else here touches IAM.
     ("lambda-policy", "PRIVILEGE_ESCALATION"),
     ("lambda-policy", "PERMISSIONS_MANAGEMENT_ACTIONS"),
     # Community auditors flag sts:AssumeRole as returning credentials. In a trust policy that
@@ -109,7 +109,7 @@ def test_no_star_actions_and_no_managed_policies_anywhere():
             assert all("*" not in action for action in actions), (template, actions)
             assert "NotAction" not in statement and "NotResource" not in statement
             assert statement["Effect"] == "Allow"
-    # deploy attaches no managed policy: roles get exactly one inline policy (see test_deploy).
+    # deploy attaches no managed policy: roles get exactly one inline policy (see test_stack).
     sources = [deploy.REPO / "deploy.py", *sorted((deploy.REPO / "awsfun_deploy").glob("*.py"))]
     assert len(sources) > 10, sources  # the package is there: the check reads real code
     assert not [path.name for path in sources if "attach_role_policy" in path.read_text()]

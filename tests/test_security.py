@@ -10,7 +10,7 @@ What moto judges and what it does not (moto 5, IAM enforcement on via /moto-api/
   refusal there still proves that no statement grants the action on every resource, but moto
   refuses the launcher's own RunInstances too, so RunInstances, CreateTags, iam:PassRole and
   every Condition are proved from the policy documents instead (test_iam.py and
-  test_deploy.test_handler_launch_request_is_what_the_launcher_policy_allows).
+  test_roles.test_handler_launch_request_is_what_the_launcher_policy_allows).
 """
 
 import json
@@ -130,7 +130,7 @@ def test_lambda_role_credentials_do_its_job_and_nothing_else(clients, names, sta
 
 
 def test_worker_role_can_launch_nothing_and_escalate_nowhere(clients, names, stack, local_aws):
-    """Beyond test_deploy's worker test: no launches, no IAM writes, no other role."""
+    """Beyond test_roles's worker test: no launches, no IAM writes, no other role."""
     session = role_session(clients, names.worker_role)
     ec2, iam, sts = session.client("ec2"), session.client("iam"), session.client("sts")
     s3 = session.client("s3")
