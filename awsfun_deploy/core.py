@@ -186,11 +186,13 @@ def _send_to_endpoint(endpoint_url):
     return send_to_endpoint
 
 
-def _get_or_none(call, **params):
+def _get_or_none(call, doing=None, **params):
+    """Return call(**params), or None when AWS answers that the resource does not exist
+    (NOT_FOUND); any other refusal is logged as `doing` (default: the call's name) and raised."""
     try:
         return call(**params)
     except ClientError as err:
         if is_not_found(err):
             return None
-        log_client_error(err, call.__name__)
+        log_client_error(err, doing or call.__name__)
         raise

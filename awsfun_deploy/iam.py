@@ -7,20 +7,17 @@ import json
 from botocore.exceptions import ClientError
 
 from .core import (
-    CREATED, DELETED, GONE, IN_PLACE, UPDATED, canonical, is_not_found, log_client_error, tag_list,
+    CREATED, DELETED, GONE, IN_PLACE, UPDATED, _get_or_none, canonical, log_client_error, tag_list,
 )
 from .names import STACK_TAG
 
 
 def read_role(iam, role_name):
     """Return the role's trust policy, inline policies and attached policies, or None."""
-    try:
-        role = iam.get_role(RoleName=role_name)["Role"]
-    except ClientError as err:
-        if is_not_found(err):
-            return None
-        log_client_error(err, f"reading role {role_name}")
-        raise
+    found = _get_or_none(iam.get_role, f"reading role {role_name}", RoleName=role_name)
+    if found is None:
+        return None
+    role = found["Role"]
     inline = {}
     for page in iam.get_paginator("list_role_policies").paginate(RoleName=role_name):
         for name in page["PolicyNames"]:
@@ -80,13 +77,9 @@ def ensure_role(iam, role_name, trust, policy_name, policy, names, progress, wha
 
 def read_instance_profile(iam, name):
     """Return the instance profile (with its roles), or None."""
-    try:
-        return iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
-    except ClientError as err:
-        if is_not_found(err):
-            return None
-        log_client_error(err, f"reading instance profile {name}")
-        raise
+    found = _get_or_none(iam.get_instance_profile, f"reading instance profile {name}",
+                         InstanceProfileName=name)
+    return None if found is None else found["InstanceProfile"]
 
 
 def ensure_instance_profile(iam, names, progress):

@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError, WaiterError
 import AwsS3
 import lambda_function
 
-from .core import DeployError, GONE, Progress, error_code, is_not_found, log_client_error
+from .core import DeployError, GONE, Progress, _get_or_none, error_code, log_client_error
 from .names import BUCKET_TAG, TOKEN_TAG
 from .s3 import bucket_exists, list_keys
 from .sqs import find_queue
@@ -71,24 +71,16 @@ def object_from_head(bucket, key, head):
 
 def head_input(s3, bucket, key):
     """Return the object as object_from_head describes it, or None if it no longer exists."""
-    try:
-        return object_from_head(bucket, key, s3.head_object(Bucket=bucket, Key=key))
-    except ClientError as err:
-        if is_not_found(err):
-            return None
-        log_client_error(err, f"reading s3://{bucket}/{key}")
-        raise
+    head = _get_or_none(s3.head_object, f"reading s3://{bucket}/{key}", Bucket=bucket, Key=key)
+    return None if head is None else object_from_head(bucket, key, head)
 
 
 def recorded_input_etag(s3, bucket, report):
     """Return the input eTag a report records, "" if it records none, or None if there is no report."""
-    try:
-        head = s3.head_object(Bucket=bucket, Key=report)
-    except ClientError as err:
-        if is_not_found(err):
-            return None
-        log_client_error(err, f"reading s3://{bucket}/{report}")
-        raise
+    head = _get_or_none(s3.head_object, f"reading s3://{bucket}/{report}", Bucket=bucket,
+                        Key=report)
+    if head is None:
+        return None
     metadata = head.get("Metadata", {})
     if "input-etag" in metadata:
         return metadata["input-etag"]

@@ -196,14 +196,8 @@ def release_foreign_bucket(s3, bucket, names, progress, what):
 
 def published_digest(s3, bucket, key):
     """Return the sha256 recorded on a published object, or None if it is absent."""
-    try:
-        head = s3.head_object(Bucket=bucket, Key=key)
-    except ClientError as err:
-        if is_not_found(err):
-            return None
-        log_client_error(err, f"reading s3://{bucket}/{key}")
-        raise
-    return head.get("Metadata", {}).get("sha256", "")
+    head = _get_or_none(s3.head_object, f"reading s3://{bucket}/{key}", Bucket=bucket, Key=key)
+    return None if head is None else head.get("Metadata", {}).get("sha256", "")
 
 
 def publish_software(s3, bucket, files=PUBLISHED_FILES, progress=None, repo=REPO, sources=None):

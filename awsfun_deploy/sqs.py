@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from botocore.exceptions import ClientError
-
-from .core import CREATED, IN_PLACE, UPDATED, is_not_found, log_client_error, retry_while
+from .core import CREATED, IN_PLACE, UPDATED, _get_or_none, retry_while
 from .names import STACK_TAG
 
 DLQ_ATTRIBUTES = {"MessageRetentionPeriod": str(14 * 24 * 3600), "SqsManagedSseEnabled": "true"}
@@ -12,13 +10,10 @@ DLQ_ATTRIBUTES = {"MessageRetentionPeriod": str(14 * 24 * 3600), "SqsManagedSseE
 
 def find_queue(sqs, name):
     """Return (url, attributes) of the queue, or None if it does not exist."""
-    try:
-        url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
-    except ClientError as err:
-        if is_not_found(err):
-            return None
-        log_client_error(err, f"looking up queue {name}")
-        raise
+    found = _get_or_none(sqs.get_queue_url, f"looking up queue {name}", QueueName=name)
+    if found is None:
+        return None
+    url = found["QueueUrl"]
     attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
     return url, attributes
 
