@@ -6,8 +6,8 @@ lambda_function renders it into the user-data as a zip; bootstrap.sh runs it onc
 AwsS3.py runs with runpy in a forked child: one interpreter start (boto3 loaded once), and
 a child the OOM killer can take while this parent lives to report. The child must end by
 STARTED (the shell's EPOCHREALTIME) + LIMIT less a margin, before the shell's `timeout`.
-Exit status: the worker's 0 or 5 (it reported); 127 without boto3 (no report); else, the
-error report written (WORK_DIR/reported then exists): 4 fetch failed, 1 crashed, 124 time
+Exit status: the worker's 0 or 5 (it reported); 127 without boto3 (no report); 3 when no
+credentials came (no report: the shell's AWS CLI writes it); else, the error report written (WORK_DIR/reported then exists): 4 fetch failed, 1 crashed, 124 time
 limit, 137 SIGKILL, 143 SIGTERM, 128+N signal N, or the worker's own status.
 """
 import json
@@ -20,6 +20,7 @@ import time
 import traceback
 
 FETCH_FAILED = 4
+NO_CREDENTIALS = 3  # AwsS3.EXIT_FAILED_UNREPORTED: no report written; the shell writes it
 WORKER_REPORTED = 5  # AwsS3.EXIT_FAILED_REPORTED
 logger = logging.getLogger("awsfun.launcher")
 
@@ -48,6 +49,27 @@ def outcome(code, limit, crash="", timed_out=False):
     if code == 1:
         return 1, f"worker crashed: {crash or 'see its traceback in the log'}"
     return code, f"worker exited with status {code}"
+
+
+def wait_for_credentials(new_session, sleep=time.sleep, attempts=12, pause=5.0):
+    """Return a session (from new_session()) that holds credentials, or None after `attempts`.
+
+    Right after boot the instance profile's credentials can be missing from instance metadata
+    for a few seconds, and botocore asks only once (NoCredentialsError): without this wait the
+    fetch, the error report and the log upload all fail. A new session each try, since one
+    caches a miss. Bounded: attempts x pause (60 s), then the shell's AWS CLI reports.
+    """
+    for attempt in range(attempts):
+        try:
+            session = new_session()
+            if session.get_credentials() is not None:
+                return session
+            logger.warning("no AWS credentials yet (try %d of %d)", attempt + 1, attempts)
+        except Exception as err:  # noqa: BLE001 - IMDS not answering yet looks like many errors
+            logger.warning("no AWS credentials yet (try %d of %d): %s", attempt + 1, attempts, err)
+        if attempt + 1 < attempts:
+            sleep(pause)
+    return None
 
 
 def run_child(path, args):
@@ -122,7 +144,7 @@ def error_report(bucket, key, stage, message, code):
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def main(argv):
+def main(argv, sleep=time.sleep):
     """Run one job (see the module docstring); return the exit status."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s awsfun-bootstrap: %(message)s"))
@@ -139,9 +161,13 @@ def main(argv):
     except ImportError as err:
         logger.error("python3 cannot import boto3: %s", err)
         return 127
+    session = wait_for_credentials(boto3.Session, sleep)
+    if session is None:
+        logger.error("no AWS credentials after waiting: the shell reports through the AWS CLI")
+        return NO_CREDENTIALS
     # botocore < 1.31.0 ignores these variables; s3v4 for the presigned log upload.
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    s3 = boto3.client("s3", endpoint_url=endpoint or None, config=Config(
+    s3 = session.client("s3", endpoint_url=endpoint or None, config=Config(
         retries={"mode": "standard", "max_attempts": 5}, signature_version="s3v4"))
     try:
         try:

@@ -383,6 +383,47 @@ def test_the_deadline_counts_from_the_shell_s_clock_less_a_margin():
     assert launcher.deadline("", 5, now=5000.0) == 5000.0 + 5 - 1  # bash < 5: its own start
 
 
+class _NoCredentials:
+    """A boto3 session as one looks while instance metadata has no credentials yet."""
+
+    def get_credentials(self):
+        return None
+
+
+def test_the_launcher_waits_for_instance_profile_credentials_that_come_late():
+    """AWS fact: right after boot the instance profile's credentials can be missing from
+    instance metadata for a few seconds, and botocore asks once (NoCredentialsError). The
+    launcher tries again with a short sleep until a session holds credentials."""
+    real = boto3.Session(aws_access_key_id="a", aws_secret_access_key="s", region_name="us-east-1")
+    answers = iter([_NoCredentials(), RuntimeError("IMDS timed out"), real])
+
+    def new_session():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    sleeps = []
+    assert launcher.wait_for_credentials(new_session, sleeps.append) is real
+    assert len(sleeps) == 2 and all(0 < pause <= 10 for pause in sleeps)
+
+
+def test_a_launcher_whose_credentials_never_come_exits_for_the_shell_to_report(tmp_path,
+                                                                               monkeypatch):
+    """AWS fact as above: when the instance profile's credentials never come, the wait is
+    bounded (about 60 s) and the launcher ends with a status the shell reads as "Python could
+    not report" (not 0, 5 or 127, and no WORK_DIR/reported), so its AWS CLI writes it."""
+    monkeypatch.setattr(boto3, "Session", _NoCredentials)
+    sleeps = []
+    argv = ["launcher.pyz", str(tmp_path), "software", "AwsS3.py", "analysis/k.error.json",
+            "analysis/k.log", "600", "", "s3://b/k"]
+    status = launcher.main(argv, sleep=sleeps.append)
+    assert status == AwsS3.EXIT_FAILED_UNREPORTED
+    assert status not in (AwsS3.EXIT_OK, AwsS3.EXIT_FAILED_REPORTED, 127)
+    assert not (tmp_path / "reported").exists()
+    assert 30 <= sum(sleeps) <= 60
+
+
 @pytest.mark.parametrize("code, status, fragment", [
     ("raise RuntimeError('broke')\n", 1, "RuntimeError: broke"),
     ("def broken(:\n", 1, "SyntaxError"),
