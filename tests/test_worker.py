@@ -439,6 +439,41 @@ def test_the_launcher_reads_how_the_worker_ended(tmp_path, code, status, fragmen
     assert (message is None) if fragment is None else (fragment in message)
 
 
+def test_a_route_input_that_does_not_fit_on_disk_leaves_a_copy_stage_report(s3, monkeypatch):
+    """AWS fact: an instance's disk is what its root volume holds, so a route's local copy of
+    a large input can run out of space: the worker checks first and reports stage, needed
+    and free bytes, instead of dying half-way through the copy."""
+    import collections as _c
+    usage = _c.namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(1000, 990, 10))
+    key = "inbox/too big.csv"
+    put_input(s3, key, CSV)
+    ran = []
+    monkeypatch.setattr(AwsS3.subprocess, "run", lambda *a, **k: ran.append(a))
+    status = AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3, command=[sys.executable, "{input}"])
+    assert status == AwsS3.EXIT_FAILED_REPORTED and not ran
+    report = get_json(s3, AwsS3.report_key(key, ".error.json"))
+    assert report["stage"] == "copy"
+    assert (report["needed_bytes"], report["free_bytes"]) == (len(CSV), 10)
+    assert "not enough disk space" in report["error"]
+
+
+def test_a_route_command_works_on_disk_not_in_al2023_s_ram_backed_tmp(s3, monkeypatch):
+    """AWS fact: on Amazon Linux 2023 /tmp is a tmpfs holding at most half the memory
+    (AL2023 User Guide, "/tmp (small temporary files)"); large files belong in /var/tmp. With
+    TMPDIR unset, as under cloud-init, the route's input copy and outputs are under /var/tmp."""
+    import tempfile
+    monkeypatch.delenv("TMPDIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    key = "inbox/where.csv"
+    put_input(s3, key, CSV)
+    command = [sys.executable, "-c", "import os, sys; open(os.path.join(sys.argv[2], 'where'), "
+               "'w').write(sys.argv[1])", "{input}", "{output_dir}"]
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3.reader, command=command) == AwsS3.EXIT_OK
+    where = s3.reader.get_object(Bucket=BUCKET, Key=f"analysis/{key}/where")["Body"].read().decode()
+    assert where.startswith("/var/tmp/") and not where.startswith("/tmp/"), where
+
+
 def test_an_unexpected_exception_in_s3_mode_still_writes_the_error_report(s3, monkeypatch, caplog):
     key = "inbox/bug ü.csv"
     put_input(s3, key, CSV)
