@@ -50,7 +50,10 @@ BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 LAUNCH_TEMPLATE_NAME = re.compile(r"^[a-zA-Z0-9().\-/_]{3,128}$")
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 ROUTE_FIELDS = {"name", "match", "launch_template", "instance_type", "watchdog_minutes",
-                "worker_timeout_seconds", "command"}
+                "worker_timeout_seconds", "command", "root_volume_gib"}
+# A route's root volume (gp3): at least Amazon Linux 2023's 8 GiB image, at most EBS's 16 TiB
+# for gp3 (EBS User Guide, "Amazon EBS volume types").
+ROOT_VOLUME_GIB = (8, 16384)
 COMMAND_PLACEHOLDERS = {"input", "output_dir"}
 
 DEFAULTS = {
@@ -479,6 +482,11 @@ def _validate_route(route, where, names):
         value = route.get(field, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RoutesError(f"{where}: '{field}' must be a whole number >= 1")
+    size = route.get("root_volume_gib", ROOT_VOLUME_GIB[0])
+    if isinstance(size, bool) or not isinstance(size, int) or \
+            not ROOT_VOLUME_GIB[0] <= size <= ROOT_VOLUME_GIB[1]:
+        raise RoutesError(f"{where}: 'root_volume_gib' must be a whole number of GiB from "
+                          f"{ROOT_VOLUME_GIB[0]} to {ROOT_VOLUME_GIB[1]}")
     if "command" in route:
         _validate_command(route["command"], where)
 

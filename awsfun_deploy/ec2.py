@@ -286,11 +286,16 @@ def plan_images(ec2, ssm, plan):
     return images
 
 
-def ensure_launch_templates(ec2, ssm, names, plan, progress, images=None, security_group_id=None):
-    """Create or update each planned launch template; return ({name: id}, {architecture: image id})."""
+def ensure_launch_templates(ec2, ssm, names, plan, progress, images=None, security_group_id=None,
+                            volume_sizes=None):
+    """Create or update each planned launch template; return ({name: id}, {architecture: image id}).
+
+    volume_sizes: {name: GiB} from the routes' root_volume_gib; never below the image's own.
+    """
     images, ids = images or plan_images(ec2, ssm, plan), {}
     for name, (kind, architecture) in plan.items():
         image_id, (device, size) = images[architecture]
+        size = max(size, (volume_sizes or {}).get(name, 0))
         data = worker_launch_template_data(image_id, kind, names.worker_instance_profile,
                                            device, size, names.prefix, security_group_id)
         ids[name] = ensure_launch_template(ec2, names, data, progress, name)

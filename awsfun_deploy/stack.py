@@ -7,7 +7,7 @@ from .names import DEFAULT_INSTANCE_TYPE
 from .artifacts import (
     BOOTSTRAP_KEY, PUBLISHED_FILES, ROUTES_FILE, build_function_zip, software_sources,
 )
-from .routes import check_routing_table
+from .routes import check_routing_table, template_volume_sizes
 from .policies import policy_values, render_policy
 from .s3 import (
     PRIVATE_BLOCK, PUBLIC_SOFTWARE_BLOCK, bucket_exists, created_by, delete_bucket, ensure_bucket,
@@ -35,6 +35,7 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     progress = progress or Progress()
     # A bad routing table fails here, before anything is made, not later in the handler.
     routes, types = check_routing_table(routes_file, names.launch_template, instance_type)
+    volume_sizes = template_volume_sizes(routes)
     sources = software_sources(routes_file)
     # So does every limit a setting can break, for the worst case it allows.
     check_limits(names, routes, environ,
@@ -69,7 +70,7 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
 
     security_group_id = ensure_security_group(ec2, names, vpc_id, progress)
     template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress, images,
-                                                   security_group_id)
+                                                   security_group_id, volume_sizes)
     # Every template names the one worker instance profile: once EC2 accepts it for one, the
     # first uploads after this deploy will not be refused it.
     wait_until_ec2_accepts_profile(ec2, names.launch_template)
