@@ -52,21 +52,19 @@ def outcome(code, limit, crash="", timed_out=False):
 
 
 def wait_for_credentials(new_session, sleep=time.sleep, attempts=12, pause=5.0):
-    """Return a session (from new_session()) that holds credentials, or None after `attempts`.
+    """Return a new_session() holding credentials, or None after attempts x pause (60 s).
 
-    Right after boot the instance profile's credentials can be missing from instance metadata
-    for a few seconds, and botocore asks only once (NoCredentialsError): without this wait the
-    fetch, the error report and the log upload all fail. A new session each try, since one
-    caches a miss. Bounded: attempts x pause (60 s), then the shell's AWS CLI reports.
+    Just after boot, instance metadata can lack the instance profile's credentials for
+    seconds and botocore asks once (NoCredentialsError). A new session per try: one caches.
     """
     for attempt in range(attempts):
         try:
             session = new_session()
             if session.get_credentials() is not None:
                 return session
-            logger.warning("no AWS credentials yet (try %d of %d)", attempt + 1, attempts)
-        except Exception as err:  # noqa: BLE001 - IMDS not answering yet looks like many errors
-            logger.warning("no AWS credentials yet (try %d of %d): %s", attempt + 1, attempts, err)
+        except Exception as err:  # noqa: BLE001 - IMDS not answering yet takes many forms
+            logger.warning("%s", err)
+        logger.warning("no AWS credentials yet (try %d of %d)", attempt + 1, attempts)
         if attempt + 1 < attempts:
             sleep(pause)
     return None
