@@ -17,7 +17,7 @@ from .s3 import (
 from .sqs import ensure_queue, find_queue
 from .iam import delete_instance_profile, delete_role, ensure_instance_profile, ensure_role
 from .ec2 import (
-    default_vpc, delete_launch_template, delete_security_group, ensure_launch_templates,
+    default_ebs_key, default_vpc, delete_launch_template, delete_security_group, ensure_launch_templates,
     ensure_security_group, plan_images, plan_templates,
     remove_unrouted_templates, stack_launch_templates, terminate_workers,
     wait_until_ec2_accepts_profile,
@@ -45,6 +45,7 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     plan = plan_templates(ec2, types)
     images = plan_images(ec2, ssm, plan)
     vpc_id = default_vpc(ec2)
+    ebs_key = default_ebs_key(ec2, clients("kms"))
     check_preconditions(s3, ec2, names, plan)
     if public_software:
         check_public_software(clients("s3control"), names)
@@ -80,7 +81,7 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     values = policy_values(names, list(template_ids.values()), published_files,
                            image_ids=images.values(),
                            instance_types=[kind for kind, _ in plan.values()],
-                           security_group_ids=[security_group_id])
+                           security_group_ids=[security_group_id], ebs_key_arn=ebs_key)
     ensure_role(iam, names.lambda_role, render_policy("lambda-trust", values),
                 names.lambda_policy_name, render_policy("lambda-policy", values), names,
                 progress, "launcher role")

@@ -21,7 +21,7 @@ from .s3 import (
 from .sqs import find_queue
 from .iam import read_instance_profile, read_role, role_differences
 from .ec2 import (
-    find_workers, instance_architecture, latest_worker_ami, read_launch_template,
+    default_ebs_key, find_workers, instance_architecture, latest_worker_ami, read_launch_template,
     read_security_group, root_device, security_group_differences, stack_launch_templates,
     worker_launch_template_data,
 )
@@ -147,7 +147,8 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
                            image_ids=[t["data"].get("ImageId") for t in routed.values()
                                       if t and t["data"].get("ImageId")],
                            instance_types=types.values(),
-                           security_group_ids=[group_id] if group_id else [])
+                           security_group_ids=[group_id] if group_id else [],
+                           ebs_key_arn=default_ebs_key(ec2, clients("kms")))
     for what, role, trust, policy_name, policy in (
         ("worker role", names.worker_role, "worker-trust", names.worker_policy_name,
          "worker-policy"),
