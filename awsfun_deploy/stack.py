@@ -17,8 +17,8 @@ from .s3 import (
 from .sqs import ensure_queue, find_queue
 from .iam import delete_instance_profile, delete_role, ensure_instance_profile, ensure_role
 from .ec2 import (
-    default_ebs_key, default_vpc, delete_launch_template, delete_security_group, ensure_launch_templates,
-    ensure_security_group, plan_images, plan_templates,
+    default_ebs_key, default_vpc, delete_launch_template, delete_security_group,
+    ensure_launch_templates, ensure_security_group, plan_images, plan_templates,
     remove_unrouted_templates, stack_launch_templates, terminate_workers,
     wait_until_ec2_accepts_profile,
 )

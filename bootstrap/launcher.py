@@ -7,8 +7,9 @@ AwsS3.py runs with runpy in a forked child: one interpreter start (boto3 loaded 
 a child the OOM killer can take while this parent lives to report. The child must end by
 STARTED (the shell's EPOCHREALTIME) + LIMIT less a margin, before the shell's `timeout`.
 Exit status: the worker's 0 or 5 (it reported); 127 without boto3 (no report); 3 when no
-credentials came (no report: the shell's AWS CLI writes it); else, the error report written (WORK_DIR/reported then exists): 4 fetch failed, 1 crashed, 124 time
-limit, 137 SIGKILL, 143 SIGTERM, 128+N signal N, or the worker's own status.
+credentials came (no report: the shell's AWS CLI writes it); else, the error report
+written (WORK_DIR/reported then exists): 4 fetch failed, 1 crashed, 124 time limit,
+137 SIGKILL, 143 SIGTERM, 128+N signal N, or the worker's own status.
 """
 import json
 import logging

@@ -4,9 +4,12 @@ import json
 
 import boto3
 import pytest
+from botocore.parsers import ResponseParserError
+from botocore.stub import Stubber
 from parliament import analyze_policy_string
 
 import deploy
+from awsfun_deploy import ec2 as ec2_module
 
 # Findings accepted, each with the reason. Nothing else may be reported.
 JUSTIFIED = {
@@ -299,7 +302,6 @@ def test_a_customer_managed_default_ebs_key_is_granted_to_the_launcher_through_e
 
 def _ebs_clients(answer, key_manager=None):
     """EC2 and KMS clients whose GetEbsDefaultKmsKeyId (and DescribeKey) answer as AWS does."""
-    from botocore.stub import Stubber
     ec2 = boto3.client("ec2", region_name="us-east-1")
     kms = boto3.client("kms", region_name="us-east-1")
     ec2_stub, kms_stub = Stubber(ec2), Stubber(kms)
@@ -322,7 +324,6 @@ def _ebs_clients(answer, key_manager=None):
 def test_the_default_ebs_key_is_read_from_ec2_and_kms(answer, key_manager, expected):
     """AWS fact: GetEbsDefaultKmsKeyId names the default EBS key as an alias, key id or ARN;
     only a customer-managed key (DescribeKey: KeyManager CUSTOMER) needs the launcher's grant."""
-    from awsfun_deploy import ec2 as ec2_module
     ec2, kms = _ebs_clients(answer, key_manager)
     assert ec2_module.default_ebs_key(ec2, kms) == expected
 
@@ -332,9 +333,6 @@ def test_a_local_endpoint_that_cannot_answer_for_the_default_ebs_key_means_aws_e
     """moto does not implement GetEbsDefaultKmsKeyId (its server answers unparseably): with
     AWS_ENDPOINT_URL set that reads as the AWS-managed key, with a warning; against AWS the
     same failure is raised."""
-    from botocore.parsers import ResponseParserError
-    from awsfun_deploy import ec2 as ec2_module
-
     class Unparseable:
         def get_ebs_default_kms_key_id(self):
             raise ResponseParserError("Unable to parse response")

@@ -375,8 +375,8 @@ def test_a_launcher_that_ends_without_a_report_gets_one_from_the_shell(cloud, st
                         Body=f"import sys\nsys.exit({status})\n".encode())
     key = f"inbox/stand-in launcher {status}.csv"
     instance_id = cloud.launch(key, CSV)
-    done, stub = cloud.run(instance_id, path=python_path(os.path.dirname(find_aws_cli()) + os.pathsep
-                                                         + os.environ["PATH"]))
+    cli_dir = os.path.dirname(find_aws_cli())
+    done, stub = cloud.run(instance_id, path=python_path(cli_dir + os.pathsep + os.environ["PATH"]))
     assert done.returncode == status, done.stdout.decode() + done.stderr.decode()
     report = assert_error_report(cloud, key, "worker", f"status {status}", written_by="bootstrap")
     assert report["exit_code"] == status

@@ -467,8 +467,8 @@ def test_a_route_command_works_on_disk_not_in_al2023_s_ram_backed_tmp(s3, monkey
     monkeypatch.setattr(tempfile, "tempdir", None)
     key = "inbox/where.csv"
     put_input(s3, key, CSV)
-    command = [sys.executable, "-c", "import os, sys; open(os.path.join(sys.argv[2], 'where'), "
-               "'w').write(sys.argv[1])", "{input}", "{output_dir}"]
+    command = [sys.executable, "-c", ("import os, sys; open(os.path.join(sys.argv[2], 'where'), "
+                                      "'w').write(sys.argv[1])"), "{input}", "{output_dir}"]
     assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3.reader, command=command) == AwsS3.EXIT_OK
     where = s3.reader.get_object(Bucket=BUCKET, Key=f"analysis/{key}/where")["Body"].read().decode()
     assert where.startswith("/var/tmp/") and not where.startswith("/tmp/"), where
