@@ -22,6 +22,7 @@ import operator
 import os
 import queue
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -62,6 +63,16 @@ EXIT_FAILED_REPORTED = 5     # failed, and the error report is written (printed 
 
 class AnalysisError(Exception):
     """The input could not be analysed (corrupt, truncated, unreadable)."""
+
+
+class NotEnoughDisk(AnalysisError):
+    """The work directory's file system cannot hold what a stage must write there."""
+
+    def __init__(self, stage, directory, needed, free):
+        super().__init__(f"{stage}: not enough disk space in {directory}: needs {needed} bytes, "
+                         f"{free} free")
+        self.stage = stage
+        self.details = {"needed_bytes": needed, "free_bytes": free, "work_dir": directory}
 
 
 def report_key(key, suffix=".json"):
@@ -1304,9 +1315,34 @@ def _tee_to_file(chunks, path):
             yield chunk
 
 
+def work_root(environ=None):
+    """Return the directory the worker's large files go under: TMPDIR if set, else /var/tmp.
+
+    On Amazon Linux 2023 /tmp is a tmpfs (RAM, half of memory by default), so a 1 GB input
+    copied there fails or is OOM-killed on a small instance; /var/tmp is on the root volume
+    (https://docs.aws.amazon.com/linux/al2023/ug/filesystem-slash-tmp.html).
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("TMPDIR"):
+        return environ["TMPDIR"]
+    return "/var/tmp" if os.access("/var/tmp", os.W_OK) else tempfile.gettempdir()
+
+
+def check_free_space(directory, needed, stage):
+    """Raise NotEnoughDisk unless `directory`'s file system has `needed` bytes free."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise NotEnoughDisk(stage, directory, needed, free)
+
+
 def run_route_command(s3, bucket, key, command, chunks, report):
-    """Copy the object locally (analysing it on the way), run a route's argument list, upload its outputs."""
-    with tempfile.TemporaryDirectory(prefix="awsfun-route-") as work:
+    """Copy the object locally (analysing it on the way), run a route's argument list, upload its outputs.
+
+    The copy goes under work_root() (on disk, never AL2023's RAM-backed /tmp), after checking
+    that it fits (NotEnoughDisk, stage "copy", rather than a crash half-way).
+    """
+    with tempfile.TemporaryDirectory(prefix="awsfun-route-", dir=work_root()) as work:
+        check_free_space(work, report["input"]["size"], "copy")
         input_path = os.path.join(work, local_input_name(key))
         output_dir = os.path.join(work, "output")
         os.mkdir(output_dir)
@@ -1373,7 +1409,9 @@ def run_s3(uri, s3=None, command=None):
     except Exception as err:  # noqa: BLE001 - every failure must leave an error report
         code, message = _error_code(err)
         logger.error("failed on s3://%s/%s: %s %s", bucket, key, code, message)
-        report = error_report("analyse", err, {"bucket": bucket, "key": key, "etag": expected})
+        report = error_report(getattr(err, "stage", "analyse"), err,
+                              {"bucket": bucket, "key": key, "etag": expected})
+        report.update(getattr(err, "details", {}))
     try:
         target = put_report(s3, bucket, key, report, ".error.json")
     except Exception as err:  # noqa: BLE001

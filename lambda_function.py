@@ -38,6 +38,10 @@ LAUNCHER_KEY = "bootstrap/launcher.py"
 # The worker's report keys (AwsS3.report_key): under analysis/, hashed past S3's key limit.
 REPORT_PREFIX = "analysis/"
 S3_KEY_LIMIT = 1024
+# bootstrap.sh's `timeout -k 30`, and the time a timed-out job needs to write its report and
+# upload its log while the network is still up: both must pass before the watchdog fires.
+KILL_GRACE_SECONDS = 30
+REPORT_SECONDS = 30
 # What EC2 answers (since January 2025) to a ClientToken already used: its instance has
 # terminated, or the token came with other parameters. Either way this upload was launched.
 IDEMPOTENT_TERMINATED = "IdempotentInstanceTerminated"
@@ -46,7 +50,10 @@ BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 LAUNCH_TEMPLATE_NAME = re.compile(r"^[a-zA-Z0-9().\-/_]{3,128}$")
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 ROUTE_FIELDS = {"name", "match", "launch_template", "instance_type", "watchdog_minutes",
-                "worker_timeout_seconds", "command"}
+                "worker_timeout_seconds", "command", "root_volume_gib"}
+# A route's root volume (gp3): at least Amazon Linux 2023's 8 GiB image, at most EBS's 16 TiB
+# for gp3 (EBS User Guide, "Amazon EBS volume types").
+ROOT_VOLUME_GIB = (8, 16384)
 COMMAND_PLACEHOLDERS = {"input", "output_dir"}
 
 DEFAULTS = {
@@ -108,6 +115,20 @@ def load_settings(environ=None):
 def default_worker_timeout(watchdog_minutes):
     """Return the worker's time limit: it must stop (and report) before the watchdog fires."""
     return max(60, watchdog_minutes * 60 - 300)
+
+
+def ordered_time_limit(watchdog_minutes, timeout_seconds):
+    """Return the worker time limit to render: `timeout_seconds`, lowered where it (plus the
+    shell's `timeout -k` grace and the time to write a report and upload the log) would reach
+    the watchdog; never below the 60 s floor of default_worker_timeout.
+
+    Why: cloud-init's final stage runs with KillMode=process, so when `shutdown -h +N` fires
+    the script is signalled only after networking has stopped; a report written then never
+    reaches S3. The worker's own limit must always fire first. deploy refuses such values
+    (preflight.time_limit_problems); this keeps a handler pasted alone with bad settings safe.
+    """
+    ceiling = max(60, int(watchdog_minutes) * 60 - KILL_GRACE_SECONDS - REPORT_SECONDS)
+    return min(int(timeout_seconds), ceiling)
 
 
 def get_client(service):
@@ -334,6 +355,12 @@ def render_user_data(template, obj, settings, launcher=None):
         raise ValueError(f"bootstrap template has no line {JOB_MARKER!r} to render into")
     if launcher is None:
         launcher = read_software_file(LAUNCHER_KEY, settings)
+    watchdog = int(settings["WATCHDOG_MINUTES"])
+    limit = ordered_time_limit(watchdog, settings["WORKER_TIMEOUT_SECONDS"])
+    if limit != int(settings["WORKER_TIMEOUT_SECONDS"]):
+        logger.warning("worker time limit %s s lowered to %s s: it must end (and report) "
+                       "before the %s-minute watchdog", settings["WORKER_TIMEOUT_SECONDS"],
+                       limit, watchdog)
     job = {
         "JOB_BUCKET_B64": _b64(obj["bucket"]),
         "JOB_KEY_B64": _b64(obj["key"]),
@@ -344,8 +371,8 @@ def render_user_data(template, obj, settings, launcher=None):
         "JOB_WORKER_KEY_B64": _b64(settings["WORKER_KEY"]),
         "JOB_REGION_B64": _b64(settings["REGION"]),
         "JOB_COMMAND_B64": _b64(json.dumps(settings["COMMAND"])) if settings.get("COMMAND") else "",
-        "JOB_WATCHDOG_MINUTES": str(int(settings["WATCHDOG_MINUTES"])),
-        "JOB_TIMEOUT_SECONDS": str(int(settings["WORKER_TIMEOUT_SECONDS"])),
+        "JOB_WATCHDOG_MINUTES": str(watchdog),
+        "JOB_TIMEOUT_SECONDS": str(limit),
         "JOB_LAUNCHER_B64": launcher_archive(launcher),
     }
     # base64 and decimal digits hold no quote, so single quotes keep them inert.
@@ -455,6 +482,11 @@ def _validate_route(route, where, names):
         value = route.get(field, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RoutesError(f"{where}: '{field}' must be a whole number >= 1")
+    size = route.get("root_volume_gib", ROOT_VOLUME_GIB[0])
+    if isinstance(size, bool) or not isinstance(size, int) or \
+            not ROOT_VOLUME_GIB[0] <= size <= ROOT_VOLUME_GIB[1]:
+        raise RoutesError(f"{where}: 'root_volume_gib' must be a whole number of GiB from "
+                          f"{ROOT_VOLUME_GIB[0]} to {ROOT_VOLUME_GIB[1]}")
     if "command" in route:
         _validate_command(route["command"], where)
 

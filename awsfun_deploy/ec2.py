@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from botocore.exceptions import ClientError, WaiterError
+from botocore.parsers import ResponseParserError
 
 from .core import (
     CREATED, DELETED, DeployError, GONE, IN_PLACE, UPDATED, error_code, is_not_found,
@@ -97,6 +99,37 @@ def worker_launch_template_data(image_id, instance_type, profile_name, device, s
         "TagSpecifications": [{"ResourceType": kind, "Tags": tags}
                               for kind in ("instance", "volume")],
     }
+
+
+AWS_MANAGED_EBS_ALIAS = "alias/aws/ebs"
+
+
+def default_ebs_key(ec2, kms):
+    """Return the ARN of the account's default EBS key in this region when it is customer
+    managed, else None (the AWS-managed aws/ebs key, which needs no grant).
+
+    The worker templates encrypt the root volume without naming a key, so EC2 uses this one
+    (GetEbsDefaultKmsKeyId). A customer-managed key needs the launcher to hold kms:CreateGrant
+    and friends on it, or every instance goes pending -> terminated (Client.InternalError)
+    (EC2 User Guide, "Required AWS KMS key policy for use with encrypted volumes"). A local
+    endpoint (AWS_ENDPOINT_URL set) that cannot answer, as moto cannot, counts as aws/ebs.
+    """
+    try:
+        key_id = ec2.get_ebs_default_kms_key_id()["KmsKeyId"]
+    except (ClientError, ResponseParserError) as err:
+        local = os.environ.get("AWS_ENDPOINT_URL")
+        if local and (isinstance(err, ResponseParserError)
+                      or error_code(err) in ("NotImplemented", "InvalidAction")):
+            logger.warning("%s does not answer GetEbsDefaultKmsKeyId (%s); taking the "
+                           "AWS-managed aws/ebs key", local, err)
+            return None
+        if isinstance(err, ClientError):
+            log_client_error(err, "reading the default EBS encryption key")
+        raise
+    if key_id in (AWS_MANAGED_EBS_ALIAS, ""):
+        return None
+    metadata = kms.describe_key(KeyId=key_id)["KeyMetadata"]
+    return metadata["Arn"] if metadata.get("KeyManager") == "CUSTOMER" else None
 
 
 def read_launch_template(ec2, name):
@@ -286,11 +319,16 @@ def plan_images(ec2, ssm, plan):
     return images
 
 
-def ensure_launch_templates(ec2, ssm, names, plan, progress, images=None, security_group_id=None):
-    """Create or update each planned launch template; return ({name: id}, {architecture: image id})."""
+def ensure_launch_templates(ec2, ssm, names, plan, progress, images=None, security_group_id=None,
+                            volume_sizes=None):
+    """Create or update each planned launch template; return ({name: id}, {architecture: image id}).
+
+    volume_sizes: {name: GiB} from the routes' root_volume_gib; never below the image's own.
+    """
     images, ids = images or plan_images(ec2, ssm, plan), {}
     for name, (kind, architecture) in plan.items():
         image_id, (device, size) = images[architecture]
+        size = max(size, (volume_sizes or {}).get(name, 0))
         data = worker_launch_template_data(image_id, kind, names.worker_instance_profile,
                                            device, size, names.prefix, security_group_id)
         ids[name] = ensure_launch_template(ec2, names, data, progress, name)

@@ -31,8 +31,15 @@ def _render_value(value, values):
 
 
 def render_policy(name, values):
-    """Render iam/NAME.json: `${Name}` placeholders from values; list values splice into lists."""
+    """Render iam/NAME.json: `${Name}` placeholders from values; list values splice into lists.
+
+    The launcher's policy gets iam/optional/lambda-ebs-key.json's statements only when the
+    account's default EBS key is customer managed (values["EbsKeyArn"]; ec2.default_ebs_key).
+    """
     template = json.loads((IAM_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    if name == "lambda-policy" and values.get("EbsKeyArn"):
+        template["Statement"] += json.loads(
+            (IAM_DIR / "optional" / "lambda-ebs-key.json").read_text(encoding="utf-8"))["Statement"]
     return _render_value(template, values)
 
 
@@ -51,7 +58,7 @@ def ec2_service_principal(partition):
 
 
 def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES, image_ids=(),
-                  instance_types=(), security_group_ids=()):
+                  instance_types=(), security_group_ids=(), ebs_key_arn=None):
     """Return the values the iam/ templates are rendered with.
 
     The launcher may start only the images and instance types deploy put in its templates:
@@ -66,6 +73,10 @@ def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES
         "Partition": names.partition,
         "Ec2ServicePrincipal": ec2_service_principal(names.partition),
         "Region": names.region,
+        # EBS calls KMS on the launcher's behalf through EC2 (kms:ViaService).
+        "Ec2ViaService": f"ec2.{names.region}.amazonaws.com"
+                         + (".cn" if names.partition == "aws-cn" else ""),
+        "EbsKeyArn": ebs_key_arn or "",
         "AccountId": names.account,
         "DataBucket": names.data_bucket,
         "SoftwareBucket": names.software_bucket,

@@ -233,7 +233,9 @@ def launcher_policy_problems(names, template_names):
                            image_ids=[f"{WORST_IMAGE_ID}{arch}" for arch in range(2)],
                            instance_types=[f"{WORST_INSTANCE_TYPE}{index}"
                                            for index in range(len(template_names))],
-                           security_group_ids=["sg-" + "f" * 17])
+                           security_group_ids=["sg-" + "f" * 17],
+                           ebs_key_arn=f"arn:{names.partition}:kms:{names.region}:"
+                                       f"{names.account}:key/{'f' * 36}")
     size = len(canonical(render_policy("lambda-policy", values)))
     if size <= ROLE_POLICY_LIMIT:
         return []

@@ -51,6 +51,26 @@ def template_instance_types(routes, default_template, default_type):
     return types
 
 
+def template_volume_sizes(routes):
+    """Return {launch template: root volume GiB} for the templates whose routes set
+    root_volume_gib (pure); DeployError if two routes give one template different sizes.
+
+    A route's input copy and outputs live on the instance's disk (AL2023's /tmp is RAM), so
+    a route for large inputs sizes its template's root volume; others keep the image's size.
+    """
+    chosen = {}
+    for route in routes:
+        if "root_volume_gib" not in route:
+            continue
+        name, wanted = route["launch_template"], route["root_volume_gib"]
+        have, source = chosen.setdefault(name, (wanted, route["name"]))
+        if have != wanted:
+            raise DeployError(f"route {route['name']!r} wants launch template {name} with a "
+                              f"{wanted} GiB root volume, but route {source!r} wants {have} GiB; "
+                              "give the route its own launch_template")
+    return {name: size for name, (size, _) in chosen.items()}
+
+
 def check_routing_table(routes_file, default_template, default_type):
     """Return (routes, {launch template: instance type}) of a routing table file; DeployError names the file and problem."""
     routes = load_routes_file(routes_file)

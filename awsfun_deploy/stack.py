@@ -7,7 +7,7 @@ from .names import DEFAULT_INSTANCE_TYPE
 from .artifacts import (
     BOOTSTRAP_KEY, PUBLISHED_FILES, ROUTES_FILE, build_function_zip, software_sources,
 )
-from .routes import check_routing_table
+from .routes import check_routing_table, template_volume_sizes
 from .policies import policy_values, render_policy
 from .s3 import (
     PRIVATE_BLOCK, PUBLIC_SOFTWARE_BLOCK, bucket_exists, created_by, delete_bucket, ensure_bucket,
@@ -17,8 +17,8 @@ from .s3 import (
 from .sqs import ensure_queue, find_queue
 from .iam import delete_instance_profile, delete_role, ensure_instance_profile, ensure_role
 from .ec2 import (
-    default_vpc, delete_launch_template, delete_security_group, ensure_launch_templates,
-    ensure_security_group, plan_images, plan_templates,
+    default_ebs_key, default_vpc, delete_launch_template, delete_security_group,
+    ensure_launch_templates, ensure_security_group, plan_images, plan_templates,
     remove_unrouted_templates, stack_launch_templates, terminate_workers,
     wait_until_ec2_accepts_profile,
 )
@@ -35,6 +35,7 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     progress = progress or Progress()
     # A bad routing table fails here, before anything is made, not later in the handler.
     routes, types = check_routing_table(routes_file, names.launch_template, instance_type)
+    volume_sizes = template_volume_sizes(routes)
     sources = software_sources(routes_file)
     # So does every limit a setting can break, for the worst case it allows.
     check_limits(names, routes, environ,
@@ -44,6 +45,7 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     plan = plan_templates(ec2, types)
     images = plan_images(ec2, ssm, plan)
     vpc_id = default_vpc(ec2)
+    ebs_key = default_ebs_key(ec2, clients("kms"))
     check_preconditions(s3, ec2, names, plan)
     if public_software:
         check_public_software(clients("s3control"), names)
@@ -69,7 +71,7 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
 
     security_group_id = ensure_security_group(ec2, names, vpc_id, progress)
     template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress, images,
-                                                   security_group_id)
+                                                   security_group_id, volume_sizes)
     # Every template names the one worker instance profile: once EC2 accepts it for one, the
     # first uploads after this deploy will not be refused it.
     wait_until_ec2_accepts_profile(ec2, names.launch_template)
@@ -79,7 +81,7 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     values = policy_values(names, list(template_ids.values()), published_files,
                            image_ids=images.values(),
                            instance_types=[kind for kind, _ in plan.values()],
-                           security_group_ids=[security_group_id])
+                           security_group_ids=[security_group_id], ebs_key_arn=ebs_key)
     ensure_role(iam, names.lambda_role, render_policy("lambda-trust", values),
                 names.lambda_policy_name, render_policy("lambda-policy", values), names,
                 progress, "launcher role")

@@ -10,7 +10,8 @@ from .names import DEFAULT_INSTANCE_TYPE
 from .artifacts import (
     PUBLISHED_FILES, ROUTES_FILE, build_function_zip, code_sha256, file_sha256, software_sources,
 )
-from .routes import check_routing_table, load_routes_or_none, routes_by_template
+from .routes import (check_routing_table, load_routes_or_none, routes_by_template,
+                     template_volume_sizes)
 from .policies import policy_values, render_policy
 from .s3 import (
     PRIVATE_BLOCK, PUBLIC_READ_SID, PUBLIC_SOFTWARE_BLOCK, bucket_exists,
@@ -20,7 +21,7 @@ from .s3 import (
 from .sqs import find_queue
 from .iam import read_instance_profile, read_role, role_differences
 from .ec2 import (
-    find_workers, instance_architecture, latest_worker_ami, read_launch_template,
+    default_ebs_key, find_workers, instance_architecture, latest_worker_ami, read_launch_template,
     read_security_group, root_device, security_group_differences, stack_launch_templates,
     worker_launch_template_data,
 )
@@ -75,12 +76,14 @@ def routed_templates(ec2, names, instance_type=None, routes_file=ROUTES_FILE):
     return templates, types, problem
 
 
-def template_drift(ec2, ssm, names, name, template, instance_type, security_group_id=None):
+def template_drift(ec2, ssm, names, name, template, instance_type, security_group_id=None,
+                   volume_gib=0):
     """Return the problems of one launch template against what deploy would make of it."""
     if template is None:
         return ["missing"]
     image_id, _ = latest_worker_ami(ssm, ec2, instance_architecture(ec2, instance_type))
     device, size = root_device(ec2, image_id)
+    size = max(size, volume_gib)
     wanted = worker_launch_template_data(image_id, instance_type, names.worker_instance_profile,
                                          device, size, names.prefix, security_group_id)
     return [f"changed: {problem}" + (" (a newer Amazon Linux 2023 image is out)"
@@ -144,7 +147,8 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
                            image_ids=[t["data"].get("ImageId") for t in routed.values()
                                       if t and t["data"].get("ImageId")],
                            instance_types=types.values(),
-                           security_group_ids=[group_id] if group_id else [])
+                           security_group_ids=[group_id] if group_id else [],
+                           ebs_key_arn=default_ebs_key(ec2, clients("kms")))
     for what, role, trust, policy_name, policy in (
         ("worker role", names.worker_role, "worker-trust", names.worker_policy_name,
          "worker-policy"),
@@ -161,8 +165,13 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
         note("worker instance profile", names.worker_instance_profile,
              "changed: does not hold exactly the worker role")
 
+    try:
+        sizes = template_volume_sizes(load_routes_or_none(routes_file))
+    except DeployError:
+        sizes = {}  # the routing table's problem is noted above
     for name, template in routed.items():
-        for problem in template_drift(ec2, ssm, names, name, template, types[name], group_id):
+        for problem in template_drift(ec2, ssm, names, name, template, types[name], group_id,
+                                      sizes.get(name, 0)):
             note("launch template", name, problem)
     for name in stack_launch_templates(ec2, names):
         if name not in routed and read_launch_template(ec2, name):

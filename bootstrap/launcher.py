@@ -6,9 +6,10 @@ lambda_function renders it into the user-data as a zip; bootstrap.sh runs it onc
 AwsS3.py runs with runpy in a forked child: one interpreter start (boto3 loaded once), and
 a child the OOM killer can take while this parent lives to report. The child must end by
 STARTED (the shell's EPOCHREALTIME) + LIMIT less a margin, before the shell's `timeout`.
-Exit status: the worker's 0 or 5 (it reported); 127 without boto3 (no report); else, the
-error report written (WORK_DIR/reported then exists): 4 fetch failed, 1 crashed, 124 time
-limit, 137 SIGKILL, 143 SIGTERM, 128+N signal N, or the worker's own status.
+Exit status: the worker's 0 or 5 (it reported); 127 without boto3 (no report); 3 when no
+credentials came (no report: the shell's AWS CLI writes it); else, the error report
+written (WORK_DIR/reported then exists): 4 fetch failed, 1 crashed, 124 time limit,
+137 SIGKILL, 143 SIGTERM, 128+N signal N, or the worker's own status.
 """
 import json
 import logging
@@ -20,6 +21,7 @@ import time
 import traceback
 
 FETCH_FAILED = 4
+NO_CREDENTIALS = 3  # AwsS3.EXIT_FAILED_UNREPORTED: no report written; the shell writes it
 WORKER_REPORTED = 5  # AwsS3.EXIT_FAILED_REPORTED
 logger = logging.getLogger("awsfun.launcher")
 
@@ -48,6 +50,25 @@ def outcome(code, limit, crash="", timed_out=False):
     if code == 1:
         return 1, f"worker crashed: {crash or 'see its traceback in the log'}"
     return code, f"worker exited with status {code}"
+
+
+def wait_for_credentials(new_session, sleep=time.sleep, attempts=12, pause=5.0):
+    """Return a new_session() holding credentials, or None after attempts x pause (60 s).
+
+    Just after boot, instance metadata can lack the instance profile's credentials for
+    seconds and botocore asks once (NoCredentialsError). A new session per try: one caches.
+    """
+    for attempt in range(attempts):
+        try:
+            session = new_session()
+            if session.get_credentials() is not None:
+                return session
+        except Exception as err:  # noqa: BLE001 - IMDS not answering yet takes many forms
+            logger.warning("%s", err)
+        logger.warning("no AWS credentials yet (try %d of %d)", attempt + 1, attempts)
+        if attempt + 1 < attempts:
+            sleep(pause)
+    return None
 
 
 def run_child(path, args):
@@ -122,7 +143,7 @@ def error_report(bucket, key, stage, message, code):
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def main(argv):
+def main(argv, sleep=time.sleep):
     """Run one job (see the module docstring); return the exit status."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s awsfun-bootstrap: %(message)s"))
@@ -139,9 +160,13 @@ def main(argv):
     except ImportError as err:
         logger.error("python3 cannot import boto3: %s", err)
         return 127
+    session = wait_for_credentials(boto3.Session, sleep)
+    if session is None:
+        logger.error("no AWS credentials after waiting: the shell reports through the AWS CLI")
+        return NO_CREDENTIALS
     # botocore < 1.31.0 ignores these variables; s3v4 for the presigned log upload.
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    s3 = boto3.client("s3", endpoint_url=endpoint or None, config=Config(
+    s3 = session.client("s3", endpoint_url=endpoint or None, config=Config(
         retries={"mode": "standard", "max_attempts": 5}, signature_version="s3v4"))
     try:
         try:

@@ -2,10 +2,14 @@
 
 import json
 
+import boto3
 import pytest
+from botocore.parsers import ResponseParserError
+from botocore.stub import Stubber
 from parliament import analyze_policy_string
 
 import deploy
+from awsfun_deploy import ec2 as ec2_module
 
 # Findings accepted, each with the reason. Nothing else may be reported.
 JUSTIFIED = {
@@ -258,3 +262,84 @@ def test_only_the_public_read_document_names_everyone():
                 assert as_list(statement["Action"]) == ["s3:GetObject"]
                 assert all(resource.startswith(f"arn:aws:s3:::{NAMES.software_bucket}/")
                            and "*" not in resource for resource in statement["Resource"])
+
+
+# --- a customer-managed default EBS key (the templates encrypt without naming a key) ---------
+
+KMS_KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/0123abcd-4567-89ab-cdef-0123456789ab"
+
+
+def test_a_customer_managed_default_ebs_key_is_granted_to_the_launcher_through_ec2_only():
+    """AWS fact: an encrypted volume without a named key uses the account's default EBS key;
+    when that key is customer managed, the caller of RunInstances needs kms:CreateGrant
+    (kms:GrantIsForAWSResource true), kms:Decrypt, kms:GenerateDataKeyWithoutPlaintext,
+    kms:ReEncrypt* and kms:DescribeKey on it, via EC2 (kms:ViaService), or every instance goes
+    pending -> terminated with Client.InternalError (EC2 User Guide, "Required AWS KMS key
+    policy for use with encrypted volumes"). moto checks no KMS permission at all."""
+    document = deploy.render_policy("lambda-policy", deploy.policy_values(
+        NAMES, [TEMPLATE_ID], image_ids=[IMAGE_ID], instance_types=INSTANCE_TYPES,
+        security_group_ids=[SECURITY_GROUP_ID], ebs_key_arn=KMS_KEY_ARN))
+    kms = [s for s in document["Statement"]
+           if any(a.startswith("kms:") for a in as_list(s["Action"]))]
+    via = {"kms:ViaService": "ec2.us-east-1.amazonaws.com"}
+    assert [(as_list(s["Action"]), s["Resource"], s["Condition"]) for s in kms] == [
+        (["kms:CreateGrant"], KMS_KEY_ARN,
+         {"Bool": {"kms:GrantIsForAWSResource": "true"}, "StringEquals": via}),
+        (["kms:Decrypt", "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncryptFrom",
+          "kms:ReEncryptTo", "kms:DescribeKey"], KMS_KEY_ARN, {"StringEquals": via}),
+    ]
+    policy = analyze_policy_string(json.dumps(document), include_community_auditors=True)
+    assert [f.issue for f in policy.findings if ("lambda-policy", f.issue) not in JUSTIFIED
+            and not split_on_purpose(f, document)] == []
+    # With the AWS-managed aws/ebs key (no ebs_key_arn), no KMS permission at all.
+    assert not [s for s in rendered("lambda-policy")["Statement"]
+                if any(a.startswith("kms:") for a in as_list(s["Action"]))]
+    china = deploy.derive_names("su2c", "123456789012", "cn-north-1", partition="aws-cn")
+    text = json.dumps(deploy.render_policy("lambda-policy", deploy.policy_values(
+        china, ebs_key_arn=KMS_KEY_ARN.replace(":aws:", ":aws-cn:"))))
+    assert "ec2.cn-north-1.amazonaws.com.cn" in text
+
+
+def _ebs_clients(answer, key_manager=None):
+    """EC2 and KMS clients whose GetEbsDefaultKmsKeyId (and DescribeKey) answer as AWS does."""
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    kms = boto3.client("kms", region_name="us-east-1")
+    ec2_stub, kms_stub = Stubber(ec2), Stubber(kms)
+    ec2_stub.add_response("get_ebs_default_kms_key_id", {"KmsKeyId": answer})
+    if key_manager:
+        kms_stub.add_response("describe_key", {"KeyMetadata": {
+            "KeyId": KMS_KEY_ARN.rsplit("/", 1)[1], "Arn": KMS_KEY_ARN,
+            "KeyManager": key_manager}}, {"KeyId": answer})
+    ec2_stub.activate()
+    kms_stub.activate()
+    return ec2, kms
+
+
+@pytest.mark.parametrize("answer, key_manager, expected", [
+    ("alias/aws/ebs", None, None),  # the account never chose a key
+    ("alias/team-ebs", "CUSTOMER", KMS_KEY_ARN),
+    (KMS_KEY_ARN, "CUSTOMER", KMS_KEY_ARN),
+    ("arn:aws:kms:us-east-1:123456789012:alias/aws/ebs", "AWS", None),
+])
+def test_the_default_ebs_key_is_read_from_ec2_and_kms(answer, key_manager, expected):
+    """AWS fact: GetEbsDefaultKmsKeyId names the default EBS key as an alias, key id or ARN;
+    only a customer-managed key (DescribeKey: KeyManager CUSTOMER) needs the launcher's grant."""
+    ec2, kms = _ebs_clients(answer, key_manager)
+    assert ec2_module.default_ebs_key(ec2, kms) == expected
+
+
+def test_a_local_endpoint_that_cannot_answer_for_the_default_ebs_key_means_aws_ebs(monkeypatch,
+                                                                                   caplog):
+    """moto does not implement GetEbsDefaultKmsKeyId (its server answers unparseably): with
+    AWS_ENDPOINT_URL set that reads as the AWS-managed key, with a warning; against AWS the
+    same failure is raised."""
+    class Unparseable:
+        def get_ebs_default_kms_key_id(self):
+            raise ResponseParserError("Unable to parse response")
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")
+    assert ec2_module.default_ebs_key(Unparseable(), kms=None) is None
+    assert "GetEbsDefaultKmsKeyId" in caplog.text
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    with pytest.raises(ResponseParserError):
+        ec2_module.default_ebs_key(Unparseable(), kms=None)

@@ -525,6 +525,44 @@ def test_default_worker_timeout_stops_before_the_watchdog():
             values["WORKER_TIMEOUT_SECONDS"] == 60
 
 
+def _time_limits_in_order(user_data, started=1_000_000.0):
+    """Assert the rendered job's limits fire in order: the launcher's deadline, then the
+    shell's `timeout` (plus its -k grace and the time to report), then the watchdog."""
+    sys.path.insert(0, str(REPO / "bootstrap"))
+    try:
+        import launcher
+    finally:
+        sys.path.remove(str(REPO / "bootstrap"))
+    values = job_values(user_data)
+    watchdog, limit = int(values["JOB_WATCHDOG_MINUTES"]), int(values["JOB_TIMEOUT_SECONDS"])
+    [grace] = re.findall(r'timeout -k (\d+) "\$JOB_TIMEOUT_SECONDS"', user_data)
+    child_deadline = launcher.deadline(str(started), limit, now=started)
+    assert started < child_deadline < started + limit
+    # 30 s to write the report and upload the log while the network is up.
+    assert limit + int(grace) + 30 <= watchdog * 60, (limit, grace, watchdog)
+
+
+@pytest.mark.parametrize("env, route", [
+    ({}, None),
+    ({"WATCHDOG_MINUTES": "30"}, None),
+    ({"WORKER_TIMEOUT_SECONDS": "7200"}, None),  # reaches the default 120-minute watchdog
+    ({}, {"name": "big", "match": "*", "launch_template": "su2cw_big", "watchdog_minutes": 240}),
+    ({}, {"name": "slow", "match": "*", "launch_template": "su2cw_big",
+          "watchdog_minutes": 10, "worker_timeout_seconds": 3600}),
+    ({"WATCHDOG_MINUTES": "20"}, {"name": "long", "match": "*", "launch_template": "su2cw_big",
+                                  "worker_timeout_seconds": 1200}),
+])
+def test_the_worker_s_own_time_limit_fires_before_the_watchdog(env, route):
+    """AWS fact (cloud-init): the final stage runs with KillMode=process, so when the
+    watchdog's `shutdown -h +N` fires the script is signalled only after networking has
+    stopped, and a report written then never reaches S3. Whatever the settings a handler
+    pasted alone is given, the rendered numbers keep launcher deadline < shell timeout (+ its
+    kill grace and the report) < watchdog."""
+    launch = lf.apply_route(settings(**env), lf.validate_routes({"routes": [route]})[0]
+                            if route else None)
+    _time_limits_in_order(lf.render_user_data(TEMPLATE, obj(), launch))
+
+
 def test_render_fits_the_longest_s3_key():
     key = "€" * 341  # 1,023 bytes: close to S3's 1,024-byte key limit, all multi-byte
     user_data = lf.render_user_data(TEMPLATE, obj(key, etag="f" * 32 + "-10000"), settings())

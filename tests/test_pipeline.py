@@ -363,6 +363,27 @@ def test_a_worker_that_dies_without_a_report_gets_one_from_the_bootstrap(cloud, 
     assert_shut_down(stub)
 
 
+@pytest.mark.parametrize("status", [1, AwsS3.EXIT_FAILED_UNREPORTED, 42])
+def test_a_launcher_that_ends_without_a_report_gets_one_from_the_shell(cloud, status):
+    """Any launcher status other than 0, 5 (reported) and 127 (boto3 missing) without
+    WORK_DIR/reported takes the shell's AWS CLI fallback: 3 is what the launcher returns when
+    the instance profile's credentials never came to instance metadata (AWS: they can be
+    missing for a few seconds after boot), 1 a launcher that died."""
+    if find_aws_cli() is None:
+        pytest.skip("no self-contained AWS CLI on this machine")
+    cloud.s3.put_object(Bucket=SOFTWARE, Key="bootstrap/launcher.py",
+                        Body=f"import sys\nsys.exit({status})\n".encode())
+    key = f"inbox/stand-in launcher {status}.csv"
+    instance_id = cloud.launch(key, CSV)
+    cli_dir = os.path.dirname(find_aws_cli())
+    done, stub = cloud.run(instance_id, path=python_path(cli_dir + os.pathsep + os.environ["PATH"]))
+    assert done.returncode == status, done.stdout.decode() + done.stderr.decode()
+    report = assert_error_report(cloud, key, "worker", f"status {status}", written_by="bootstrap")
+    assert report["exit_code"] == status
+    assert "wrote error report for stage worker" in cloud.get(AwsS3.report_key(key, ".log")).decode()
+    assert_shut_down(stub)
+
+
 # Keys a generic HTTP tool would rewrite: dot segments (curl squashes /./ and /../ unless
 # --path-as-is), an encoded dot segment, and the characters URLs give a meaning to.
 PATH_KEYS = ("a/../b.csv", "x/./y.csv", "../z.csv", "d/%2e%2e/e.csv", "p/q/..",

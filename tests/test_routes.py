@@ -141,6 +141,28 @@ def test_routes_get_their_launch_templates_policy_publication_and_package(client
     assert instance["InstanceType"] == "m7i.large"
 
 
+def test_a_route_s_root_volume_size_reaches_its_launch_template(clients, names, tmp_path):
+    """AWS fact: on Amazon Linux 2023 /tmp is RAM (tmpfs, half of memory), so a route's copy
+    of a large input lives on the root volume: its template gets the route's
+    root_volume_gib, the others keep the image's size, and status sees no drift."""
+    routes_file = write_routes(tmp_path, dict(BIG, root_volume_gib=200), PLAIN)
+    deploy.deploy(clients, names, progress=deploy.Progress(echo=False), routes_file=routes_file)
+    ec2 = clients("ec2")
+    sizes = {name: template_data(ec2, name)["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
+             for name in ("su2cw_worker", "su2cw_worker_big", "su2cw_worker_misc")}
+    assert sizes["su2cw_worker_big"] == 200
+    assert sizes["su2cw_worker"] == sizes["su2cw_worker_misc"] < 200
+    assert deploy.collect_status(clients, names, routes_file=routes_file)["drift"] == []
+
+
+def test_two_routes_giving_one_template_different_root_volumes_are_refused(tmp_path):
+    routes_file = write_routes(tmp_path, dict(BIG, root_volume_gib=200),
+                               dict(BIG, name="other", match="x/*", root_volume_gib=50))
+    with pytest.raises(deploy.DeployError, match="200 GiB"):
+        deploy.deploy(NoAws(), deploy.derive_names("su2c", ACCOUNT, "us-east-1"),
+                      progress=deploy.Progress(echo=False), routes_file=routes_file)
+
+
 def test_a_route_dropped_from_the_table_loses_its_template_and_permission(clients, names,
                                                                          tmp_path):
     first = write_routes(tmp_path, BIG, PLAIN, name="first.json")

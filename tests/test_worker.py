@@ -383,6 +383,47 @@ def test_the_deadline_counts_from_the_shell_s_clock_less_a_margin():
     assert launcher.deadline("", 5, now=5000.0) == 5000.0 + 5 - 1  # bash < 5: its own start
 
 
+class _NoCredentials:
+    """A boto3 session as one looks while instance metadata has no credentials yet."""
+
+    def get_credentials(self):
+        return None
+
+
+def test_the_launcher_waits_for_instance_profile_credentials_that_come_late():
+    """AWS fact: right after boot the instance profile's credentials can be missing from
+    instance metadata for a few seconds, and botocore asks once (NoCredentialsError). The
+    launcher tries again with a short sleep until a session holds credentials."""
+    real = boto3.Session(aws_access_key_id="a", aws_secret_access_key="s", region_name="us-east-1")
+    answers = iter([_NoCredentials(), RuntimeError("IMDS timed out"), real])
+
+    def new_session():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    sleeps = []
+    assert launcher.wait_for_credentials(new_session, sleeps.append) is real
+    assert len(sleeps) == 2 and all(0 < pause <= 10 for pause in sleeps)
+
+
+def test_a_launcher_whose_credentials_never_come_exits_for_the_shell_to_report(tmp_path,
+                                                                               monkeypatch):
+    """AWS fact as above: when the instance profile's credentials never come, the wait is
+    bounded (about 60 s) and the launcher ends with a status the shell reads as "Python could
+    not report" (not 0, 5 or 127, and no WORK_DIR/reported), so its AWS CLI writes it."""
+    monkeypatch.setattr(boto3, "Session", _NoCredentials)
+    sleeps = []
+    argv = ["launcher.pyz", str(tmp_path), "software", "AwsS3.py", "analysis/k.error.json",
+            "analysis/k.log", "600", "", "s3://b/k"]
+    status = launcher.main(argv, sleep=sleeps.append)
+    assert status == AwsS3.EXIT_FAILED_UNREPORTED
+    assert status not in (AwsS3.EXIT_OK, AwsS3.EXIT_FAILED_REPORTED, 127)
+    assert not (tmp_path / "reported").exists()
+    assert 30 <= sum(sleeps) <= 60
+
+
 @pytest.mark.parametrize("code, status, fragment", [
     ("raise RuntimeError('broke')\n", 1, "RuntimeError: broke"),
     ("def broken(:\n", 1, "SyntaxError"),
@@ -396,6 +437,41 @@ def test_the_launcher_reads_how_the_worker_ended(tmp_path, code, status, fragmen
     got, message = launcher.outcome(exit_code, 60, crash, timed_out)
     assert got == status
     assert (message is None) if fragment is None else (fragment in message)
+
+
+def test_a_route_input_that_does_not_fit_on_disk_leaves_a_copy_stage_report(s3, monkeypatch):
+    """AWS fact: an instance's disk is what its root volume holds, so a route's local copy of
+    a large input can run out of space: the worker checks first and reports stage, needed
+    and free bytes, instead of dying half-way through the copy."""
+    import collections as _c
+    usage = _c.namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(1000, 990, 10))
+    key = "inbox/too big.csv"
+    put_input(s3, key, CSV)
+    ran = []
+    monkeypatch.setattr(AwsS3.subprocess, "run", lambda *a, **k: ran.append(a))
+    status = AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3, command=[sys.executable, "{input}"])
+    assert status == AwsS3.EXIT_FAILED_REPORTED and not ran
+    report = get_json(s3, AwsS3.report_key(key, ".error.json"))
+    assert report["stage"] == "copy"
+    assert (report["needed_bytes"], report["free_bytes"]) == (len(CSV), 10)
+    assert "not enough disk space" in report["error"]
+
+
+def test_a_route_command_works_on_disk_not_in_al2023_s_ram_backed_tmp(s3, monkeypatch):
+    """AWS fact: on Amazon Linux 2023 /tmp is a tmpfs holding at most half the memory
+    (AL2023 User Guide, "/tmp (small temporary files)"); large files belong in /var/tmp. With
+    TMPDIR unset, as under cloud-init, the route's input copy and outputs are under /var/tmp."""
+    import tempfile
+    monkeypatch.delenv("TMPDIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    key = "inbox/where.csv"
+    put_input(s3, key, CSV)
+    command = [sys.executable, "-c", ("import os, sys; open(os.path.join(sys.argv[2], 'where'), "
+                                      "'w').write(sys.argv[1])"), "{input}", "{output_dir}"]
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3.reader, command=command) == AwsS3.EXIT_OK
+    where = s3.reader.get_object(Bucket=BUCKET, Key=f"analysis/{key}/where")["Body"].read().decode()
+    assert where.startswith("/var/tmp/") and not where.startswith("/tmp/"), where
 
 
 def test_an_unexpected_exception_in_s3_mode_still_writes_the_error_report(s3, monkeypatch, caplog):
