@@ -949,6 +949,8 @@ def test_a_missing_routes_file_read_without_list_permission_means_no_routes(
     launch every record on the default route, and say why once. moto answers NoSuchKey."""
     (tmp_path / "bootstrap").mkdir()
     (tmp_path / "bootstrap" / "bootstrap.sh").write_text(TEMPLATE, encoding="utf-8")
+    # Packaged beside it like the template (the thin bootstrap renders the launcher in).
+    (tmp_path / lf.LAUNCHER_KEY).write_bytes((REPO / lf.LAUNCHER_KEY).read_bytes())
     monkeypatch.setattr(lf, "__file__", str(tmp_path / "lambda_function.py"))
     clients.s3_stub.add_client_error("get_object", "AccessDenied", "Access Denied", 403,
                                      expected_params={"Bucket": "su2csoftware",
