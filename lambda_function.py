@@ -181,7 +181,7 @@ def parse_record(record):
     except UnicodeDecodeError:
         raise EventError("object key is not valid percent-encoded UTF-8") from None
     # No S3 object has such a key; bash would drop a NUL and so hand the worker another object.
-    if re.search("[\0\ud800-\udfff]", key) or len(key.encode("utf-8", "surrogatepass")) > 1024:
+    if re.search("[\0\ud800-\udfff]", key) or len(key.encode("utf-8", "surrogatepass")) > S3_KEY_LIMIT:
         raise EventError("object key holds a NUL or a lone surrogate, or passes S3's 1,024 bytes")
     obj = s3["object"]
     return {

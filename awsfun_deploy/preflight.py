@@ -109,14 +109,14 @@ NAME_LIMITS = (
     ("launcher policy name", "lambda_policy_name", 128),
     ("S3 invoke permission statement id", "permission_sid", 100),
 )
-S3_KEY_LIMIT = 1024
+S3_KEY_LIMIT = lambda_function.S3_KEY_LIMIT
 BUCKET_TAG_LIMIT = 50
 TAG_KEY_LIMIT = 128
 ENVIRONMENT_LIMIT = 4096
 ROLE_POLICY_LIMIT = 10240
 FUNCTION_TIMEOUT_LIMIT = 900
 # `timeout -k 30` in bootstrap.sh: a worker past its time limit gets 30 s more before SIGKILL.
-KILL_GRACE_SECONDS = 30
+KILL_GRACE_SECONDS = lambda_function.KILL_GRACE_SECONDS
 # systemd's `shutdown +N` adds N minutes (as microseconds) to the clock in a 64-bit counter
 # with no bound check (parse_shutdown_time_spec); half the counter leaves room for the clock.
 WATCHDOG_MAX_MINUTES = (2 ** 64 - 1) // 60_000_000 // 2
