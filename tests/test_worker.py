@@ -424,6 +424,30 @@ def test_a_launcher_whose_credentials_never_come_exits_for_the_shell_to_report(t
     assert 30 <= sum(sleeps) <= 60
 
 
+def test_the_worker_reuses_the_launchers_session_and_its_loaded_models(tmp_path, monkeypatch):
+    """One python3 start per job: the forked worker's boto3.client() takes the launcher's
+    session, whose S3 service model is already parsed (about 0.15 CPU-seconds a job)."""
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    probe = tmp_path / "loads.json"
+    worker = f"""import json, boto3, botocore.loaders
+loads = []
+read = botocore.loaders.JSONFileLoader.load_file
+botocore.loaders.JSONFileLoader.load_file = lambda self, path: loads.append(path) or read(self, path)
+boto3.client("s3")
+open({str(probe)!r}, "w").write(json.dumps(loads))
+"""
+    with mock_aws():
+        s3 = boto3.Session(region_name="us-east-1").client("s3")  # not the default session
+        s3.create_bucket(Bucket="software")
+        s3.create_bucket(Bucket="data")
+        s3.put_object(Bucket="software", Key="AwsS3.py", Body=worker.encode())
+        argv = ["launcher.pyz", str(tmp_path), "software", "AwsS3.py", "analysis/k.error.json",
+                "analysis/k.log", "600", "", "s3://data/k"]
+        assert launcher.main(argv) == AwsS3.EXIT_OK
+    loads = json.loads(probe.read_text())
+    assert not [path for path in loads if "/s3/" in path], loads
+
+
 @pytest.mark.parametrize("code, status, fragment", [
     ("raise RuntimeError('broke')\n", 1, "RuntimeError: broke"),
     ("def broken(:\n", 1, "SyntaxError"),
