@@ -56,6 +56,17 @@ def publish_software(s3, bucket, files=PUBLISHED):
 BOOTSTRAP_TOOLS = ("bash", "base64", "cat", "date", "mktemp", "rm", "tee", "timeout")
 
 
+def worker_image_id(ssm):
+    """Return the Amazon Linux 2023 image id from its public SSM parameter, as deploy does.
+
+    Not DescribeImages without a filter: moto answers it with all of its ~1,300 images, which
+    costs seconds a call on the 2-core CI machine.
+    """
+    from awsfun_deploy.ec2 import AMI_PARAMETER
+
+    return ssm.get_parameter(Name=AMI_PARAMETER.format(arch="x86_64"))["Parameter"]["Value"]
+
+
 def s3_record(bucket, key, *, etag="0123456789abcdef0123456789abcdef",
               event_name="ObjectCreated:Put", version_id=None, sequencer="0055AED6DCD90281E5",
               size=1, raw_key=None):

@@ -200,7 +200,9 @@ def test_local_ec2_answers_a_used_client_token_as_ec2_does(local_aws):
     from botocore.exceptions import ClientError
 
     ec2 = boto3.client("ec2")
-    image = ec2.describe_images()["Images"][0]["ImageId"]
+    from support import worker_image_id
+
+    image = worker_image_id(boto3.client("ssm"))
 
     def launch(token, user_data="echo a"):
         params = dict(ImageId=image, MinCount=1, MaxCount=1, UserData=user_data)

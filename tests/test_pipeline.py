@@ -20,7 +20,8 @@ import pytest
 import AwsS3
 import lambda_function as lf
 from support import (REPO, ShutdownStub, bare_path, find_aws_cli, publish_software, python_path,
-                     receive_s3_records, run_user_data, s3_event, s3_record, target_venv_bin)
+                     receive_s3_records, run_user_data, s3_event, s3_record, target_venv_bin,
+                     worker_image_id)
 
 DATA = "awsfun-data"
 SOFTWARE = "awsfun-software"
@@ -39,7 +40,7 @@ class Cloud:
         for bucket in (DATA, SOFTWARE):
             self.s3.create_bucket(Bucket=bucket)
         publish_software(self.s3, SOFTWARE)
-        image = self.ec2.describe_images()["Images"][0]["ImageId"]
+        image = worker_image_id(boto3.client("ssm"))
         self.ec2.create_launch_template(
             LaunchTemplateName="su2cw_worker",
             LaunchTemplateData={"ImageId": image, "InstanceType": "t3.micro",
