@@ -607,6 +607,13 @@ def describe_failure(err):
     return type(err).__name__, str(err)
 
 
+def printable(text):
+    """Return `text` as a str that encodes to UTF-8: a lone surrogate (a key no S3 object can
+    have, in a hand-made test event) becomes its escape '\\ud800', so the log line of a
+    skipped record is written, not lost in a logging error; other text is unchanged."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def time_is_running_out(context):
     """True when the Lambda context says less than DEADLINE_MARGIN_MS remain."""
     remaining = getattr(context, "get_remaining_time_in_millis", None)
@@ -619,7 +626,8 @@ def lambda_handler(event, context):
     objects, skipped = parse_records(event)
     result = {"launched": [], "skipped": skipped}
     for entry in skipped:
-        logger.warning("skipped s3://%s/%s: %s", entry["bucket"], entry["key"], entry["reason"])
+        logger.warning("skipped s3://%s/%s: %s", printable(entry["bucket"]), printable(entry["key"]),
+                       entry["reason"])
     failures = []
     seen_tokens = set()
     for index, obj in enumerate(objects):
