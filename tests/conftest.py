@@ -19,6 +19,12 @@ from support import ShutdownStub  # noqa: E402
 REGION = "us-east-1"
 
 
+def pytest_collection_modifyitems(items):
+    """Start the long_running tests first: pytest-xdist's workers (pytest.ini) then run the
+    short ones beside them, instead of one worker finishing a burst alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long_running") is None)
+
+
 @pytest.fixture(autouse=True)
 def aws_credentials(monkeypatch):
     """Fake credentials for every test; no test may reach a real account or IMDS."""

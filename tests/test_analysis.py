@@ -293,7 +293,7 @@ def test_binary_gets_a_byte_histogram_summary():
 
 
 def test_gzip_of_nothing_is_empty_content():
-    report = analyse_bytes(gzip.compress(b""))
+    report = analyse_bytes(gzip.compress(b"", mtime=0))
     assert (report["format"], report["lines"], report["content_bytes"]) == ("empty", 0, 0)
 
 
@@ -301,7 +301,7 @@ def test_gzip_of_nothing_is_empty_content():
 
 
 def test_decompression_comes_in_bounded_pieces():
-    bomb = gzip.compress(b"\x00" * (20 * AwsS3.PIECE_SIZE))
+    bomb = gzip.compress(b"\x00" * (20 * AwsS3.PIECE_SIZE), mtime=0)
     stream = AwsS3.GzipStream()
     pieces = [len(piece) for piece in stream.feed(bomb, 0)]
     assert sum(pieces) == 20 * AwsS3.PIECE_SIZE
@@ -309,7 +309,7 @@ def test_decompression_comes_in_bounded_pieces():
 
 
 def test_multi_member_gzip_cut_anywhere():
-    members = [gzip.compress(b"line %d\n" % i * 500) for i in range(5)] + [gzip.compress(b"")]
+    members = [gzip.compress(b"line %d\n" % i * 500, mtime=0) for i in range(5)] + [gzip.compress(b"", mtime=0)]
     content = b"".join(members)
     report = AwsS3.analyse_stream(random_chunks(content, 3, 700))
     assert report["gzip_members"] == 6 and report["lines"] == 2500
@@ -344,7 +344,7 @@ def test_byte_sum_is_the_exact_sum(max_value):
 
 def test_local_report_keeps_the_contract_fields(tmp_path):
     path = tmp_path / "r.fastq.gz"
-    path.write_bytes(gzip.compress((DATA / "reads.fastq").read_bytes()))
+    path.write_bytes(gzip.compress((DATA / "reads.fastq").read_bytes(), mtime=0))
     report = AwsS3.analyse_file(str(path))
     assert {"input", "bytes", "lines", "sha256", "format", "summary", "compression"} <= set(report)
     assert report["input"] == {"path": str(path), "size": path.stat().st_size}

@@ -289,7 +289,7 @@ def _fastq(reads):
 
 
 def _corrupt_gzip():
-    data = bytearray(gzip.compress(_fastq(2000)))
+    data = bytearray(gzip.compress(_fastq(2000), mtime=0))
     data[200:260] = b"\xff" * 60
     return bytes(data)
 
@@ -297,7 +297,7 @@ def _corrupt_gzip():
 BAD_INPUTS = {
     # name: (body, outcome, what the report must say)
     "corrupt.fastq.gz": (_corrupt_gzip(), "error", "corrupt gzip"),
-    "truncated.fastq.gz": (gzip.compress(_fastq(2000))[:-40], "error", "truncated gzip"),
+    "truncated.fastq.gz": (gzip.compress(_fastq(2000), mtime=0)[:-40], "error", "truncated gzip"),
     "truncated.fastq": (_fastq(100) + FASTQ_RECORD[:30], "report", "ends inside a record"),
     "empty.csv": (b"", "error", "empty"),
 }

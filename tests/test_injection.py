@@ -328,6 +328,7 @@ def mocked_data_bucket():
         yield s3
 
 
+@pytest.mark.long_running
 def test_two_thousand_keys_reach_the_worker_byte_identical(mocked_data_bucket, tmp_path):
     keys = draw_keys(SOAK_KEYS)
     assert len(set(keys)) == SOAK_KEYS

@@ -59,6 +59,7 @@ def lambda_user_data(bucket, key):
     return lambda_function.render_user_data(template, obj, settings)
 
 
+@pytest.mark.long_running
 def test_demo_command_exits_zero_and_reports_every_sample(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
     out = tmp_path / "out"
@@ -93,6 +94,7 @@ BURST_FILES = int(os.environ.get("AWSFUN_BURST_FILES", "500"))
 BURST_MACHINES = 3
 
 
+@pytest.mark.long_running
 def test_burst_of_uploads_at_once_with_hostile_names(tmp_path):
     """BURST_FILES small uploads at once, 3 machine slots: one report per input, each naming
     its key exactly; no machine left, no token launched twice, no report for a report."""
@@ -149,7 +151,7 @@ def test_multipart_upload_events_process_the_object_once(cloud, tmp_path):
 
 def test_failing_worker_leaves_error_report_and_run_fails(cloud, tmp_path, capsys):
     bad = tmp_path / "broken.csv.gz"
-    bad.write_bytes(gzip.compress(b"a,b\n1,2\n" * 1000)[:-20])
+    bad.write_bytes(gzip.compress(b"a,b\n1,2\n" * 1000, mtime=0)[:-20])
     good = tmp_path / "fine.csv"
     good.write_text("a,b\n1,2\n")
     outcomes = process_files(cloud, [bad, good], "mixed", timeout=120)
@@ -269,7 +271,7 @@ def test_a_repeated_event_and_a_reupload_after_a_failed_job(cloud, tmp_path):
     is deleted, the same bytes uploaded again (same eTag, new sequencer) get a new worker
     and a new report, where the ended instance used to come back as "launched"."""
     bad = tmp_path / "broken.csv.gz"
-    bad.write_bytes(gzip.compress(b"a,b\n1,2\n" * 1000)[:-20])
+    bad.write_bytes(gzip.compress(b"a,b\n1,2\n" * 1000, mtime=0)[:-20])
     events, results = [], []
     original = cloud.invoke_handler
 

@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from support import (REPO, RecordingEc2, ShutdownStub, publish_software, run_user_data, s3_event,
                      s3_record, target_venv_bin)
 
@@ -17,12 +19,14 @@ DATA = "awsfun-data"
 SOFTWARE = "awsfun-software"
 
 
+@pytest.mark.long_running
 def test_the_worker_tests_pass_on_the_target_python():
     python = target_venv_bin() / "python"
     # A clean environment for the inner run: no PYTEST_* of this one, no endpoint, no profile.
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("PYTEST_", "AWS_"))}
     done = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-o", "addopts=",  # one process: pytest-xdist is not in the target
                            *WORKER_TESTS], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     output = done.stdout + done.stderr

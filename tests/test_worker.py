@@ -121,7 +121,7 @@ def test_local_mode_prints_the_report_touching_no_aws(tmp_path, monkeypatch, cap
 def test_local_mode_as_a_command(tmp_path):
     path = tmp_path / "reads ü.txt.gz"
     content = b"".join(b"line %d\n" % i for i in range(1000))
-    path.write_bytes(gzip.compress(content))
+    path.write_bytes(gzip.compress(content, mtime=0))
     done = subprocess.run([sys.executable, str(REPO / "AwsS3.py"), str(path)], capture_output=True,
                           check=False, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
@@ -144,7 +144,7 @@ def test_local_lines_count_a_last_unterminated_line(tmp_path, capsys):
 @pytest.mark.parametrize("name, content, message", [
     ("empty.csv", b"", "empty"),
     ("corrupt.gz", b"\x1f\x8b\x08\x00" + b"\xff" * 64, "corrupt gzip"),
-    ("truncated.gz", gzip.compress(b"x\n" * 5000)[:-20], "truncated"),
+    ("truncated.gz", gzip.compress(b"x\n" * 5000, mtime=0)[:-20], "truncated"),
 ])
 def test_local_mode_failures_print_an_error_report_and_exit_5(tmp_path, capsys, name, content, message):
     path = tmp_path / name
@@ -269,7 +269,7 @@ def test_a_changed_object_is_analysed_as_it_is_now(s3, monkeypatch, caplog):
 
 
 def _corrupt_gzip():
-    data = bytearray(gzip.compress(b"line\n" * 20000))
+    data = bytearray(gzip.compress(b"line\n" * 20000, mtime=0))
     data[len(data) // 2:len(data) // 2 + 64] = b"\xff" * 64
     return bytes(data)
 
@@ -278,7 +278,7 @@ def _corrupt_gzip():
     ("empty.csv", b"", "empty"),
     ("corrupt.gz", _corrupt_gzip(), "corrupt gzip"),
     ("not-gzip-after-magic.gz", b"\x1f\x8b" + b"\x00" * 100, "gzip"),
-    ("truncated.gz", gzip.compress(b"line\n" * 20000)[:-30], "truncated gzip"),
+    ("truncated.gz", gzip.compress(b"line\n" * 20000, mtime=0)[:-30], "truncated gzip"),
 ])
 def test_s3_mode_failures_leave_an_error_report(s3, name, body, message):
     key = f"inbox/{name}"
