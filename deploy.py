@@ -49,12 +49,12 @@ from awsfun_deploy.preflight import (  # noqa: F401
     tag_problems,
 )
 from awsfun_deploy.reconcile import (  # noqa: F401
-    FAILED, MAX_RELAUNCHES, REPORTED, instance_by_token, object_from_head, reconcile,
-    settled_state, worker_tokens,
+    FAILED, MAX_RELAUNCHES, REPORTED, ended_detail, instance_by_token, object_from_head,
+    reconcile, settled_state, state_reason_text, worker_tokens,
 )
 from awsfun_deploy.stack import deploy, teardown  # noqa: F401
-from awsfun_deploy.status import collect_status  # noqa: F401
-from awsfun_deploy.cli import COMMANDS, command_first, main  # noqa: F401
+from awsfun_deploy.status import collect_status, print_status  # noqa: F401
+from awsfun_deploy.cli import COMMANDS, command_first, main, reconcile_summary  # noqa: F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -91,6 +91,9 @@ def reconcile_summary(result):
         lines.append(f"Launched {len(result['launched'])}, failed {len(result['failed'])}; "
                      f"dead letters replayed {len(result['replayed'])}, kept "
                      f"{len(result['dlq_failed']) + len(result['dlq_kept'])}.")
+    if result.get("ended_without_report"):
+        lines.append(f"{len(result['ended_without_report'])} workers ended without a report; "
+                     "EC2's reasons are above (ended unreported).")
     return "\n".join(lines)
 
 
