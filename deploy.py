@@ -52,7 +52,9 @@ from awsfun_deploy.reconcile import (  # noqa: F401
     FAILED, MAX_RELAUNCHES, REPORTED, ended_detail, instance_by_token, object_from_head,
     reconcile, settled_state, state_reason_text, worker_tokens,
 )
-from awsfun_deploy.stack import deploy, teardown  # noqa: F401
+from awsfun_deploy.stack import (  # noqa: F401
+    POLICY_PROPAGATION_SECONDS, deploy, policy_propagation_seconds, teardown,
+)
 from awsfun_deploy.status import collect_status, print_status  # noqa: F401
 from awsfun_deploy.cli import COMMANDS, command_first, main, reconcile_summary  # noqa: F401
 

@@ -12,9 +12,11 @@ from deploy_helpers import ACCEPTED, BAD_PROFILE, changes, stubbed_ec2, template
 def test_changed_instance_type_adds_one_version_and_makes_it_default(clients, names, deployed):
     progress = deploy.Progress(echo=False)
     deploy.deploy(clients, names, instance_type="t3.micro", progress=progress)
-    # The launcher's policy names the instance types it may start, so it follows.
+    # The launcher's policy names the instance types it may start, so it follows: widened to
+    # both types before the template changes, narrowed to the new one after.
     assert [(s["what"], s["outcome"]) for s in changes(progress)] == \
-        [("launch template", deploy.UPDATED), ("launcher role", deploy.UPDATED)]
+        [("launcher role", deploy.UPDATED), ("launch template", deploy.UPDATED),
+         ("launcher role", deploy.UPDATED)]
     ec2 = clients("ec2")
     (template,) = ec2.describe_launch_templates(LaunchTemplateNames=["su2cw_worker"])[
         "LaunchTemplates"]
