@@ -7,6 +7,7 @@
     ./deploy.sh reconcile [--key-prefix K] [--dry-run] [--json]
                                        replay dead letters, launch every unprocessed input
     ./deploy.sh teardown [--yes]       remove what deploy created (data kept unless --delete-data)
+    ./deploy.sh deployer-policy        the IAM policy a person needs to run the commands above
 
 Every command takes --prefix P (default su2c), the deployment's name prefix.
 
@@ -56,7 +57,9 @@ from awsfun_deploy.stack import (  # noqa: F401
     POLICY_PROPAGATION_SECONDS, deploy, policy_propagation_seconds, teardown,
 )
 from awsfun_deploy.status import collect_status, print_status  # noqa: F401
-from awsfun_deploy.cli import COMMANDS, command_first, main, reconcile_summary  # noqa: F401
+from awsfun_deploy.cli import (  # noqa: F401
+    COMMANDS, command_first, deployer_policy_fit, main, reconcile_summary,
+)
 
 if __name__ == "__main__":
     sys.exit(main())

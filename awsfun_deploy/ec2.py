@@ -174,6 +174,10 @@ def ensure_launch_template(ec2, names, data, progress, name=None, sleep=time.sle
         hint = ("set LAUNCH_TEMPLATE to use another name" if name == names.launch_template
                 else "name another launch_template in the routing table")
         raise DeployError(f"launch template {name} belongs to deployment {owner!r}; {hint}")
+    if not owner:
+        # Claimed first: the deployer's policy lets it change only templates carrying the
+        # stack's tag (iam/deployer-policy.json).
+        ec2.create_tags(Resources=[template["id"]], Tags=tag_list({STACK_TAG: names.prefix}))
     differences = mismatches(data, template["data"])
     version = template["latest_version"]
     if differences:
@@ -191,8 +195,6 @@ def ensure_launch_template(ec2, names, data, progress, name=None, sleep=time.sle
         progress.record(UPDATED, "launch template", name, detail)
     else:
         progress.record(IN_PLACE, "launch template", name, f"version {version}")
-    if not owner:
-        ec2.create_tags(Resources=[template["id"]], Tags=tag_list({STACK_TAG: names.prefix}))
     return template["id"]
 
 

@@ -106,3 +106,22 @@ def test_deploy_asks_ec2_with_a_dry_run_launch_from_the_worker_template(clients,
     assert dry_runs == [{"LaunchTemplate": {"LaunchTemplateName": names.launch_template,
                                             "Version": "$Latest"},
                          "MinCount": 1, "MaxCount": 1, "DryRun": True}]
+
+
+def test_an_unowned_template_of_the_stacks_name_is_claimed_before_it_is_changed(clients, names):
+    """The deployer's policy (iam/deployer-policy.json) lets it add versions only to launch
+    templates tagged awsfun:stack=PREFIX, so a template of the stack's name that carries no
+    such tag is tagged first; changed first, the real account would refuse the version."""
+    ec2 = clients("ec2")
+    ec2.create_launch_template(LaunchTemplateName=names.launch_template,
+                               LaunchTemplateData={"InstanceType": "t3.micro"})
+    calls = []
+    for operation in ("CreateTags", "CreateLaunchTemplateVersion", "ModifyLaunchTemplate"):
+        ec2.meta.events.register(f"before-call.ec2.{operation}",
+                                 lambda event_name, **_: calls.append(event_name.split(".")[-1]))
+    deploy.ensure_launch_template(ec2, names, {"InstanceType": "t3.small"},
+                                  deploy.Progress(echo=False))
+    assert calls == ["CreateTags", "CreateLaunchTemplateVersion", "ModifyLaunchTemplate"]
+    template_id = deploy.read_launch_template(ec2, names.launch_template)["id"]
+    tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [template_id]}])["Tags"]
+    assert [(t["Key"], t["Value"]) for t in tags] == [(deploy.STACK_TAG, names.prefix)]
