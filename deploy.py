@@ -7,6 +7,7 @@
     ./deploy.sh reconcile [--key-prefix K] [--dry-run] [--json]
                                        replay dead letters, launch every unprocessed input
     ./deploy.sh teardown [--yes]       remove what deploy created (data kept unless --delete-data)
+    ./deploy.sh deployer-policy        the IAM policy a person needs to run the commands above
 
 Every command takes --prefix P (default su2c), the deployment's name prefix.
 
@@ -49,12 +50,16 @@ from awsfun_deploy.preflight import (  # noqa: F401
     tag_problems,
 )
 from awsfun_deploy.reconcile import (  # noqa: F401
-    FAILED, MAX_RELAUNCHES, REPORTED, instance_by_token, object_from_head, reconcile,
-    settled_state, worker_tokens,
+    FAILED, MAX_RELAUNCHES, REPORTED, ended_detail, instance_by_token, object_from_head,
+    reconcile, settled_state, state_reason_text, worker_tokens,
 )
-from awsfun_deploy.stack import deploy, teardown  # noqa: F401
-from awsfun_deploy.status import collect_status  # noqa: F401
-from awsfun_deploy.cli import COMMANDS, command_first, main  # noqa: F401
+from awsfun_deploy.stack import (  # noqa: F401
+    POLICY_PROPAGATION_SECONDS, deploy, policy_propagation_seconds, teardown,
+)
+from awsfun_deploy.status import collect_status, print_status  # noqa: F401
+from awsfun_deploy.cli import (  # noqa: F401
+    COMMANDS, command_first, deployer_policy_fit, main, reconcile_summary,
+)
 
 if __name__ == "__main__":
     sys.exit(main())

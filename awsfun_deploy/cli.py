@@ -9,11 +9,14 @@ import sys
 
 from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError, WaiterError
 
-from .core import CREATED, Clients, DELETED, DeployError, GONE, IN_PLACE, Progress, UPDATED
+from .core import (
+    CREATED, Clients, DELETED, DeployError, GONE, IN_PLACE, Progress, UPDATED, canonical,
+)
 from .names import (
     DEFAULT_INSTANCE_TYPE, DEFAULT_PREFIX, default_launch_template, discover_names, resolve_names,
 )
 from .artifacts import ROUTES_FILE
+from .policies import policy_values, render_policy
 from .routes import check_routing_table
 from .reconcile import reconcile
 from .stack import deploy, teardown
@@ -91,6 +94,9 @@ def reconcile_summary(result):
         lines.append(f"Launched {len(result['launched'])}, failed {len(result['failed'])}; "
                      f"dead letters replayed {len(result['replayed'])}, kept "
                      f"{len(result['dlq_failed']) + len(result['dlq_kept'])}.")
+    if result.get("ended_without_report"):
+        lines.append(f"{len(result['ended_without_report'])} workers ended without a report; "
+                     "EC2's reasons are above (ended unreported).")
     return "\n".join(lines)
 
 
@@ -109,6 +115,35 @@ def run_teardown(args, clients):
     progress = teardown(clients, names, args.delete_data)
     print(f"Removed {progress.count(DELETED)}; {progress.count(GONE)} already gone.")
     return 0
+# IAM's limits on a policy's characters, white space not counted (IAM User Guide, "IAM and
+# AWS STS quotas"): a managed policy, and all of a role's inline policies together.
+MANAGED_POLICY_LIMIT = 6144
+ROLE_POLICY_LIMIT = 10240
+
+
+def deployer_policy_fit(size):
+    """Say where a policy of `size` characters can be attached (pure)."""
+    if size <= MANAGED_POLICY_LIMIT:
+        return (f"{size:,} characters: fits a managed policy ({MANAGED_POLICY_LIMIT:,}) for the "
+                "user, group or role that runs ./deploy.sh")
+    if size <= ROLE_POLICY_LIMIT:
+        return (f"{size:,} characters: too long for a managed policy ({MANAGED_POLICY_LIMIT:,}); "
+                f"attach it as an inline policy of a role ({ROLE_POLICY_LIMIT:,}), or use a "
+                "shorter --prefix or bucket names")
+    return (f"{size:,} characters: too long for any IAM policy; use a shorter --prefix or "
+            "bucket names")
+
+
+def run_deployer_policy(args, clients):
+    """`deployer-policy`: print iam/deployer-policy.json rendered for this deployment."""
+    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    document = render_policy("deployer-policy", policy_values(names))
+    print(json.dumps(document, indent=2))
+    print(f"deploy.sh deployer-policy: {deployer_policy_fit(len(canonical(document)))}",
+          file=sys.stderr)
+    return 0
+
+
 # Subcommands by name, registered with add_command.
 COMMANDS = {}
 
@@ -174,6 +209,9 @@ add_command("reconcile", run_reconcile,
             "dead-letter queue", _reconcile_options)
 add_command("teardown", run_teardown, "remove what deploy created (asks first)",
             _teardown_options)
+add_command("deployer-policy", run_deployer_policy,
+            "print the IAM policy a person needs to run deploy, status, reconcile and "
+            "teardown for this prefix and these buckets (iam/deployer-policy.json)")
 # Options that take a value, so a value that happens to be a command name stays a value.
 VALUE_OPTIONS = ("--prefix", "--data-bucket", "--software-bucket", "--instance-type",
                  "--routes", "--key-prefix")

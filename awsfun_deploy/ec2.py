@@ -174,6 +174,10 @@ def ensure_launch_template(ec2, names, data, progress, name=None, sleep=time.sle
         hint = ("set LAUNCH_TEMPLATE to use another name" if name == names.launch_template
                 else "name another launch_template in the routing table")
         raise DeployError(f"launch template {name} belongs to deployment {owner!r}; {hint}")
+    if not owner:
+        # Claimed first: the deployer's policy lets it change only templates carrying the
+        # stack's tag (iam/deployer-policy.json).
+        ec2.create_tags(Resources=[template["id"]], Tags=tag_list({STACK_TAG: names.prefix}))
     differences = mismatches(data, template["data"])
     version = template["latest_version"]
     if differences:
@@ -191,14 +195,17 @@ def ensure_launch_template(ec2, names, data, progress, name=None, sleep=time.sle
         progress.record(UPDATED, "launch template", name, detail)
     else:
         progress.record(IN_PLACE, "launch template", name, f"version {version}")
-    if not owner:
-        ec2.create_tags(Resources=[template["id"]], Tags=tag_list({STACK_TAG: names.prefix}))
     return template["id"]
 
 
 # How EC2 refuses an instance profile it does not know yet: InvalidParameterValue, "Value (...)
 # for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name".
 PROFILE_NOT_YET = ("Invalid IAM Instance Profile", "iamInstanceProfile")
+# A resource made seconds ago may not be found yet by the next call (EC2 Developer Guide,
+# "Eventual consistency in the Amazon EC2 API"): a launch template, a security group.
+TEMPLATE_NOT_YET = ("InvalidLaunchTemplateName.NotFoundException",
+                    "InvalidLaunchTemplateId.NotFound")
+GROUP_NOT_YET = ("InvalidGroup.NotFound",)
 PROFILE_WAIT_SECONDS = 120.0
 PROFILE_WAIT_DELAY = 5.0
 
@@ -210,9 +217,10 @@ def wait_until_ec2_accepts_profile(ec2, name, sleep=time.sleep, timeout=PROFILE_
     An instance profile made (or re-made) seconds ago is refused by RunInstances for a while
     (IAM is eventually consistent; EC2 User Guide, "IAM roles for Amazon EC2": "it can take a
     few seconds" before a new profile can be used), so the first uploads after a deploy would
-    fail. DryRunOperation means accepted; a refusal naming the instance profile is waited out
-    (at most `timeout` s); any other refusal (e.g. UnauthorizedOperation, no default VPC) and
-    the last are logged and raised as ClientError.
+    fail. DryRunOperation means accepted; a refusal naming the instance profile, or a template
+    EC2 does not find yet (eventual consistency, TEMPLATE_NOT_YET), is waited out (at most
+    `timeout` s); any other refusal (e.g. UnauthorizedOperation, no default VPC) and the last
+    are logged and raised as ClientError.
     """
     def dry_run():
         try:
@@ -224,7 +232,7 @@ def wait_until_ec2_accepts_profile(ec2, name, sleep=time.sleep, timeout=PROFILE_
             raise
         return True
 
-    return retry_while(PROFILE_NOT_YET, dry_run,
+    return retry_while(PROFILE_NOT_YET + TEMPLATE_NOT_YET, dry_run,
                        f"checking that EC2 accepts the instance profile of {name}",
                        timeout=timeout, delay=delay, sleep=sleep)
 
@@ -254,7 +262,12 @@ def find_workers(ec2, launch_templates, states=("pending", "running")):
     return workers
 
 
-def terminate_workers(ec2, names, progress, wait=True, templates=None):
+# TerminateInstances takes "up to 1000 instance IDs" (EC2 API Reference), and so does the
+# waiter's DescribeInstances here.
+TERMINATE_BATCH = 1000
+
+
+def terminate_workers(ec2, names, progress, wait=True, templates=None, batch=TERMINATE_BATCH):
     """Terminate every worker still alive so teardown orphans none; wait (bounded) for it."""
     templates = templates or [names.launch_template]
     workers = find_workers(ec2, templates, states=("pending", "running", "stopping", "stopped"))
@@ -262,11 +275,14 @@ def terminate_workers(ec2, names, progress, wait=True, templates=None):
         progress.record(GONE, "running workers", ", ".join(templates), "none")
         return []
     ids = [w["instance_id"] for w in workers]
-    ec2.terminate_instances(InstanceIds=ids)
+    batches = [ids[start:start + batch] for start in range(0, len(ids), batch)]
+    for some in batches:
+        ec2.terminate_instances(InstanceIds=some)
     if wait:
         try:
-            ec2.get_waiter("instance_terminated").wait(
-                InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 60})
+            for some in batches:
+                ec2.get_waiter("instance_terminated").wait(
+                    InstanceIds=some, WaiterConfig={"Delay": 5, "MaxAttempts": 60})
         except WaiterError as err:
             # Termination is already requested and cannot be taken back; carry on.
             logger.warning("workers still terminating after 5 minutes: %s", err)
@@ -383,7 +399,7 @@ def security_group_differences(group):
     return found
 
 
-def ensure_security_group(ec2, names, vpc_id, progress):
+def ensure_security_group(ec2, names, vpc_id, progress, sleep=time.sleep):
     """Create or correct the workers' security group (no inbound; HTTPS out); return its id."""
     group = read_security_group(ec2, names, vpc_id)
     created = group is None
@@ -394,7 +410,11 @@ def ensure_security_group(ec2, names, vpc_id, progress):
             TagSpecifications=[{"ResourceType": "security-group",
                                 "Tags": tag_list({STACK_TAG: names.prefix})}],
         )["GroupId"]
-        group = read_security_group(ec2, names, vpc_id)
+        # By id, until EC2 finds it (InvalidGroup.NotFound: eventual consistency); a search
+        # by name could come back empty meanwhile.
+        ec2.get_waiter("security_group_exists").wait(
+            GroupIds=[group_id], WaiterConfig={"Delay": 2, "MaxAttempts": 30})
+        group = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
     else:
         owner = {t["Key"]: t["Value"] for t in group.get("Tags", [])}.get(STACK_TAG)
         if owner != names.prefix:
@@ -402,14 +422,19 @@ def ensure_security_group(ec2, names, vpc_id, progress):
                               f"not made by this deployment (tag {STACK_TAG}={owner!r})")
         group_id = group["GroupId"]
     differences = security_group_differences(group)
+
+    def change(call, **params):
+        retry_while(GROUP_NOT_YET, lambda: call(GroupId=group_id, **params),
+                    f"changing the rules of {names.worker_security_group}", timeout=60.0,
+                    delay=3.0, sleep=sleep)
+
     if group.get("IpPermissions"):
-        ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=group["IpPermissions"])
+        change(ec2.revoke_security_group_ingress, IpPermissions=group["IpPermissions"])
     if "outbound rules" in differences:
         # A new group allows all outbound traffic: replace that with HTTPS only.
         if group.get("IpPermissionsEgress"):
-            ec2.revoke_security_group_egress(GroupId=group_id,
-                                             IpPermissions=group["IpPermissionsEgress"])
-        ec2.authorize_security_group_egress(GroupId=group_id, IpPermissions=WORKER_EGRESS)
+            change(ec2.revoke_security_group_egress, IpPermissions=group["IpPermissionsEgress"])
+        change(ec2.authorize_security_group_egress, IpPermissions=WORKER_EGRESS)
     outcome = CREATED if created else (UPDATED if differences else IN_PLACE)
     progress.record(outcome, "worker security group", names.worker_security_group,
                     group_id if created else ", ".join(differences))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -17,6 +18,7 @@ from .core import (
 from .names import DATA_BUCKET_TAG, SOFTWARE_BUCKET_TAG, STACK_TAG
 from .artifacts import BOOTSTRAP_KEY, code_sha256
 
+logger = logging.getLogger("awsfun.deploy")
 RUNTIME = "python3.13"
 HANDLER = "lambda_function.lambda_handler"
 # One S3 event usually carries one record, and each record is one RunInstances call
@@ -109,6 +111,12 @@ def read_function(lam, name):
         raise
     config = response["Configuration"]
     config["Tags"] = response.get("Tags") or {}
+    if response.get("TagsError"):
+        # "Lambda returns tag data only if you have explicit allow permissions for
+        # lambda:ListTags" (Lambda API Reference, GetFunction); deploy then re-tags each run.
+        logger.warning("cannot read the tags of function %s: %s %s (lambda:ListTags)", name,
+                       response["TagsError"].get("ErrorCode"),
+                       response["TagsError"].get("Message"))
     return config
 
 

@@ -115,7 +115,11 @@ def delete_role(iam, role_name, progress, what):
     for arn in role["attached"]:
         iam.detach_role_policy(RoleName=role_name, PolicyArn=arn)
     try:
-        profiles = iam.list_instance_profiles_for_role(RoleName=role_name)["InstanceProfiles"]
+        # Paged (IsTruncated, Marker; IAM API Reference): a role left in a profile of a later
+        # page would make DeleteRole fail with DeleteConflict.
+        profiles = [profile for page in iam.get_paginator(
+            "list_instance_profiles_for_role").paginate(RoleName=role_name)
+            for profile in page["InstanceProfiles"]]
     except ClientError as err:
         log_client_error(err, f"listing instance profiles of {role_name}")
         raise

@@ -150,6 +150,14 @@ def discover_names(lam, names, explicit_data=None, explicit_software=None):
         log_client_error(err, "reading the deployed function")
         raise
     tags = config.get("Tags") or {}
+    if config.get("TagsError") and not explicit_data:
+        # Without lambda:ListTags GetFunction answers no tags (Lambda API Reference,
+        # GetFunction), and the data bucket's name is only there: guessing it could make
+        # status, reconcile or teardown act on another bucket.
+        raise DeployError(
+            f"cannot read the tags of {names.function_name} "
+            f"({config['TagsError'].get('ErrorCode')}), which name its data bucket: grant "
+            "lambda:ListTags (./deploy.sh deployer-policy), or pass --data-bucket")
     env = (config["Configuration"].get("Environment") or {}).get("Variables") or {}
     return dataclasses.replace(
         names,

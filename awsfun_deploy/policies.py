@@ -82,6 +82,12 @@ def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES
         "SoftwareBucket": names.software_bucket,
         "LogGroup": names.log_group,
         "WorkerRoleArn": names.worker_role_arn,
+        # For iam/deployer-policy.json: what the person running ./deploy.sh may touch.
+        "Prefix": names.prefix,
+        "LauncherRoleArn": names.lambda_role_arn,
+        "WorkerInstanceProfileArn": (f"arn:{names.partition}:iam::{names.account}:"
+                                     f"instance-profile/{names.worker_instance_profile}"),
+        "FunctionArn": names.function_arn,
         "DeadLetterQueueArn": names.dlq_arn,
         "LaunchTemplateArns": [names.launch_template_arn(i) for i in launch_template_ids],
         # An AMI's ARN has no account: public images belong to none of ours.

@@ -228,12 +228,16 @@ def function_limit_problems():
 
 def launcher_policy_problems(names, template_names):
     """Return a message if the launcher role's policy, naming every launch template, passes
-    IAM's 10,240 characters (white space not counted) for a role's inline policies (pure)."""
+    IAM's 10,240 characters (white space not counted) for a role's inline policies (pure).
+
+    Sized as a redeploy widens it while the templates change (stack.widen_launcher_policy):
+    today's and the new image per architecture, instance type per template, security group.
+    """
     values = policy_values(names, [WORST_TEMPLATE_ID] * len(template_names),
-                           image_ids=[f"{WORST_IMAGE_ID}{arch}" for arch in range(2)],
+                           image_ids=[f"{WORST_IMAGE_ID}{arch}" for arch in range(4)],
                            instance_types=[f"{WORST_INSTANCE_TYPE}{index}"
-                                           for index in range(len(template_names))],
-                           security_group_ids=["sg-" + "f" * 17],
+                                           for index in range(2 * len(template_names))],
+                           security_group_ids=["sg-" + "f" * 16 + str(n) for n in range(2)],
                            ebs_key_arn=f"arn:{names.partition}:kms:{names.region}:"
                                        f"{names.account}:key/{'f' * 36}")
     size = len(canonical(render_policy("lambda-policy", values)))

@@ -12,7 +12,7 @@ import AwsS3
 import lambda_function
 
 from .core import DeployError, GONE, Progress, _get_or_none, error_code, log_client_error
-from .names import BUCKET_TAG, TOKEN_TAG
+from .names import BUCKET_TAG, TOKEN_TAG, WORKER_KEY_TAG
 from .s3 import bucket_exists, list_keys
 from .sqs import find_queue
 from .function import read_function
@@ -28,6 +28,8 @@ MAX_RELAUNCHES = 3
 OBJECT_TAG = "awsfun:object"
 # EC2's states of an instance that will still write its report.
 LIVE_STATES = ("pending", "running")
+# EC2's states of an instance that is ending or has ended: it writes nothing more.
+ENDED_STATES = ("shutting-down", "terminated", "stopping", "stopped")
 
 
 def worker_tokens(obj):
@@ -181,10 +183,84 @@ def end_reason(ec2, instance_id=None, token=None):
         raise
     for reservation in reservations:
         for instance in reservation["Instances"]:
-            reason = instance.get("StateReason") or {}
-            if reason.get("Message") or reason.get("Code"):
-                return reason.get("Message") or reason["Code"]
+            if state_reason_text(instance):
+                return state_reason_text(instance)
     return ""
+
+
+def state_reason_text(instance):
+    """Return EC2's StateReason of a DescribeInstances instance as "Code: Message", or "" (pure).
+
+    Both fields, as EC2 gives them: the Message often repeats the Code (a worker whose
+    launch role may not use the account's default EBS key ends with Code
+    Client.InternalError, Message "Client.InternalError: Client error on launch"; AWS
+    Knowledge Center, "encrypted-volumes-stops-immediately"). Codes: EC2 API Reference,
+    StateReason.
+    """
+    reason = instance.get("StateReason") or {}
+    return ": ".join(part for part in (reason.get("Code"), reason.get("Message")) if part)
+
+
+def ended_worker(instance):
+    """Describe an ended worker from DescribeInstances for status and reconcile (pure)."""
+    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+    launched = instance.get("LaunchTime")
+    return {"instance_id": instance["InstanceId"], "state": instance["State"]["Name"],
+            "key": tags.get(WORKER_KEY_TAG, ""), "object": tags.get(OBJECT_TAG, ""),
+            "launch_time": launched.isoformat() if isinstance(launched, datetime)
+            else str(launched or ""),
+            "state_reason": state_reason_text(instance),
+            "state_transition_reason": instance.get("StateTransitionReason") or ""}
+
+
+def ended_workers(ec2, bucket):
+    """Return ended_worker() of each of the bucket's workers that is ending or has ended.
+
+    EC2 shows a terminated instance for about an hour after it ended (EC2 User Guide,
+    "Terminate Amazon EC2 instances"), so these are the recent ends.
+    """
+    found = []
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=[
+        {"Name": f"tag:{BUCKET_TAG}", "Values": [bucket]},
+        {"Name": "instance-state-name", "Values": list(ENDED_STATES)},
+    ]):
+        for reservation in page["Reservations"]:
+            found += [ended_worker(instance) for instance in reservation["Instances"]]
+    return found
+
+
+def without_report(s3, bucket, ended, scanned, key_prefix=""):
+    """Return the ended workers whose object has no report and no error report, by launch time.
+
+    `scanned` is scan_inputs' answer. A worker is matched to its input by its awsfun:key tag
+    (shortened past 256 characters, so the listed keys are shortened the same way). An input
+    settled for its current eTag has its report. An unsettled one counts as unreported for a
+    worker of its current version (awsfun:object tag), and for a worker of an older version
+    only when no report or error report of any eTag is there. A key no longer listed (deleted
+    since) is looked up by its report keys; one outside key_prefix is left out.
+    """
+    inputs = {lambda_function.shorten_tag_value(entry["key"]): entry for entry in scanned}
+    found = []
+    for worker in ended:
+        entry = inputs.get(worker["key"])
+        if entry is None:
+            if not worker["key"].startswith(key_prefix):
+                continue
+            reported = any(etag is not None for etag in report_etags(s3, bucket, worker["key"]))
+        elif entry["state"] in (REPORTED, FAILED):
+            reported = True
+        else:
+            older = worker["object"] != lambda_function.object_version_tag(entry["obj"])
+            reported = older and (entry["report_etag"], entry["error_etag"]) != (None, None)
+        if not reported:
+            found.append(dict(worker, key=entry["key"] if entry else worker["key"]))
+    return sorted(found, key=lambda worker: (worker["launch_time"], worker["instance_id"]))
+
+
+def ended_detail(worker):
+    """For a person: an ended worker's state, key, EC2's StateReason and StateTransitionReason (pure)."""
+    return (f"{worker['state']}, {worker['key']}: {worker['state_reason'] or 'no StateReason'};"
+            f" {worker['state_transition_reason'] or 'no StateTransitionReason'}")
 
 
 def is_input(key, skip_substring, key_prefix="", size=None):
@@ -207,8 +283,10 @@ def scan_inputs(s3, bucket, skip_substring, tokens, key_prefix=""):
     scanned = []
     for listed in listing:
         key, etag = listed["Key"], listed["ETag"].strip('"')
-        state = settled_state(etag, *report_etags(s3, bucket, key, present))
-        entry = {"key": key, "etag": etag, "state": state}
+        report_etag, error_etag = report_etags(s3, bucket, key, present)
+        state = settled_state(etag, report_etag, error_etag)
+        entry = {"key": key, "etag": etag, "state": state, "report_etag": report_etag,
+                 "error_etag": error_etag}
         if state is None:
             # HeadObject gives the VersionId and LastModified the scan's token is made of.
             obj = head_input(s3, bucket, key)
@@ -232,14 +310,16 @@ def state_counts(scanned):
     return counts
 
 
-def count_inputs(clients, names):
-    """Return status's counts of inputs by state (see state_counts); None without a data bucket."""
-    s3 = clients("s3")
+def input_status(clients, names):
+    """Return status's (counts of inputs by state, ended workers without a report); (None, [])
+    without a data bucket. See state_counts and without_report."""
+    s3, ec2 = clients("s3"), clients("ec2")
     if not bucket_exists(s3, names.data_bucket, names.account):
-        return None
+        return None, []
     scanned = scan_inputs(s3, names.data_bucket, lambda_function.DEFAULTS["SKIP_SUBSTRING"],
-                          running_tokens(clients("ec2"), names.data_bucket))
-    return state_counts(scanned)
+                          running_tokens(ec2, names.data_bucket))
+    return state_counts(scanned), without_report(s3, names.data_bucket,
+                                                 ended_workers(ec2, names.data_bucket), scanned)
 
 
 def dead_letter_event(body):
@@ -288,7 +368,7 @@ class Reconciler:
         self.queue_url = None
         self.result = {"dry_run": dry_run, "key_prefix": key_prefix, "unprocessed": [],
                        "launched": [], "failed": [], "replayed": [], "dlq_failed": [],
-                       "dlq_kept": []}
+                       "dlq_kept": [], "ended_without_report": []}
 
     def launch(self, obj):
         """Launch one object's worker through the handler's path; return (instance id, None) or (None, error).
@@ -426,6 +506,13 @@ class Reconciler:
         scanned = scan_inputs(self.s3, self.names.data_bucket, self.settings["SKIP_SUBSTRING"],
                               self.tokens, self.key_prefix)
         self.result["counts"] = state_counts(scanned)
+        # Before any launch: why each worker that left nothing ended, as EC2 says it.
+        self.result["ended_without_report"] = without_report(
+            self.s3, self.names.data_bucket, ended_workers(self.ec2, self.names.data_bucket),
+            scanned, self.key_prefix)
+        for worker in self.result["ended_without_report"]:
+            self.progress.record("ended unreported", "worker", worker["instance_id"],
+                                 ended_detail(worker))
         for entry in scanned:
             if entry["state"] != UNPROCESSED:
                 continue

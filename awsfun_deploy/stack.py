@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from .core import DELETED, GONE, KEPT, Progress
+import json
+import os
+import time
+
+from .core import DELETED, GONE, KEPT, UPDATED, Progress, canonical
 from .names import DEFAULT_INSTANCE_TYPE
 from .artifacts import (
     BOOTSTRAP_KEY, PUBLISHED_FILES, ROUTES_FILE, build_function_zip, software_sources,
@@ -15,11 +19,13 @@ from .s3 import (
     release_foreign_bucket, release_software_bucket, remove_data_notification, remove_unpublished,
 )
 from .sqs import ensure_queue, find_queue
-from .iam import delete_instance_profile, delete_role, ensure_instance_profile, ensure_role
+from .iam import (
+    delete_instance_profile, delete_role, ensure_instance_profile, ensure_role, read_role,
+)
 from .ec2 import (
     default_ebs_key, default_vpc, delete_launch_template, delete_security_group,
     ensure_launch_templates, ensure_security_group, plan_images, plan_templates,
-    remove_unrouted_templates, stack_launch_templates, terminate_workers,
+    read_launch_template, remove_unrouted_templates, stack_launch_templates, terminate_workers,
     wait_until_ec2_accepts_profile,
 )
 from .function import (
@@ -29,8 +35,66 @@ from .function import (
 from .preflight import check_limits, check_preconditions, check_public_software
 
 
+# IAM is eventually consistent: a policy change takes a few seconds to reach every service
+# (IAM User Guide, "Troubleshoot IAM": changes are not always immediately visible).
+POLICY_PROPAGATION_SECONDS = 10.0
+
+
+def policy_propagation_seconds(environ=None):
+    """Seconds to let a policy change propagate: POLICY_PROPAGATION_SECONDS against AWS, 0
+    against a local endpoint (AWS_ENDPOINT_URL: an emulator applies a policy at once)."""
+    environ = os.environ if environ is None else environ
+    return 0.0 if environ.get("AWS_ENDPOINT_URL") else POLICY_PROPAGATION_SECONDS
+
+
+def launched_by(templates):
+    """Return (image ids, instance types, security group ids) the templates launch now (pure).
+
+    `templates` holds read_launch_template answers (None for one that does not exist).
+    """
+    data = [template["data"] for template in templates if template]
+    return ({d["ImageId"] for d in data if d.get("ImageId")},
+            {d["InstanceType"] for d in data if d.get("InstanceType")},
+            {group for d in data for group in d.get("SecurityGroupIds", [])})
+
+
+def widen_launcher_policy(iam, ec2, names, plan, images, security_group_id, ebs_key,
+                          published_files, progress, sleep=time.sleep):
+    """Before the templates change, let the launcher role start what they launch now and what
+    they will launch (images, instance types, security group); return True if it changed.
+
+    The handler launches from "$Latest", so a new template version is used at once; were the
+    policy updated after it (or before, to the new images only), every launch in between would
+    be refused. deploy narrows the policy to the new images once the templates are updated.
+    A first deploy (no launcher role yet) has nothing to widen.
+    """
+    role = read_role(iam, names.lambda_role)
+    current = (role or {}).get("inline", {}).get(names.lambda_policy_name)
+    if current is None:
+        return False
+    existing = {name: read_launch_template(ec2, name)
+                for name in sorted(set(stack_launch_templates(ec2, names)) | set(plan))}
+    old_images, old_types, old_groups = launched_by(existing.values())
+    values = policy_values(
+        names, [t["id"] for t in existing.values() if t], published_files,
+        image_ids=old_images | {image_id for image_id, _ in images.values()},
+        instance_types=old_types | {kind for kind, _ in plan.values()},
+        security_group_ids=old_groups | {security_group_id}, ebs_key_arn=ebs_key)
+    widened = render_policy("lambda-policy", values)
+    if canonical(widened) == canonical(current):
+        return False
+    iam.put_role_policy(RoleName=names.lambda_role, PolicyName=names.lambda_policy_name,
+                        PolicyDocument=json.dumps(widened))
+    progress.record(UPDATED, "launcher role", names.lambda_role,
+                    "widened: today's and the new images and instance types, while the "
+                    "templates change")
+    sleep(policy_propagation_seconds())
+    return True
+
+
 def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=False,
-           progress=None, environ=None, published_files=PUBLISHED_FILES, routes_file=ROUTES_FILE):
+           progress=None, environ=None, published_files=PUBLISHED_FILES, routes_file=ROUTES_FILE,
+           sleep=time.sleep):
     """Create or update every part of the pipeline; return what was deployed (names and ARNs)."""
     progress = progress or Progress()
     # A bad routing table fails here, before anything is made, not later in the handler.
@@ -70,6 +134,10 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     ensure_instance_profile(iam, names, progress)
 
     security_group_id = ensure_security_group(ec2, names, vpc_id, progress)
+    # The launcher may start only the images and types its policy names: let it start both
+    # what the templates launch now and what they will, before they change (then narrow).
+    widen_launcher_policy(iam, ec2, names, plan, images, security_group_id, ebs_key,
+                          published_files, progress, sleep)
     template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress, images,
                                                    security_group_id, volume_sizes)
     # Every template names the one worker instance profile: once EC2 accepts it for one, the
@@ -77,7 +145,8 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     wait_until_ec2_accepts_profile(ec2, names.launch_template)
 
     # The launcher's policy names the templates' ids, images and instance types, so it follows
-    # the templates: exactly the worker template and those the routing table names.
+    # the templates: exactly the worker template and those the routing table names (this
+    # narrows what widen_launcher_policy allowed while they changed).
     values = policy_values(names, list(template_ids.values()), published_files,
                            image_ids=images.values(),
                            instance_types=[kind for kind, _ in plan.values()],

@@ -29,7 +29,7 @@ from .function import (
     MAX_RETRY_ATTEMPTS, find_log_group, function_configuration, function_differences,
     permission_matches, read_event_invoke_config, read_function, s3_permission_statement,
 )
-from .reconcile import count_inputs
+from .reconcile import ended_detail, input_status
 
 
 def _iso(moment):
@@ -207,6 +207,7 @@ def collect_status(clients, names, now=None, instance_type=None, routes_file=ROU
         worker["launch_time"] = _iso(worker["launch_time"])
         workers.append(worker)
     reports, errors, listed = [], [], 0
+    counts, ended = input_status(clients, names)
     if bucket_exists(s3, names.data_bucket, names.account):
         reports, errors, listed = recent_reports(s3, names.data_bucket)
     policy = (read_bucket_policy(s3, names.software_bucket)
@@ -240,7 +241,8 @@ def collect_status(clients, names, now=None, instance_type=None, routes_file=ROU
         "reports": reports,
         "error_reports": errors,
         "analysis_objects_listed": listed,
-        "counts": count_inputs(clients, names),
+        "counts": counts,
+        "ended_without_report": ended,
         "drift": find_drift(clients, names, instance_type, routes_file),
     }
 
@@ -292,6 +294,11 @@ def print_status(status, stream=None):
     for worker in status["workers"]:
         say(f"  {worker['instance_id']}  {worker['state']:<8} {_age(worker['age_seconds']):>7}  "
             f"{worker['key']}")
+    ended = status["ended_without_report"]
+    if ended:
+        say(f"workers ended without a report: {len(ended)} (EC2's StateReason; StateTransitionReason)")
+        for worker in ended:
+            say(f"  {worker['instance_id']}  {ended_detail(worker)}")
     for title, entries in (("last reports", status["reports"]),
                            ("last error reports", status["error_reports"])):
         say(f"{title}: {len(entries)}")

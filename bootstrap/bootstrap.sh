@@ -39,15 +39,17 @@ json_string() {
   printf '"%s"' "$out"
 }
 
-# s3_put KEY FILE CONTENT_TYPE: one PutObject into the job's bucket with the AWS CLI, for
-# when Python cannot. Passed on: AWS CLIs before 1.29.0 and 2.13.0 ignore the variables.
+# s3_put KEY FILE CONTENT_TYPE: one PutObject with the AWS CLI when Python cannot. Endpoint passed
+# on (CLIs before 1.29.0/2.13.0 ignore the variables); credentials asked of instance metadata
+# 5 times, 3 s each, not once for 1 s (AWS SDKs and Tools Reference, EC2 instance metadata).
 s3_put() {
   local url="${AWS_ENDPOINT_URL_S3:-${AWS_ENDPOINT_URL:-}}" endpoint=()
   [[ -n "$url" ]] && endpoint=(--endpoint-url "$url")
   command -v aws >/dev/null 2>&1 ||
     { log "neither python3 with boto3 nor the aws CLI is available for S3" && return 127; }
-  aws "${endpoint[@]}" s3api put-object --bucket "$JOB_BUCKET" --key "$1" --body "$2" \
-    --content-type "$3" >/dev/null
+  AWS_METADATA_SERVICE_NUM_ATTEMPTS="${AWS_METADATA_SERVICE_NUM_ATTEMPTS:-5}" \
+    AWS_METADATA_SERVICE_TIMEOUT="${AWS_METADATA_SERVICE_TIMEOUT:-3}" aws "${endpoint[@]}" \
+    s3api put-object --bucket "$JOB_BUCKET" --key "$1" --body "$2" --content-type "$3" >/dev/null
 }
 
 # write_error_report STAGE MESSAGE EXIT_CODE: the report Python could not write.
@@ -148,9 +150,7 @@ main() {
     write_error_report start "python3 with boto3 is not available on this machine" 127
     return 127
   fi
-  if ((status == 127)); then
-    status=0 && run_launcher || status=$?
-  fi
+  ((status != 127)) || { status=0 && run_launcher || status=$?; }
   # Finish: report only what Python could not (no boto3, or the launcher itself was killed).
   message="the launcher ended with status $status before it reported (137: SIGKILL, out of memory or 30s past the time limit of ${JOB_TIMEOUT_SECONDS}s)"
   case "$status" in

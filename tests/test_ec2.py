@@ -6,15 +6,18 @@ import pytest
 from botocore.exceptions import ClientError
 
 import deploy
+from awsfun_deploy import ec2 as ec2_module
 from deploy_helpers import ACCEPTED, BAD_PROFILE, changes, stubbed_ec2, template_data
 
 
 def test_changed_instance_type_adds_one_version_and_makes_it_default(clients, names, deployed):
     progress = deploy.Progress(echo=False)
     deploy.deploy(clients, names, instance_type="t3.micro", progress=progress)
-    # The launcher's policy names the instance types it may start, so it follows.
+    # The launcher's policy names the instance types it may start, so it follows: widened to
+    # both types before the template changes, narrowed to the new one after.
     assert [(s["what"], s["outcome"]) for s in changes(progress)] == \
-        [("launch template", deploy.UPDATED), ("launcher role", deploy.UPDATED)]
+        [("launcher role", deploy.UPDATED), ("launch template", deploy.UPDATED),
+         ("launcher role", deploy.UPDATED)]
     ec2 = clients("ec2")
     (template,) = ec2.describe_launch_templates(LaunchTemplateNames=["su2cw_worker"])[
         "LaunchTemplates"]
@@ -104,3 +107,96 @@ def test_deploy_asks_ec2_with_a_dry_run_launch_from_the_worker_template(clients,
     assert dry_runs == [{"LaunchTemplate": {"LaunchTemplateName": names.launch_template,
                                             "Version": "$Latest"},
                          "MinCount": 1, "MaxCount": 1, "DryRun": True}]
+
+
+def test_an_unowned_template_of_the_stacks_name_is_claimed_before_it_is_changed(clients, names):
+    """The deployer's policy (iam/deployer-policy.json) lets it add versions only to launch
+    templates tagged awsfun:stack=PREFIX, so a template of the stack's name that carries no
+    such tag is tagged first; changed first, the real account would refuse the version."""
+    ec2 = clients("ec2")
+    ec2.create_launch_template(LaunchTemplateName=names.launch_template,
+                               LaunchTemplateData={"InstanceType": "t3.micro"})
+    calls = []
+    for operation in ("CreateTags", "CreateLaunchTemplateVersion", "ModifyLaunchTemplate"):
+        ec2.meta.events.register(f"before-call.ec2.{operation}",
+                                 lambda event_name, **_: calls.append(event_name.split(".")[-1]))
+    deploy.ensure_launch_template(ec2, names, {"InstanceType": "t3.small"},
+                                  deploy.Progress(echo=False))
+    assert calls == ["CreateTags", "CreateLaunchTemplateVersion", "ModifyLaunchTemplate"]
+    template_id = deploy.read_launch_template(ec2, names.launch_template)["id"]
+    tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [template_id]}])["Tags"]
+    assert [(t["Key"], t["Value"]) for t in tags] == [(deploy.STACK_TAG, names.prefix)]
+
+
+def test_deploy_waits_out_a_launch_template_ec2_does_not_find_yet():
+    """A launch template made seconds ago may not be found by the next call (EC2 Developer
+    Guide, "Eventual consistency in the Amazon EC2 API"): the dry-run launch that follows its
+    creation waits that out as it waits out the instance profile."""
+    sleeps = []
+    not_found = ("The specified launch template, with template name su2cw_worker, does not "
+                 "exist.")
+    ec2, stub = stubbed_ec2(("InvalidLaunchTemplateName.NotFoundException", not_found), ACCEPTED)
+    assert deploy.wait_until_ec2_accepts_profile(ec2, "su2cw_worker", sleep=sleeps.append)
+    stub.assert_no_pending_responses()
+    assert sleeps == [deploy.PROFILE_WAIT_DELAY]
+
+
+def test_a_new_security_group_ec2_does_not_find_yet_is_waited_for(clients, names):
+    """CreateSecurityGroup, then at once a call naming the new group, may answer
+    InvalidGroup.NotFound (EC2 Developer Guide, "Eventual consistency in the Amazon EC2 API",
+    which names this very pair). moto finds it at once, so each first call by id is refused
+    here as EC2 may; deploy waits (DescribeSecurityGroups by id, then retries the rule change)
+    and ends with the same group: no inbound, HTTPS out."""
+    from botocore.awsrequest import AWSResponse
+    ec2 = clients("ec2")
+    refused = []
+
+    asked = {}
+    ec2.meta.events.register("provide-client-params.ec2.DescribeSecurityGroups",
+                             lambda params, **_: asked.update(by_id="GroupIds" in params))
+
+    def not_yet(operation):
+        def refuse(**_):
+            if operation in refused or (operation == "DescribeSecurityGroups"
+                                        and not asked["by_id"]):
+                return None
+            refused.append(operation)
+            return (AWSResponse(None, 400, {}, None),
+                    {"Error": {"Code": "InvalidGroup.NotFound",
+                               "Message": "The security group does not exist"},
+                     "ResponseMetadata": {"HTTPStatusCode": 400}})
+        return refuse
+
+    for operation in ("DescribeSecurityGroups", "AuthorizeSecurityGroupEgress"):
+        ec2.meta.events.register(f"before-call.ec2.{operation}", not_yet(operation))
+    sleeps = []
+    vpc_id = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0][
+        "VpcId"]
+    group_id = ec2_module.ensure_security_group(ec2, names, vpc_id, deploy.Progress(echo=False),
+                                                sleep=sleeps.append)
+    assert refused == ["DescribeSecurityGroups", "AuthorizeSecurityGroupEgress"]
+    assert sleeps == [3.0]
+    (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    assert group["IpPermissions"] == []
+    assert [(p["IpProtocol"], p["FromPort"], p["ToPort"]) for p in group["IpPermissionsEgress"]] \
+        == [("tcp", 443, 443)]
+
+
+def test_teardown_terminates_workers_in_batches_ec2_takes(clients, names):
+    """TerminateInstances takes "up to 1000 instance IDs" (EC2 API Reference): teardown sends
+    the workers in batches (here of 2, of 1,000 for real) and waits for each batch."""
+    from support import record_calls
+    ec2 = clients("ec2")
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    ec2.run_instances(ImageId=image, MinCount=5, MaxCount=5, TagSpecifications=[{
+        "ResourceType": "instance",
+        "Tags": [{"Key": "awsfun:launch-template", "Value": names.launch_template}]}])
+    calls = record_calls(ec2)
+    ended = ec2_module.terminate_workers(ec2, names, deploy.Progress(echo=False), batch=2)
+    batches = [params["InstanceIds"] for name, params in calls if name == "TerminateInstances"]
+    assert [len(batch) for batch in batches] == [2, 2, 1]
+    assert sorted(i for batch in batches for i in batch) == sorted(ended)
+    assert len(ended) == 5
+    waited = [params["InstanceIds"] for name, params in calls
+              if name == "DescribeInstances" and "InstanceIds" in params]
+    assert [len(batch) for batch in waited] == [2, 2, 1]

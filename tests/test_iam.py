@@ -25,8 +25,17 @@ JUSTIFIED = {
     # statement (see lintable).
     ("worker-trust", "CREDENTIALS_EXPOSURE"),
     ("lambda-trust", "CREDENTIALS_EXPOSURE"),
+    # The person who deploys creates and edits the two roles, passes them (the worker role to
+    # EC2, the launcher role to Lambda) and updates the function's code: what any deployer of
+    # IAM roles can do, and why it is a policy for a person and never for a service. Every
+    # write names this stack's resources or carries its tag (tests/test_deployer_policy.py).
+    ("deployer-policy", "PRIVILEGE_ESCALATION"),
+    ("deployer-policy", "PERMISSIONS_MANAGEMENT_ACTIONS"),
 }
 TEMPLATES = sorted(path.stem for path in deploy.IAM_DIR.glob("*.json"))
+# What deploy applies to the stack's own roles and buckets; the deployer's policy (for the
+# person running ./deploy.sh) is checked in tests/test_deployer_policy.py.
+DEPLOYED = [template for template in TEMPLATES if template != "deployer-policy"]
 NAMES = deploy.derive_names("su2c", "123456789012", "us-east-1")
 TEMPLATE_ID = "lt-0123456789abcdef0"
 IMAGE_ID = "ami-0123456789abcdef0"
@@ -50,16 +59,21 @@ def run_instances_resources(document):
 
 
 def split_on_purpose(finding, document):
-    """True for parliament's RESOURCE_MISMATCH on a RunInstances statement whose missing
-    resource types another RunInstances statement of the same document grants: the launcher
-    policy gives the instance and the image their own statements, each with the condition
-    that applies to it, as AWS's examples do (ec2:InstanceType exists only for the instance)."""
+    """True for parliament's RESOURCE_MISMATCH on a statement whose missing resource types
+    another statement of the same document grants for the same action: the launcher policy
+    gives the instance and the image their own RunInstances statements, each with the
+    condition that applies to it, as AWS's examples do (ec2:InstanceType exists only for the
+    instance); the deployer's does the same for RunInstances and CreateSecurityGroup."""
     if finding.issue != "RESOURCE_MISMATCH":
         return False
-    granted = run_instances_resources(document)
-    kinds = {arn.split(":")[5].split("/")[0] for arn in granted}
-    return all(item["action"] == "ec2:RunInstances"
-               and item["required_format"].split(":")[5].split("/")[0] in kinds
+
+    def kinds(action):
+        return {arn.split(":")[5].split("/")[0] for statement in document["Statement"]
+                if action in as_list(statement["Action"])
+                for arn in as_list(statement["Resource"])}
+
+    return all(item["action"] in ("ec2:RunInstances", "ec2:CreateSecurityGroup")
+               and item["required_format"].split(":")[5].split("/")[0] in kinds(item["action"])
                for item in finding.detail)
 
 
@@ -80,8 +94,8 @@ def lintable(template, document):
 
 
 def test_every_template_is_checked():
-    assert TEMPLATES == ["lambda-policy", "lambda-trust", "software-public-read",
-                         "worker-policy", "worker-trust"]
+    assert TEMPLATES == ["deployer-policy", "lambda-policy", "lambda-trust",
+                         "software-public-read", "worker-policy", "worker-trust"]
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
@@ -106,7 +120,9 @@ def test_template_lints_clean_with_parliament(template):
 
 
 def test_no_star_actions_and_no_managed_policies_anywhere():
-    for template in TEMPLATES:
+    # The deployer's few wildcards each stand for exactly the actions deploy calls
+    # (tests/test_deployer_policy.py), to keep it within a managed policy's 6,144 characters.
+    for template in DEPLOYED:
         for statement in rendered(template)["Statement"]:
             actions = statement["Action"] if isinstance(statement["Action"], list) \
                 else [statement["Action"]]
@@ -140,7 +156,7 @@ def as_list(value):
 def statements_moto_cannot_judge():
     """{(template, Sid): statement} of every statement with a Condition or iam:PassRole."""
     return {(template, statement.get("Sid")): statement
-            for template in TEMPLATES if not template.endswith("-trust")
+            for template in DEPLOYED if not template.endswith("-trust")
             for statement in rendered(template)["Statement"]
             if "Condition" in statement or "iam:PassRole" in as_list(statement["Action"])}
 
@@ -215,7 +231,7 @@ def test_launcher_cannot_start_another_image_size_or_ssh_key_with_the_worker_rol
 def test_no_statement_grants_anything_on_every_resource():
     """A Resource "*" would be judged by moto only for some services; forbid it everywhere."""
     buckets = (NAMES.data_bucket, NAMES.software_bucket)
-    for template in TEMPLATES:
+    for template in DEPLOYED:
         for statement in rendered(template)["Statement"]:
             for resource in as_list(statement.get("Resource", [])):
                 assert resource != "*" and not resource.endswith(":*:*"), (template, resource)

@@ -504,6 +504,45 @@ def test_python_missing_with_the_aws_cli(cloud):
     assert_shut_down(stub)
 
 
+def _recording_aws(directory):
+    """An `aws` that records the instance-metadata settings it runs with, and its arguments."""
+    directory.mkdir(parents=True, exist_ok=True)
+    calls = directory / "aws.calls"
+    (directory / "aws").write_text(
+        "#!/usr/bin/env bash\n"
+        'printf "%s %s %s\\n" "${AWS_METADATA_SERVICE_NUM_ATTEMPTS-unset}" '
+        f'"${{AWS_METADATA_SERVICE_TIMEOUT-unset}}" "$*" >> "{calls}"\n')
+    (directory / "aws").chmod(0o755)
+    return directory / "aws", calls
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ({}, "5 3"),
+    ({"AWS_METADATA_SERVICE_NUM_ATTEMPTS": "9", "AWS_METADATA_SERVICE_TIMEOUT": "7"}, "9 7"),
+])
+def test_the_aws_cli_fallback_gives_instance_metadata_time_to_answer(tmp_path, preset, expected):
+    """By default the AWS CLI asks instance metadata for credentials once, with a 1 s timeout
+    (AWS SDKs and Tools Reference Guide, "Amazon EC2 instance metadata":
+    AWS_METADATA_SERVICE_NUM_ATTEMPTS and AWS_METADATA_SERVICE_TIMEOUT, both 1). A machine
+    without python3 writes its only error report, and its log, through the CLI; one slow answer
+    at boot would lose both. The shell's CLI calls get 5 attempts of 3 s each; a value the
+    machine's environment already sets is kept."""
+    template = (REPO / "bootstrap" / "bootstrap.sh").read_text(encoding="utf-8")
+    launcher = (REPO / "bootstrap" / "launcher.py").read_text(encoding="utf-8")
+    settings = lf.load_settings({"AWS_REGION": "us-east-1", "SOFTWARE_BUCKET": SOFTWARE})
+    obj = {"bucket": DATA, "key": "inbox/no python.csv", "etag": "0" * 32}
+    user_data = lf.render_user_data(template, obj, settings, launcher)
+    aws, calls = _recording_aws(tmp_path / "cli")
+    bare = bare_path(tmp_path / "bare-bin", extra=[str(aws)])
+    done = run_user_data(user_data, tmp_path / "run", ShutdownStub(tmp_path / "stub"), preset,
+                         path=bare)
+    assert done.returncode == 127, done.stderr.decode()
+    recorded = calls.read_text().splitlines()
+    assert [line.split(" s3api ")[0] for line in recorded] == [expected, expected]
+    assert "--key analysis/inbox/no python.csv.error.json" in recorded[0]
+    assert "--key analysis/inbox/no python.csv.log" in recorded[1]
+
+
 def test_python_missing_without_any_aws_client(cloud):
     """Nothing can reach S3: the bootstrap can only log why, and still shuts down."""
     key = "inbox/no python, no cli.csv"

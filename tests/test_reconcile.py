@@ -222,8 +222,8 @@ def test_dry_run_key_prefix_second_run_and_new_version(clients, stack):
     assert "every ClientToken is used by a worker that ended without a report" in failed["error"]
     # With EC2's reason for the end (StateReason), the only place it says why a worker that
     # never booted (e.g. a default EBS key the launcher may not use) ended.
-    assert f"{dead} (terminated: Client.UserInitiatedShutdown: User initiated shutdown)" in \
-        failed["error"]
+    assert (f"{dead} (terminated: Client.UserInitiatedShutdown: Client.UserInitiatedShutdown: "
+            "User initiated shutdown)") in failed["error"]
 
 
 def test_a_lost_worker_is_relaunched_when_ec2_answers_idempotent_instance_terminated(

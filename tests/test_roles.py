@@ -130,6 +130,24 @@ def test_worker_role_credentials_do_its_job_and_nothing_else(clients, names, dep
         (REPO / "AwsS3.py").read_bytes()
 
 
+def test_worker_role_may_abort_its_own_multipart_uploads_under_analysis(clients, names, deployed,
+                                                                         local_aws):
+    """A route command's outputs go up with upload_file, multipart past 8 MB; when a part fails
+    boto3 aborts the upload, which needs s3:AbortMultipartUpload (S3 User Guide, "Multipart
+    upload API and permissions"). Without it the parts stay, billed, until a lifecycle rule."""
+    worker_arn = clients("iam").get_role(RoleName=names.worker_role)["Role"]["Arn"]
+    from support import assumed_role_session
+    worker = assumed_role_session(clients("sts"), worker_arn).client("s3")
+    with moto_iam_enforced(local_aws):
+        upload = worker.create_multipart_upload(Bucket=names.data_bucket,
+                                                Key="analysis/in.csv/big.bam")
+        worker.abort_multipart_upload(Bucket=names.data_bucket, Key="analysis/in.csv/big.bam",
+                                      UploadId=upload["UploadId"])
+        elsewhere = worker.create_multipart_upload  # under analysis/ only
+        assert error_of(elsewhere, Bucket=names.data_bucket, Key="inputs/big.bam") == \
+            "AccessDenied"
+
+
 def test_worker_policy_grants_only_its_job():
     """What moto does not judge: no delete, no other bucket, no IAM or EC2, ListBucket for 404s."""
     names = deploy.derive_names("su2c", ACCOUNT, "us-east-1")
@@ -146,4 +164,44 @@ def test_worker_policy_grants_only_its_job():
         # Not routes.json: a worker's route arrives in its user-data.
         "s3:GetObject": {f"{data}/*", f"{software}/AwsS3.py", f"{software}/bootstrap/bootstrap.sh"},
         "s3:PutObject": {f"{data}/analysis/*"},
+        "s3:AbortMultipartUpload": {f"{data}/analysis/*"},
     }
+
+
+def test_deleting_a_role_removes_it_from_every_page_of_its_instance_profiles():
+    """ListInstanceProfilesForRole pages (IsTruncated, Marker; IAM API Reference): a role
+    left in a profile of the second page makes DeleteRole fail with DeleteConflict."""
+    from datetime import datetime
+
+    from botocore.stub import Stubber
+
+    from awsfun_deploy import iam as iam_module
+    iam = boto3.client("iam", region_name="us-east-1")
+    stub = Stubber(iam)
+    when = datetime(2025, 1, 1)
+    role = "su2c-worker-us-east-1"
+
+    def profile(name):
+        return {"Path": "/", "InstanceProfileName": name, "InstanceProfileId": "AIPA" + "X" * 16,
+                "Arn": f"arn:aws:iam::{ACCOUNT}:instance-profile/{name}", "CreateDate": when,
+                "Roles": []}
+
+    stub.add_response("get_role", {"Role": {
+        "Path": "/", "RoleName": role, "RoleId": "AROA" + "X" * 16, "CreateDate": when,
+        "Arn": f"arn:aws:iam::{ACCOUNT}:role/{role}", "AssumeRolePolicyDocument": "{}"}})
+    stub.add_response("list_role_policies", {"PolicyNames": [], "IsTruncated": False})
+    stub.add_response("list_attached_role_policies", {"AttachedPolicies": [],
+                                                      "IsTruncated": False})
+    stub.add_response("list_instance_profiles_for_role",
+                      {"InstanceProfiles": [profile("first")], "IsTruncated": True,
+                       "Marker": "page-2"}, {"RoleName": role})
+    stub.add_response("list_instance_profiles_for_role",
+                      {"InstanceProfiles": [profile("second")], "IsTruncated": False},
+                      {"RoleName": role, "Marker": "page-2"})
+    for name in ("first", "second"):
+        stub.add_response("remove_role_from_instance_profile", {},
+                          {"InstanceProfileName": name, "RoleName": role})
+    stub.add_response("delete_role", {}, {"RoleName": role})
+    with stub:
+        iam_module.delete_role(iam, role, deploy.Progress(echo=False), "worker role")
+    stub.assert_no_pending_responses()

@@ -9,6 +9,7 @@ import sys
 from datetime import timedelta
 
 import deploy
+import deploy_helpers
 import lambda_function
 from conftest import REPO
 from support import run_user_data
@@ -122,6 +123,81 @@ def test_second_deploy_changes_nothing(clients, names, deployed, capsys):
     assert "Nothing to change: everything already in place." in out
     assert " created " not in out and " updated " not in out
     assert count_everything(clients) == before
+
+
+def image_arns(document):
+    """The image ARNs the launcher policy's RunInstances statements grant."""
+    return sorted(arn for statement in document["Statement"]
+                  if "ec2:RunInstances" in deploy_helpers.as_list(statement["Action"])
+                  for arn in deploy_helpers.as_list(statement["Resource"]) if ":image/" in arn)
+
+
+def test_redeploy_with_a_new_image_never_leaves_the_launcher_refused(clients, names, deployed):
+    """The handler launches from the template's "$Latest" and the launcher role may start only
+    the deployed images (ec2:RunInstances on image ARNs), so the policy must allow the new
+    image before the template names it, and drop the old one only after. Each call that
+    changes either is recorded, and after each one the image "$Latest" launches must be one
+    the launcher policy allows (IAM is eventually consistent, so deploy also waits once the
+    policy is widened; against moto that wait is 0 s)."""
+    iam, ec2, ssm = clients("iam"), clients("ec2"), clients("ssm")
+    old_image = deployed[0]["image_id"]
+    new_image = next(image["ImageId"] for image in ec2.describe_images(Owners=["amazon"])[
+        "Images"] if image["ImageId"] != old_image and image.get("Architecture") == "x86_64")
+
+    def new_ami_published(parsed, **_):
+        # A newer Amazon Linux 2023 in the public SSM parameter, as every few weeks.
+        if parsed.get("Parameter", {}).get("Name", "").startswith(
+                "/aws/service/ami-amazon-linux-latest/"):
+            parsed["Parameter"]["Value"] = new_image
+
+    ssm.meta.events.register("after-call.ssm.GetParameter", new_ami_published)
+    calls = []
+
+    def allowed_and_launched():
+        policy = iam.get_role_policy(RoleName=names.lambda_role,
+                                     PolicyName=names.lambda_policy_name)["PolicyDocument"]
+        latest = ec2.describe_launch_template_versions(
+            LaunchTemplateName=names.launch_template, Versions=["$Latest"])[
+            "LaunchTemplateVersions"][0]["LaunchTemplateData"]["ImageId"]
+        return [arn.rsplit("/", 1)[1] for arn in image_arns(policy)], latest
+
+    def record(event_name, **_):
+        operation = event_name.rsplit(".", 1)[1]
+        allowed, latest = allowed_and_launched()
+        calls.append((operation, allowed))
+        assert latest in allowed, f"after {operation}: $Latest launches {latest}, " \
+                                  f"the launcher may start only {allowed}"
+
+    for client, operation in ((iam, "PutRolePolicy"), (ec2, "CreateLaunchTemplateVersion"),
+                              (ec2, "ModifyLaunchTemplate")):
+        client.meta.events.register(f"after-call.{client.meta.service_model.service_name}."
+                                    f"{operation}", record)
+    waits = []
+    progress = deploy.Progress(echo=False)
+    result = deploy.deploy(clients, names, progress=progress,
+                           sleep=lambda seconds: waits.append((len(calls), seconds)))
+
+    both = sorted([old_image, new_image])
+    assert calls == [("PutRolePolicy", both), ("CreateLaunchTemplateVersion", both),
+                     ("ModifyLaunchTemplate", both), ("PutRolePolicy", [new_image])]
+    assert waits[0] == (1, 0.0)  # right after widening, before the template changes
+    assert result["image_id"] == new_image
+    assert [(s["what"], s["outcome"]) for s in changes(progress)] == [
+        ("launcher role", deploy.UPDATED), ("launch template", deploy.UPDATED),
+        ("launcher role", deploy.UPDATED)]
+    # The final policy is exactly what a first deploy of the new image would render.
+    final = iam.get_role_policy(RoleName=names.lambda_role,
+                                PolicyName=names.lambda_policy_name)["PolicyDocument"]
+    expected = deploy.policy_documents(names, result["launch_template_id"], [new_image],
+                                       [deploy.DEFAULT_INSTANCE_TYPE],
+                                       [result["security_group_id"]])["lambda-policy"]
+    assert deploy.canonical(final) == deploy.canonical(expected)
+    assert image_arns(final) == [f"arn:aws:ec2:us-east-1::image/{new_image}"]
+
+
+def test_policy_propagation_wait_is_iams_against_aws_and_none_against_an_emulator():
+    assert deploy.policy_propagation_seconds({}) == deploy.POLICY_PROPAGATION_SECONDS >= 5
+    assert deploy.policy_propagation_seconds({"AWS_ENDPOINT_URL": "http://127.0.0.1:5000"}) == 0
 
 
 def test_explicit_bucket_names_are_found_again_by_status_and_teardown(clients):

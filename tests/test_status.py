@@ -1,9 +1,11 @@
 """awsfun_deploy.status: drift reported (and repaired by deploy), an empty account, an invalid
-routing table in the checkout.
+routing table in the checkout, and EC2's reason for each worker that ended without a report.
 """
 
+import io
 import json
 
+import AwsS3
 import deploy
 from deploy_helpers import error_of
 
@@ -55,3 +57,113 @@ def test_status_reports_an_invalid_checkout_table_as_drift(clients, names, deplo
     assert ("routing table", "invalid: routing table " + str(bad) +
             ": route #0: 'match' must be a non-empty string") in {
         (d["resource"], d["problem"]) for d in drift}
+
+
+# --- workers that ended without a report: EC2's own reasons ----------------------------------
+
+# AWS Knowledge Center, "encrypted-volumes-stops-immediately": an instance whose encrypted volume's
+# KMS key the launching role may not use goes from pending to terminated with this StateReason.
+KMS_LAUNCH_FAILURE = {"Code": "Client.InternalError",
+                      "Message": "Client.InternalError: Client error on launch"}
+# EC2 API Reference, StateReason: "Server.SpotInstanceTermination: The instance was terminated
+# because the number of Spot requests ... exceeded available capacity". The message text here
+# is illustrative; the code is the documented one.
+SPOT_TERMINATION = {"Code": "Server.SpotInstanceTermination",
+                    "Message": "Server.SpotInstanceTermination: Spot instance termination"}
+
+
+def answer_state_reasons(ec2, reasons):
+    """Make DescribeInstances answer these {instance id: (StateReason, StateTransitionReason)}:
+    moto ends every instance with Client.UserInitiatedShutdown, never with EC2's launch
+    failures, so the parsed answer is patched and everything else stays moto's."""
+    def patch(parsed, **_):
+        for reservation in parsed.get("Reservations", []):
+            for instance in reservation["Instances"]:
+                if instance["InstanceId"] in reasons:
+                    instance["StateReason"], instance["StateTransitionReason"] = \
+                        reasons[instance["InstanceId"]]
+
+    ec2.meta.events.register("after-call.ec2.DescribeInstances", patch)
+
+
+def test_state_reason_is_code_and_message_as_ec2_gives_them():
+    """EC2 API Reference, StateReason: Code and Message; the Message often repeats the Code."""
+    instance = {"StateReason": dict(KMS_LAUNCH_FAILURE)}
+    assert deploy.state_reason_text(instance) == \
+        "Client.InternalError: Client.InternalError: Client error on launch"
+    assert deploy.state_reason_text({"StateReason": {"Code": "Server.ScheduledStop"}}) == \
+        "Server.ScheduledStop"
+    assert deploy.state_reason_text({"StateReason": {"Code": "", "Message": ""}}) == ""
+    assert deploy.state_reason_text({}) == ""
+
+
+def test_status_and_reconcile_name_ec2s_reason_for_each_worker_that_ended_without_a_report(
+        clients, names, deployed, capsys):
+    """A worker that never booted (the account's default EBS key is customer managed and the
+    launcher may not use it: StateReason Client.InternalError "Client error on launch"; or a
+    Spot reclaim, Server.SpotInstanceTermination) leaves no report and no log: EC2's
+    StateReason and StateTransitionReason are the only record of why. status and reconcile
+    show them, one line per worker, for exactly the workers whose object has neither report
+    nor error report."""
+    s3, ec2 = clients("s3"), clients("ec2")
+    bucket = names.data_bucket
+    for key in ("kms.csv", "spot.csv", "done.csv", "gone.csv", "old.csv", "live.csv"):
+        s3.put_object(Bucket=bucket, Key=key, Body=f"{key}\n1\n".encode())
+    launched = deploy.reconcile(clients, names, progress=deploy.Progress(echo=False))["launched"]
+    ids = {entry["key"]: entry["instance_id"] for entry in launched}
+    assert len(ids) == 6
+
+    def report(key):
+        etag = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        AwsS3.put_report(s3, bucket, key, {"input": {"bucket": bucket, "key": key, "etag": etag}},
+                         ".json")
+
+    report("done.csv")                                     # reported: not listed
+    report("old.csv")                                      # its version reported, then
+    s3.put_object(Bucket=bucket, Key="old.csv", Body=b"a newer version\n")  # overwritten
+    s3.delete_object(Bucket=bucket, Key="gone.csv")        # deleted, and no error report
+    ec2.terminate_instances(InstanceIds=[i for k, i in ids.items() if k != "live.csv"])
+    answer_state_reasons(ec2, {ids["kms.csv"]: (KMS_LAUNCH_FAILURE, ""),
+                               ids["spot.csv"]: (SPOT_TERMINATION, "Service initiated")})
+
+    status = deploy.collect_status(clients, names)
+    ended = {worker["key"]: worker for worker in status["ended_without_report"]}
+    assert sorted(ended) == ["gone.csv", "kms.csv", "spot.csv"]
+    kms = ended["kms.csv"]
+    assert (kms["instance_id"], kms["state"], kms["state_reason"],
+            kms["state_transition_reason"]) == (
+        ids["kms.csv"], "terminated",
+        "Client.InternalError: Client.InternalError: Client error on launch", "")
+    assert ended["spot.csv"]["state_reason"] == \
+        "Server.SpotInstanceTermination: Server.SpotInstanceTermination: Spot instance termination"
+    assert ended["gone.csv"]["state_reason"] == \
+        "Client.UserInitiatedShutdown: Client.UserInitiatedShutdown: User initiated shutdown"
+    assert ended["gone.csv"]["state_transition_reason"].startswith("User initiated (")
+
+    printed = io.StringIO()
+    deploy.print_status(status, printed)
+    lines = printed.getvalue().splitlines()
+    assert "workers ended without a report: 3 (EC2's StateReason; StateTransitionReason)" in lines
+    assert (f"  {ids['kms.csv']}  terminated, kms.csv: Client.InternalError: "
+            "Client.InternalError: Client error on launch; no StateTransitionReason") in lines
+    assert (f"  {ids['spot.csv']}  terminated, spot.csv: Server.SpotInstanceTermination: "
+            "Server.SpotInstanceTermination: Spot instance termination; Service initiated") in lines
+
+    # status --json carries the same entries.
+    assert deploy.main(["status", "--json"], clients=clients) == 0
+    out = capsys.readouterr().out
+    # moto's server may print its own warnings first: the document starts at its first key.
+    assert json.loads(out[out.index('{\n  "account"'):])["ended_without_report"] == \
+        status["ended_without_report"]
+
+    # reconcile shows them before it relaunches (gone.csv is no input any more: not its to
+    # launch, but its worker still ended without a word).
+    progress = deploy.Progress(echo=False)
+    result = deploy.reconcile(clients, names, progress=progress)
+    assert result["ended_without_report"] == status["ended_without_report"]
+    shown = {step["name"]: step["detail"] for step in progress.steps
+             if step["outcome"] == "ended unreported"}
+    assert shown == {ids[key]: deploy.ended_detail(ended[key]) for key in ended}
+    assert sorted(entry["key"] for entry in result["launched"]) == ["kms.csv", "old.csv",
+                                                                   "spot.csv"]
+    assert "3 workers ended without a report" in deploy.reconcile_summary(result)
