@@ -50,7 +50,7 @@ BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 LAUNCH_TEMPLATE_NAME = re.compile(r"^[a-zA-Z0-9().\-/_]{3,128}$")
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 ROUTE_FIELDS = {"name", "match", "launch_template", "instance_type", "watchdog_minutes",
-                "worker_timeout_seconds", "command", "root_volume_gib"}
+                "worker_timeout_seconds", "command", "root_volume_gib", "spot"}
 # A route's root volume (gp3): at least Amazon Linux 2023's 8 GiB image, at most EBS's 16 TiB
 # for gp3 (EBS User Guide, "Amazon EBS volume types").
 ROOT_VOLUME_GIB = (8, 16384)
@@ -66,7 +66,33 @@ DEFAULTS = {
     "WATCHDOG_MINUTES": "120",
     "WORKER_TIMEOUT_SECONDS": "",
     "DRY_RUN": "",
+    "MAX_WORKERS": "16",
+    "SPOT": "",
+    "SUBNET_IDS": "",
+    "SECURITY_GROUP_IDS": "",
 }
+
+# EC2's answers that mean "not now": no capacity, a quota reached, or throttling once botocore's
+# own retries are spent (EC2 API Reference, "Error codes": InsufficientInstanceCapacity,
+# VcpuLimitExceeded, InstanceLimitExceeded, MaxSpotInstanceCountExceeded, SpotMaxPriceTooLow,
+# RequestLimitExceeded). A record refused so is deferred (tried again later), not failed.
+CAPACITY_REFUSALS = frozenset({
+    "InsufficientInstanceCapacity", "VcpuLimitExceeded", "InstanceLimitExceeded",
+    "MaxSpotInstanceCountExceeded", "SpotMaxPriceTooLow", "RequestLimitExceeded",
+})
+# Of those, the ones that hold in one Availability Zone only: another subnet may have capacity.
+# A quota or a throttle holds for the whole region, so another subnet cannot help.
+ZONAL_REFUSALS = frozenset({"InsufficientInstanceCapacity"})
+# Refusals of spot that another subnet cannot lift either: the region's spot quota, the price.
+SPOT_REGIONAL_REFUSALS = frozenset({"MaxSpotInstanceCountExceeded", "SpotMaxPriceTooLow"})
+# A one-time spot request whose instance terminates when EC2 reclaims it (RunInstances,
+# InstanceMarketOptions; "Spot Instance interruptions"): the worker's SIGTERM path leaves its
+# error report, and reconcile or the next retry relaunches the object.
+SPOT_OPTIONS = {"MarketType": "spot",
+                "SpotOptions": {"SpotInstanceType": "one-time",
+                                "InstanceInterruptionBehavior": "terminate"}}
+# The workers the cap counts, as EC2 states them (DescribeInstances, instance-state-name).
+ALIVE_STATES = ["pending", "running"]
 
 _CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5})
 _clients = {}
@@ -109,7 +135,18 @@ def load_settings(environ=None):
     )
     settings["COMMAND"] = None
     settings["ROUTE"] = "default"
+    settings["MAX_WORKERS"] = int(settings["MAX_WORKERS"])
+    if settings["MAX_WORKERS"] < 1:
+        raise ValueError("MAX_WORKERS must be a whole number of workers >= 1")
+    settings["SPOT"] = str(settings["SPOT"]).strip().lower() in ("1", "true", "yes")
+    settings["SUBNET_IDS"] = id_list(settings["SUBNET_IDS"])
+    settings["SECURITY_GROUP_IDS"] = id_list(settings["SECURITY_GROUP_IDS"])
     return settings
+
+
+def id_list(text):
+    """Return the ids in a comma-separated list, in order, blanks dropped (pure)."""
+    return [part.strip() for part in str(text or "").split(",") if part.strip()]
 
 
 def default_worker_timeout(watchdog_minutes):
@@ -482,6 +519,8 @@ def _validate_route(route, where, names):
         value = route.get(field, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RoutesError(f"{where}: '{field}' must be a whole number >= 1")
+    if "spot" in route and not isinstance(route["spot"], bool):
+        raise RoutesError(f"{where}: 'spot' must be true or false")
     size = route.get("root_volume_gib", ROOT_VOLUME_GIB[0])
     if isinstance(size, bool) or not isinstance(size, int) or \
             not ROOT_VOLUME_GIB[0] <= size <= ROOT_VOLUME_GIB[1]:
@@ -525,37 +564,161 @@ def apply_route(settings, route):
         merged["WORKER_TIMEOUT_SECONDS"] = default_worker_timeout(route["watchdog_minutes"])
     if "worker_timeout_seconds" in route:
         merged["WORKER_TIMEOUT_SECONDS"] = route["worker_timeout_seconds"]
+    if "spot" in route:
+        merged["SPOT"] = route["spot"]
     return merged
 
 
-def launch_worker(ec2, obj, user_data, settings, dry_run=False, attempt=0):
-    """Call RunInstances once for one object and return the new instance id."""
+def launch_worker(ec2, obj, user_data, settings, dry_run=False, attempt=0, market="on-demand",
+                  subnet=None):
+    """Call RunInstances once for one object and return the new instance id.
+
+    `market` "spot" asks for a one-time spot instance (SPOT_OPTIONS); `subnet` puts the
+    network interface in that subnet, with the template's security groups
+    (SECURITY_GROUP_IDS) restated, since a request's NetworkInterfaces replace the
+    template's. The ClientToken is launch_token's for this market and subnet; the
+    awsfun:token tag is always the upload's own token, whichever step launched it.
+    """
     token = client_token(obj, attempt)
-    response = ec2.run_instances(
-        LaunchTemplate={"LaunchTemplateName": settings["LAUNCH_TEMPLATE"], "Version": "$Latest"},
-        MinCount=1,
-        MaxCount=1,
-        UserData=user_data,
-        ClientToken=token,
+    params = {
+        "LaunchTemplate": {"LaunchTemplateName": settings["LAUNCH_TEMPLATE"],
+                           "Version": "$Latest"},
+        "MinCount": 1,
+        "MaxCount": 1,
+        "UserData": user_data,
+        "ClientToken": launch_token(token, market, subnet, settings),
         # Repeated here so a hand-made template can never leave a stopped (billed)
         # machine behind or expose IMDSv1. Every metadata option is stated: this structure
         # overrides the template's, and an option left out falls to the account's or the
         # AMI's default (a hop limit of 2 on Amazon Linux 2023, which lets containers reach
         # the worker role's credentials).
-        InstanceInitiatedShutdownBehavior="terminate",
-        MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled",
-                         "HttpPutResponseHopLimit": 1},
-        TagSpecifications=build_tags(obj, token, settings),
-        DryRun=dry_run,
-    )
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                            "HttpPutResponseHopLimit": 1},
+        "TagSpecifications": build_tags(obj, token, settings),
+        "DryRun": dry_run,
+    }
+    if market == "spot":
+        params["InstanceMarketOptions"] = SPOT_OPTIONS
+    if subnet:
+        interface = {"DeviceIndex": 0, "SubnetId": subnet}
+        if settings.get("SECURITY_GROUP_IDS"):
+            interface["Groups"] = list(settings["SECURITY_GROUP_IDS"])
+        params["NetworkInterfaces"] = [interface]
+    response = ec2.run_instances(**params)
     return response["Instances"][0]["InstanceId"]
+
+
+def launch_steps(settings):
+    """Return the (market, subnet) of each RunInstances one record may take, in order (pure).
+
+    Spot in every subnet first (the cheap way), then on demand in every subnet; without
+    SUBNET_IDS the template's own placement (subnet None).
+    """
+    subnets = list(settings.get("SUBNET_IDS") or []) or [None]
+    markets = (["spot"] if settings.get("SPOT") else []) + ["on-demand"]
+    return [(market, subnet) for market in markets for subnet in subnets]
+
+
+def launch_token(token, market, subnet, settings):
+    """Return the ClientToken of one launch step: the upload's token for the first step, a
+    token derived from it for each later one (pure).
+
+    EC2 binds a token to the parameters of the request that succeeded with it, and answers
+    the same token with other parameters (another market, another subnet) with
+    IdempotentParameterMismatch (EC2 Developer Guide, "Ensuring idempotency"). A refused
+    request binds nothing, so each step needs its own token, and a deterministic one: a
+    redelivered message walks the same steps with the same tokens, so a step that did launch
+    returns that instance instead of a second one.
+    """
+    if (market, subnet) == launch_steps(settings)[0]:
+        return token
+    text = json.dumps([token, market, subnet or ""])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:CLIENT_TOKEN_LIMIT]
+
+
+def refusal_code(err):
+    """Return the EC2 error code of a refused launch, "" for anything else (pure)."""
+    if not isinstance(err, ClientError):
+        return ""
+    return err.response.get("Error", {}).get("Code", "")
+
+
+def is_capacity_refusal(err):
+    """True when a launch failed for want of capacity, quota or request rate (pure)."""
+    return refusal_code(err) in CAPACITY_REFUSALS
+
+
+def launch_with_fallback(ec2, obj, user_data, settings, attempt=0, on_step=None):
+    """Launch one object's worker through launch_steps; return the instance id.
+
+    A capacity refusal moves on: spot refused in one subnet tries spot in the next, then on
+    demand; InsufficientInstanceCapacity on demand tries the next subnet. A regional refusal
+    (a quota, throttling) ends the walk at once. The last capacity refusal, or any other
+    error, is raised as it came. on_step(market, subnet) is told the step that launched.
+    """
+    spot_refused = False
+    last = None
+    for market, subnet in launch_steps(settings):
+        if market == "spot" and spot_refused:
+            continue
+        try:
+            instance_id = launch_worker(ec2, obj, user_data, settings, attempt=attempt,
+                                        market=market, subnet=subnet)
+        except ClientError as err:
+            code = refusal_code(err)
+            if code not in CAPACITY_REFUSALS:
+                raise
+            last = err
+            logger.warning("s3://%s/%s: %s%s refused: %s %s", obj["bucket"], obj["key"], market,
+                           f" in {subnet}" if subnet else "", code,
+                           err.response.get("Error", {}).get("Message", ""))
+            if market == "spot" and code != "RequestLimitExceeded":
+                spot_refused = spot_refused or code in SPOT_REGIONAL_REFUSALS
+                continue
+            if code not in ZONAL_REFUSALS:
+                raise
+            continue
+        if on_step:
+            on_step(market, subnet)
+        return instance_id
+    raise last
+
+
+def count_workers(ec2, templates):
+    """Return {awsfun:token: instance id} of the stack's pending and running workers.
+
+    One DescribeInstances (with its pages), filtered by the awsfun:launch-template tag every
+    worker carries and by state, once per invocation: the cap's count, and which uploads
+    already have a live worker (a redelivered message whose earlier try launched at a later
+    step must not launch again at the first).
+    """
+    found, params = {}, {"Filters": [
+        {"Name": "tag:awsfun:launch-template", "Values": sorted(set(templates))},
+        {"Name": "instance-state-name", "Values": ALIVE_STATES}], "MaxResults": 1000}
+    while True:
+        page = ec2.describe_instances(**params)
+        for reservation in page.get("Reservations", []):
+            for instance in reservation.get("Instances", []):
+                tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                found[tags.get("awsfun:token") or instance["InstanceId"]] = instance["InstanceId"]
+        if not page.get("NextToken"):
+            return found
+        params["NextToken"] = page["NextToken"]
+
+
+def stack_templates(settings, s3=None, local_dir=None):
+    """Return the launch templates this handler may launch: the worker's and each route's."""
+    routes = load_routes(settings, s3, local_dir)
+    return [settings["LAUNCH_TEMPLATE"]] + [route["launch_template"] for route in routes]
 
 
 def check_launch_permission(ec2, obj, user_data, settings):
     """Ask EC2 (DryRun) whether this role may launch the worker; return a result entry."""
     entry = {"bucket": obj["bucket"], "key": obj["key"]}
     try:
-        launch_worker(ec2, obj, user_data, settings, dry_run=True)
+        market, subnet = launch_steps(settings)[0]
+        launch_worker(ec2, obj, user_data, settings, dry_run=True, market=market, subnet=subnet)
     except ClientError as err:
         code = err.response["Error"]["Code"]
         entry.update(allowed=code == "DryRunOperation", code=code,
@@ -577,11 +740,25 @@ def prepare_launch(obj, settings, s3=None, local_dir=None):
 
 def launch_object(obj, settings, ec2=None, s3=None, local_dir=None, attempt=0):
     """Route, render and launch one object's worker; return the instance id (handler and reconcile)."""
-    launch, user_data = prepare_launch(obj, settings, s3, local_dir)
-    instance_id = launch_worker(ec2 or get_client("ec2"), obj, user_data, launch, attempt=attempt)
-    logger.info("launched %s for s3://%s/%s (route %s, template %s)", instance_id,
-                obj["bucket"], obj["key"], launch["ROUTE"], launch["LAUNCH_TEMPLATE"])
-    return instance_id
+    return launch_object_detail(obj, settings, ec2, s3, local_dir, attempt)["instance_id"]
+
+
+def launch_object_detail(obj, settings, ec2=None, s3=None, local_dir=None, attempt=0,
+                         prepared=None):
+    """launch_object, returning {"instance_id", "route", "market", "subnet"}; `prepared` is
+    prepare_launch's answer when the caller has it already."""
+    launch, user_data = prepared or prepare_launch(obj, settings, s3, local_dir)
+    step = {}
+
+    def note(market, subnet):
+        step.update(market=market, subnet=subnet)
+
+    instance_id = launch_with_fallback(ec2 or get_client("ec2"), obj, user_data, launch,
+                                       attempt=attempt, on_step=note)
+    logger.info("launched %s for s3://%s/%s (route %s, template %s, %s%s)", instance_id,
+                obj["bucket"], obj["key"], launch["ROUTE"], launch["LAUNCH_TEMPLATE"],
+                step["market"], f" in {step['subnet']}" if step["subnet"] else "")
+    return {"instance_id": instance_id, "route": launch["ROUTE"], **step}
 
 
 def check_object_permission(obj, settings, ec2=None, s3=None, local_dir=None):
@@ -620,58 +797,212 @@ def time_is_running_out(context):
     return remaining is not None and remaining() < DEADLINE_MARGIN_MS
 
 
-def lambda_handler(event, context):
-    """Launch one worker per new object in the event; raise if any launch failed."""
-    settings = load_settings()
-    objects, skipped = parse_records(event)
-    result = {"launched": [], "skipped": skipped}
-    for entry in skipped:
-        logger.warning("skipped s3://%s/%s: %s", printable(entry["bucket"]), printable(entry["key"]),
-                       entry["reason"])
-    failures = []
-    seen_tokens = set()
-    for index, obj in enumerate(objects):
-        if time_is_running_out(context):
-            # Stop before Lambda kills us mid-call; the retry re-uses every token, so the
+# What became of one record: launched (or found running), skipped (nothing to do, ever),
+# deferred (not now: the cap, capacity, time), failed (an error to look at).
+LAUNCHED, SKIPPED, DEFERRED, FAILED = "launched", "skipped", "deferred", "failed"
+
+
+class Invocation:
+    """One invocation's records: their outcomes, the cap's count, the tokens seen so far.
+
+    The count is made once, before the first launch (count_workers: one DescribeInstances
+    with its pages), and kept up to date with this invocation's own launches, so the cap
+    costs at most one call per invocation, however many records it holds.
+    """
+
+    def __init__(self, settings, context, ec2=None):
+        self.settings, self.context, self.ec2 = settings, context, ec2
+        self.result = {"launched": [], "skipped": [], "deferred": [], "failed": []}
+        self.seen_tokens = set()
+        self.alive = None  # {awsfun:token: instance id} of live workers, once counted
+        self.count_error = None
+        self.regional_refusal = None  # a quota or throttle met: the rest defer unasked
+        self.out_of_time = False
+
+    def skip(self, obj, reason, level=logging.INFO):
+        logger.log(level, "skipped s3://%s/%s: %s", printable(obj["bucket"]),
+                   printable(obj["key"]), reason)
+        self.result["skipped"].append({"bucket": obj["bucket"], "key": obj["key"],
+                                       "reason": reason})
+        return SKIPPED
+
+    def defer(self, obj, code, reason):
+        logger.warning("deferred s3://%s/%s: %s", printable(obj["bucket"]),
+                       printable(obj["key"]), reason)
+        self.result["deferred"].append({"bucket": obj["bucket"], "key": obj["key"],
+                                        "code": code, "reason": reason})
+        return DEFERRED
+
+    def fail(self, obj, err):
+        code, message = describe_failure(err)
+        logger.error("failed s3://%s/%s: %s %s", printable(obj["bucket"]),
+                     printable(obj["key"]), code, message)
+        self.result["failed"].append({"bucket": obj["bucket"], "key": obj["key"], "code": code,
+                                      "message": message if not isinstance(err, ClientError)
+                                      else ""})
+        return FAILED
+
+    def count(self):
+        """Return the live workers (counted at most once); raise what the count raised."""
+        if self.count_error is not None:
+            raise self.count_error
+        if self.alive is None:
+            ec2 = self.ec2 or get_client("ec2")
+            try:
+                self.alive = count_workers(ec2, stack_templates(self.settings))
+            except LAUNCH_ERRORS as err:
+                self.count_error = err
+                raise
+            logger.info("%d workers pending or running; the cap is %d", len(self.alive),
+                        self.settings["MAX_WORKERS"])
+        return self.alive
+
+    def handle(self, obj):
+        """Decide, and launch or defer, one record; return its outcome."""
+        if self.out_of_time or time_is_running_out(self.context):
+            # Stop before Lambda kills us mid-call; a retry re-uses every token, so the
             # records launched so far do not launch twice and the rest get their turn.
-            failures.append(f"{len(objects) - index} records not attempted: the function's "
-                            "time is running out")
-            logger.error("stopping with %d records left: less than %d ms remain",
-                         len(objects) - index, DEADLINE_MARGIN_MS)
-            break
+            self.out_of_time = True
+            return self.defer(obj, "Timeout", "not attempted: the function's time is running "
+                              f"out (less than {DEADLINE_MARGIN_MS} ms left)")
         token = client_token(obj)
-        reason = ("the same object version as an earlier record of this event"
-                  if token in seen_tokens else should_process(obj, settings["SKIP_SUBSTRING"]))
-        seen_tokens.add(token)
+        reason = ("the same object version as an earlier record of this invocation"
+                  if token in self.seen_tokens
+                  else should_process(obj, self.settings["SKIP_SUBSTRING"]))
+        self.seen_tokens.add(token)
         if reason:
-            logger.info("skipped s3://%s/%s: %s", obj["bucket"], obj["key"], reason)
-            result["skipped"].append({"bucket": obj["bucket"], "key": obj["key"], "reason": reason})
-            continue
+            return self.skip(obj, reason)
+        if self.settings["DRY_RUN"]:
+            try:
+                entry = check_object_permission(obj, self.settings, self.ec2)
+            except LAUNCH_ERRORS as err:
+                return self.fail(obj, err)
+            self.result.setdefault("dry_run", []).append(entry)
+            return LAUNCHED
         try:
-            if settings["DRY_RUN"]:
-                result.setdefault("dry_run", []).append(check_object_permission(obj, settings))
-                continue
-            instance_id = launch_object(obj, settings)
+            return self.launch(obj, token)
         except LAUNCH_ERRORS as err:
             reason = already_launched_reason(obj, err)
             if reason:
-                # A duplicate delivery (or Lambda's retry) of an upload already launched:
-                # retrying cannot change EC2's answer, so failing would only dead-letter it.
-                logger.info("skipped s3://%s/%s: %s", obj["bucket"], obj["key"], reason)
-                result["skipped"].append({"bucket": obj["bucket"], "key": obj["key"],
-                                          "reason": reason})
-                continue
+                # A duplicate delivery (or a retry) of an upload already launched: retrying
+                # cannot change EC2's answer, so failing would only dead-letter it.
+                return self.skip(obj, reason)
+            if is_capacity_refusal(err):
+                code, message = describe_failure(err)
+                if code not in ZONAL_REFUSALS:
+                    self.regional_refusal = code
+                return self.defer(obj, code, f"EC2 refused: {code} {message}".strip())
             # One record's failure must not cost the others their launch: note it, go on.
-            code, message = describe_failure(err)
-            logger.error("failed s3://%s/%s: %s %s", obj["bucket"], obj["key"], code, message)
-            # An AWS code says it all; other errors need their message (e.g. the size).
-            failures.append(f"{obj['key']!r}: {code}" if isinstance(err, ClientError)
-                            else f"{obj['key']!r}: {code}: {message}")
+            return self.fail(obj, err)
+
+    def launch(self, obj, token):
+        """Launch one record's worker unless it has a live one or the cap is reached."""
+        # Rendered first: a template the role cannot read fails before any EC2 call.
+        prepared = prepare_launch(obj, self.settings)
+        alive = self.count()
+        if token in alive:
+            # This upload's worker is running: a redelivery after a later launch step (another
+            # market or subnet) launched it; asking again at the first step could launch a second.
+            return self.launched(obj, {"instance_id": alive[token], "market": "running",
+                                       "subnet": None, "route": prepared[0]["ROUTE"]})
+        if self.regional_refusal:
+            return self.defer(obj, self.regional_refusal, "not attempted: EC2 refused "
+                              f"{self.regional_refusal} earlier in this invocation")
+        cap = self.settings["MAX_WORKERS"]
+        if len(alive) >= cap:
+            return self.defer(obj, "MaxWorkers", f"at the cap: {len(alive)} workers pending or "
+                              f"running, MAX_WORKERS={cap}")
+        detail = launch_object_detail(obj, self.settings, self.ec2, prepared=prepared)
+        alive[token] = detail["instance_id"]
+        return self.launched(obj, detail)
+
+    def launched(self, obj, detail):
+        self.result["launched"].append({"bucket": obj["bucket"], "key": obj["key"], **detail})
+        return LAUNCHED
+
+
+def is_sqs_event(event):
+    """True for an event of SQS messages (Lambda's event source mapping), not S3's own (pure)."""
+    records = event.get("Records") if isinstance(event, dict) else None
+    return isinstance(records, list) and bool(records) and all(
+        isinstance(record, dict) and record.get("eventSource") == "aws:sqs"
+        and "messageId" in record for record in records)
+
+
+def message_event(record):
+    """Return (S3 event, None) from one SQS message, or (None, why it holds none) (pure).
+
+    The body is the S3 event as S3 sent it to the queue; S3 also sends one s3:TestEvent
+    message when the notification is saved (S3 User Guide, "Event message structure").
+    """
+    try:
+        event = json.loads(record.get("body") or "")
+    except ValueError:
+        return None, "the message body is not JSON"
+    if isinstance(event, dict) and event.get("Event") == "s3:TestEvent":
+        return None, "s3:TestEvent: S3 checking that it may send to the queue"
+    return event, None
+
+
+def handle_sqs_event(event, context, settings):
+    """Handle a batch of SQS messages; list each message to try again in batchItemFailures.
+
+    Partial batch responses (Lambda Developer Guide, "Handling errors for an SQS event
+    source", ReportBatchItemFailures): Lambda deletes every message not listed, and a listed
+    one returns after the queue's visibility timeout, to the dead-letter queue after
+    maxReceiveCount receives. A message is listed when any record of it was deferred or failed.
+    """
+    invocation = Invocation(settings, context)
+    failures = []
+    for record in event["Records"]:
+        message_id = record["messageId"]
+        body, reason = message_event(record)
+        if body is None:
+            invocation.result["skipped"].append({"bucket": "", "key": "", "reason": reason,
+                                                 "message_id": message_id})
+            logger.info("skipped message %s: %s", message_id, reason)
             continue
-        result["launched"].append({"bucket": obj["bucket"], "key": obj["key"],
-                                   "instance_id": instance_id, "route": route_name(obj, settings)})
-    if failures:
+        try:
+            objects, skipped = parse_records(body)
+        except EventError as err:
+            invocation.result["skipped"].append({"bucket": "", "key": "", "reason": str(err),
+                                                 "message_id": message_id})
+            logger.warning("skipped message %s: %s", message_id, err)
+            continue
+        for entry in skipped:
+            invocation.skip(entry, entry["reason"], logging.WARNING)
+        outcomes = {invocation.handle(obj) for obj in objects}
+        if outcomes & {DEFERRED, FAILED}:
+            failures.append({"itemIdentifier": message_id})
+    return dict(invocation.result, batchItemFailures=failures)
+
+
+def lambda_handler(event, context):
+    """Launch one worker per new object; from SQS, return the messages to try again.
+
+    A plain S3 event (S3 invoking the function, or a console test) raises LaunchFailed when
+    any record failed or was deferred, so Lambda's retries and dead-letter queue apply.
+    """
+    settings = load_settings()
+    if is_sqs_event(event):
+        return handle_sqs_event(event, context, settings)
+    objects, skipped = parse_records(event)
+    invocation = Invocation(settings, context)
+    for entry in skipped:
+        invocation.skip(entry, entry["reason"], logging.WARNING)
+    for obj in objects:
+        invocation.handle(obj)
+    result = invocation.result
+    # An AWS code says it all; other errors need their message (e.g. the size).
+    not_done = [f"{e['key']!r}: {e['code']}" + (f": {e['message']}" if e["message"] else "")
+                for e in result["failed"]] + \
+        [f"{e['key']!r}: {e['code']}" for e in result["deferred"] if e["code"] != "Timeout"]
+    untried = sum(1 for e in result["deferred"] if e["code"] == "Timeout")
+    if untried:
+        not_done.append(f"{untried} records not attempted: the function's time is running out")
+    if not_done:
         # Raising (not returning) lets Lambda's retries and on-failure destination act;
         # the retry re-uses the ClientTokens, so records that did launch do not launch twice.
-        raise LaunchFailed(f"{len(failures)} of {len(objects)} records failed: " + "; ".join(failures))
+        raise LaunchFailed(f"{len(result['failed']) + len(result['deferred'])} of "
+                           f"{len(objects)} records failed: " + "; ".join(not_done))
     return result

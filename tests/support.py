@@ -286,6 +286,18 @@ class RecordingEc2:
         self.requests = []
         self.launches = {}  # ClientToken -> (the other parameters, instance id)
         self.terminated = set()
+        self.tags = {}  # instance id -> {tag: value} of each instance not terminated
+        self.counts = 0
+
+    def describe_instances(self, Filters=(), **_):
+        """Answer the handler's count: the live instances whose tags pass `Filters` (tag:K
+        filters; instance-state-name is taken as pending or running)."""
+        self.counts += 1
+        wanted = {f["Name"][4:]: set(f["Values"]) for f in Filters if f["Name"].startswith("tag:")}
+        instances = [{"InstanceId": i, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+                     for i, tags in self.tags.items()
+                     if all(tags.get(k) in values for k, values in wanted.items())]
+        return {"Reservations": [{"Instances": instances}] if instances else []}
 
     def run_instances(self, **params):
         """Record the request; return a fresh instance id, or answer a repeated token."""
@@ -304,11 +316,15 @@ class RecordingEc2:
         instance_id = f"i-{len(self.launches) + 1:017x}"
         if token:
             self.launches[token] = (others, instance_id)
+        specs = params.get("TagSpecifications") or []
+        self.tags[instance_id] = {t["Key"]: t["Value"] for spec in specs[:1]
+                                  for t in spec["Tags"]}
         return {"Instances": [{"InstanceId": instance_id}]}
 
     def terminate(self, instance_id):
         """End an instance, as its `shutdown -h now` (or a lost host) does."""
         self.terminated.add(instance_id)
+        self.tags.pop(instance_id, None)
 
 
 def ec2_error(code, message):

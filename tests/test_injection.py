@@ -196,6 +196,9 @@ def handle_upload(key, ec2):
         problems.append(f"handler result {result}")
     if len(ec2.requests) != before + 1:
         return problems + ["handler did not call RunInstances once"], None
+    # Ended at once as far as the handler's count sees: the soak is about keys, not the cap.
+    for entry in result["launched"]:
+        ec2.terminate(entry["instance_id"])
     user_data = ec2.requests[-1]["UserData"]
     problems += [f"user-data holds the command {command!r}"
                  for command in CANARY_COMMANDS if command in key and command in user_data]

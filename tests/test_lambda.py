@@ -57,6 +57,20 @@ def instance(instance_id):
     return {"Instances": [{"InstanceId": instance_id}]}
 
 
+def expect_count(stub, tokens=()):
+    """Queue EC2's answer to the handler's one count of live workers per invocation (the cap):
+    a DescribeInstances of the stack's pending and running workers, one per token given."""
+    instances = [{"InstanceId": f"i-{n:017x}", "Tags": [{"Key": "awsfun:token", "Value": t}]}
+                 for n, t in enumerate(tokens, start=0xc0)]
+    stub.add_response("describe_instances",
+                      {"Reservations": [{"Instances": instances}] if instances else []})
+
+
+def launches(calls):
+    """The RunInstances calls among recorded (name, params) calls."""
+    return [(name, params) for name, params in calls if name == "RunInstances"]
+
+
 class Clients:
     """Stubbed EC2 and S3 clients and the calls each received."""
 
@@ -227,6 +241,7 @@ def test_handler_skips_with_reasons_and_makes_no_call(clients):
 
 def test_skip_substring_is_overridable(clients, monkeypatch):
     monkeypatch.setenv("SKIP_SUBSTRING", "/tmp/")
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-0000000000000000a"))
     result = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/tmp/x.csv"),
                                         s3_record(BUCKET, "inbox/x.csv")), None)
@@ -357,10 +372,15 @@ def test_duplicate_event_after_a_redeploy_changed_a_setting_is_skipped_not_faile
         recording_ec2, monkeypatch):
     """EC2 answers a ClientToken reused with other parameters (here the user-data, which
     carries the watchdog) with IdempotentParameterMismatch: that upload already has its
-    worker, launched with the old settings; skip it instead of failing."""
+    worker, launched with the old settings; skip it instead of failing. While that worker
+    runs the handler's count already shows it (its awsfun:token tag), so EC2 is not asked."""
     event = s3_event(s3_record(BUCKET, "inbox/a.csv"))
-    lf.lambda_handler(event, None)
+    [first] = lf.lambda_handler(event, None)["launched"]
     monkeypatch.setenv("WATCHDOG_MINUTES", "30")
+    running = lf.lambda_handler(json.loads(json.dumps(event)), None)
+    assert [e["instance_id"] for e in running["launched"]] == [first["instance_id"]]
+    assert running["launched"][0]["market"] == "running" and len(recording_ec2.requests) == 1
+    recording_ec2.terminate(first["instance_id"])
     result = lf.lambda_handler(json.loads(json.dumps(event)), None)
     assert result["launched"] == []
     [skipped] = result["skipped"]
@@ -666,15 +686,17 @@ def test_an_unreadable_template_fails_the_record_not_silently(clients, monkeypat
 # --- the handler's launches -----------------------------------------------------------
 
 
-def test_a_packaged_launch_makes_exactly_one_call_run_instances(clients):
+def test_a_packaged_launch_makes_one_count_and_one_run_instances(clients):
+    """The cap costs one DescribeInstances per invocation, the launch one RunInstances."""
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
     result = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
-    assert clients.operations() == ["RunInstances"]
+    assert clients.operations() == ["DescribeInstances", "RunInstances"]
     assert result["launched"][0]["instance_id"] == "i-0123456789abcdef0"
     clients.ec2_stub.assert_no_pending_responses()
 
 
-def test_a_warm_console_launch_makes_exactly_one_call_run_instances(clients, monkeypatch, tmp_path):
+def test_a_warm_console_launch_makes_one_count_and_one_run_instances(clients, monkeypatch, tmp_path):
     """Pasted into the console (nothing beside the handler): S3 on the cold start only."""
     monkeypatch.setattr(lf, "__file__", str(tmp_path / "lambda_function.py"))
     stubbed_s3 = clients.s3
@@ -686,6 +708,7 @@ def test_a_warm_console_launch_makes_exactly_one_call_run_instances(clients, mon
                             Body=(REPO / lf.LAUNCHER_KEY).read_bytes())
         cold_calls = record_calls(software)
         lf._clients["s3"] = software
+        expect_count(clients.ec2_stub)
         clients.ec2_stub.add_response("run_instances", instance("i-00000000000000001"))
         lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/cold.csv")), None)
     assert cold_calls and {name for name, _ in cold_calls} == {"GetObject"}
@@ -694,20 +717,22 @@ def test_a_warm_console_launch_makes_exactly_one_call_run_instances(clients, mon
     # Warm: the S3 client is a Stubber with nothing queued, so any S3 call would raise.
     lf._clients["s3"] = stubbed_s3
     del clients.ec2_calls[:]
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-00000000000000002"))
     result = lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/warm.csv")), None)
-    assert clients.operations() == ["RunInstances"]
+    assert clients.operations() == ["DescribeInstances", "RunInstances"]
     assert result["launched"][0]["instance_id"] == "i-00000000000000002"
-    user_data = clients.ec2_calls[0][1]["UserData"]
+    user_data = launches(clients.ec2_calls)[0][1]["UserData"]
     assert job_values(user_data)["JOB_KEY_B64"] == "inbox/warm.csv"
 
 
 def test_launch_parameters(clients):
     key = "inbox/" + "long name " * 40 + "ü.csv"
     record = s3_record(BUCKET, key, etag="e" * 32, version_id="3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY")
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
     lf.lambda_handler(s3_event(record), None)
-    [(name, params)] = clients.ec2_calls
+    [(name, params)] = launches(clients.ec2_calls)
     [parsed], _ = lf.parse_records(s3_event(record))
     token = lf.client_token(parsed)
     assert name == "RunInstances"
@@ -738,22 +763,26 @@ def test_run_instances_states_every_metadata_option_itself_hop_limit_one(clients
     v2.0) default HttpPutResponseHopLimit to 2, which lets a container on the worker reach the
     worker role's credentials (EC2 User Guide, "Configure instance metadata options"). moto
     keeps whatever is sent, so the request must say 1 itself."""
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
     lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
-    [(_, params)] = clients.ec2_calls
+    [(_, params)] = launches(clients.ec2_calls)
     assert params["MetadataOptions"] == {"HttpTokens": "required", "HttpEndpoint": "enabled",
                                          "HttpPutResponseHopLimit": 1}
 
 
 def test_launch_template_name_is_overridable(clients, monkeypatch):
     monkeypatch.setenv("LAUNCH_TEMPLATE", "other_template")
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
     lf.lambda_handler(s3_event(s3_record(BUCKET, "inbox/a.csv")), None)
-    assert clients.ec2_calls[0][1]["LaunchTemplate"]["LaunchTemplateName"] == "other_template"
+    assert launches(clients.ec2_calls)[0][1]["LaunchTemplate"]["LaunchTemplateName"] == \
+        "other_template"
 
 
 def test_result_shape_and_one_log_line_per_record(clients, caplog):
     caplog.set_level(logging.INFO)
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-0000000000000000a"))
     clients.ec2_stub.add_response("run_instances", instance("i-0000000000000000b"))
     event = s3_event(
@@ -824,6 +853,7 @@ def test_failed_launches_raise_after_the_other_records_launch(clients, caplog):
     caplog.set_level(logging.INFO)
     keys = ["inbox/1.csv", "inbox/2 denied.csv", "inbox/3 full.csv", "inbox/4.csv"]
     stub = clients.ec2_stub
+    expect_count(stub)
     stub.add_response("run_instances", instance("i-00000000000000001"))
     stub.add_client_error("run_instances", "UnauthorizedOperation",
                           "You are not authorized to perform this operation.", 403)
@@ -842,16 +872,19 @@ def test_failed_launches_raise_after_the_other_records_launch(clients, caplog):
     assert "launched i-00000000000000001 for s3://awsfun-data/inbox/1.csv" in caplog.text
     assert "launched i-00000000000000004 for s3://awsfun-data/inbox/4.csv" in caplog.text
     assert "failed s3://awsfun-data/inbox/2 denied.csv: UnauthorizedOperation" in caplog.text
-    assert "failed s3://awsfun-data/inbox/3 full.csv: InsufficientInstanceCapacity" in caplog.text
+    # Capacity refused: deferred, not failed; a plain S3 event still raises for Lambda's retry.
+    assert "deferred s3://awsfun-data/inbox/3 full.csv: EC2 refused: InsufficientInstanceCapacity" \
+        in caplog.text
 
     # Lambda's retry delivers the same event: every record gets the same ClientToken again,
     # so EC2 returns the instances already launched instead of starting new ones.
-    first_tokens = [params["ClientToken"] for _, params in clients.ec2_calls]
+    first_tokens = [params["ClientToken"] for _, params in launches(clients.ec2_calls)]
     del clients.ec2_calls[:]
+    expect_count(stub)
     for i in range(4):
         stub.add_response("run_instances", instance(f"i-0000000000000000{i + 1}"))
     result = lf.lambda_handler(json.loads(json.dumps(event)), None)
-    assert [params["ClientToken"] for _, params in clients.ec2_calls] == first_tokens
+    assert [params["ClientToken"] for _, params in launches(clients.ec2_calls)] == first_tokens
     assert len(set(first_tokens)) == 4
     assert [e["key"] for e in result["launched"]] == keys
 
@@ -862,6 +895,7 @@ def test_ten_records_three_refused_seven_launch_and_the_retry_reuses_every_token
     refused = {2: ("InsufficientInstanceCapacity", 500), 5: ("UnauthorizedOperation", 403),
                9: ("VcpuLimitExceeded", 400)}
     stub = clients.ec2_stub
+    expect_count(stub)
     for i in range(10):
         if i in refused:
             code, status = refused[i]
@@ -875,20 +909,25 @@ def test_ten_records_three_refused_seven_launch_and_the_retry_reuses_every_token
     assert str(raised.value).startswith("3 of 10 records failed: ")
     for i, (code, _) in refused.items():
         assert f"'batch/{i}.csv': {code}" in str(raised.value)
-        assert f"failed s3://{BUCKET}/batch/{i}.csv: {code} {code} for record {i}" in caplog.text
+        # A capacity refusal defers the record (tried again later); any other fails it.
+        outcome = "failed" if code == "UnauthorizedOperation" else "deferred"
+        detail = "" if outcome == "failed" else "EC2 refused: "
+        assert f"{outcome} s3://{BUCKET}/batch/{i}.csv: {detail}{code} {code} for record {i}" \
+            in caplog.text
     launched = [i for i in range(10) if i not in refused]
     for i in launched:
         assert f"launched i-{i:017x} for s3://{BUCKET}/batch/{i}.csv" in caplog.text
-    first = [params["ClientToken"] for _, params in clients.ec2_calls]
+    first = [params["ClientToken"] for _, params in launches(clients.ec2_calls)]
     assert len(set(first)) == 10
 
     # Lambda retries the same event: each record asks again with its own token, which is
     # what makes EC2 hand back the 7 instances already running instead of starting new ones.
     del clients.ec2_calls[:]
+    expect_count(stub)
     for i in range(10):
         stub.add_response("run_instances", instance(f"i-{i:017x}"))
     result = lf.lambda_handler(json.loads(json.dumps(event)), None)
-    assert [params["ClientToken"] for _, params in clients.ec2_calls] == first
+    assert [params["ClientToken"] for _, params in launches(clients.ec2_calls)] == first
     assert [e["key"] for e in result["launched"]] == keys
 
 
@@ -906,8 +945,8 @@ def test_a_network_failure_fails_its_record_only(clients, caplog):
         current["key"] = {t["Key"]: t["Value"] for t in params["TagSpecifications"][0]["Tags"]}[
             "awsfun:key"]
 
-    def drop(**_):
-        if current["key"] == "n/b.csv":
+    def drop(model, **_):
+        if model.name == "RunInstances" and current["key"] == "n/b.csv":
             raise EndpointConnectionError(endpoint_url="https://ec2.us-east-1.amazonaws.com")
 
     ec2.meta.events.register("provide-client-params.ec2.RunInstances", note)
@@ -915,6 +954,7 @@ def test_a_network_failure_fails_its_record_only(clients, caplog):
     with Stubber(ec2) as stub:
         # Ahead of the Stubber's handler, so the dropped call consumes no stubbed response.
         ec2.meta.events.register_first("before-call.*.*", drop)
+        expect_count(stub)
         stub.add_response("run_instances", instance("i-0000000000000000a"))
         stub.add_response("run_instances", instance("i-0000000000000000c"))
         event = s3_event(*(s3_record(BUCKET, f"n/{k}.csv", etag=k) for k in "abc"))
@@ -934,11 +974,12 @@ def test_user_data_too_large_fails_that_record_only(clients, monkeypatch, tmp_pa
     (tmp_path / lf.LAUNCHER_KEY).write_bytes((REPO / lf.LAUNCHER_KEY).read_bytes())
     monkeypatch.setattr(lf, "__file__", str(tmp_path / "lambda_function.py"))
     clients.s3_stub.add_client_error("get_object", "NoSuchKey", "no routes.json", 404)
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-0000000000000000a"))
     event = s3_event(s3_record(BUCKET, "short.csv"), s3_record(BUCKET, "€" * 300))
     with pytest.raises(lf.LaunchFailed, match="1 of 2 records failed: .*16384"):
         lf.lambda_handler(event, None)
-    assert [name for name, _ in clients.ec2_calls] == ["RunInstances"]
+    assert [name for name, _ in clients.ec2_calls] == ["DescribeInstances", "RunInstances"]
 
 
 def test_a_missing_routes_file_read_without_list_permission_means_no_routes(
@@ -955,6 +996,7 @@ def test_a_missing_routes_file_read_without_list_permission_means_no_routes(
     clients.s3_stub.add_client_error("get_object", "AccessDenied", "Access Denied", 403,
                                      expected_params={"Bucket": "su2csoftware",
                                                       "Key": "routes.json"})
+    expect_count(clients.ec2_stub)
     for suffix in "ab":
         clients.ec2_stub.add_response("run_instances", instance(f"i-000000000000000{suffix}"))
     event = s3_event(s3_record(BUCKET, "one.csv", etag="1"), s3_record(BUCKET, "two.csv", etag="2"))
@@ -1014,6 +1056,7 @@ def test_test_event_with_placeholders_replaced_parses_and_launches(clients):
     assert skipped == []
     assert (parsed["bucket"], parsed["key"]) == ("my-data-bucket", "inbox/run 7/sample ü.csv")
     assert parsed["etag"] == s3["object"]["eTag"]
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-0123456789abcdef0"))
     result = lf.lambda_handler(event, None)
     assert [(e["bucket"], e["key"]) for e in result["launched"]] == \
@@ -1040,6 +1083,7 @@ def test_a_wrong_typed_field_is_named_as_such(clients):
 
 
 def test_repeated_records_of_one_object_version_launch_once(clients):
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-00000000000000001"))
     clients.ec2_stub.add_response("run_instances", instance("i-00000000000000002"))
     records = [s3_record(BUCKET, "inbox/a.csv")] * 500 + [s3_record(BUCKET, "inbox/b.csv")]
@@ -1047,7 +1091,7 @@ def test_repeated_records_of_one_object_version_launch_once(clients):
     assert [e["key"] for e in result["launched"]] == ["inbox/a.csv", "inbox/b.csv"]
     assert len(result["skipped"]) == 499
     assert all("same object version" in e["reason"] for e in result["skipped"])
-    assert len(clients.ec2_calls) == 2
+    assert len(launches(clients.ec2_calls)) == 2
 
 
 class ShrinkingContext:
@@ -1062,6 +1106,7 @@ class ShrinkingContext:
 
 
 def test_stops_before_the_deadline_and_fails_so_the_retry_finishes(clients):
+    expect_count(clients.ec2_stub)
     clients.ec2_stub.add_response("run_instances", instance("i-00000000000000001"))
     clients.ec2_stub.add_response("run_instances", instance("i-00000000000000002"))
     records = [s3_record(BUCKET, f"inbox/{n}.csv") for n in range(5)]
@@ -1069,4 +1114,4 @@ def test_stops_before_the_deadline_and_fails_so_the_retry_finishes(clients):
     context = ShrinkingContext(remaining=30_000, step=9_000)
     with pytest.raises(lf.LaunchFailed, match="3 records not attempted"):
         lf.lambda_handler(s3_event(*records), context)
-    assert len(clients.ec2_calls) == 2
+    assert len(launches(clients.ec2_calls)) == 2

@@ -105,6 +105,12 @@ def test_handler_launches_the_routed_template(monkeypatch):
         ec2 = boto3.client("ec2")
         lambda_function._clients["ec2"] = ec2
         with Stubber(ec2) as stub:
+            # The cap counts the workers of every template the handler may launch.
+            stub.add_response("describe_instances", {"Reservations": []}, {
+                "Filters": [{"Name": "tag:awsfun:launch-template",
+                             "Values": ["su2cw_worker", "su2cw_worker_big"]},
+                            {"Name": "instance-state-name", "Values": ["pending", "running"]}],
+                "MaxResults": 1000})
             for template in ("su2cw_worker_big", "su2cw_worker"):
                 stub.add_response("run_instances", {"Instances": [{"InstanceId": "i-" + template[-3:]}]},
                                   {"LaunchTemplate": {"LaunchTemplateName": template, "Version": "$Latest"},

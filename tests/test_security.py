@@ -328,7 +328,8 @@ def mixed_records(count):
     return [kinds[i % len(kinds)](i) for i in range(count)]
 
 
-def test_a_thousand_record_event_launches_exactly_its_valid_objects(ec2):
+def test_a_thousand_record_event_launches_exactly_its_valid_objects(ec2, monkeypatch):
+    monkeypatch.setenv("MAX_WORKERS", "1000")  # the cap is tests/test_capacity.py's subject
     records = mixed_records(1000)
     started = time.monotonic()
     result = lf.lambda_handler(s3_event(*(record for _, record in records)), None)
