@@ -16,6 +16,7 @@ from .names import (
     DEFAULT_INSTANCE_TYPE, DEFAULT_PREFIX, default_launch_template, discover_names, resolve_names,
 )
 from .artifacts import ROUTES_FILE
+from .stack import DEFAULT_MAX_WORKERS
 from .policies import policy_values, render_policy
 from .routes import check_routing_table
 from .reconcile import reconcile
@@ -39,7 +40,8 @@ def run_deploy(args, clients):
           f"region {names.region}")
     progress = Progress()
     result = deploy(clients, names, args.instance_type, args.public_software, progress,
-                    routes_file=args.routes)
+                    routes_file=args.routes, max_workers=args.max_workers, spot=args.spot,
+                    subnets=args.subnets, security_groups=args.security_groups)
     if progress.changed():
         print(f"Deployed: {progress.count(CREATED)} created, {progress.count(UPDATED)} updated, "
               f"{progress.count(DELETED)} removed, {progress.count(IN_PLACE)} already in place.")
@@ -172,9 +174,36 @@ def _routes_option(parser):
                              "(default: routes.json beside deploy.py)")
 
 
+def id_list_option(text):
+    """argparse type of --subnets and --security-groups: comma-separated ids (pure)."""
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError("expected one or more comma-separated ids")
+    return ids
+
+
+def positive_int(text):
+    """argparse type of --max-workers: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of workers >= 1")
+    return int(text)
+
+
 def _deploy_options(parser):
     parser.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
                         help="worker instance type (default: %(default)s)")
+    parser.add_argument("--max-workers", type=positive_int, default=DEFAULT_MAX_WORKERS,
+                        metavar="N", help="at most N workers pending or running at once; "
+                        "further uploads wait in the events queue (default: %(default)s)")
+    parser.add_argument("--spot", action="store_true",
+                        help="launch workers as spot instances, on demand when spot capacity "
+                             "is refused")
+    parser.add_argument("--subnets", type=id_list_option, default=[], metavar="A,B",
+                        help="subnets (one VPC) to launch workers in, tried in order when one "
+                             "has no capacity (default: the default VPC's)")
+    parser.add_argument("--security-groups", type=id_list_option, default=[], metavar="SG,..",
+                        help="security groups for the workers (default: the stack's own: no "
+                             "inbound, HTTPS out)")
     _routes_option(parser)
     parser.add_argument("--public-software", action="store_true",
                         help="let anyone read the published files (relaxes Block Public Access "
@@ -214,7 +243,7 @@ add_command("deployer-policy", run_deployer_policy,
             "teardown for this prefix and these buckets (iam/deployer-policy.json)")
 # Options that take a value, so a value that happens to be a command name stays a value.
 VALUE_OPTIONS = ("--prefix", "--data-bucket", "--software-bucket", "--instance-type",
-                 "--routes", "--key-prefix")
+                 "--routes", "--key-prefix", "--max-workers", "--subnets", "--security-groups")
 
 
 def command_first(argv):

@@ -77,10 +77,21 @@ def root_device(ec2, image_id):
 
 
 def worker_launch_template_data(image_id, instance_type, profile_name, device, size, prefix,
-                                security_group_id=None):
-    """Return the LaunchTemplateData of the worker template (pure)."""
+                                security_group_id=None, subnet_id=None, group_ids=None):
+    """Return the LaunchTemplateData of the worker template (pure).
+
+    Network: the security groups `group_ids` (default: [security_group_id]); with a subnet
+    (./deploy.sh --subnets, its first), a network interface in that subnet holding them,
+    which the handler's NetworkInterfaces override moves to another subnet; without one,
+    the default VPC's default subnets.
+    """
     tags = tag_list({STACK_TAG: prefix, "awsfun:role": "worker"})
-    network = {"SecurityGroupIds": [security_group_id]} if security_group_id else {}
+    groups = list(group_ids or ([security_group_id] if security_group_id else []))
+    if subnet_id:
+        network = {"NetworkInterfaces": [{"DeviceIndex": 0, "SubnetId": subnet_id,
+                                          **({"Groups": groups} if groups else {})}]}
+    else:
+        network = {"SecurityGroupIds": groups} if groups else {}
     return {
         "ImageId": image_id,
         "InstanceType": instance_type,
@@ -336,17 +347,19 @@ def plan_images(ec2, ssm, plan):
 
 
 def ensure_launch_templates(ec2, ssm, names, plan, progress, images=None, security_group_id=None,
-                            volume_sizes=None):
+                            volume_sizes=None, subnet_id=None, group_ids=None):
     """Create or update each planned launch template; return ({name: id}, {architecture: image id}).
 
     volume_sizes: {name: GiB} from the routes' root_volume_gib; never below the image's own.
+    subnet_id, group_ids: the network (worker_launch_template_data).
     """
     images, ids = images or plan_images(ec2, ssm, plan), {}
     for name, (kind, architecture) in plan.items():
         image_id, (device, size) = images[architecture]
         size = max(size, (volume_sizes or {}).get(name, 0))
         data = worker_launch_template_data(image_id, kind, names.worker_instance_profile,
-                                           device, size, names.prefix, security_group_id)
+                                           device, size, names.prefix, security_group_id,
+                                           subnet_id, group_ids)
         ids[name] = ensure_launch_template(ec2, names, data, progress, name)
     return ids, {arch: image_id for arch, (image_id, _) in images.items()}
 
@@ -362,12 +375,50 @@ WORKER_EGRESS = [{"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443,
 
 
 def default_vpc(ec2):
-    """Return the region's default VPC id, where the templates launch (they name no subnet)."""
+    """Return the region's default VPC id, where the templates launch without --subnets."""
     vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
     if not vpcs:
-        raise DeployError("this region has no default VPC, and the worker templates launch "
-                          "into it: create one (aws ec2 create-default-vpc)")
+        raise DeployError("this region has no default VPC, where workers launch unless told "
+                          "otherwise: name the subnets to launch them in with --subnets "
+                          "subnet-a,subnet-b (or create a default VPC: aws ec2 "
+                          "create-default-vpc)")
     return vpcs[0]["VpcId"]
+
+
+def workers_vpc(ec2, subnets=(), security_groups=()):
+    """Return the VPC the workers launch in: the subnets' one (--subnets), else the default
+    VPC. DeployError, before any change, for a subnet or group that does not exist, subnets
+    of two VPCs, or groups of another VPC (EC2 refuses a network interface whose groups
+    belong to another VPC than its subnet)."""
+    if not subnets:
+        vpc_id = default_vpc(ec2)
+    else:
+        try:
+            found = ec2.describe_subnets(SubnetIds=list(subnets))["Subnets"]
+        except ClientError as err:
+            if error_code(err).startswith("InvalidSubnet"):
+                raise DeployError(f"--subnets {','.join(subnets)}: {err.response['Error'].get('Message')}") from None
+            raise
+        vpcs = sorted({subnet["VpcId"] for subnet in found})
+        if len(vpcs) != 1:
+            raise DeployError(f"--subnets {','.join(subnets)}: the subnets are in {len(vpcs)} "
+                              f"VPCs ({', '.join(vpcs)}); name subnets of one VPC")
+        vpc_id = vpcs[0]
+    if security_groups:
+        try:
+            groups = ec2.describe_security_groups(GroupIds=list(security_groups))[
+                "SecurityGroups"]
+        except ClientError as err:
+            if error_code(err).startswith("InvalidGroup"):
+                raise DeployError(f"--security-groups {','.join(security_groups)}: "
+                                  f"{err.response['Error'].get('Message')}") from None
+            raise
+        elsewhere = sorted(g["GroupId"] for g in groups if g.get("VpcId") != vpc_id)
+        if elsewhere:
+            raise DeployError(f"--security-groups: {', '.join(elsewhere)} not in the workers' "
+                              f"VPC {vpc_id}" + (" (the default VPC; name --subnets of "
+                                                 "theirs)" if not subnets else ""))
+    return vpc_id
 
 
 def read_security_group(ec2, names, vpc_id):
@@ -441,10 +492,18 @@ def ensure_security_group(ec2, names, vpc_id, progress, sleep=time.sleep):
     return group_id
 
 
+def find_stack_security_group(ec2, names):
+    """Return the workers' security group this deployment made, in whichever VPC, or None."""
+    groups = ec2.describe_security_groups(Filters=[
+        {"Name": "group-name", "Values": [names.worker_security_group]},
+        {"Name": f"tag:{STACK_TAG}", "Values": [names.prefix]},
+    ])["SecurityGroups"]
+    return groups[0] if groups else None
+
+
 def delete_security_group(ec2, names, progress, sleep=time.sleep):
     """Delete the workers' security group (after the workers are gone); tolerate it being gone."""
-    vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
-    group = read_security_group(ec2, names, vpcs[0]["VpcId"]) if vpcs else None
+    group = find_stack_security_group(ec2, names)
     if group is None:
         progress.record(GONE, "worker security group", names.worker_security_group)
         return

@@ -28,6 +28,15 @@ FUNCTION_MEMORY = 256
 MAX_RETRY_ATTEMPTS = 2
 MAX_EVENT_AGE_SECONDS = 6 * 3600
 LOG_RETENTION_DAYS = 30
+# How the function reads the events queue (Lambda Developer Guide, "Using Lambda with Amazon
+# SQS"): up to 10 messages a batch (one S3 event each), partial batch responses so only the
+# deferred or failed messages come back, and at most 2 batches at once, the least
+# ScalingConfig allows: the cap is counted per invocation, so two invocations at once can
+# pass it by at most one batch.
+EVENTS_BATCH_SIZE = 10
+EVENTS_MAX_CONCURRENCY = 2
+DEFAULT_MAX_WORKERS = int(lambda_function.DEFAULTS["MAX_WORKERS"])
+CAPACITY_VARIABLES = ("MAX_WORKERS", "SPOT", "SUBNET_IDS", "SECURITY_GROUP_IDS")
 
 
 def find_log_group(logs, name):
@@ -53,8 +62,34 @@ def ensure_log_group(logs, names, progress):
         progress.record(IN_PLACE, "log group", names.log_group)
 
 
-def handler_environment(names, environ=None):
-    """Return the function's environment variables (the contract's names)."""
+def capacity_environment(max_workers=DEFAULT_MAX_WORKERS, spot=False, subnets=(),
+                         security_groups=()):
+    """Return the handler's capacity settings as environment variables (pure): MAX_WORKERS
+    always; SPOT, SUBNET_IDS and SECURITY_GROUP_IDS only when set (./deploy.sh --spot,
+    --subnets, --security-groups)."""
+    if int(max_workers) < 1:
+        raise DeployError(f"--max-workers {max_workers}: at least 1 worker")
+    found = {"MAX_WORKERS": str(int(max_workers))}
+    if spot:
+        found["SPOT"] = "1"
+    if subnets:
+        found["SUBNET_IDS"] = ",".join(subnets)
+    if security_groups:
+        found["SECURITY_GROUP_IDS"] = ",".join(security_groups)
+    return found
+
+
+def deployed_capacity(config):
+    """Return the capacity settings of a deployed function's environment (pure): what status
+    judges drift against, since only deploy's command line says what they should be."""
+    variables = ((config or {}).get("Environment") or {}).get("Variables") or {}
+    found = {name: variables[name] for name in CAPACITY_VARIABLES if name in variables}
+    return found if "MAX_WORKERS" in found else dict(found, **capacity_environment())
+
+
+def handler_environment(names, environ=None, capacity=None):
+    """Return the function's environment variables (the contract's names); `capacity` is
+    capacity_environment's (default: its defaults)."""
     environ = os.environ if environ is None else environ
     return {
         "LAUNCH_TEMPLATE": names.launch_template,
@@ -64,6 +99,7 @@ def handler_environment(names, environ=None):
         # substring that misses those keys would make every report launch a new worker.
         "SKIP_SUBSTRING": lambda_function.DEFAULTS["SKIP_SUBSTRING"],
         "WATCHDOG_MINUTES": watchdog_minutes(environ),
+        **(capacity if capacity is not None else capacity_environment()),
     }
 
 
@@ -75,7 +111,7 @@ def watchdog_minutes(environ):
     return str(int(value))
 
 
-def function_configuration(names, environ=None):
+def function_configuration(names, environ=None, capacity=None):
     """Return the function's configuration parameters, shared by create and update (pure)."""
     return {
         "FunctionName": names.function_name,
@@ -85,7 +121,7 @@ def function_configuration(names, environ=None):
         "Description": f"awsfun launcher: one EC2 worker per new object in {names.data_bucket}",
         "Timeout": FUNCTION_TIMEOUT,
         "MemorySize": FUNCTION_MEMORY,
-        "Environment": {"Variables": handler_environment(names, environ)},
+        "Environment": {"Variables": handler_environment(names, environ, capacity)},
         "DeadLetterConfig": {"TargetArn": names.dlq_arn},
         # System level INFO keeps Lambda's START and REPORT lines (duration, memory), which
         # WARN drops; log levels need the JSON format (Lambda Developer Guide, log levels).
@@ -143,9 +179,10 @@ def _wait_for_function(lam, name, waiter):
     lam.get_waiter(waiter).wait(FunctionName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 60})
 
 
-def ensure_function(lam, names, zip_bytes, progress, environ=None, sleep=time.sleep):
+def ensure_function(lam, names, zip_bytes, progress, environ=None, sleep=time.sleep,
+                    capacity=None):
     """Create the function, or update its code and configuration only where they changed."""
-    desired = function_configuration(names, environ)
+    desired = function_configuration(names, environ, capacity)
     config = read_function(lam, names.function_name)
     if config is None:
         params = dict(desired, Code={"ZipFile": zip_bytes}, Tags=function_tags(names),
@@ -214,6 +251,94 @@ def permission_matches(statement, names):
         and condition.get("ArnLike", {}).get("AWS:SourceArn") == names.data_bucket_arn
         and condition.get("StringEquals", {}).get("AWS:SourceAccount") == names.account
     )
+
+
+def remove_s3_invoke_permission(lam, names, progress):
+    """Remove S3's permission to invoke the function: S3 sends to the events queue now, so
+    the function needs none (a deployment made before the queue has it)."""
+    if s3_permission_statement(lam, names) is None:
+        return
+    lam.remove_permission(FunctionName=names.function_name, StatementId=names.permission_sid)
+    progress.record(DELETED, "S3 invoke permission", names.function_name,
+                    "events go through the queue")
+
+
+def event_source_settings():
+    """The event source mapping's settings, as CreateEventSourceMapping takes them (pure)."""
+    return {"BatchSize": EVENTS_BATCH_SIZE, "FunctionResponseTypes": ["ReportBatchItemFailures"],
+            "ScalingConfig": {"MaximumConcurrency": EVENTS_MAX_CONCURRENCY}}
+
+
+def find_event_source_mapping(lam, names):
+    """Return the mapping from the events queue to the function, or None."""
+    for page in lam.get_paginator("list_event_source_mappings").paginate(
+            EventSourceArn=names.events_queue_arn, FunctionName=names.function_name):
+        for mapping in page.get("EventSourceMappings", []):
+            return mapping
+    return None
+
+
+def event_source_differences(mapping):
+    """Return which settings of a mapping differ from event_source_settings (pure)."""
+    if mapping is None:
+        return ["missing"]
+    found = mismatches(event_source_settings(), mapping)
+    if mapping.get("State") not in ("Enabled", "Enabling", "Updating", "Creating"):
+        found.append(f"state {mapping.get('State')}")
+    return found
+
+
+def ensure_event_source_mapping(lam, names, progress, sleep=time.sleep):
+    """Let the function read the events queue, with partial batch responses; return its UUID."""
+    mapping = find_event_source_mapping(lam, names)
+    if mapping is None:
+        # The role's queue permissions may not have reached Lambda yet ("The provided
+        # execution role does not have permissions to call ReceiveMessage on SQS").
+        created = wait_out_propagation(
+            lambda: lam.create_event_source_mapping(
+                EventSourceArn=names.events_queue_arn, FunctionName=names.function_name,
+                Enabled=True, **event_source_settings()),
+            f"mapping {names.events_queue} to {names.function_name}", sleep)
+        wait_for_mapping(lam, created["UUID"], sleep)
+        progress.record(CREATED, "event source mapping", names.events_queue,
+                        f"-> {names.function_name}, batches of {EVENTS_BATCH_SIZE}")
+        return created["UUID"]
+    differences = event_source_differences(mapping)
+    if differences:
+        wait_out_propagation(
+            lambda: lam.update_event_source_mapping(UUID=mapping["UUID"], Enabled=True,
+                                                    **event_source_settings()),
+            f"updating the mapping of {names.events_queue}", sleep)
+        wait_for_mapping(lam, mapping["UUID"], sleep)
+        progress.record(UPDATED, "event source mapping", names.events_queue,
+                        ", ".join(differences))
+    else:
+        progress.record(IN_PLACE, "event source mapping", names.events_queue)
+    return mapping["UUID"]
+
+
+# A mapping is Creating or Updating for a few seconds before Lambda polls the queue with it.
+MAPPING_SETTLING = ("Creating", "Updating", "Enabling")
+
+
+def wait_for_mapping(lam, uuid, sleep=time.sleep, attempts=30, delay=2.0):
+    """Return the mapping's state once Lambda has applied it (at most attempts × delay s)."""
+    for _ in range(attempts):
+        state = lam.get_event_source_mapping(UUID=uuid).get("State")
+        if state not in MAPPING_SETTLING:
+            return state
+        sleep(delay)
+    return state
+
+
+def delete_event_source_mapping(lam, names, progress):
+    """Delete the mapping (deleting the function leaves it behind); tolerate it being gone."""
+    mapping = find_event_source_mapping(lam, names)
+    if mapping is None:
+        progress.record(GONE, "event source mapping", names.events_queue)
+        return
+    lam.delete_event_source_mapping(UUID=mapping["UUID"])
+    progress.record(DELETED, "event source mapping", names.events_queue)
 
 
 def ensure_s3_invoke_permission(lam, names, progress, sleep=time.sleep):

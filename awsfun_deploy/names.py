@@ -59,6 +59,15 @@ class Names:
         return f"arn:{self.partition}:sqs:{self.region}:{self.account}:{self.dlq_name}"
 
     @property
+    def events_queue(self):
+        """The queue S3 sends the data bucket's ObjectCreated events to; the function reads it."""
+        return f"{self.prefix}-events"
+
+    @property
+    def events_queue_arn(self):
+        return f"arn:{self.partition}:sqs:{self.region}:{self.account}:{self.events_queue}"
+
+    @property
     def function_arn(self):
         return f"arn:{self.partition}:lambda:{self.region}:{self.account}:function:{self.function_name}"
 

@@ -89,6 +89,7 @@ def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES
                                      f"instance-profile/{names.worker_instance_profile}"),
         "FunctionArn": names.function_arn,
         "DeadLetterQueueArn": names.dlq_arn,
+        "EventsQueueArn": names.events_queue_arn,
         "LaunchTemplateArns": [names.launch_template_arn(i) for i in launch_template_ids],
         # An AMI's ARN has no account: public images belong to none of ours.
         "ImageArns": [f"arn:{names.partition}:ec2:{names.region}::image/{image}"
@@ -112,5 +113,5 @@ def policy_documents(names, launch_template_ids, image_ids=(), instance_types=()
     return {
         name: render_policy(name, values)
         for name in ("worker-trust", "worker-policy", "lambda-trust", "lambda-policy",
-                     "software-public-read")
+                     "software-public-read", "events-queue-policy")
     }

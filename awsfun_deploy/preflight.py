@@ -44,7 +44,7 @@ def check_preconditions(s3, ec2, names, plan):
             raise DeployError(f"{option} {bucket} already has {len(tags)} tags, S3's limit of "
                               f"{BUCKET_TAG_LIMIT}; deploy adds {used_by_tag(names.prefix)}")
         if option == "--data-bucket":
-            wanted = data_notification(names, names.function_arn)
+            wanted = data_notification(names, names.events_queue_arn)
             clash = overlapping_notifications(notification_config(s3, bucket), wanted)
             if clash:
                 raise DeployError(

@@ -285,20 +285,44 @@ def notification_config(s3, bucket):
     return config
 
 
+NOTIFICATION_KINDS = ("LambdaFunctionConfigurations", "QueueConfigurations",
+                      "TopicConfigurations")
+_KIND_OF_TARGET = {"LambdaFunctionArn": "LambdaFunctionConfigurations",
+                   "QueueArn": "QueueConfigurations", "TopicArn": "TopicConfigurations"}
+
+
+def notification_kind(configuration):
+    """Return the configuration list a notification configuration belongs in (pure)."""
+    return next(kind for key, kind in _KIND_OF_TARGET.items() if key in configuration)
+
+
 def with_notification(config, wanted):
-    """Return the notification configuration with `wanted` (a Lambda configuration) in place of
-    any of the same Id; every other consumer's configuration is kept as it is (pure)."""
-    lambdas = [c for c in config.get("LambdaFunctionConfigurations", [])
-               if c.get("Id") != wanted["Id"]]
-    return dict(config, LambdaFunctionConfigurations=lambdas + [wanted])
+    """Return the notification configuration with `wanted` (a queue, function or topic
+    configuration) in place of any of the same Id, of whatever kind (an older deploy sent
+    to the function); every other consumer's configuration is kept as it is (pure)."""
+    config = without_notification(config, wanted["Id"])
+    kind = notification_kind(wanted)
+    return dict(config, **{kind: config.get(kind, []) + [wanted]})
 
 
 def without_notification(config, notification_id):
-    """Return the notification configuration without our Lambda configuration (pure)."""
-    kept = [c for c in config.get("LambdaFunctionConfigurations", [])
-            if c.get("Id") != notification_id]
-    config = {k: v for k, v in config.items() if k != "LambdaFunctionConfigurations"}
-    return dict(config, LambdaFunctionConfigurations=kept) if kept else config
+    """Return the notification configuration without the configurations of that Id (pure)."""
+    config = dict(config)
+    for kind in NOTIFICATION_KINDS:
+        if kind not in config:
+            continue
+        kept = [c for c in config[kind] if c.get("Id") != notification_id]
+        if kept:
+            config[kind] = kept
+        else:
+            del config[kind]
+    return config
+
+
+def has_notification(config, notification_id):
+    """True when any configuration of that Id is there (pure)."""
+    return any(c.get("Id") == notification_id
+               for kind in NOTIFICATION_KINDS for c in config.get(kind, []))
 
 
 def _events_overlap(first, second):
@@ -329,10 +353,6 @@ def notifications_overlap(first, second):
     prefixes = prefix_a.startswith(prefix_b) or prefix_b.startswith(prefix_a)
     suffixes = suffix_a.endswith(suffix_b) or suffix_b.endswith(suffix_a)
     return prefixes and suffixes
-NOTIFICATION_KINDS = ("LambdaFunctionConfigurations", "QueueConfigurations",
-                      "TopicConfigurations")
-
-
 def overlapping_notifications(config, wanted):
     """Return "Kind Id" of each other configuration S3 would refuse beside `wanted` (pure)."""
     found = []
@@ -344,30 +364,36 @@ def overlapping_notifications(config, wanted):
     return found
 
 
-def data_notification(names, function_arn):
-    """Our Lambda notification configuration on the data bucket (pure)."""
-    return {"Id": names.notification_id, "LambdaFunctionArn": function_arn,
+def data_notification(names, queue_arn):
+    """Our notification configuration on the data bucket: ObjectCreated to the events queue (pure)."""
+    return {"Id": names.notification_id, "QueueArn": queue_arn,
             "Events": ["s3:ObjectCreated:*"]}
 
 
-def ensure_data_notification(s3, names, function_arn, progress):
-    """Send the data bucket's ObjectCreated events to the function, keeping other notifications."""
+def ensure_data_notification(s3, names, queue_arn, progress):
+    """Send the data bucket's ObjectCreated events to the events queue, keeping other
+    notifications (and replacing ours where an older deploy sent them to the function)."""
     config = notification_config(s3, names.data_bucket)
-    wanted = data_notification(names, function_arn)
-    current = [c for c in config.get("LambdaFunctionConfigurations", [])
+    wanted = data_notification(names, queue_arn)
+    current = [c for c in config.get("QueueConfigurations", [])
                if c.get("Id") == names.notification_id]
-    if current and not mismatches(wanted, current[0]) and "Filter" not in current[0]:
+    # Ours as a function configuration: what a deploy made before the events queue.
+    elsewhere = has_notification({kind: config.get(kind, []) for kind in NOTIFICATION_KINDS
+                                  if kind != "QueueConfigurations"}, names.notification_id)
+    if current and not mismatches(wanted, current[0]) and "Filter" not in current[0] \
+            and not elsewhere:
         progress.record(IN_PLACE, "object-created event", names.data_bucket)
         return
+    existed = current or elsewhere
     config = with_notification(config, wanted)
-    # S3 test-sends to the function when the configuration is saved; right after the
-    # invoke permission is added that can fail for a few seconds.
+    # S3 test-sends to the queue when the configuration is saved, and refuses it ("Unable to
+    # validate the following destination configurations") until the queue's policy lets it.
     retry_while(("Unable to validate",),
                 lambda: s3.put_bucket_notification_configuration(
                     Bucket=names.data_bucket, NotificationConfiguration=config),
                 f"setting the notification on {names.data_bucket}")
-    progress.record(UPDATED if current else CREATED, "object-created event", names.data_bucket,
-                    f"-> {names.function_name}")
+    progress.record(UPDATED if existed else CREATED, "object-created event", names.data_bucket,
+                    f"-> {names.events_queue}")
 
 
 def remove_data_notification(s3, names, progress):
@@ -376,8 +402,7 @@ def remove_data_notification(s3, names, progress):
         progress.record(GONE, "object-created event", names.data_bucket)
         return
     config = notification_config(s3, names.data_bucket)
-    if not any(c.get("Id") == names.notification_id
-               for c in config.get("LambdaFunctionConfigurations", [])):
+    if not has_notification(config, names.notification_id):
         progress.record(GONE, "object-created event", names.data_bucket)
         return
     config = without_notification(config, names.notification_id)

@@ -18,19 +18,20 @@ from .s3 import (
     ensure_data_notification, ensure_software_access, publish_software, read_bucket_tags,
     release_foreign_bucket, release_software_bucket, remove_data_notification, remove_unpublished,
 )
-from .sqs import ensure_queue, find_queue
+from .sqs import delete_queue, ensure_events_queue, ensure_queue
 from .iam import (
     delete_instance_profile, delete_role, ensure_instance_profile, ensure_role, read_role,
 )
 from .ec2 import (
-    default_ebs_key, default_vpc, delete_launch_template, delete_security_group,
+    default_ebs_key, delete_launch_template, delete_security_group, workers_vpc,
     ensure_launch_templates, ensure_security_group, plan_images, plan_templates,
     read_launch_template, remove_unrouted_templates, stack_launch_templates, terminate_workers,
     wait_until_ec2_accepts_profile,
 )
 from .function import (
-    delete_function, ensure_event_invoke_config, ensure_function, ensure_log_group,
-    ensure_s3_invoke_permission, find_log_group,
+    DEFAULT_MAX_WORKERS, capacity_environment, delete_event_source_mapping, delete_function,
+    ensure_event_invoke_config, ensure_event_source_mapping, ensure_function, ensure_log_group,
+    find_log_group, remove_s3_invoke_permission,
 )
 from .preflight import check_limits, check_preconditions, check_public_software
 
@@ -55,10 +56,12 @@ def launched_by(templates):
     data = [template["data"] for template in templates if template]
     return ({d["ImageId"] for d in data if d.get("ImageId")},
             {d["InstanceType"] for d in data if d.get("InstanceType")},
-            {group for d in data for group in d.get("SecurityGroupIds", [])})
+            {group for d in data for group in d.get("SecurityGroupIds", [])
+             + [g for interface in d.get("NetworkInterfaces", [])
+                for g in interface.get("Groups", [])]})
 
 
-def widen_launcher_policy(iam, ec2, names, plan, images, security_group_id, ebs_key,
+def widen_launcher_policy(iam, ec2, names, plan, images, security_group_ids, ebs_key,
                           published_files, progress, sleep=time.sleep):
     """Before the templates change, let the launcher role start what they launch now and what
     they will launch (images, instance types, security group); return True if it changed.
@@ -79,7 +82,7 @@ def widen_launcher_policy(iam, ec2, names, plan, images, security_group_id, ebs_
         names, [t["id"] for t in existing.values() if t], published_files,
         image_ids=old_images | {image_id for image_id, _ in images.values()},
         instance_types=old_types | {kind for kind, _ in plan.values()},
-        security_group_ids=old_groups | {security_group_id}, ebs_key_arn=ebs_key)
+        security_group_ids=old_groups | set(security_group_ids), ebs_key_arn=ebs_key)
     widened = render_policy("lambda-policy", values)
     if canonical(widened) == canonical(current):
         return False
@@ -94,8 +97,14 @@ def widen_launcher_policy(iam, ec2, names, plan, images, security_group_id, ebs_
 
 def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=False,
            progress=None, environ=None, published_files=PUBLISHED_FILES, routes_file=ROUTES_FILE,
-           sleep=time.sleep):
-    """Create or update every part of the pipeline; return what was deployed (names and ARNs)."""
+           sleep=time.sleep, max_workers=DEFAULT_MAX_WORKERS, spot=False, subnets=(),
+           security_groups=()):
+    """Create or update every part of the pipeline; return what was deployed (names and ARNs).
+
+    max_workers, spot, subnets and security_groups are the handler's capacity settings
+    (./deploy.sh --max-workers, --spot, --subnets, --security-groups).
+    """
+    subnets, security_groups = list(subnets or []), list(security_groups or [])
     progress = progress or Progress()
     # A bad routing table fails here, before anything is made, not later in the handler.
     routes, types = check_routing_table(routes_file, names.launch_template, instance_type)
@@ -108,7 +117,9 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     lam, sqs, logs, ssm = clients("lambda"), clients("sqs"), clients("logs"), clients("ssm")
     plan = plan_templates(ec2, types)
     images = plan_images(ec2, ssm, plan)
-    vpc_id = default_vpc(ec2)
+    # No default VPC and no --subnets, a subnet or group that is not there: said now.
+    vpc_id = workers_vpc(ec2, subnets, security_groups)
+    capacity_environment(max_workers)  # a bad --max-workers, too
     ebs_key = default_ebs_key(ec2, clients("kms"))
     check_preconditions(s3, ec2, names, plan)
     if public_software:
@@ -125,6 +136,9 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     ensure_software_access(s3, names, public_software, published_files, progress)
 
     dlq_url = ensure_queue(sqs, names, progress)
+    # Before the notification: S3 checks that it may send to the queue when it is saved.
+    events_url = ensure_events_queue(sqs, names, render_policy(
+        "events-queue-policy", policy_values(names, published_files=published_files)), progress)
     ensure_log_group(logs, names, progress)
 
     values = policy_values(names, published_files=published_files)
@@ -133,13 +147,15 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
                 progress, "worker role")
     ensure_instance_profile(iam, names, progress)
 
-    security_group_id = ensure_security_group(ec2, names, vpc_id, progress)
+    # The user's groups (--security-groups), else the stack's own: no inbound, HTTPS out.
+    group_ids = security_groups or [ensure_security_group(ec2, names, vpc_id, progress)]
     # The launcher may start only the images and types its policy names: let it start both
     # what the templates launch now and what they will, before they change (then narrow).
-    widen_launcher_policy(iam, ec2, names, plan, images, security_group_id, ebs_key,
+    widen_launcher_policy(iam, ec2, names, plan, images, group_ids, ebs_key,
                           published_files, progress, sleep)
-    template_ids, images = ensure_launch_templates(ec2, ssm, names, plan, progress, images,
-                                                   security_group_id, volume_sizes)
+    template_ids, images = ensure_launch_templates(
+        ec2, ssm, names, plan, progress, images, volume_sizes=volume_sizes,
+        subnet_id=subnets[0] if subnets else None, group_ids=group_ids)
     # Every template names the one worker instance profile: once EC2 accepts it for one, the
     # first uploads after this deploy will not be refused it.
     wait_until_ec2_accepts_profile(ec2, names.launch_template)
@@ -150,24 +166,32 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     values = policy_values(names, list(template_ids.values()), published_files,
                            image_ids=images.values(),
                            instance_types=[kind for kind, _ in plan.values()],
-                           security_group_ids=[security_group_id], ebs_key_arn=ebs_key)
+                           security_group_ids=group_ids, ebs_key_arn=ebs_key)
     ensure_role(iam, names.lambda_role, render_policy("lambda-trust", values),
                 names.lambda_policy_name, render_policy("lambda-policy", values), names,
                 progress, "launcher role")
     remove_unrouted_templates(ec2, names, template_ids, progress)
 
+    # The groups are restated by the handler only where it moves a worker to another subnet.
+    capacity = capacity_environment(max_workers, spot, subnets,
+                                    security_groups or (group_ids if subnets else []))
     function_arn = ensure_function(lam, names, build_function_zip(sources=sources), progress,
-                                   environ)
+                                   environ, capacity=capacity)
+    # Asynchronous invocations (a person's, or a deployment older than the queue) keep their
+    # retries and dead-letter queue; S3 itself no longer invokes the function.
     ensure_event_invoke_config(lam, names, progress)
-    ensure_s3_invoke_permission(lam, names, progress)
-    ensure_data_notification(s3, names, function_arn, progress)
+    remove_s3_invoke_permission(lam, names, progress)
+    ensure_event_source_mapping(lam, names, progress, sleep)
+    ensure_data_notification(s3, names, names.events_queue_arn, progress)
     return {
+        "events_queue_url": events_url,
         "function_arn": function_arn,
         "launch_template_id": template_ids[names.launch_template],
         "launch_templates": template_ids,
         "dlq_url": dlq_url,
         "image_id": images[plan[names.launch_template][1]],
-        "security_group_id": security_group_id,
+        "security_group_id": group_ids[0],
+        "security_group_ids": group_ids,
     }
 
 
@@ -177,8 +201,10 @@ def teardown(clients, names, delete_data=False, progress=None, wait=True):
     s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
     lam, sqs, logs = clients("lambda"), clients("sqs"), clients("logs")
 
-    # Stop new launches first, then end the workers already running.
+    # Stop new launches first, then end the workers already running. Deleting a function
+    # leaves its event source mappings (Lambda API Reference, DeleteFunction).
     remove_data_notification(s3, names, progress)
+    delete_event_source_mapping(lam, names, progress)
     delete_function(lam, names, progress)
     # By tag, not by the routing table: a template a table named once is found too.
     templates = stack_launch_templates(ec2, names)
@@ -189,12 +215,8 @@ def teardown(clients, names, delete_data=False, progress=None, wait=True):
     delete_role(iam, names.lambda_role, progress, "launcher role")
     delete_instance_profile(iam, names, progress)
     delete_role(iam, names.worker_role, progress, "worker role")
-    found = find_queue(sqs, names.dlq_name)
-    if found:
-        sqs.delete_queue(QueueUrl=found[0])
-        progress.record(DELETED, "dead-letter queue", names.dlq_name)
-    else:
-        progress.record(GONE, "dead-letter queue", names.dlq_name)
+    delete_queue(sqs, names.events_queue, progress, "events queue")
+    delete_queue(sqs, names.dlq_name, progress, "dead-letter queue")
     if find_log_group(logs, names.log_group):
         logs.delete_log_group(logGroupName=names.log_group)
         progress.record(DELETED, "log group", names.log_group)

@@ -18,16 +18,17 @@ from .s3 import (
     bucket_setting_differences, list_keys, notification_config, published_digest,
     read_bucket_policy, read_bucket_settings,
 )
-from .sqs import find_queue
+from .sqs import events_queue_attributes, attribute_differences, find_queue, queue_depth
 from .iam import read_instance_profile, read_role, role_differences
 from .ec2 import (
-    default_ebs_key, find_workers, instance_architecture, latest_worker_ami, read_launch_template,
-    read_security_group, root_device, security_group_differences, stack_launch_templates,
+    default_ebs_key, find_stack_security_group, find_workers, instance_architecture, latest_worker_ami, read_launch_template,
+    root_device, security_group_differences, stack_launch_templates,
     worker_launch_template_data,
 )
 from .function import (
-    MAX_RETRY_ATTEMPTS, find_log_group, function_configuration, function_differences,
-    permission_matches, read_event_invoke_config, read_function, s3_permission_statement,
+    MAX_RETRY_ATTEMPTS, deployed_capacity, event_source_differences, find_event_source_mapping,
+    find_log_group, function_configuration, function_differences, read_event_invoke_config,
+    read_function,
 )
 from .reconcile import ended_detail, input_status
 
@@ -77,7 +78,7 @@ def routed_templates(ec2, names, instance_type=None, routes_file=ROUTES_FILE):
 
 
 def template_drift(ec2, ssm, names, name, template, instance_type, security_group_id=None,
-                   volume_gib=0):
+                   volume_gib=0, subnet_id=None, group_ids=None):
     """Return the problems of one launch template against what deploy would make of it."""
     if template is None:
         return ["missing"]
@@ -85,7 +86,8 @@ def template_drift(ec2, ssm, names, name, template, instance_type, security_grou
     device, size = root_device(ec2, image_id)
     size = max(size, volume_gib)
     wanted = worker_launch_template_data(image_id, instance_type, names.worker_instance_profile,
-                                         device, size, names.prefix, security_group_id)
+                                         device, size, names.prefix, security_group_id,
+                                         subnet_id, group_ids)
     return [f"changed: {problem}" + (" (a newer Amazon Linux 2023 image is out)"
                                      if problem == "ImageId" else "")
             for problem in mismatches(wanted, template["data"])]
@@ -123,31 +125,45 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
         for key in sorted(present - set(PUBLISHED_FILES)):
             note("software file", key, "not on the published allowlist")
     if not any(d["name"] == names.data_bucket for d in drift):
-        lambdas = notification_config(s3, names.data_bucket).get("LambdaFunctionConfigurations", [])
+        queues = notification_config(s3, names.data_bucket).get("QueueConfigurations", [])
         if not any(c.get("Id") == names.notification_id
-                   and c.get("LambdaFunctionArn") == names.function_arn for c in lambdas):
+                   and c.get("QueueArn") == names.events_queue_arn for c in queues):
             note("object-created event", names.data_bucket, "missing")
 
     if find_queue(sqs, names.dlq_name) is None:
         note("dead-letter queue", names.dlq_name, "missing")
+    events = find_queue(sqs, names.events_queue)
+    if events is None:
+        note("events queue", names.events_queue, "missing")
+    else:
+        wanted = events_queue_attributes(names, render_policy(
+            "events-queue-policy", policy_values(names)))
+        for problem in attribute_differences(wanted, events[1]):
+            note("events queue", names.events_queue, f"changed: {problem}")
     if find_log_group(logs, names.log_group) is None:
         note("log group", names.log_group, "missing")
 
     routed, types, routes_problem = routed_templates(ec2, names, instance_type, routes_file)
     if routes_problem:
         note("routing table", str(routes_file), f"invalid: {routes_problem}")
-    vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
-    group = read_security_group(ec2, names, vpcs[0]["VpcId"]) if vpcs else None
+    # The network deploy was given (--subnets, --security-groups) is in the function's
+    # environment; without it, the stack's own group in the default VPC.
+    config = read_function(lam, names.function_name)
+    capacity = deployed_capacity(config)
+    subnets = [x for x in capacity.get("SUBNET_IDS", "").split(",") if x]
+    groups = [x for x in capacity.get("SECURITY_GROUP_IDS", "").split(",") if x]
+    group = find_stack_security_group(ec2, names)
     group_id = group["GroupId"] if group else None
-    for problem in security_group_differences(group):
-        note("worker security group", names.worker_security_group,
-             problem if problem == "missing" else f"changed: {problem}")
+    if not groups or group_id in groups:
+        for problem in security_group_differences(group):
+            note("worker security group", names.worker_security_group,
+                 problem if problem == "missing" else f"changed: {problem}")
     # As deploy renders it: the templates' images, the instance types the table wants.
     values = policy_values(names, [t["id"] for t in routed.values() if t],
                            image_ids=[t["data"].get("ImageId") for t in routed.values()
                                       if t and t["data"].get("ImageId")],
                            instance_types=types.values(),
-                           security_group_ids=[group_id] if group_id else [],
+                           security_group_ids=groups or ([group_id] if group_id else []),
                            ebs_key_arn=default_ebs_key(ec2, clients("kms")))
     for what, role, trust, policy_name, policy in (
         ("worker role", names.worker_role, "worker-trust", names.worker_policy_name,
@@ -171,21 +187,23 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
         sizes = {}  # the routing table's problem is noted above
     for name, template in routed.items():
         for problem in template_drift(ec2, ssm, names, name, template, types[name], group_id,
-                                      sizes.get(name, 0)):
+                                      sizes.get(name, 0), subnets[0] if subnets else None,
+                                      groups or None):
             note("launch template", name, problem)
     for name in stack_launch_templates(ec2, names):
         if name not in routed and read_launch_template(ec2, name):
             note("launch template", name, "not named by the routing table")
 
-    config = read_function(lam, names.function_name)
     if config is None:
         note("function", names.function_name, "missing")
     else:
-        for problem in function_differences(function_configuration(names), config,
+        for problem in function_differences(function_configuration(names, capacity=capacity),
+                                            config,
                                             code_sha256(build_function_zip(sources=sources))):
             note("function", names.function_name, f"changed: {problem}")
-        if not permission_matches(s3_permission_statement(lam, names), names):
-            note("S3 invoke permission", names.function_name, "missing or changed")
+        for problem in event_source_differences(find_event_source_mapping(lam, names)):
+            note("event source mapping", names.events_queue,
+                 problem if problem == "missing" else f"changed: {problem}")
         retry = read_event_invoke_config(lam, names.function_name)
         if retry is None or mismatches({"MaximumRetryAttempts": MAX_RETRY_ATTEMPTS}, retry):
             note("async retry settings", names.function_name, "missing or changed")
@@ -200,6 +218,7 @@ def collect_status(clients, names, now=None, instance_type=None, routes_file=ROU
     template = templates[names.launch_template]
     config = read_function(lam, names.function_name)
     queue = find_queue(sqs, names.dlq_name)
+    events = find_queue(sqs, names.events_queue)
     all_templates = sorted(set(templates) | set(stack_launch_templates(ec2, names)))
     workers = []
     for worker in find_workers(ec2, all_templates):
@@ -237,6 +256,12 @@ def collect_status(clients, names, now=None, instance_type=None, routes_file=ROU
         "dlq_depth": int(queue[1].get("ApproximateNumberOfMessages", 0)) if queue else None,
         "dlq_in_flight": (int(queue[1].get("ApproximateNumberOfMessagesNotVisible", 0))
                           if queue else None),
+        "events_queue": names.events_queue,
+        # Waiting to be read, and received but not deleted: deferred messages (the cap, no
+        # capacity) wait there for their visibility timeout, the rest are being handled.
+        "events_waiting": queue_depth(events[1])["visible"] if events else None,
+        "events_deferred": queue_depth(events[1])["in_flight"] if events else None,
+        "max_workers": int(deployed_capacity(config)["MAX_WORKERS"]) if config else None,
         "workers": workers,
         "reports": reports,
         "error_reports": errors,
@@ -281,6 +306,10 @@ def print_status(status, stream=None):
     if status["public_software"]:
         say("  software bucket is PUBLIC: anyone may read the published files")
     say(f"  dead letters       {status['dlq_depth'] if status['dlq_depth'] is not None else '-'}")
+    if status.get("events_waiting") is not None:
+        say(f"  events queue       {status['events_waiting']} waiting, "
+            f"{status['events_deferred']} deferred or in flight; at most "
+            f"{status['max_workers']} workers at once")
     for template in status["launch_templates"]:
         say(f"  template           {template['name']}: {template['instance_type'] or 'MISSING'}"
             f" (routes: {', '.join(template['routes']) or '-'})")

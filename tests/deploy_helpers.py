@@ -48,7 +48,16 @@ def count_everything(clients):
         "queues": clients("sqs").list_queues().get("QueueUrls", []),
         "log groups": len(clients("logs").describe_log_groups()["logGroups"]),
         "notifications": clients("s3").get_bucket_notification_configuration(
-            Bucket=deploy.resolve_names(clients).data_bucket)["LambdaFunctionConfigurations"],
+            Bucket=deploy.resolve_names(clients).data_bucket)["QueueConfigurations"],
+        "event source mappings": [
+            (m["UUID"], m["BatchSize"], m.get("FunctionResponseTypes"), m.get("ScalingConfig"))
+            for m in clients("lambda").list_event_source_mappings()["EventSourceMappings"]],
+        "queue attributes": [
+            {k: v for k, v in clients("sqs").get_queue_attributes(
+                QueueUrl=url, AttributeNames=["All"])["Attributes"].items()
+             if k not in ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+                          "ApproximateNumberOfMessagesDelayed", "LastModifiedTimestamp")}
+            for url in clients("sqs").list_queues().get("QueueUrls", [])],
     }
 
 
@@ -108,6 +117,7 @@ def assert_nothing_left(clients, names):
     assert error_of(lam.get_function, FunctionName=names.function_name) == \
         "ResourceNotFoundException"
     assert clients("sqs").list_queues().get("QueueUrls", []) == []
+    assert lam.list_event_source_mappings()["EventSourceMappings"] == []
     assert error_of(clients("s3").head_bucket, Bucket=names.software_bucket) == "404"
     assert clients("logs").describe_log_groups(
         logGroupNamePrefix=names.log_group)["logGroups"] == []

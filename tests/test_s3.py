@@ -164,9 +164,10 @@ def test_other_consumers_notifications_are_kept_by_deploy_and_teardown(clients):
     names = deploy.resolve_names(clients, data_bucket="lab-inputs")
     deploy.deploy(clients, names, progress=deploy.Progress(echo=False))
     config = deploy.notification_config(s3, "lab-inputs")
-    for kind in ("QueueConfigurations", "TopicConfigurations"):
-        assert [c["Id"] for c in config[kind]] == [theirs[kind][0]["Id"]]
-    assert [c["Id"] for c in config["LambdaFunctionConfigurations"]] == [names.notification_id]
+    assert [c["Id"] for c in config["TopicConfigurations"]] == \
+        [theirs["TopicConfigurations"][0]["Id"]]
+    assert [c["Id"] for c in config["QueueConfigurations"]] == \
+        [theirs["QueueConfigurations"][0]["Id"], names.notification_id]
     deploy.teardown(clients, names, progress=deploy.Progress(echo=False), wait=False)
     config = deploy.notification_config(s3, "lab-inputs")
     assert "LambdaFunctionConfigurations" not in config

@@ -76,6 +76,7 @@ def test_lambda_role_credentials_do_its_job_and_nothing_else(clients, names, sta
     s3, sqs, iam = session.client("s3"), session.client("sqs"), session.client("iam")
     ec2, sts = session.client("ec2"), session.client("sts")
     dlq_url = clients("sqs").get_queue_url(QueueName=names.dlq_name)["QueueUrl"]
+    events_url = clients("sqs").get_queue_url(QueueName=names.events_queue)["QueueUrl"]
     other_queue = clients("sqs").create_queue(QueueName="someone-elses-queue")["QueueUrl"]
     worker_arn = clients("iam").get_role(RoleName=names.worker_role)["Role"]["Arn"]
     data, software = names.data_bucket, names.software_bucket
@@ -85,7 +86,12 @@ def test_lambda_role_credentials_do_its_job_and_nothing_else(clients, names, sta
         body = s3.get_object(Bucket=software, Key=deploy.BOOTSTRAP_KEY)["Body"].read()
         assert body == (REPO / deploy.BOOTSTRAP_KEY).read_bytes()
         sqs.send_message(QueueUrl=dlq_url, MessageBody="{}")
+        # Count the stack's workers for the cap (ec2:DescribeInstances takes no resource),
+        # and read its own events queue.
+        ec2.describe_instances()
+        sqs.receive_message(QueueUrl=events_url, WaitTimeSeconds=0)
         not_refused = refused({
+            "read another queue": (sqs.receive_message, dict(QueueUrl=dlq_url)),
             # No S3 writes anywhere, no reads of data or of the worker it does not need.
             "put input": (s3.put_object, dict(Bucket=data, Key="inputs/b.csv", Body=b"x")),
             "put report": (s3.put_object, dict(Bucket=data, Key="analysis/x.json", Body=b"x")),
@@ -111,8 +117,7 @@ def test_lambda_role_credentials_do_its_job_and_nothing_else(clients, names, sta
                 PolicyArn="arn:aws:iam::aws:policy/AdministratorAccess")),
             "become the worker": (sts.assume_role, dict(RoleArn=worker_arn,
                                                         RoleSessionName="escalate")),
-            # EC2 beyond RunInstances: nothing to list, stop, or re-template.
-            "describe instances": (ec2.describe_instances, {}),
+            # EC2 beyond RunInstances and the count: nothing to stop or re-template.
             "terminate": (ec2.terminate_instances, dict(InstanceIds=["i-0123456789abcdef0"])),
             "new template version": (ec2.create_launch_template_version, dict(
                 LaunchTemplateName=names.launch_template,

@@ -32,9 +32,36 @@ def test_deploy_creates_every_resource_with_its_properties(clients, names, deplo
         assert owner == [{"ObjectOwnership": "BucketOwnerEnforced"}]
         assert error_of(s3.get_bucket_policy, Bucket=bucket) == "NoSuchBucketPolicy"
     notification = s3.get_bucket_notification_configuration(Bucket=names.data_bucket)
-    (config,) = notification["LambdaFunctionConfigurations"]
-    assert config["LambdaFunctionArn"] == result["function_arn"]
+    assert "LambdaFunctionConfigurations" not in notification
+    (config,) = notification["QueueConfigurations"]
+    assert config["QueueArn"] == names.events_queue_arn
     assert config["Events"] == ["s3:ObjectCreated:*"]
+
+    # Events queue: encrypted, Lambda's visibility advice, redrive after at least a day, only
+    # the data bucket of this account may send to it; the function reads it in batches of 10
+    # with partial batch responses.
+    events_url = sqs.get_queue_url(QueueName=names.events_queue)["QueueUrl"]
+    assert events_url == result["events_queue_url"]
+    attributes = sqs.get_queue_attributes(QueueUrl=events_url, AttributeNames=["All"])[
+        "Attributes"]
+    assert attributes["SqsManagedSseEnabled"] == "true"
+    visibility = int(attributes["VisibilityTimeout"])
+    assert visibility >= 6 * create_params["Timeout"]
+    redrive = json.loads(attributes["RedrivePolicy"])
+    assert redrive["deadLetterTargetArn"] == names.dlq_arn
+    assert int(redrive["maxReceiveCount"]) * visibility >= 24 * 3600
+    (allowed,) = json.loads(attributes["Policy"])["Statement"]
+    assert (allowed["Principal"], allowed["Action"], allowed["Resource"]) == \
+        ({"Service": "s3.amazonaws.com"}, "sqs:SendMessage", names.events_queue_arn)
+    assert allowed["Condition"] == {
+        "ArnLike": {"aws:SourceArn": f"arn:aws:s3:::{names.data_bucket}"},
+        "StringEquals": {"aws:SourceAccount": ACCOUNT}}
+    (mapping,) = lam.list_event_source_mappings(FunctionName=names.function_name)[
+        "EventSourceMappings"]
+    assert mapping["EventSourceArn"] == names.events_queue_arn
+    assert mapping["BatchSize"] == 10
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["ScalingConfig"] == {"MaximumConcurrency": 2}
 
     # Software bucket: exactly the published files, byte for byte.
     objects = s3.list_objects_v2(Bucket=names.software_bucket)["Contents"]
@@ -94,6 +121,7 @@ def test_deploy_creates_every_resource_with_its_properties(clients, names, deplo
         "BOOTSTRAP_KEY": "bootstrap/bootstrap.sh",
         "SKIP_SUBSTRING": "analysis",
         "WATCHDOG_MINUTES": "120",
+        "MAX_WORKERS": "16",
     }
     assert config["CodeSha256"] == deploy.code_sha256(deploy.build_function_zip())
     # moto stores neither LoggingConfig nor DeadLetterConfig, so check what was sent.
@@ -106,12 +134,9 @@ def test_deploy_creates_every_resource_with_its_properties(clients, names, deplo
     assert create_params["DeadLetterConfig"] == {"TargetArn": dlq_arn}
     retry = lam.get_function_event_invoke_config(FunctionName=names.function_name)
     assert retry["MaximumRetryAttempts"] == deploy.MAX_RETRY_ATTEMPTS
-    (statement,) = json.loads(lam.get_policy(FunctionName=names.function_name)["Policy"])[
-        "Statement"]
-    assert statement["Principal"] == {"Service": "s3.amazonaws.com"}
-    assert statement["Condition"]["ArnLike"]["AWS:SourceArn"] == \
-        f"arn:aws:s3:::{names.data_bucket}"
-    assert statement["Condition"]["StringEquals"]["AWS:SourceAccount"] == ACCOUNT
+    # S3 sends to the queue, not to the function: nobody else may invoke it.
+    assert error_of(lam.get_policy, FunctionName=names.function_name) == \
+        "ResourceNotFoundException"
     (group,) = logs.describe_log_groups(logGroupNamePrefix=names.log_group)["logGroups"]
     assert group["retentionInDays"] == deploy.LOG_RETENTION_DAYS
 
@@ -296,8 +321,9 @@ def test_teardown_removes_everything_and_orphans_no_worker(clients, names, deplo
     assert_nothing_left(clients, names)
     # The data stays, without the notification to a function that no longer exists.
     assert s3.get_object(Bucket=names.data_bucket, Key="inputs/keep.csv")["Body"].read() == b"1\n"
-    assert "LambdaFunctionConfigurations" not in s3.get_bucket_notification_configuration(
-        Bucket=names.data_bucket)
+    notifications = s3.get_bucket_notification_configuration(Bucket=names.data_bucket)
+    assert "LambdaFunctionConfigurations" not in notifications
+    assert "QueueConfigurations" not in notifications
 
     # Again: everything already gone, no error; then the data too when asked.
     again = deploy.teardown(clients, names, progress=deploy.Progress(echo=False))
