@@ -7,9 +7,11 @@
 
 A moto server on a loopback port stands in for AWS and is deployed with
 deploy.sh, the same code path as a real account. moto cannot run a Lambda or
-boot an instance, so this file plays both parts: it feeds each S3 event (taken
-from an SQS queue on the data bucket) to lambda_function.lambda_handler, and
-"boots" each launched instance by running its user-data with bash.
+boot an instance, so this file plays both parts: it polls the stack's events queue
+as Lambda's event source mapping does, hands lambda_function.lambda_handler batches
+of up to 10 SQS messages, deletes those not in its batchItemFailures (the rest come
+back after a short visibility timeout, to the dead-letter queue after
+maxReceiveCount receives), and "boots" each launched instance with bash.
 """
 
 import argparse
@@ -37,8 +39,10 @@ import lambda_function
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / "samples"
 REGION = "us-east-1"
-EVENTS_QUEUE = "awsfun-local-s3-events"
-LAMBDA_RETRIES = 2  # Lambda's default MaximumRetryAttempts for asynchronous invocations
+# How long a deferred or failed message stays hidden here: the deployed queue's 6 minutes
+# would make a local burst wait for minutes.
+LOCAL_VISIBILITY_SECONDS = 1
+LAMBDA_RETRIES = 2  # tries after the first before a dead letter, with max_receive_count=3
 TOKEN_TAG = "awsfun:token"
 MOTO_NO_TOKEN = "ABCDE"  # what moto records as the ClientToken of a launch that gave none
 # The handler's launches are booted at once; this poll only finds instances launched by
@@ -154,8 +158,18 @@ class LocalCloud:
     """A moto server deployed with deploy.sh, plus the Lambda and EC2 behaviour moto lacks."""
 
     def __init__(self, workers=None, prefix="local", tracker=None, keep_scratch=False,
-                 watchdog_seconds_per_minute=60.0):
+                 watchdog_seconds_per_minute=60.0, max_workers=None, spot=False,
+                 max_receive_count=None, visibility_seconds=LOCAL_VISIBILITY_SECONDS):
         self.workers = workers or os.cpu_count() or 2
+        # deploy.sh --max-workers / --spot; None: deploy's default cap.
+        self.max_workers = max_workers
+        self.spot = spot
+        # The events queue's maxReceiveCount here (None: as deployed, a day's worth of tries
+        # at the deployed visibility timeout); a fault test takes Lambda's 1 + 2 retries.
+        self.max_receive_count = max_receive_count
+        self.visibility_seconds = visibility_seconds
+        self.deferred = 0  # records the handler deferred (the cap, capacity), over the run
+        self.invocations = 0
         # Tests compress time: one minute of a machine's `shutdown -h +N` watchdog lasts this long.
         self.watchdog_seconds_per_minute = watchdog_seconds_per_minute
         # Fault injection: called as before_boot(instance_id, key, env) just before a machine
@@ -210,7 +224,7 @@ class LocalCloud:
         lambda_function._clients.clear()  # a warm container's clients would reach the old endpoint
         try:
             self.deploy()
-            self.wire_events()
+            self.take_over_the_event_source()
         except BaseException:
             # Ctrl-C or a failed deploy: __exit__ will not run, so stop the server here.
             self.stop()
@@ -281,8 +295,10 @@ class LocalCloud:
     def deploy(self):
         """Deploy with deploy.sh against the local endpoint and read back what it made."""
         command = ["bash", str(REPO / "deploy.sh"), "--prefix", self.prefix]
-        done = subprocess.run(command + ["deploy"], env=os.environ.copy(), capture_output=True,
-                              text=True, check=False)
+        options = (["--max-workers", str(self.max_workers)] if self.max_workers else []) + \
+            (["--spot"] if self.spot else [])
+        done = subprocess.run(command + ["deploy"] + options, env=os.environ.copy(),
+                              capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"deploy.sh failed ({done.returncode}):\n{done.stdout}{done.stderr}")
         logger.debug("deploy.sh said:\n%s", done.stdout)
@@ -293,69 +309,97 @@ class LocalCloud:
             FunctionName=self.names["function_name"])
         self.function_env = config.get("Environment", {}).get("Variables", {})
 
-    def wire_events(self):
-        """Add an SQS queue to the data bucket's notifications: moto cannot invoke the Lambda."""
-        sqs, s3 = self.client("sqs"), self.client("s3")
-        self.queue_url = sqs.create_queue(QueueName=EVENTS_QUEUE)["QueueUrl"]
-        arn = sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])[
-            "Attributes"]["QueueArn"]
-        bucket = self.names["data_bucket"]
-        config = s3.get_bucket_notification_configuration(Bucket=bucket)
-        config.pop("ResponseMetadata", None)
-        config.setdefault("QueueConfigurations", []).append(
-            {"Id": "local-cloud", "QueueArn": arn, "Events": ["s3:ObjectCreated:*"]})
-        s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=config)
+    def take_over_the_event_source(self):
+        """Play Lambda's part of the event source mapping deploy.sh made.
+
+        moto answers each message sent to a mapped queue by trying to run the function in
+        Docker and, failing, leaves the message received once more; the mapping stays (status
+        and teardown see it), only moto's link from the queue to it is dropped.
+        """
+        from moto.sqs.models import sqs_backends
+
+        sqs = self.client("sqs")
+        self.queue_url = sqs.get_queue_url(QueueName=self.names["events_queue"])["QueueUrl"]
+        account = self.client("sts").get_caller_identity()["Account"]
+        sqs_backends[account][REGION].queues[self.names["events_queue"]] \
+            .lambda_event_source_mappings.clear()
+        attributes = sqs.get_queue_attributes(QueueUrl=self.queue_url,
+                                              AttributeNames=["RedrivePolicy"])["Attributes"]
+        redrive = json.loads(attributes["RedrivePolicy"])
+        if self.max_receive_count:
+            redrive["maxReceiveCount"] = self.max_receive_count
+            sqs.set_queue_attributes(QueueUrl=self.queue_url,
+                                     Attributes={"RedrivePolicy": json.dumps(redrive)})
+        self.max_receive_count = int(redrive["maxReceiveCount"])
 
     # --- the Lambda stand-in ----------------------------------------------------
 
     def pump_events(self):
-        """Feed each S3 event from the queue to the handler, as S3 would invoke the Lambda."""
+        """Poll the events queue as Lambda's event source mapping does: batches of up to 10."""
         sqs = self.client("sqs")
         while not self.stop_event.is_set():
-            messages = sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
-                                           WaitTimeSeconds=1).get("Messages", [])
-            for message in messages:
-                event = json.loads(message["Body"])
-                if "Records" in event:
-                    self.invoke_handler(event)
-                sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+            try:
+                messages = sqs.receive_message(
+                    QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                    VisibilityTimeout=self.visibility_seconds,
+                    AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
+            except Exception:  # noqa: BLE001 - keep polling, as Lambda's poller does
+                logger.exception("cannot receive from the events queue")
+                continue
+            if messages:
+                self.invoke_handler(sqs_event(messages, self.names["events_queue"]))
 
     def invoke_handler(self, event):
-        """Invoke lambda_handler like an asynchronous invocation: retries, then the DLQ."""
+        """Invoke lambda_handler with one SQS batch; delete what it did not list to retry.
+
+        An exception fails the whole batch (every message comes back), as in Lambda.
+        """
         # The Lambda's settings, and the endpoint in case a test's fixture swapped the environment.
         os.environ.update(self.function_env)
         os.environ.update(local_environment(self.endpoint))
-        for attempt in range(LAMBDA_RETRIES + 1):
-            try:
-                result = lambda_function.lambda_handler(event, None)
-                break
-            except Exception as err:  # noqa: BLE001 - Lambda catches everything a handler raises
-                logger.warning("handler attempt %d failed: %s", attempt + 1, err)
-                error = err
-                time.sleep(0.2 * (attempt + 1))
-        else:
-            self.send_to_dead_letter_queue(event, error)
-            for record in event.get("Records", []):
-                key = _record_key(record)
-                if key is not None:
-                    self.tracker.stage(key, "failed", f"launch failed, event sent to DLQ: {error}")
-            return
+        records = event["Records"]
+        self.invocations += 1
+        try:
+            result = lambda_function.lambda_handler(event, None)
+        except Exception as err:  # noqa: BLE001 - Lambda catches everything a handler raises
+            logger.warning("handler failed the whole batch: %s", err)
+            result = {"launched": [], "skipped": [], "deferred": [], "failed": [],
+                      "batchItemFailures": [{"itemIdentifier": r["messageId"]} for r in records]}
+        retry = {failure["itemIdentifier"] for failure in result["batchItemFailures"]}
+        sqs = self.client("sqs")
+        for record in records:
+            if record["messageId"] in retry:
+                self.note_retry(sqs, record, result)
+            else:
+                sqs.delete_message(QueueUrl=self.queue_url,
+                                   ReceiptHandle=record["receiptHandle"])
+        with self.lock:
+            self.deferred += len(result.get("deferred", []))
         for entry in result["launched"]:
             self.tracker.stage(entry["key"], "launched", entry["instance_id"])
         # Boot at once instead of waiting for the poll: EC2 starts a launched instance at once too.
         self.boot_new_instances(self.client("ec2"), [e["instance_id"] for e in result["launched"]])
+        launched = {entry["key"] for entry in result["launched"]}
         for entry in result["skipped"]:
-            if self.tracker.outcome(entry["key"]) is None and "analysis" not in entry["key"]:
+            # A duplicate of a record launched in the same batch (moto sends two events for
+            # one multipart upload) is no failure.
+            if entry["key"] and entry["key"] not in launched and \
+                    self.tracker.outcome(entry["key"]) is None and "analysis" not in entry["key"]:
                 self.tracker.stage(entry["key"], "failed", f"skipped: {entry['reason']}")
 
-    def send_to_dead_letter_queue(self, event, error):
-        """Send a failed event to the function's DLQ, as Lambda does after its retries."""
-        url = self.names.get("dlq_url")
-        if url:
-            self.client("sqs").send_message(
-                QueueUrl=url, MessageBody=json.dumps(event),
-                MessageAttributes={"ErrorMessage": {"DataType": "String",
-                                                    "StringValue": str(error)[:1000]}})
+    def note_retry(self, sqs, record, result):
+        """A message to try again; after its last receive it goes to the dead-letter queue."""
+        if int(record["attributes"].get("ApproximateReceiveCount", "1")) < self.max_receive_count:
+            return
+        # SQS moves it on the next receive (moto does, too): make that the pump's next one.
+        sqs.change_message_visibility(QueueUrl=self.queue_url,
+                                      ReceiptHandle=record["receiptHandle"], VisibilityTimeout=0)
+        failed = {e["key"]: e for e in result.get("failed", []) + result.get("deferred", [])}
+        for inner in json.loads(record["body"]).get("Records", []):
+            key = _record_key(inner)
+            if key is not None and key in failed:
+                self.tracker.stage(key, "failed", "launch failed, message sent to the DLQ: "
+                                   f"{failed[key].get('code', '')}")
 
     # --- the EC2 stand-in -------------------------------------------------------
 
@@ -622,6 +666,16 @@ def stamp_s3_sequencers():
     return restore
 
 
+def sqs_event(messages, queue_name):
+    """Return the event Lambda's event source mapping makes of received SQS messages (pure)."""
+    return {"Records": [{
+        "messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"],
+        "attributes": m.get("Attributes", {}), "messageAttributes": {},
+        "md5OfBody": m.get("MD5OfBody", ""), "eventSource": "aws:sqs",
+        "eventSourceARN": f"arn:aws:sqs:{REGION}:000000000000:{queue_name}",
+        "awsRegion": REGION} for m in messages]}
+
+
 def launch_parameters(image_id, count, user_data, security_group_names, kwargs):
     """Return one RunInstances request's parameters but its ClientToken, comparable (pure)."""
     fields = dict(kwargs, image_id=image_id, count=count, user_data=user_data,
@@ -873,7 +927,8 @@ def command_run(args):
     missing = [p for p in args.files if not Path(p).is_file()]
     if missing:
         raise SystemExit(f"not a file: {', '.join(missing)}")
-    with LocalCloud(workers=args.workers, tracker=Tracker(quiet=args.quiet)) as cloud:
+    with LocalCloud(workers=args.workers, tracker=Tracker(quiet=args.quiet),
+                    max_workers=args.max_workers, spot=args.spot) as cloud:
         outcomes = process_files(cloud, args.files, args.prefix, args.timeout)
         return finish(cloud, outcomes, args.out)
 
@@ -891,7 +946,7 @@ def command_demo(args):
 
 def command_up(args):
     """`up`: keep the local cloud running until Ctrl-C."""
-    with LocalCloud(workers=args.workers) as cloud:
+    with LocalCloud(workers=args.workers, max_workers=args.max_workers, spot=args.spot) as cloud:
         bucket = cloud.names["data_bucket"]
         print(f"""local cloud is up (Ctrl-C stops it)
   endpoint         {cloud.endpoint}
@@ -931,6 +986,13 @@ def build_parser():
         sub.add_argument("--out", default="analysis-out",
                          help="folder the reports are copied to (default ./analysis-out)")
 
+    def capacity(sub):
+        sub.add_argument("--max-workers", type=int, default=None, metavar="N",
+                         help="deploy.sh --max-workers: at most N machines at once, the rest "
+                              "wait in the events queue (default: deploy's, 16)")
+        sub.add_argument("--spot", action="store_true",
+                         help="deploy.sh --spot (the local EC2 never refuses spot)")
+
     demo = commands.add_parser("demo", help="process the sample files in samples/")
     common(demo)
     demo.set_defaults(func=command_demo)
@@ -939,9 +1001,11 @@ def build_parser():
     run.add_argument("--prefix", default="incoming", help="key prefix in the data bucket")
     run.add_argument("--quiet", action="store_true", help="only the summary table")
     common(run)
+    capacity(run)
     run.set_defaults(func=command_run)
     up = commands.add_parser("up", help="keep a local cloud running for the aws CLI")
     up.add_argument("--workers", type=int, default=None)
+    capacity(up)
     up.set_defaults(func=command_up)
     return parser
 

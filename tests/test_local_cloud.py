@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import types
 import time
 
@@ -91,29 +92,63 @@ def cloud(tmp_path):
 # Each machine costs the 2-core CI box about 0.45 CPU-seconds (bash, one python3 with boto3,
 # curl, the moto server): 500 take two to three minutes. AWSFUN_BURST_FILES=N changes the count.
 BURST_FILES = int(os.environ.get("AWSFUN_BURST_FILES", "500"))
-BURST_MACHINES = 3
+# The cap (deploy.sh --max-workers) below the machine slots: only the cap can hold them to 3.
+BURST_SLOTS = 4
+BURST_CAP = 3
+
+
+def sample_live_machines(ec2, stop, peaks):
+    """Append, until `stop` is set, how many instances EC2 itself says are pending or running
+    (DescribeInstanceStatus, every instance): the cap measured from EC2's own state."""
+    while not stop.is_set():
+        live = 0
+        for page in ec2.get_paginator("describe_instance_status").paginate(
+                IncludeAllInstances=True, Filters=[
+                    {"Name": "instance-state-name", "Values": ["pending", "running"]}]):
+            live += len(page["InstanceStatuses"])
+        peaks.append(live)
+        stop.wait(0.05)
 
 
 @pytest.mark.long_running
 def test_burst_of_uploads_at_once_with_hostile_names(tmp_path):
-    """BURST_FILES small uploads at once, 3 machine slots: one report per input, each naming
-    its key exactly; no machine left, no token launched twice, no report for a report."""
+    """BURST_FILES small uploads at once through the events queue, a cap of 3 workers on 4
+    machine slots: one report per input, each naming its key exactly; never more than 3
+    machines at once by EC2's own count; records deferred at the cap came back and were
+    launched (none dead-lettered); no machine left, no token launched twice, no report for a
+    report."""
     canary = tmp_path / "CANARY"
     injections = [f"$(touch {canary})", f"`touch {canary}`", f";touch {canary};", f"' && touch {canary} #"]
     keys = [f"burst/{index:03d}/{injections[index % len(injections)]}/"
             f"{HOSTILE_NAMES[index % len(HOSTILE_NAMES)]}" for index in range(BURST_FILES)]
-    with LocalCloud(workers=BURST_MACHINES, tracker=Tracker(quiet=True)) as cloud:
+    with LocalCloud(workers=BURST_SLOTS, tracker=Tracker(quiet=True),
+                    max_workers=BURST_CAP) as cloud:
         s3, bucket = cloud.client("s3"), cloud.names["data_bucket"]
+        stop, peaks = threading.Event(), []
+        sampler = threading.Thread(target=sample_live_machines,
+                                   args=(cloud.client("ec2"), stop, peaks), daemon=True)
+        sampler.start()
         started = time.monotonic()
         for index, key in enumerate(keys):
             s3.put_object(Bucket=bucket, Key=key, Body=f"id,value\n{index},{index * 2}\n".encode())
             cloud.tracker.stage(key, "uploaded")
         pending = cloud.tracker.wait_for(keys, timeout=60 + 3 * BURST_FILES)
         elapsed = time.monotonic() - started
-        logging.getLogger(__name__).warning("burst: %d files in %.1f s (%.2f files/s)",
-                                            BURST_FILES, elapsed, BURST_FILES / elapsed)
+        stop.set()
+        sampler.join(timeout=10)
+        logging.getLogger(__name__).warning(
+            "burst: %d files in %.1f s (%.2f files/s), peak %d machines, %d deferrals, "
+            "%d invocations", BURST_FILES, elapsed, BURST_FILES / elapsed, max(peaks),
+            cloud.deferred, cloud.invocations)
         assert pending == []
         assert cloud.wait_idle() == []
+        assert len(peaks) > 10 and max(peaks) <= BURST_CAP
+        assert cloud.deferred > 0  # the cap held work back, and it came back after all
+        sqs = cloud.client("sqs")
+        dead = sqs.get_queue_attributes(QueueUrl=cloud.names["dlq_url"], AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        assert dead == {"ApproximateNumberOfMessages": "0",
+                        "ApproximateNumberOfMessagesNotVisible": "0"}
         outputs = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix="analysis/") for o in page.get("Contents", [])]
         reports = [k for k in outputs if k.endswith(".json") and not k.endswith(".error.json")]
@@ -276,13 +311,15 @@ def test_a_repeated_event_and_a_reupload_after_a_failed_job(cloud, tmp_path):
     original = cloud.invoke_handler
 
     def invoke(event):
-        events.append(event)
+        # An SQS batch: each message's body is the S3 event.
+        events.extend(json.loads(record["body"]) for record in event["Records"])
         original(event)
 
     cloud.invoke_handler = invoke
     assert process_files(cloud, [bad], "again", timeout=120) == {"again/broken.csv.gz": "error"}
     assert cloud.wait_idle() == []
-    first = next(e for e in events if e["Records"][0]["s3"]["object"]["key"].startswith("again"))
+    first = next(e for e in events if "Records" in e
+                 and e["Records"][0]["s3"]["object"]["key"].startswith("again"))
     os.environ.update(cloud.function_env)
     results.append(lambda_function.lambda_handler(json.loads(json.dumps(first)), None))
     [skipped] = results[0]["skipped"]
