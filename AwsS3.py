@@ -45,7 +45,8 @@ MAX_LENGTH_BINS = 20_000    # read-length histogram size before lengths are roun
 MAX_NAMES = 10_000          # chromosome and filter names counted one by one
 MIN_EXACT_DISTINCT = 100    # distinct values counted exactly per column, at least...
 MAX_EXACT_DISTINCT = 10_000  # ...and at most, within...
-EXACT_DISTINCT_BUDGET = 200_000  # ...this many exact values over all columns
+EXACT_DISTINCT_BUDGET = 200_000  # ...this many exact values over all columns...
+EXACT_DISTINCT_CHARS = 8_000_000  # ...holding at most this many characters (long values stay bounded)
 MAX_PROFILED_COLUMNS = 200
 HISTOGRAM_STRIDE = 16       # byte histogram of text/binary from every 16th byte
 REPORT_PREFIX = "analysis/"
@@ -716,11 +717,18 @@ def vcf_line_problem(line):
     return "REF or ALT is empty"
 
 
-INTEGER = re.compile(r"[+-]?\d+")
-DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
-BOOLEANS = {"true", "false", "True", "False", "TRUE", "FALSE", "yes", "no", "Yes", "No", "YES", "NO"}
-TRUTHS = {"true", "yes"}
+# Value types as DuckDB's sniffer gives them (checked with DuckDB 2.0.1's sniff_csv): an
+# optional minus, ASCII digits only (not 1_000, +1 or Arabic-Indic digits), spaces around
+# allowed; a code with a leading zero (01, 007, 00.5) is text; nan and inf are doubles.
+INTEGER = re.compile(r"\s*-?[0-9]+\s*", re.ASCII)
+FLOAT = re.compile(r"\s*-?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\s*",
+                   re.ASCII | re.IGNORECASE)
+ZERO_PADDED = re.compile(r"\s*0[0-9]", re.ASCII)
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?", re.ASCII)
+BOOLEANS = {"true", "false", "t", "f", "yes", "no"}  # DuckDB's BOOLEAN spellings, any case
+TRUTHS = {"true", "t", "yes"}
 NUMERIC_KINDS = ("integer", "float")
+SCALE_BITS = 480   # numbers past 2**480 are summed in units of a power of two: squares stay finite
 
 
 def infer_kind(values, previous=None):
@@ -728,15 +736,12 @@ def infer_kind(values, previous=None):
 
     `previous` is the column's kind so far: kinds it has already outgrown are not tried again.
     """
-    if previous in (None, "integer") and all_integers(values):
-        return "integer"
-    if previous in (None, "integer", "float"):
-        try:
-            if all(map(math.isfinite, map(float, values))):
-                return "float"
-        except ValueError:
-            pass
-    if previous in (None, "boolean") and values <= BOOLEANS:
+    if previous in (None, "integer", "float") and not zero_padded(values):
+        if previous != "float" and all_integers(values):
+            return "integer"
+        if all(map(FLOAT.fullmatch, values)):
+            return "float"
+    if previous in (None, "boolean") and {value.lower() for value in values} <= BOOLEANS:
         return "boolean"
     if previous in (None, "date") and all(map(DATE.fullmatch, values)):
         return "date"
@@ -744,11 +749,32 @@ def infer_kind(values, previous=None):
 
 
 def all_integers(values):
-    """True when every value is a whole number written in ASCII digits (with an optional sign)."""
+    """True when every value is a whole number in ASCII digits, with an optional minus sign."""
     joined = "".join(values)
     if joined.isascii() and joined.isdigit():
         return True  # one C-level test for the usual unsigned case
     return all(map(INTEGER.fullmatch, values))
+
+
+def zero_padded(values):
+    """True when a value is a zero-padded code (01, 007, 00.5): DuckDB types such a column VARCHAR."""
+    joined = "\n".join(values)
+    if not (joined.startswith("0") or "\n0" in joined or " 0" in joined):
+        return False  # one C-level scan: most numbers start with another digit
+    return any(map(ZERO_PADDED.match, values))
+
+
+def fits_kind(value, kind):
+    """True when DuckDB could cast a value to a column of this kind (a header test: 01 fits integers)."""
+    if kind == "integer":
+        return bool(INTEGER.fullmatch(value))
+    if kind == "float":
+        return bool(FLOAT.fullmatch(value))
+    if kind == "boolean":
+        return value.lower() in BOOLEANS
+    if kind == "date":
+        return bool(DATE.fullmatch(value))
+    return True
 
 
 def merge_kinds(old, new):
@@ -770,16 +796,22 @@ class DistinctCounter:
 
     K = 1024
 
-    def __init__(self, exact_limit):
+    def __init__(self, exact_limit, char_limit=EXACT_DISTINCT_CHARS):
         self.exact_limit = exact_limit
+        self.char_limit = char_limit
         self.values = set()
+        self.chars = 0       # characters held in values: long values reach the bound sooner
         self.sketch = None   # sorted list of the K smallest hashes once past the bound
 
     def add(self, values):
         """Add a set of values."""
         if self.sketch is None:
-            self.values |= values
-            if len(self.values) <= self.exact_limit:
+            new = values - self.values
+            if not new:
+                return
+            self.values |= new
+            self.chars += sum(map(len, new))
+            if len(self.values) <= self.exact_limit and self.chars <= self.char_limit:
                 return
             values, self.values, self.sketch = self.values, set(), []
         hashes = value_hashes(values)
@@ -805,19 +837,122 @@ def value_hashes(values):
     return set(map(zlib.crc32, encoded))
 
 
+class IntegerMoments:
+    """Count, sum and sum of squares of a column's integers: exact, as Python integers never round."""
+
+    def __init__(self):
+        self.count = self.total = self.squares = 0
+
+    def add(self, numbers):
+        """Add a list of ints."""
+        self.count += len(numbers)
+        self.total += sum(numbers)
+        self.squares += sum(map(operator.mul, numbers, numbers))
+
+    def fields(self):
+        """Return the mean and sample standard deviation (None past a float or for one number)."""
+        try:
+            mean = self.total / self.count
+        except OverflowError:
+            mean = None
+        std = None
+        if self.count > 1:
+            std = sqrt_ratio(self.count * self.squares - self.total * self.total, self.count * (self.count - 1))
+        return {"mean": mean, "std": std}
+
+
+class FloatMoments:
+    """Count, mean and sum of squared deviations of a column's finite floats.
+
+    Each block's sums are taken around its own mean and merged by Chan et al.'s formula, so a
+    column of large, close numbers keeps its deviation. Past 2**480 the numbers are summed in
+    units of 2**exponent (scaling by a power of two loses no digit): 1e308 + 1e308 and
+    (1e200)**2 stay finite.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.mean = self.m2 = 0.0   # in units of 2**exponent (of its square for m2)
+        self.exponent = 0
+
+    @classmethod
+    def from_integers(cls, sums, largest):
+        """Return the moments of the integers summed so far in `sums`, whose largest magnitude is `largest`."""
+        moments = cls()
+        moments.count = sums.count
+        if sums.count:
+            moments.exponent = max(0, largest.bit_length() - SCALE_BITS)
+            moments.mean = sums.total / (sums.count << moments.exponent)
+            spread = sums.count * sums.squares - sums.total * sums.total
+            moments.m2 = spread / (sums.count << 2 * moments.exponent)
+        return moments
+
+    def add(self, numbers, largest):
+        """Add a list of finite floats whose largest magnitude is `largest`."""
+        exponent = max(self.exponent, math.frexp(largest)[1] - SCALE_BITS)
+        if exponent > self.exponent:
+            self.mean = math.ldexp(self.mean, self.exponent - exponent)
+            self.m2 = math.ldexp(self.m2, 2 * (self.exponent - exponent))
+            self.exponent = exponent
+        if self.exponent:
+            numbers = [math.ldexp(number, -self.exponent) for number in numbers]
+        count = len(numbers)
+        mean = math.fsum(numbers) / count
+        deviations = list(map(operator.sub, numbers, itertools.repeat(mean, count)))
+        m2 = math.fsum(map(operator.mul, deviations, deviations))
+        total = self.count + count
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * (self.count * count / total)
+        self.mean += delta * count / total
+        self.count = total
+
+    def fields(self):
+        """Return the mean and sample standard deviation (None past a float or for one number)."""
+        try:
+            mean = math.ldexp(self.mean, self.exponent) if self.count else None
+        except OverflowError:
+            mean = None
+        std = None
+        if self.count > 1:
+            try:
+                std = math.ldexp(math.sqrt(self.m2 / (self.count - 1)), self.exponent)
+            except OverflowError:
+                pass
+        return {"mean": mean, "std": std}
+
+
+def sqrt_ratio(numerator, denominator):
+    """Return sqrt(numerator / denominator) of non-negative integers, or None past the float limit."""
+    try:
+        return math.sqrt(numerator / denominator)
+    except OverflowError:
+        shift = (numerator.bit_length() - denominator.bit_length() - 1000) & ~1  # even: halved exactly
+        try:
+            return math.ldexp(math.sqrt((numerator >> shift) / denominator), shift // 2)
+        except OverflowError:
+            return None
+
+
+def finite_float(number):
+    """Return a number as a finite float, or None (JSON has no NaN or Infinity)."""
+    try:
+        number = float(number)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 class ColumnProfile:
     """One column: kind, empties, distinct values, min/max, and mean and deviation of numbers."""
 
-    def __init__(self, name, exact_limit):
+    def __init__(self, name, exact_limit, char_limit=EXACT_DISTINCT_CHARS):
         self.name = name
         self.kind = None
         self.empty = 0
-        self.distinct = DistinctCounter(exact_limit)
+        self.distinct = DistinctCounter(exact_limit, char_limit)
         self.low = self.high = None
-        self.count = 0
-        self.mean = 0.0
-        self.m2 = 0.0       # sum of squared deviations from the mean (Chan et al. merge)
-        self.numbers_valid = True
+        self.moments = None
+        self.non_finite = 0   # nan, inf and numbers past the float limit (1e309): in no sum
 
     def add(self, values):
         """Add one block's values of this column."""
@@ -831,30 +966,48 @@ class ColumnProfile:
         previous = self.kind
         if previous != "string":
             self.kind = merge_kinds(previous, infer_kind(present, previous))
-        if self.kind in NUMERIC_KINDS:
-            self._add_numbers(list(map(float, filter(None, values))))
+        if self.kind == "integer":
+            self._add_integers(list(map(int, filter(None, values))))
+        elif self.kind == "float":
+            if previous == "integer":
+                self.moments = FloatMoments.from_integers(self.moments, max(-self.low, self.high))
+                self.low, self.high = finite_float(self.low), finite_float(self.high)
+            self._add_floats(list(map(float, filter(None, values))))
         else:
             self._add_bounds(present, previous)
 
-    def _add_numbers(self, numbers):
-        count = len(numbers)
-        mean = math.fsum(numbers) / count
-        m2 = max(math.fsum(map(operator.mul, numbers, numbers)) - count * mean * mean, 0.0)
-        total = self.count + count
-        delta = mean - self.mean
-        self.m2 += m2 + delta * delta * self.count * count / total
-        self.mean += delta * count / total
-        self.count = total
+    def _add_integers(self, numbers):
+        if self.moments is None:
+            self.moments = IntegerMoments()
+        self.moments.add(numbers)
         low, high = min(numbers), max(numbers)
+        self.low = low if self.low is None else min(self.low, low)
+        self.high = high if self.high is None else max(self.high, high)
+
+    def _add_floats(self, numbers):
+        if self.moments is None:
+            self.moments = FloatMoments()
+        if not math.isfinite(sum(numbers)):  # a nan or inf, or a sum past the float limit
+            finite = list(filter(math.isfinite, numbers))
+            self.non_finite += len(numbers) - len(finite)
+            numbers = finite
+            if not numbers:
+                return
+        low, high = min(numbers), max(numbers)
+        self.moments.add(numbers, max(-low, high))
         self.low = low if self.low is None else min(self.low, low)
         self.high = high if self.high is None else max(self.high, high)
 
     def _add_bounds(self, present, previous):
         if previous in NUMERIC_KINDS:
-            # Numbers seen so far turn into text: min/max must now compare as text.
-            self.low, self.high = ("" if self.low is None else format_number(self.low),
-                                   "" if self.high is None else format_number(self.high))
-            self.numbers_valid = False
+            # Numbers seen so far turn into text: min/max must now compare as text. The exact
+            # distinct values hold every spelling seen; past their bound, the numbers' own do.
+            if self.distinct.sketch is None:
+                present = self.distinct.values
+                self.low = self.high = None
+            else:
+                self.low, self.high = ("" if self.low is None else format_number(self.low),
+                                       "" if self.high is None else format_number(self.high))
         low, high = min(present), max(present)
         self.low = low if self.low is None or self.low == "" else min(self.low, low)
         self.high = high if self.high is None else max(self.high, high)
@@ -862,10 +1015,12 @@ class ColumnProfile:
     def fields(self):
         """Return the column's profile."""
         profile = {"name": self.name, "type": self.kind or "empty", "empty": self.empty, **self.distinct.fields()}
-        if self.kind in NUMERIC_KINDS:
-            cast = int if self.kind == "integer" else float
-            profile.update(min=cast(self.low), max=cast(self.high), mean=round(self.mean, 6),
-                           std=round(math.sqrt(self.m2 / (self.count - 1)), 6) if self.count > 1 else None)
+        if self.kind == "integer":
+            profile.update(min=self.low, max=self.high, **self.moments.fields())
+        elif self.kind == "float":
+            profile.update(min=finite_float(self.low) if self.low is not None else None,
+                           max=finite_float(self.high) if self.high is not None else None,
+                           **self.moments.fields(), non_finite=self.non_finite)
         elif self.kind == "boolean":
             # TRUE, true and yes are one value, as in a database's BOOLEAN column.
             truths = {value.lower() in TRUTHS for value in self.distinct.values}
@@ -876,7 +1031,9 @@ class ColumnProfile:
 
 
 def format_number(value):
-    """Return a float as the text a table would hold (integers without '.0')."""
+    """Return a number as the text a table would hold (integers without '.0')."""
+    if isinstance(value, int):
+        return str(value)
     return str(int(value)) if value.is_integer() else repr(value)
 
 
