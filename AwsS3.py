@@ -219,8 +219,9 @@ def sample_rows(text, options, whole):
     """Return the non-empty records of a sample, None for one the strict parser rejects.
 
     Strict as DuckDB's strict_mode: a quoted field closed before the end of its field (`"a"b`)
-    rejects the row. A quoted field still open where the text ends is left out, and the last
-    record too unless the sample is the whole file (it may be cut).
+    rejects the row. A record whose quoted field is still open where the text ends is left
+    out; so is the last record of a sample that is not the whole file (it may be cut), unless
+    it is the only one (a header longer than the sample still tells the delimiter).
     """
     strict = options.get("quoting") != csv.QUOTE_NONE
     reader = csv.reader(io.StringIO(text, newline=""), strict=strict, **options)
@@ -229,7 +230,9 @@ def sample_rows(text, options, whole):
         try:
             row = next(reader)
         except StopIteration:
-            break  # a failure right before the end is the text ending inside a quoted field
+            if failed:
+                return rows  # the failure was the text ending inside a quoted field
+            break
         except csv.Error:
             if failed:
                 rows.append(None)
@@ -240,7 +243,7 @@ def sample_rows(text, options, whole):
             failed = False
         if row:
             rows.append(row)
-    return rows if whole else rows[:-1]
+    return rows if whole or len(rows) < 2 else rows[:-1]
 
 
 def table_shape(widths):
