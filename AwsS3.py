@@ -45,7 +45,8 @@ MAX_LENGTH_BINS = 20_000    # read-length histogram size before lengths are roun
 MAX_NAMES = 10_000          # chromosome and filter names counted one by one
 MIN_EXACT_DISTINCT = 100    # distinct values counted exactly per column, at least...
 MAX_EXACT_DISTINCT = 10_000  # ...and at most, within...
-EXACT_DISTINCT_BUDGET = 200_000  # ...this many exact values over all columns
+EXACT_DISTINCT_BUDGET = 200_000  # ...this many exact values over all columns...
+EXACT_DISTINCT_CHARS = 8_000_000  # ...holding at most this many characters (long values stay bounded)
 MAX_PROFILED_COLUMNS = 200
 HISTOGRAM_STRIDE = 16       # byte histogram of text/binary from every 16th byte
 REPORT_PREFIX = "analysis/"
@@ -98,21 +99,23 @@ def parse_s3_uri(uri):
 
 
 def looks_binary(sample):
-    """True when a content sample is not text (NUL bytes, or not UTF-8/Latin text)."""
+    """True when a content sample is not text: a NUL byte, or more than 1 % control bytes.
+
+    Text need not be UTF-8: a latin-1 or cp1252 file is text whose bytes 0x80-0xFF are letters
+    (DuckDB reads it with encoding='latin-1'), so bytes that are not UTF-8 do not make it binary.
+    """
     if b"\x00" in sample:
         return True
-    try:
-        sample.decode("utf-8")
-    except UnicodeDecodeError as err:
-        # A multi-byte character cut at the sample's end is still text.
-        if err.start < len(sample) - 4:
-            return True
     control = len(sample) - len(sample.translate(None, CONTROL_BYTES))
     return control > len(sample) // 100
 
 
-def sniff_format(sample):
-    """Guess the content format from the first bytes of (decompressed) content."""
+def sniff_format(sample, name="", whole=False):
+    """Guess the content format from the first bytes of (decompressed) content.
+
+    `name` is the file's name or key: a .csv or .tsv name lets a one-column or one-record table
+    be a table. `whole` says the sample is all of the content, so its last line is complete.
+    """
     if not sample:
         return "empty"
     if looks_binary(sample):
@@ -125,62 +128,181 @@ def sniff_format(sample):
         return "fastq"
     if sample.startswith(b">"):
         return "fasta"
-    return sniff_table(complete[:50]) or "text"
+    dialect = sniff_table(sample, name, whole)
+    if dialect is None:
+        return "text"
+    return "tsv" if dialect.delimiter == "\t" else "csv"
 
 
-def sniff_table(lines):
-    """Return 'tsv' or 'csv' when lines split into a steady number (>= 2) of fields."""
-    delimiter = sniff_delimiter(lines)
-    if delimiter is None:
+TableDialect = collections.namedtuple("TableDialect", "delimiter quote escape skip_rows header encoding")
+TableShape = collections.namedtuple("TableShape", "columns start consistent rows")
+
+
+def sniff_table(sample, name="", whole=False, table_named=None):
+    """Return the TableDialect a sample of text is read with, or None when it is not a table.
+
+    A table has >= 2 records that split into the same >= 2 fields, once a title above the
+    header is skipped. A name ending .csv or .tsv (or `table_named`) also makes a table of one
+    record or of one column, as DuckDB's read_csv reads any file it is given; without it, one
+    column counts as a table only when the values below its first line are numbers.
+    """
+    if table_named is None:
+        table_named = bool(TABLE_NAME.search(name or ""))
+    sample = sample.removeprefix(UTF8_BOM)
+    if not whole:
+        sample = sample[:max(sample.rfind(b"\n"), sample.rfind(b"\r")) + 1] or sample
+    encoding = sniff_encoding(sample, whole)
+    text = decode_text(sample, encoding)[0].replace("\r\n", "\n").replace("\r", "\n")
+    delimiter, quote, escape, shape, rows = sniff_dialect(text, whole)
+    body = rows[shape.start:]
+    if shape.columns >= 2 and shape.consistent >= 2:
+        tabular = shape.consistent >= 0.9 * len(body)  # a ragged row or two is a broken table, still a table
+    elif shape.columns == 1:
+        values = {row[0] for row in body[1:] if row[0]}
+        tabular = len(body) >= 3 and bool(values) and infer_kind(values) in NUMERIC_KINDS
+    else:
+        tabular = False  # one record: a line of prose with a comma looks the same
+    if not (tabular or (table_named and body)):
         return None
-    return "tsv" if delimiter == "\t" else "csv"
+    return TableDialect(delimiter, quote, escape, shape.start, sniff_header(body), encoding)
 
 
-def sniff_delimiter(lines):
-    """Return the delimiter (tab, comma, semicolon or bar) splitting nearly all rows into the same >= 2 fields."""
-    text = b"\n".join(line.rstrip(b"\r") for line in lines).decode("utf-8", "replace")
+def sniff_encoding(sample, whole=False):
+    """Return the encoding a table sample is read in: utf-8, else cp1252 or latin-1.
+
+    UTF-8 when the sample decodes as UTF-8 (a character cut at a sample's end aside). Otherwise
+    cp1252 when it holds bytes 0x80-0x9F (Windows' euro sign and curly quotes live there;
+    latin-1 has only control codes), else latin-1, which then reads the same as cp1252.
+    """
+    try:
+        sample.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError as err:
+        if not whole and err.reason == "unexpected end of data" and err.start >= len(sample) - 3:
+            return "utf-8"
+    return "cp1252" if WINDOWS_BYTES.search(sample) else "latin-1"
+
+
+def sniff_dialect(text, whole=False):
+    """Return (delimiter, quote, escape, TableShape, rows) of the dialect that reads text best.
+
+    After DuckDB's sniffer (dialect_detection.cpp): each delimiter (, | ; tab) parses the
+    sample; the first rows narrower than the table's steady width are a title above it (DuckDB's
+    skip_rows). RFC 4180 quoting ('"', doubled inside a field) is tried first; a backslash
+    escape, then no quoting at all (TSV's: DuckDB's quote=''), only where it leaves rows
+    ragged, as a quote closed mid-field does. Two changes from DuckDB: a dialect that reads
+    every row alike, title rows and all, beats one that needs a title skipped (`a;b` over
+    `1,5;2,5` is two columns, not three under a title); and a quoted field still open where the
+    file ends is a broken last record, reported as such, not a reason to read quotes as text.
+    """
+    rules = [('"', '"')]
+    if "\\\"" in text:
+        rules.append(('"', "\\"))
+    if '"' in text:
+        rules.append((None, None))
+    best = None
     for delimiter in TABLE_DELIMITERS:
+        chosen = None
+        for quote, escape in rules:
+            rows = sample_rows(text, csv_options(delimiter, quote, escape), whole)
+            shape = table_shape([-1 if row is None else len(row) for row in rows])
+            if chosen is None or better_shape(shape, chosen[3]):
+                chosen = (delimiter, quote, escape, shape, [row for row in rows if row is not None])
+            if shape.consistent == shape.rows - shape.start:
+                break  # every row reads alike: no reason to try another quote rule
+        if best is None or better_shape(chosen[3], best[3]):
+            best = chosen
+    return best
+
+
+def sample_rows(text, options, whole):
+    """Return the non-empty records of a sample, None for one the strict parser rejects.
+
+    Strict as DuckDB's strict_mode: a quoted field closed before the end of its field (`"a"b`)
+    rejects the row. A record whose quoted field is still open where the text ends is left
+    out; so is the last record of a sample that is not the whole file (it may be cut), unless
+    it is the only one (a header longer than the sample still tells the delimiter).
+    """
+    strict = options.get("quoting") != csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), strict=strict, **options)
+    rows, failed = [], False
+    while True:
         try:
-            rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row]
+            row = next(reader)
+        except StopIteration:
+            if failed:
+                return rows  # the failure was the text ending inside a quoted field
+            break
         except csv.Error:
+            if failed:
+                rows.append(None)
+            failed = True
             continue
-        if len(rows) > 2:
-            rows = rows[:-1]  # the sample may end inside a quoted field
-        widths = collections.Counter(map(len, rows))
-        width, count = widths.most_common(1)[0] if widths else (0, 0)
-        # A ragged row or two is a broken table, still a table; prose rarely splits this evenly.
-        if width >= 2 and count >= 2 and count >= 0.9 * len(rows):
-            return delimiter
-    return None
+        if failed:
+            rows.append(None)
+            failed = False
+        if row:
+            rows.append(row)
+    return rows if whole or len(rows) < 2 else rows[:-1]
 
 
-def sniff_header(sample, delimiter):
-    """True when the first row of a table sample looks like column names, not data."""
-    text = sample[:SNIFF_SIZE].decode("utf-8", "replace")
-    text = text[:text.rfind("\n") + 1] or text
-    rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row][:200]
-    if len(rows) < 2:
-        return bool(rows) and not any(infer_kind({value}) in NUMERIC_KINDS for value in rows[0] if value)
-    first, rest = rows[0], rows[1:]
-    typed_like_data = False
+def table_shape(widths):
+    """Return the TableShape of records of these widths: their most common width (the wider of
+    equals), where the first record of that width is (after narrower title rows only), and how many
+    records from there have that width."""
+    if not widths:
+        return TableShape(0, 0, 0, 0)
+    counts = collections.Counter(widths)
+    columns = max(counts, key=lambda width: (counts[width], width))
+    start = widths.index(columns)
+    if max(widths[:start], default=0) > columns:
+        start = 0  # a wider row above is a broken row of the table, not a title
+    return TableShape(columns, start, widths[start:].count(columns), len(widths))
+
+
+def better_shape(new, old):
+    """True when records of shape `new` make a better table than `old`: more than one column
+    first, then no title to skip, then DuckDB's rule (more steady rows and no fewer columns)."""
+    if new.consistent < 0.9 * (new.rows - new.start):
+        return False
+    if (new.columns >= 2) != (old.columns >= 2):
+        return new.columns >= 2
+    if old.columns >= 2 and (new.start == 0) != (old.start == 0):
+        return new.start == 0
+    return new.consistent > old.consistent and new.columns >= old.columns
+
+
+def sniff_header(rows):
+    """True when the first of a table's rows names its columns, by DuckDB's rule.
+
+    header_detection.cpp: each column is typed from the rows below; if every column is text (or
+    the first row is empty) the first row is a header; otherwise it is one when a value in it
+    does not fit its column's type ('id' above integers). A lone row is a header if all text.
+    """
+    first = rows[0] if rows else []
+    below = [row for row in rows[1:] if len(row) == len(first)]
+    if not any(value.strip() for value in first):
+        return True
+    if not below:
+        return all(infer_kind({value}) == "string" for value in first if value)
+    all_text = True
     for index, name in enumerate(first):
-        below = {row[index] for row in rest if index < len(row) and row[index]}
-        kind_below = infer_kind(below) if below else None
-        if kind_below not in (None, "string"):
-            # A column of numbers (or dates, booleans) under a word is the clearest sign of a header.
-            if infer_kind({name}) != kind_below:
+        values = {row[index] for row in below if row[index]}
+        kind = infer_kind(values) if values else "string"
+        if kind != "string":
+            all_text = False
+            if name and not fits_kind(name, kind):
                 return True
-            typed_like_data = True
-        if name and name in below:
-            return False
-    # All-text tables: names are distinct and, unlike data, never repeat below.
-    return not typed_like_data and len(set(first)) == len(first)
+    return all_text
 
 
 # --- shared helpers -------------------------------------------------------------------
 
 CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13))
-TABLE_DELIMITERS = ("\t", ",", ";", "|")
+TABLE_DELIMITERS = (",", "|", ";", "\t")  # DuckDB's candidates, in its order (ties go to the first)
+TABLE_NAME = re.compile(r"\.(?:csv|tsv|tab)(?:\.b?gz)?$", re.IGNORECASE)
+UTF8_BOM = b"\xef\xbb\xbf"
+WINDOWS_BYTES = re.compile(rb"[\x80-\x9f]")  # cp1252's letters and marks; C1 controls in latin-1
 ADLER_MODULUS = 65521
 
 
@@ -716,11 +838,18 @@ def vcf_line_problem(line):
     return "REF or ALT is empty"
 
 
-INTEGER = re.compile(r"[+-]?\d+")
-DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
-BOOLEANS = {"true", "false", "True", "False", "TRUE", "FALSE", "yes", "no", "Yes", "No", "YES", "NO"}
-TRUTHS = {"true", "yes"}
+# Value types as DuckDB's sniffer gives them (checked with DuckDB 2.0.1's sniff_csv): an
+# optional minus, ASCII digits only (not 1_000, +1 or Arabic-Indic digits), spaces around
+# allowed; a code with a leading zero (01, 007, 00.5) is text; nan and inf are doubles.
+INTEGER = re.compile(r"\s*-?[0-9]+\s*", re.ASCII)
+FLOAT = re.compile(r"\s*-?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\s*",
+                   re.ASCII | re.IGNORECASE)
+ZERO_PADDED = re.compile(r"\s*0[0-9]", re.ASCII)
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?", re.ASCII)
+BOOLEANS = {"true", "false", "t", "f", "yes", "no"}  # DuckDB's BOOLEAN spellings, any case
+TRUTHS = {"true", "t", "yes"}
 NUMERIC_KINDS = ("integer", "float")
+SCALE_BITS = 480   # numbers past 2**480 are summed in units of a power of two: squares stay finite
 
 
 def infer_kind(values, previous=None):
@@ -728,15 +857,12 @@ def infer_kind(values, previous=None):
 
     `previous` is the column's kind so far: kinds it has already outgrown are not tried again.
     """
-    if previous in (None, "integer") and all_integers(values):
-        return "integer"
-    if previous in (None, "integer", "float"):
-        try:
-            if all(map(math.isfinite, map(float, values))):
-                return "float"
-        except ValueError:
-            pass
-    if previous in (None, "boolean") and values <= BOOLEANS:
+    if previous in (None, "integer", "float") and not zero_padded(values):
+        if previous != "float" and all_integers(values):
+            return "integer"
+        if all(map(FLOAT.fullmatch, values)):
+            return "float"
+    if previous in (None, "boolean") and {value.lower() for value in values} <= BOOLEANS:
         return "boolean"
     if previous in (None, "date") and all(map(DATE.fullmatch, values)):
         return "date"
@@ -744,11 +870,32 @@ def infer_kind(values, previous=None):
 
 
 def all_integers(values):
-    """True when every value is a whole number written in ASCII digits (with an optional sign)."""
+    """True when every value is a whole number in ASCII digits, with an optional minus sign."""
     joined = "".join(values)
     if joined.isascii() and joined.isdigit():
         return True  # one C-level test for the usual unsigned case
     return all(map(INTEGER.fullmatch, values))
+
+
+def zero_padded(values):
+    """True when a value is a zero-padded code (01, 007, 00.5): DuckDB types such a column VARCHAR."""
+    joined = "\n".join(values)
+    if not (joined.startswith("0") or "\n0" in joined or " 0" in joined):
+        return False  # one C-level scan: most numbers start with another digit
+    return any(map(ZERO_PADDED.match, values))
+
+
+def fits_kind(value, kind):
+    """True when DuckDB could cast a value to a column of this kind (a header test: 01 fits integers)."""
+    if kind == "integer":
+        return bool(INTEGER.fullmatch(value))
+    if kind == "float":
+        return bool(FLOAT.fullmatch(value))
+    if kind == "boolean":
+        return value.lower() in BOOLEANS
+    if kind == "date":
+        return bool(DATE.fullmatch(value))
+    return True
 
 
 def merge_kinds(old, new):
@@ -770,16 +917,22 @@ class DistinctCounter:
 
     K = 1024
 
-    def __init__(self, exact_limit):
+    def __init__(self, exact_limit, char_limit=EXACT_DISTINCT_CHARS):
         self.exact_limit = exact_limit
+        self.char_limit = char_limit
         self.values = set()
+        self.chars = 0       # characters held in values: long values reach the bound sooner
         self.sketch = None   # sorted list of the K smallest hashes once past the bound
 
     def add(self, values):
         """Add a set of values."""
         if self.sketch is None:
-            self.values |= values
-            if len(self.values) <= self.exact_limit:
+            new = values - self.values
+            if not new:
+                return
+            self.values |= new
+            self.chars += sum(map(len, new))
+            if len(self.values) <= self.exact_limit and self.chars <= self.char_limit:
                 return
             values, self.values, self.sketch = self.values, set(), []
         hashes = value_hashes(values)
@@ -805,19 +958,122 @@ def value_hashes(values):
     return set(map(zlib.crc32, encoded))
 
 
+class IntegerMoments:
+    """Count, sum and sum of squares of a column's integers: exact, as Python integers never round."""
+
+    def __init__(self):
+        self.count = self.total = self.squares = 0
+
+    def add(self, numbers):
+        """Add a list of ints."""
+        self.count += len(numbers)
+        self.total += sum(numbers)
+        self.squares += sum(map(operator.mul, numbers, numbers))
+
+    def fields(self):
+        """Return the mean and sample standard deviation (None past a float or for one number)."""
+        try:
+            mean = self.total / self.count
+        except OverflowError:
+            mean = None
+        std = None
+        if self.count > 1:
+            std = sqrt_ratio(self.count * self.squares - self.total * self.total, self.count * (self.count - 1))
+        return {"mean": mean, "std": std}
+
+
+class FloatMoments:
+    """Count, mean and sum of squared deviations of a column's finite floats.
+
+    Each block's sums are taken around its own mean and merged by Chan et al.'s formula, so a
+    column of large, close numbers keeps its deviation. Past 2**480 the numbers are summed in
+    units of 2**exponent (scaling by a power of two loses no digit): 1e308 + 1e308 and
+    (1e200)**2 stay finite.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.mean = self.m2 = 0.0   # in units of 2**exponent (of its square for m2)
+        self.exponent = 0
+
+    @classmethod
+    def from_integers(cls, sums, largest):
+        """Return the moments of the integers summed so far in `sums`, whose largest magnitude is `largest`."""
+        moments = cls()
+        moments.count = sums.count
+        if sums.count:
+            moments.exponent = max(0, largest.bit_length() - SCALE_BITS)
+            moments.mean = sums.total / (sums.count << moments.exponent)
+            spread = sums.count * sums.squares - sums.total * sums.total
+            moments.m2 = spread / (sums.count << 2 * moments.exponent)
+        return moments
+
+    def add(self, numbers, largest):
+        """Add a list of finite floats whose largest magnitude is `largest`."""
+        exponent = max(self.exponent, math.frexp(largest)[1] - SCALE_BITS)
+        if exponent > self.exponent:
+            self.mean = math.ldexp(self.mean, self.exponent - exponent)
+            self.m2 = math.ldexp(self.m2, 2 * (self.exponent - exponent))
+            self.exponent = exponent
+        if self.exponent:
+            numbers = [math.ldexp(number, -self.exponent) for number in numbers]
+        count = len(numbers)
+        mean = math.fsum(numbers) / count
+        deviations = list(map(operator.sub, numbers, itertools.repeat(mean, count)))
+        m2 = math.fsum(map(operator.mul, deviations, deviations))
+        total = self.count + count
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * (self.count * count / total)
+        self.mean += delta * count / total
+        self.count = total
+
+    def fields(self):
+        """Return the mean and sample standard deviation (None past a float or for one number)."""
+        try:
+            mean = math.ldexp(self.mean, self.exponent) if self.count else None
+        except OverflowError:
+            mean = None
+        std = None
+        if self.count > 1:
+            try:
+                std = math.ldexp(math.sqrt(self.m2 / (self.count - 1)), self.exponent)
+            except OverflowError:
+                pass
+        return {"mean": mean, "std": std}
+
+
+def sqrt_ratio(numerator, denominator):
+    """Return sqrt(numerator / denominator) of non-negative integers, or None past the float limit."""
+    try:
+        return math.sqrt(numerator / denominator)
+    except OverflowError:
+        shift = (numerator.bit_length() - denominator.bit_length() - 1000) & ~1  # even: halved exactly
+        try:
+            return math.ldexp(math.sqrt((numerator >> shift) / denominator), shift // 2)
+        except OverflowError:
+            return None
+
+
+def finite_float(number):
+    """Return a number as a finite float, or None (JSON has no NaN or Infinity)."""
+    try:
+        number = float(number)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 class ColumnProfile:
     """One column: kind, empties, distinct values, min/max, and mean and deviation of numbers."""
 
-    def __init__(self, name, exact_limit):
+    def __init__(self, name, exact_limit, char_limit=EXACT_DISTINCT_CHARS):
         self.name = name
         self.kind = None
         self.empty = 0
-        self.distinct = DistinctCounter(exact_limit)
+        self.distinct = DistinctCounter(exact_limit, char_limit)
         self.low = self.high = None
-        self.count = 0
-        self.mean = 0.0
-        self.m2 = 0.0       # sum of squared deviations from the mean (Chan et al. merge)
-        self.numbers_valid = True
+        self.moments = None
+        self.non_finite = 0   # nan, inf and numbers past the float limit (1e309): in no sum
 
     def add(self, values):
         """Add one block's values of this column."""
@@ -831,30 +1087,48 @@ class ColumnProfile:
         previous = self.kind
         if previous != "string":
             self.kind = merge_kinds(previous, infer_kind(present, previous))
-        if self.kind in NUMERIC_KINDS:
-            self._add_numbers(list(map(float, filter(None, values))))
+        if self.kind == "integer":
+            self._add_integers(list(map(int, filter(None, values))))
+        elif self.kind == "float":
+            if previous == "integer":
+                self.moments = FloatMoments.from_integers(self.moments, max(-self.low, self.high))
+                self.low, self.high = finite_float(self.low), finite_float(self.high)
+            self._add_floats(list(map(float, filter(None, values))))
         else:
             self._add_bounds(present, previous)
 
-    def _add_numbers(self, numbers):
-        count = len(numbers)
-        mean = math.fsum(numbers) / count
-        m2 = max(math.fsum(map(operator.mul, numbers, numbers)) - count * mean * mean, 0.0)
-        total = self.count + count
-        delta = mean - self.mean
-        self.m2 += m2 + delta * delta * self.count * count / total
-        self.mean += delta * count / total
-        self.count = total
+    def _add_integers(self, numbers):
+        if self.moments is None:
+            self.moments = IntegerMoments()
+        self.moments.add(numbers)
         low, high = min(numbers), max(numbers)
+        self.low = low if self.low is None else min(self.low, low)
+        self.high = high if self.high is None else max(self.high, high)
+
+    def _add_floats(self, numbers):
+        if self.moments is None:
+            self.moments = FloatMoments()
+        if not math.isfinite(sum(numbers)):  # a nan or inf, or a sum past the float limit
+            finite = list(filter(math.isfinite, numbers))
+            self.non_finite += len(numbers) - len(finite)
+            numbers = finite
+            if not numbers:
+                return
+        low, high = min(numbers), max(numbers)
+        self.moments.add(numbers, max(-low, high))
         self.low = low if self.low is None else min(self.low, low)
         self.high = high if self.high is None else max(self.high, high)
 
     def _add_bounds(self, present, previous):
         if previous in NUMERIC_KINDS:
-            # Numbers seen so far turn into text: min/max must now compare as text.
-            self.low, self.high = ("" if self.low is None else format_number(self.low),
-                                   "" if self.high is None else format_number(self.high))
-            self.numbers_valid = False
+            # Numbers seen so far turn into text: min/max must now compare as text. The exact
+            # distinct values hold every spelling seen; past their bound, the numbers' own do.
+            if self.distinct.sketch is None:
+                present = self.distinct.values
+                self.low = self.high = None
+            else:
+                self.low, self.high = ("" if self.low is None else format_number(self.low),
+                                       "" if self.high is None else format_number(self.high))
         low, high = min(present), max(present)
         self.low = low if self.low is None or self.low == "" else min(self.low, low)
         self.high = high if self.high is None else max(self.high, high)
@@ -862,10 +1136,12 @@ class ColumnProfile:
     def fields(self):
         """Return the column's profile."""
         profile = {"name": self.name, "type": self.kind or "empty", "empty": self.empty, **self.distinct.fields()}
-        if self.kind in NUMERIC_KINDS:
-            cast = int if self.kind == "integer" else float
-            profile.update(min=cast(self.low), max=cast(self.high), mean=round(self.mean, 6),
-                           std=round(math.sqrt(self.m2 / (self.count - 1)), 6) if self.count > 1 else None)
+        if self.kind == "integer":
+            profile.update(min=self.low, max=self.high, **self.moments.fields())
+        elif self.kind == "float":
+            profile.update(min=finite_float(self.low) if self.low is not None else None,
+                           max=finite_float(self.high) if self.high is not None else None,
+                           **self.moments.fields(), non_finite=self.non_finite)
         elif self.kind == "boolean":
             # TRUE, true and yes are one value, as in a database's BOOLEAN column.
             truths = {value.lower() in TRUTHS for value in self.distinct.values}
@@ -876,7 +1152,9 @@ class ColumnProfile:
 
 
 def format_number(value):
-    """Return a float as the text a table would hold (integers without '.0')."""
+    """Return a number as the text a table would hold (integers without '.0')."""
+    if isinstance(value, int):
+        return str(value)
     return str(int(value)) if value.is_integer() else repr(value)
 
 
@@ -885,63 +1163,322 @@ def clip(text, limit=200):
     return text if text is None or len(text) <= limit else text[:limit] + "…"
 
 
-class TableAnalyzer(LineAnalyzer):
-    """CSV/TSV: delimiter, header, rows, columns, and a profile of every column."""
+MAX_RECORD_BYTES = 2_000_000   # DuckDB's max_line_size: a longer record (quoted newlines too) is broken
+TABLE_SLICE = 1 << 19          # records are parsed at most this many bytes at a time: memory stays flat
+OPEN_QUOTE_MARK = "\ufdd0"     # a noncharacter, in no table: parsed after a block to see if a quote is open
+LONE_CR = re.compile(rb"\r(?!\n)")
+STRAY_BYTES = re.compile("[\udc80-\udcff]")
+STRAY_BYTE_TEXT = {0xDC00 + value: bytes([value]).decode("cp1252", "ignore") or chr(value)
+                   for value in range(0x80, 0x100)}
 
-    def __init__(self, delimiter, header=True):
+
+def decode_text(data, encoding):
+    """Return (text, how many bytes were not valid in `encoding`).
+
+    Such bytes are read as cp1252 (latin-1 where cp1252 has no character): in a UTF-8 file a
+    stray byte is most often a Windows é or €, and the rest of the file still reads.
+    """
+    try:
+        return data.decode(encoding), 0
+    except UnicodeDecodeError:
+        text = data.decode(encoding, "surrogateescape")
+        return text.translate(STRAY_BYTE_TEXT), len(STRAY_BYTES.findall(text))
+
+
+def csv_options(delimiter, quote, escape):
+    """Return csv.reader keyword arguments for a dialect; quote None reads quotes as text."""
+    if quote is None:
+        return {"delimiter": delimiter, "quoting": csv.QUOTE_NONE}
+    return {"delimiter": delimiter, "quotechar": quote, "doublequote": True,
+            "escapechar": escape if escape != quote else None}
+
+
+def column_names(first, header):
+    """Return DuckDB's column names: the header's, trimmed, empty ones named and repeats numbered
+    (a, a_1, a_2); without a header column0, column1, ... zero-padded to the same width."""
+    width = len(str(max(len(first) - 1, 0)))
+    generated = [f"column{index:0{width}d}" for index in range(len(first))]
+    if not header:
+        return generated
+    names, seen = [], {}
+    for index, name in enumerate(first):
+        name = name.strip(UNICODE_SPACES) or generated[index]
+        while name.lower() in seen:
+            seen[name.lower()] += 1
+            name = f"{name}_{seen[name.lower()]}"
+        seen[name.lower()] = 0
+        names.append(name)
+    return names
+
+
+UNICODE_SPACES = " \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000"
+
+
+def numbered_rows(text, options, first_line, problems):
+    """Return [(line, record)] for the non-empty records of text, `line` being where each starts.
+
+    A record the csv module rejects is counted in `problems`. An OPEN_QUOTE_MARK line is read
+    after the text: the last pair is ([OPEN_QUOTE_MARK]) when every quoted field closed, else the
+    record whose quoted field the text never closes.
+    """
+    reader = csv.reader(io.StringIO(text + OPEN_QUOTE_MARK + "\n", newline=""), **options)
+    rows = []
+    start = first_line
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as err:
+            problems.add(start, f"unreadable row: {err}")
+            start = first_line + reader.line_num
+            continue
+        if row:
+            rows.append((start, row))
+        start = first_line + reader.line_num
+
+
+def line_start(data, lines):
+    """Return the offset in data where its line number `lines` (0-based) starts."""
+    offset = 0
+    for _ in range(lines):
+        offset = data.index(b"\n", offset) + 1
+    return offset
+
+
+class TableAnalyzer(LineAnalyzer):
+    """CSV/TSV: dialect, header, rows, columns, and a profile of every column.
+
+    Line ends (\\n, \\r\\n, a lone \\r) become \\n first; a record is cut where the quotes before it
+    pair up. A record past MAX_RECORD_BYTES is broken (an unclosed quote, or one endless line):
+    it is reported at the line where it starts and reading resumes on the next line, so memory
+    stays bounded and the rows after it still count.
+    """
+
+    def __init__(self, dialect):
         super().__init__()
-        self.delimiter = delimiter
-        self.has_header = header
+        csv.field_size_limit(max(csv.field_size_limit(), 4 * MAX_RECORD_BYTES))
+        self.dialect = dialect
+        self.options = csv_options(dialect.delimiter, dialect.quote, dialect.escape)
+        self.to_skip = dialect.skip_rows
         self.header = None
         self.rows = 0
         self.columns = None
         self.profiles = []
         self.problems = FirstProblem()
+        self.line = 0              # lines read so far, as an editor numbers them (malformed rows' lines)
+        self.encoding_errors = 0
+        self._cr = False           # the last block ended in \r: the next may start with its \n
+        self._skipping = False     # inside a line longer than MAX_RECORD_BYTES: drop up to its end
+        self._first = True
 
     def feed(self, block):
-        """Feed a block; cut it only where a record ends (outside any quoted field)."""
-        data = self._partial + block if self._partial else block
-        cut = data.rfind(b"\n") + 1
-        quotes = data.count(b'"', 0, cut)
-        while quotes % 2 and cut:
-            # An odd number of quotes: this newline is inside a quoted field; step back a line.
-            previous = data.rfind(b"\n", 0, cut - 1) + 1
-            quotes -= data.count(b'"', previous, cut)
-            cut = previous
-        if not cut and len(data) > MAX_LINE_BYTES:
-            cut = data.rfind(b"\n") + 1 or len(data)  # an unclosed quote: give up waiting, stay bounded
-        self._partial = data[cut:]
-        if cut:
-            self.feed_lines(data[:cut])
+        """Feed a block of content; whole records go to the analysis, the rest waits."""
+        self.newlines += block.count(b"\n")
+        if self._first and self.dialect.encoding == "utf-8" and block.startswith(UTF8_BOM):
+            block = block[len(UTF8_BOM):]
+        self._first = False
+        if self._cr:
+            block = b"\r" + block
+        self._cr = block.endswith(b"\r")
+        if self._cr:
+            block = block[:-1]  # a \r at the end: the next block says whether a \n follows it
+        if b"\r" in block and block.count(b"\r") != block.count(b"\r\n"):
+            # A lone \r ends a line (classic Mac, or mixed endings); \r\n stays, as in a quoted field.
+            block = LONE_CR.sub(b"\n", block)
+        self._partial = self._take(self._partial + block if self._partial else block, at_end=False)
 
-    def feed_lines(self, data):
-        first_line = self.newlines + 1
-        self.newlines += data.count(b"\n")
-        text = data.decode("utf-8", "replace")
-        rows = read_rows(text, self.delimiter, first_line, self.problems)
-        header_rows = 0
-        if self.columns is None and rows:
-            self._start(rows[0])
-            header_rows = int(self.has_header)
-            rows = rows[header_rows:]
+    def finish(self):
+        """Read the last record (a final line need not end in a newline) and return the summary."""
+        data = self._partial + (b"\n" if self._cr else b"")
+        self._partial, self._cr = b"", False
+        if data:
+            self._take(data, at_end=True)
+        return self.summary()
+
+    def _take(self, data, at_end):
+        """Analyse the whole records at the start of data; return the bytes of an unfinished one."""
+        while data:
+            if self._skipping:
+                end = data.find(b"\n")
+                if end < 0:
+                    return b""
+                self.line += 1
+                self._skipping, data = False, data[end + 1:]
+                continue
+            end = self._record_end(data, at_end)
+            if not end and not at_end and len(data) <= MAX_RECORD_BYTES:
+                return data  # one record, still open: wait for the rest
+            line_end = data.find(b"\n") + 1
+            if (line_end or len(data)) > MAX_RECORD_BYTES:
+                self.problems.add(self.line + 1, f"a line longer than {MAX_RECORD_BYTES:,} bytes "
+                                  "(DuckDB's max_line_size); skipped to its end")
+                self.line += bool(line_end)
+                self._skipping = not line_end and not at_end
+                data = data[line_end:] if line_end else b""
+                continue
+            if not end or end > MAX_RECORD_BYTES:
+                # By the quotes' count the first record never ends, or ends too far: let the parser
+                # say where its quoted field opens (in the first slice: memory stays bounded).
+                end = data.rfind(b"\n", 0, TABLE_SLICE) + 1 or line_end or len(data)
+            opened = self._records(data[:end])
+            if opened is None:
+                data = data[end:]
+                continue
+            data = data[opened:]  # a record whose quoted field is still open where the slice ends
+            if opened:
+                continue
+            if not at_end and len(data) <= MAX_RECORD_BYTES:
+                return data
+            end = self._long_record_end(data, at_end)
+            if end:
+                self._records(data[:end])  # one long record, whole after all
+                data = data[end:]
+                continue
+            self.line += 1
+            if at_end:
+                reason = "a quoted field opens on this line and the file ends before it closes"
+            else:
+                reason = f"a quoted field opens on this line and does not close within {MAX_RECORD_BYTES:,} bytes"
+            self.problems.add(self.line, reason + "; the lines after it are read as rows")
+            end = data.find(b"\n")
+            data = data[end + 1:] if end >= 0 else b""
+        return b""
+
+    def _long_record_end(self, data, at_end):
+        """Return where data's first record ends by the csv module's reading, 0 when its quoted
+        field is still open at the end of the file or MAX_RECORD_BYTES on."""
+        window = data[:MAX_RECORD_BYTES]
+        if not at_end or len(data) > MAX_RECORD_BYTES:
+            window = window[:window.rfind(b"\n") + 1]
+        text = decode_text(window, self.dialect.encoding)[0]
+        text += ("" if text.endswith("\n") else "\n") + OPEN_QUOTE_MARK + "\n"
+        reader = csv.reader(io.StringIO(text, newline=""), **self.options)
+        try:
+            row = next(filter(None, reader))
+        except csv.Error:
+            return 0
+        if any(OPEN_QUOTE_MARK in field for field in row):
+            return 0
+        if reader.line_num > window.count(b"\n"):
+            return len(window)  # the last line of the file, without its newline
+        return line_start(data, reader.line_num)
+
+    def _record_end(self, data, at_end):
+        """Return where data's first records end, taking at most TABLE_SLICE bytes if a record ends
+        there (memory stays bounded), else the first record longer than that; 0 when none ends.
+
+        A line end ends a record when the quotes before it pair up (RFC 4180 doubles a quote
+        inside a field, so a whole record holds an even number). At the end of the file the end
+        of data is a line end too.
+        """
+        limit = min(len(data), TABLE_SLICE)
+        end = data.rfind(b"\n", 0, limit) + 1
+        if self.dialect.quote is None:
+            end = end or data.find(b"\n", limit) + 1
+            return end or (len(data) if at_end else 0)
+        quotes = self._quotes(data, 0, end)
+        while quotes % 2 and end:
+            # An odd number of quotes before this line end: it is inside a quoted field. Step
+            # back to the start of the line holding the last quote before it.
+            previous = data.rfind(b"\n", 0, data.rfind(b'"', 0, end)) + 1
+            quotes -= self._quotes(data, previous, end)
+            end = previous
+        if end:
+            return end
+        # No record ends in the first slice: walk on from quote to quote to the first that does.
+        quotes, position = self._quotes(data, 0, limit), limit
+        while True:
+            quote = self._next_quote(data, position)
+            if quotes % 2 == 0:
+                newline = data.find(b"\n", position, len(data) if quote < 0 else quote)
+                if newline >= 0:
+                    return newline + 1
+            if quote < 0:
+                return len(data) if at_end and quotes % 2 == 0 else 0
+            quotes, position = quotes + 1, quote + 1
+
+    def _quotes(self, data, start, end):
+        count = data.count(b'"', start, end)
+        return count - data.count(b'\\"', start, end) if self.dialect.escape == "\\" else count
+
+    def _next_quote(self, data, position):
+        quote = data.find(b'"', position)
+        while quote > 0 and self.dialect.escape == "\\" and data[quote - 1:quote] == b"\\":
+            quote = data.find(b'"', quote + 1)
+        return quote
+
+    def _records(self, data):
+        """Analyse the records in data (whole lines; the last may lack its newline at the end of
+        the file). Return None, or the offset of a record whose quoted field data never closes;
+        self.line then counts the lines before it."""
+        text, errors = decode_text(data, self.dialect.encoding)
+        self.encoding_errors += errors
+        first_line = self.line + 1
+        if self.dialect.quote is None or '"' not in text:
+            # Without quotes a record is its line split at the delimiter: str.split beats the csv module.
+            split = (text.replace("\r\n", "\n") if "\r" in text else text).split("\n")
+            if text.endswith("\n"):
+                split.pop()
+            rows = list(map(operator.methodcaller("split", self.dialect.delimiter), filter(None, split)))
+            self._add(rows, lambda: [(first_line + index, line.split(self.dialect.delimiter))
+                                     for index, line in enumerate(split) if line])
+            self.line += len(split)
+            return None
+        text = text if text.endswith("\n") else text + "\n"
+        lines = text.count("\n")
+        try:
+            rows = [row for row in csv.reader(io.StringIO(text + OPEN_QUOTE_MARK + "\n", newline=""),
+                                              **self.options) if row]
+        except csv.Error:
+            rows = None
+        if rows and rows[-1] == [OPEN_QUOTE_MARK]:
+            rows.pop()
+            self._add(rows, lambda: numbered_rows(text, self.options, first_line, FirstProblem())[:-1])
+            self.line += lines
+            return None
+        numbered = numbered_rows(text, self.options, first_line, self.problems)
+        opened_line, last = numbered.pop()
+        self._add([row for _, row in numbered], lambda: numbered)
+        if last == [OPEN_QUOTE_MARK]:
+            self.line += lines
+            return None
+        self.line = opened_line - 1
+        offset = line_start(data, opened_line - first_line)
+        if errors:
+            self.encoding_errors -= decode_text(data[offset:], self.dialect.encoding)[1]  # read again later
+        return offset
+
+    def _add(self, rows, numbered):
+        """Add a block's records; `numbered()` gives them with their lines, to name a ragged one."""
+        consumed = self._begin(rows) if self.columns is None else 0
+        if consumed:
+            rows = rows[consumed:]
         if not rows:
             return
         if set(map(len, rows)) != {self.columns}:
-            rows = self._drop_ragged(text, first_line, header_rows)
+            rows = self._drop_ragged(numbered()[consumed:])
         self.rows += len(rows)
         for profile, values in zip(self.profiles, zip(*rows)):
             profile.add(values)
 
-    def _start(self, first):
+    def _begin(self, rows):
+        """Skip the title rows and take the header from the first rows; return how many were used."""
+        skip = min(self.to_skip, len(rows))
+        self.to_skip -= skip
+        if skip == len(rows):
+            return skip
+        first = rows[skip]
         self.columns = len(first)
-        names = first if self.has_header else [f"column_{n}" for n in range(1, len(first) + 1)]
-        self.header = names
-        limit = max(MIN_EXACT_DISTINCT, min(MAX_EXACT_DISTINCT, EXACT_DISTINCT_BUDGET // max(len(names), 1)))
-        self.profiles = [ColumnProfile(name, limit) for name in names[:MAX_PROFILED_COLUMNS]]
+        self.header = column_names(first, self.dialect.header)
+        profiled = self.header[:MAX_PROFILED_COLUMNS]
+        limit = max(MIN_EXACT_DISTINCT, min(MAX_EXACT_DISTINCT, EXACT_DISTINCT_BUDGET // max(len(profiled), 1)))
+        chars = EXACT_DISTINCT_CHARS // max(len(profiled), 1)
+        self.profiles = [ColumnProfile(name, limit, chars) for name in profiled]
+        return skip + int(self.dialect.header)
 
-    def _drop_ragged(self, text, first_line, header_rows):
+    def _drop_ragged(self, numbered):
         """Return the rows of the header's width; count the others with their line numbers."""
-        numbered = read_rows(text, self.delimiter, first_line, FirstProblem(), numbered=True)[header_rows:]
         kept = []
         for line, row in numbered:
             if len(row) == self.columns:
@@ -952,10 +1489,16 @@ class TableAnalyzer(LineAnalyzer):
 
     def summary(self):
         return {
-            "delimiter": self.delimiter,
-            "header_detected": self.has_header,
+            "delimiter": self.dialect.delimiter,
+            "quote": self.dialect.quote,
+            "escape": self.dialect.escape,
+            "encoding": self.dialect.encoding,
+            "encoding_errors": self.encoding_errors,
+            "skip_rows": self.dialect.skip_rows - self.to_skip,
+            "header_detected": self.dialect.header,
             "header": self.header or [],
             "rows": self.rows,
+            "rows_include_malformed": False,
             "columns": self.columns or 0,
             "ragged_rows": self.problems.count > 0,
             "column_profiles": [profile.fields() for profile in self.profiles],
@@ -964,45 +1507,11 @@ class TableAnalyzer(LineAnalyzer):
         }
 
 
-def read_rows(text, delimiter, first_line, problems, numbered=False):
-    """Parse a block of table text into its non-empty rows (with line numbers if `numbered`).
-
-    A row the csv module rejects is recorded in `problems`, not raised.
-    """
-    if not numbered and '"' not in text:
-        # Without quotes a row is its line split at the delimiter: str.split beats the csv module.
-        lines = text.replace("\r\n", "\n").split("\n") if "\r" in text else text.split("\n")
-        if "" in lines:
-            lines = list(filter(None, lines))
-        return list(map(operator.methodcaller("split", delimiter), lines))
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    if not numbered:
-        try:
-            return [row for row in reader if row]
-        except csv.Error:
-            reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    rows = []
-    start = first_line
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return rows
-        except csv.Error as err:
-            problems.add(first_line + reader.line_num - 1, f"unreadable row: {err}")
-            start = first_line + reader.line_num
-            continue
-        if row:
-            rows.append((start, row) if numbered else row)
-        start = first_line + reader.line_num
-
-
-def make_analyzer(fmt, sample=b""):
+def make_analyzer(fmt, sample=b"", name="", whole=False):
     """Return the analyser for a detected format, set up from the content's first bytes."""
     if fmt in ("csv", "tsv"):
-        lines = sample[:SNIFF_SIZE].split(b"\n")[:50]
-        delimiter = sniff_delimiter(lines[:-1] if len(lines) > 1 else lines) or ("\t" if fmt == "tsv" else ",")
-        return TableAnalyzer(delimiter, sniff_header(sample, delimiter))
+        dialect = sniff_table(sample[:SNIFF_SIZE], name, whole, table_named=True)
+        return TableAnalyzer(dialect)
     if fmt == "fastq":
         return FastqAnalyzer(crlf=b"\r\n" in sample[:SNIFF_SIZE])
     if fmt == "vcf":
@@ -1125,8 +1634,11 @@ class _Reader(threading.Thread):
             yield size, value
 
 
-def analyse_stream(chunks, total=None):
-    """Analyse an iterable of raw byte chunks in one pass; return the report's content fields."""
+def analyse_stream(chunks, total=None, name=""):
+    """Analyse an iterable of raw byte chunks in one pass; return the report's content fields.
+
+    `name` (a key or path) only helps tell a one-column .csv from plain text.
+    """
     reader = _Reader(chunks)
     progress = Progress(total)
     analyzer = fmt = None
@@ -1145,7 +1657,7 @@ def analyse_stream(chunks, total=None):
                 if sniffed < SNIFF_SIZE:
                     continue
                 piece = b"".join(sniff)
-                analyzer, fmt = _start(piece)
+                analyzer, fmt = _start(piece, name)
             analyzer.feed(piece)
     finally:
         reader.stop.set()
@@ -1154,7 +1666,7 @@ def analyse_stream(chunks, total=None):
         raise AnalysisError("the object is empty (0 bytes): nothing to analyse; was the upload cut short?")
     if analyzer is None:
         sample = b"".join(sniff)
-        analyzer, fmt = _start(sample)
+        analyzer, fmt = _start(sample, name, whole=True)
         analyzer.feed(sample)
     summary = analyzer.finish()
     lines = analyzer.newlines + (last_byte != b"\n")
@@ -1173,9 +1685,9 @@ def analyse_stream(chunks, total=None):
     }
 
 
-def _start(sample):
-    fmt = sniff_format(sample[:SNIFF_SIZE])
-    return make_analyzer(fmt, sample), fmt
+def _start(sample, name="", whole=False):
+    fmt = sniff_format(sample[:SNIFF_SIZE], name, whole)
+    return make_analyzer(fmt, sample, name, whole), fmt
 
 
 def analyse_file(path):
@@ -1188,7 +1700,7 @@ def analyse_file(path):
     started = time.time()
     size = os.path.getsize(path)
     report = {"input": {"path": path, "size": size}, "status": "ok"}
-    report.update(analyse_stream(chunks(), total=size))
+    report.update(analyse_stream(chunks(), total=size, name=path))
     report["worker"] = worker_info(started, report["bytes"])
     return report
 
@@ -1295,7 +1807,7 @@ def analyse_s3_object(s3, bucket, key, expected_etag="", command=None):
     if command:
         report["route"] = run_route_command(s3, bucket, key, command, chunks, report)
     else:
-        report.update(analyse_stream(chunks, total=head["ContentLength"]))
+        report.update(analyse_stream(chunks, total=head["ContentLength"], name=key))
     report["worker"] = worker_info(started, report["bytes"])
     target = put_report(s3, bucket, key, report, ".json")
     logger.info("wrote s3://%s/%s: %s, %d lines", bucket, target, report["format"], report["lines"])
@@ -1346,7 +1858,7 @@ def run_route_command(s3, bucket, key, command, chunks, report):
         input_path = os.path.join(work, local_input_name(key))
         output_dir = os.path.join(work, "output")
         os.mkdir(output_dir)
-        report.update(analyse_stream(_tee_to_file(chunks, input_path), total=report["input"]["size"]))
+        report.update(analyse_stream(_tee_to_file(chunks, input_path), total=report["input"]["size"], name=key))
         argv = [arg.format(input=input_path, output_dir=output_dir) for arg in command]
         logger.info("running route command %s", argv)
         started = time.monotonic()

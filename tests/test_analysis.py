@@ -4,8 +4,11 @@ inputs, block boundaries, bounded memory and progress logs."""
 
 import gzip
 import hashlib
+import json
 import logging
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -247,8 +250,9 @@ def test_csv_ragged_rows_are_reported_with_their_line():
 def test_csv_without_header_and_other_delimiters():
     s = analyse_bytes(b"1;2.5;x\n3;4.5;y\n5;6.5;z\n")["summary"]
     assert s["delimiter"] == ";" and s["header_detected"] is False
-    assert s["rows"] == 3 and s["header"] == ["column_1", "column_2", "column_3"]
-    assert _columns(s)["column_2"]["mean"] == pytest.approx(4.5)
+    # DuckDB's names for the columns of a file without a header (sniff_csv: column0, column1, ...)
+    assert s["rows"] == 3 and s["header"] == ["column0", "column1", "column2"]
+    assert _columns(s)["column1"]["mean"] == pytest.approx(4.5)
 
 
 def test_column_that_turns_from_numbers_to_text_is_text():
@@ -256,6 +260,72 @@ def test_column_that_turns_from_numbers_to_text_is_text():
     column = _columns(analyse_bytes(content, chunk=1000)["summary"])["v"]
     assert column["type"] == "string" and "mean" not in column
     assert column["max"] == "n/a" and column["min"] == "0"
+
+
+# The worker started by a small shell reports its own peak (ru_maxrss): a process started by
+# this one would count pytest's own memory, as Linux carries the high-water mark through
+# fork and exec.
+PEAK_RSS = ("import atexit, resource, runpy, sys; peak = sys.argv[1]; "
+            "atexit.register(lambda: open(peak, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))); "
+            "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_an_unclosed_quote_keeps_memory_bounded_and_says_where_the_file_broke(tmp_path):
+    # A quote opened on line 1002 never closes: today the parser swallows 16 MB into one field
+    # (about 600 MB of memory), reports a later line and loses the rows it swallowed.
+    row = b"7,%s,7\n" % (b"x" * 90)
+    content = b"id,name,score\n" + row * 1000 + b'7,"unclosed,7\n' + row * 190_000  # 19 MB
+    path = tmp_path / "unclosed.csv"
+    path.write_bytes(content)
+    peak, report = tmp_path / "peak", tmp_path / "report.json"
+    command = f'"{sys.executable}" -c "$0" "$@" > "{report}"; exit $?'
+    done = subprocess.run(["/bin/sh", "-c", command, PEAK_RSS, str(peak), str(REPO / "AwsS3.py"), str(path)],
+                          stderr=subprocess.PIPE, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    s = json.loads(report.read_text())["summary"]
+    assert (s["first_malformed_line"], s["malformed_rows"], s["rows"]) == (1002, 1, 191_000)
+    assert "quoted field opens on this line" in s["first_malformed_reason"]
+    assert int(peak.read_text()) < 100 * 1024, f"peak RSS {int(peak.read_text()) // 1024} MB"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_broken_records_are_found_wherever_blocks_end(monkeypatch, seed):
+    monkeypatch.setattr(AwsS3, "MAX_RECORD_BYTES", 3000)
+    monkeypatch.setattr(AwsS3, "TABLE_SLICE", 700)
+    monkeypatch.setattr(AwsS3, "SNIFF_SIZE", 2000)   # the sample sees well-formed rows only, as in a big file
+    lines = [b"id,text,n"] + [b"%d,plain %d,%d" % (i, i, i) for i in range(1, 400)]
+    lines[50] = b'50,"two\r\nlines, one field",50'   # a quoted CRLF: one record over lines 51-52
+    lines[100] = b'100,"%s",100' % (b"long " * 200)    # a quoted record longer than a slice, not broken
+    lines[200] = b'200,"opens and never closes,200'    # line 202: the rows after it still count
+    lines[300] = b"x" * 4000                             # line 302: past MAX_RECORD_BYTES, unquoted
+    content = b"\r\n".join(lines) + b'\r\n400,"cut short'  # line 402 ends inside a quoted field
+    s = AwsS3.analyse_stream(random_chunks(content, seed, 900))["summary"]
+    assert (s["header"], s["quote"]) == (["id", "text", "n"], '"')
+    assert (s["malformed_rows"], s["first_malformed_line"]) == (3, 202)
+    assert s["rows"] == 399 - 2 and _columns(s)["n"]["max"] == 399
+    assert _columns(s)["text"]["max"] == "two\r\nlines, one field" and _columns(s)["text"]["distinct"] == 397
+
+
+def test_lone_carriage_returns_end_lines_across_block_ends():
+    # Classic Mac line ends, one \r\n (cut between two blocks at some chunk size), a ragged row on line 12.
+    rows = [b"%d,%d" % (i, i) for i in range(20)]
+    rows[10] = b"10"
+    content = b"a,b\r" + b"\r".join(rows[:5]) + b"\r\n" + b"\r".join(rows[5:]) + b"\r"
+    for chunk in range(1, len(content)):
+        s = AwsS3.analyse_stream(content[i:i + chunk] for i in range(0, len(content), chunk))["summary"]
+        assert (s["rows"], s["malformed_rows"], s["first_malformed_line"]) == (19, 1, 12), chunk
+
+
+def test_an_unterminated_last_line_is_numbered_exactly():
+    s = analyse_bytes(b"a,b,c\n" + b"1,2,3\n" * 10 + b"7,8")["summary"]
+    assert (s["rows"], s["malformed_rows"], s["first_malformed_line"]) == (10, 1, 12)
+
+
+def test_a_stray_byte_in_a_utf8_table_is_read_as_cp1252_and_counted():
+    content = b"name,city\n" + b"ann,Z\xc3\xbcrich\n" * 8000 + b"bob,Z\xfcrich\n"  # past the sample
+    s = analyse_bytes(content, chunk=4096)["summary"]
+    assert (s["encoding"], s["encoding_errors"], s["rows"]) == ("utf-8", 1, 8001)
+    assert _columns(s)["city"]["distinct"] == 1  # Zürich either way
 
 
 def test_distinct_count_is_estimated_past_the_bound(monkeypatch):
