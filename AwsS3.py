@@ -112,20 +112,48 @@ def looks_binary(sample):
 
 
 def sniff_format(sample):
-    """Guess the content format from the first bytes of (decompressed) content."""
+    """Guess the content format from the first bytes of (decompressed) content.
+
+    The VCF and FASTQ signatures come before the binary test: a stray NUL or a latin-1 byte
+    in one of those files is a fault its report points at, not a reason to lose the format.
+    """
     if not sample:
         return "empty"
+    if sample.startswith(b"##fileformat=VCF"):
+        return "vcf"
+    if looks_like_fastq(sample):
+        return "fastq"
     if looks_binary(sample):
         return "binary"
     lines = sample.split(b"\n")
     complete = lines[:-1] if len(lines) > 1 else lines
-    if sample.startswith(b"##fileformat=VCF"):
-        return "vcf"
-    if sample.startswith(b"@") and len(complete) >= 3 and complete[2].startswith(b"+"):
-        return "fastq"
     if sample.startswith(b">"):
         return "fasta"
     return sniff_table(complete[:50]) or "text"
+
+
+# What a sequence line may hold: IUPAC letters, gaps and stops, control bytes (reported, not
+# fatal), and the CR of a CRLF line end.
+SEQUENCE_LINE_BYTES = bytes(range(65, 91)) + bytes(range(97, 123)) + b"-*.\r" + bytes(
+    value for value in range(32) if value not in (9, 10, 13))
+
+
+def looks_like_fastq(sample):
+    """True when content starts as a FASTQ record does: an '@' header, then sequence lines.
+
+    The sequence lines must end in a '+' line (wrapped records have several; kseq's layout)
+    unless they run to the end of a full sniffing window: a first read longer than the
+    window (nanopore reads pass 64 KiB) shows no '+' line there, and is still FASTQ.
+    """
+    if sample[:1] != b"@":
+        return False
+    lines = sample.split(b"\n")
+    for number, line in enumerate(lines[1:], 1):
+        if line[:1] == b"+":
+            return number > 1
+        if line.translate(None, SEQUENCE_LINE_BYTES):
+            return False
+    return len(lines) > 1 and len(sample) >= SNIFF_SIZE
 
 
 def sniff_table(lines):
@@ -367,35 +395,149 @@ class BinaryAnalyzer:
                 **self.bytes.summary()}
 
 
-GC_TABLE = byte_table(set(b"GCgc"))  # as seqkit: S (G or C) is not counted
-Q20_TABLE = byte_table(set(range(33 + 20, 256)))
+# Bytes 0-31 but tab and the line ends: no FASTQ holds them, and one is reported where it is.
+# DEL (127) is left out: seqkit reads it as Phred 94, a quality like any other.
+FASTQ_CONTROL = bytes(value for value in range(32) if value not in (9, 10, 13))
+CONTROL_MARK = b"\x02"  # what the two tables below turn a control byte into
+GC_TABLE = bytes(1 if value in b"GCgc" else 2 if value in FASTQ_CONTROL else 0
+                 for value in range(256))  # as seqkit: S (G or C) is not counted
+Q20_TABLE = bytes(1 if value >= 33 + 20 else 2 if value in FASTQ_CONTROL else 0 for value in range(256))
 Q30_TABLE = byte_table(set(range(33 + 30, 256)))
+RECORD_BUFFER = PIECE_SIZE  # bytes of one unfinished record kept as lines before they are measured
+CONTROL_BYTE_CONVENTION = "counted, as seqkit counts them"
+
+
+def count_marked(marked):
+    """Return (members, control bytes) of a block translated by GC_TABLE or Q20_TABLE."""
+    if CONTROL_MARK not in marked:  # memchr: the common case costs almost nothing
+        return byte_sum(marked, 1), 0
+    control = marked.count(CONTROL_MARK)
+    return byte_sum(marked, 2) - 2 * control, control
+
+
+class BaseCounts:
+    """Per-base counts of FASTQ content: bases, G+C, N, Phred+33 quality sum, Q20 and Q30."""
+
+    __slots__ = ("bases", "gc", "n", "q20", "q30", "quality_sum")
+
+    def __init__(self):
+        self.bases = self.gc = self.n = self.quality_sum = self.q20 = self.q30 = 0
+
+    def add_sequence(self, sequence):
+        """Count joined sequence bytes; return True when a control byte is among them."""
+        gc, control = count_marked(sequence.translate(GC_TABLE))
+        self.bases += len(sequence)
+        self.gc += gc
+        self.n += sequence.count(b"N") + sequence.count(b"n")  # rare bytes: count is memchr-fast
+        return bool(control)
+
+    def add_quality(self, quality):
+        """Count joined quality bytes; return True when a control byte is among them."""
+        q20, control = count_marked(quality.translate(Q20_TABLE))
+        self.quality_sum += byte_sum(quality)
+        self.q20 += q20
+        self.q30 += count_members(quality, Q30_TABLE)
+        return bool(control)
+
+    def merge(self, other):
+        """Add another BaseCounts to this one."""
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class OpenRecord:
+    """A FASTQ record whose lines are still coming: kseq_read's state between two lines."""
+
+    __slots__ = ("buffered", "line", "qual", "qual_len", "seq", "seq_len", "seq_lines", "spilled")
+
+    def __init__(self, line):
+        self.line = line        # 1-based line of the '@' header
+        self.seq, self.seq_len, self.seq_lines = [], 0, 0
+        self.qual, self.qual_len = None, 0  # None until the '+' line
+        self.buffered = 0
+        self.spilled = None     # BaseCounts of lines measured early, so a huge record stays bounded
+
+    def add_sequence(self, line):
+        """Take one sequence line."""
+        self.seq.append(line)
+        self.seq_len += len(line)
+        self.seq_lines += 1
+        self._buffer(len(line))
+
+    def add_quality(self, line):
+        """Take one quality line."""
+        self.qual.append(line)
+        self.qual_len += len(line)
+        self._buffer(len(line))
+
+    def _buffer(self, size):
+        self.buffered += size
+        if self.buffered > RECORD_BUFFER:
+            self.spilled = self.spilled or BaseCounts()
+            self.spilled.add_sequence(b"".join(self.seq))
+            self.spilled.add_quality(b"".join(self.qual or ()))
+            self.seq, self.qual = [], (None if self.qual is None else [])
+            self.buffered = 0
+
+
+def fastq_at_line_role(record, line, following):
+    """Return 'quality' or 'header' for a line starting with '@' met while a record's quality is short.
+
+    '@' is Phred 31, so it may start a quality line, and kseq_read (Heng Li's kseq.h, which
+    seqkit's reader matches) takes quality lines until they are as long as the sequence: a
+    record whose quality was cut short would swallow the next header. The line after decides
+    it, since a header is followed by sequence or '+', never by another '@' line:
+    `following` is that line, None at the end of the content.
+    """
+    if following is None or following[:1] == b"@":
+        return "quality"
+    total = record.qual_len + len(line)
+    if total == record.seq_len:
+        return "quality" if not following.strip() else "header"
+    if total > record.seq_len:
+        return "header"
+    # Still short after this line: writers wrap quality as they wrap sequence, so a one-line
+    # sequence has a one-line quality and this line is the next record's header.
+    return "header" if record.seq_lines == 1 else "quality"
 
 
 class FastqAnalyzer(LineAnalyzer):
     """FASTQ (Phred+33): reads, bases, lengths and N50, GC, Ns, quality, malformed records.
 
-    Well-formed blocks are measured a whole block at a time (slices of the line list,
-    joins, translate tables and byte sums); only a block holding a malformed record is
-    walked record by record, to count it, say where it is, and find the next record.
+    Records are read as seqkit and Heng Li's kseq.h read them (kseq_read; seqkit's
+    bio/seqio/fastx reader does the same): an '@' header line, sequence lines until a line
+    starting with '+', then quality lines until they are as long as the sequence. Wrapped
+    (multi-line) records are read whole, from the first record or from any later one.
+    Well-formed four-line blocks are measured a whole block at a time (slices of the line
+    list, joins, translate tables and byte sums); any other block is walked line by line.
+
+    A record is malformed when it has no '+' line before the next header, when its quality
+    ends longer or shorter than its sequence, or when the file ends inside it; a run of
+    lines that belong to no record counts as one. Each is counted with its first line, and
+    reading goes on at the next header, so a record dropped is always a malformed record.
+    A control byte (0-31 but tab and line ends) does not stop a record, as in seqkit: it is
+    counted in control_bytes and the line of the first is reported.
     """
 
-    def __init__(self, crlf=False):
+    def __init__(self):
         super().__init__()
-        self.crlf = crlf
-        self.carry = []          # lines of a record cut by the block's end
+        self.carry = []          # an '@' line whose role waits on the line after it
         self.lines_before = 0    # lines consumed before self.carry
-        self.reads = self.bases = self.gc = self.n = 0
-        self.quality_sum = self.q20 = self.q30 = 0
+        self.record = None       # the record whose lines are still coming
+        self.garbage = False     # inside a run of lines that belong to no record
+        self.reads = 0
+        self.counts = BaseCounts()
         self.min_length = self.max_length = None
         self.lengths = collections.Counter()
         self.lengths_exact = True
         self.problems = FirstProblem()
+        self.control_bytes = 0
+        self.first_control_line = None
 
     def feed(self, block):
         """Feed a block of content: split once, keep the unterminated last line for the next block."""
         data = self._partial + block if self._partial else block
-        if self.crlf:
+        if b"\r" in data:  # CRLF: line ends are not bases (seqkit drops the CR too)
             data = data.replace(b"\r\n", b"\n")
         lines = data.split(b"\n")
         self._partial = lines.pop()
@@ -404,69 +546,154 @@ class FastqAnalyzer(LineAnalyzer):
             self._overlong_line()
 
     def feed_lines(self, data):
-        if self.crlf:
+        if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         lines = data.split(b"\n")
         lines.pop()
         self._feed_line_list(lines)
 
-    def _feed_line_list(self, lines):
+    def _overlong_line(self):
+        super()._overlong_line()
+        if not self.carry:
+            self.lines_before -= 1  # the piece fed was not a line of its own
+
+    def _feed_line_list(self, lines, final=False):
         self.newlines += len(lines)
         first_line = self.lines_before + 1
+        new_first = first_line + len(self.carry)
         if self.carry:
             lines = self.carry + lines
-        whole = len(lines) - len(lines) % 4
-        heads, seqs, plus, quals = lines[0:whole:4], lines[1:whole:4], lines[2:whole:4], lines[3:whole:4]
-        seq_lengths = list(map(len, seqs))
-        if (all(map(bytes.startswith, heads, itertools.repeat(b"@")))
-                and all(map(bytes.startswith, plus, itertools.repeat(b"+")))
-                and seq_lengths == list(map(len, quals))):
-            self._add(seqs, quals, seq_lengths)
-            rest = whole
-        else:
-            rest = self._walk(lines, first_line)
+        index = self._walk(lines, 0, first_line, final, to_boundary=True) if self.record else 0
+        taken, control = index, True
+        if self.record is None:
+            taken, control = self._take_four_line_records(lines, index)
+        rest = self._walk(lines, taken, first_line, final)
+        if taken > index and not control:
+            # The bulk path saw every byte of its records; only the lines walked are left to check.
+            walked = b"\n".join(lines[:index] + lines[taken:])
+            control = len(walked.translate(None, FASTQ_CONTROL)) != len(walked)
+        if control:
+            self._count_control_bytes(lines[new_first - first_line:], new_first)
         self.carry = lines[rest:]
         self.lines_before = first_line - 1 + rest
 
-    def _walk(self, lines, first_line):
-        """Take the well-formed records of a block one by one; return the index of the unread rest."""
-        seqs, quals = [], []
-        index, end = 0, len(lines)
-        while end - index >= 4:
-            head, seq, plus, qual = lines[index:index + 4]
-            if not head.strip():
-                index += 1  # blank lines between records are tolerated, as other tools do
-                continue
-            reason = fastq_record_problem(head, seq, plus, qual)
-            if reason is None:
-                seqs.append(seq)
-                quals.append(qual)
-                index += 4
-                continue
-            self.problems.add(first_line + index, reason)
-            index = next_fastq_record(lines, index + 1)
-        if seqs:
-            self._add(seqs, quals, list(map(len, seqs)))
+    def _take_four_line_records(self, lines, start):
+        """Measure the four-line records at lines[start:] in bulk.
+
+        Return (the index after them, whether a control byte may be among them); the index
+        is `start` when the lines there are not four-line records.
+        """
+        count = (len(lines) - start) // 4
+        if count and lines[start + 4 * count - 1][:1] == b"@":
+            count -= 1  # an '@' quality line's role depends on the line after it: walk that one
+        if not count:
+            return start, True
+        stop = start + 4 * count
+        heads, seqs, plus, quals = (lines[start + i:stop:4] for i in range(4))
+        seq_lengths = list(map(len, seqs))
+        if seq_lengths != list(map(len, quals)):
+            return start, True
+        # One join and one count check every header (and every '+' line) starts as it must,
+        # and the joined headers are checked for control bytes on the way.
+        head_text, plus_text = b"\n".join(heads), b"\n".join(plus)
+        if not (head_text[:1] == b"@" and head_text.count(b"\n@") == count - 1
+                and plus_text[:1] == b"+" and plus_text.count(b"\n+") == count - 1):
+            return start, True
+        self.garbage = False
+        control = self._add(seqs, quals, seq_lengths)
+        for text in (head_text, plus_text):
+            control = control or len(text.translate(None, FASTQ_CONTROL)) != len(text)
+        return stop, control
+
+    def _walk(self, lines, index, first_line, final=False, to_boundary=False):
+        """Read lines[index:] line by line, as kseq_read does; return where the unread rest starts.
+
+        With to_boundary, stop once no record is open (the bulk path may take over there).
+        An '@' line in a short quality is left unread when the line after it is not here yet.
+        """
+        seqs, quals, lengths = [], [], []
+        record, end = self.record, len(lines)
+        while index < end:
+            line = lines[index]
+            if record is None:
+                if to_boundary:
+                    break
+                if line[:1] == b"@":
+                    record = OpenRecord(first_line + index)
+                    self.garbage = False
+                elif line.strip() and not self.garbage:
+                    self.problems.add(first_line + index, "header line does not start with '@'")
+                    self.garbage = True
+                # Blank lines between records are tolerated, as other tools do.
+            elif record.qual is None:
+                if line[:1] == b"+":
+                    record.qual = []
+                elif line[:1] == b"@":
+                    self.problems.add(record.line, "no '+' line before the next header")
+                    record = OpenRecord(first_line + index)
+                else:
+                    record.add_sequence(line)
+            else:
+                role = "quality"
+                if line[:1] == b"@":
+                    if index + 1 == end and not final:
+                        break
+                    role = fastq_at_line_role(record, line, lines[index + 1] if index + 1 < end else None)
+                if role == "header":
+                    if record.seq_len == record.qual_len == 0:
+                        self._close(record, seqs, quals, lengths)  # an empty read, its quality line left out
+                    else:
+                        self.problems.add(record.line, "sequence and quality lengths differ "
+                                          f"({record.seq_len} and {record.qual_len})")
+                    record = OpenRecord(first_line + index)
+                else:
+                    record.add_quality(line)
+                    if record.qual_len >= record.seq_len:
+                        if record.qual_len == record.seq_len:
+                            self._close(record, seqs, quals, lengths)
+                        else:
+                            self.problems.add(record.line, "sequence and quality lengths differ "
+                                              f"({record.seq_len} and {record.qual_len})")
+                        record = None
+            index += 1
+        self.record = record
+        if lengths:
+            self._add(seqs, quals, lengths)
         return index
 
-    def _add(self, seqs, quals, seq_lengths):
-        if not seqs:
-            return
-        self.reads += len(seqs)
-        sequence, quality = b"".join(seqs), b"".join(quals)
-        self.bases += len(sequence)
-        self.gc += count_members(sequence, GC_TABLE)
-        self.n += sequence.count(b"N") + sequence.count(b"n")  # rare bytes: count is memchr-fast
-        self.quality_sum += byte_sum(quality)
-        self.q20 += count_members(quality, Q20_TABLE)
-        self.q30 += count_members(quality, Q30_TABLE)
-        low, high = min(seq_lengths), max(seq_lengths)
+    def _close(self, record, seqs, quals, lengths):
+        seqs.append(b"".join(record.seq))
+        quals.append(b"".join(record.qual or ()))
+        lengths.append(record.seq_len)
+        if record.spilled:
+            self.counts.merge(record.spilled)
+
+    def _add(self, seqs, quals, lengths):
+        """Count complete records; return True when a control byte is among their bases or qualities."""
+        self.reads += len(lengths)
+        control = self.counts.add_sequence(b"".join(seqs))
+        control = self.counts.add_quality(b"".join(quals)) or control
+        low, high = min(lengths), max(lengths)
         self.min_length = low if self.min_length is None else min(self.min_length, low)
         self.max_length = high if self.max_length is None else max(self.max_length, high)
-        self.lengths.update(seq_lengths)
+        self.lengths.update(lengths)
         if len(self.lengths) > MAX_LENGTH_BINS:
             self.lengths = coarsen_lengths(self.lengths)
             self.lengths_exact = False
+        return control
+
+    def _count_control_bytes(self, lines, first_line):
+        """Count the control bytes of newly fed lines and remember the line of the first."""
+        text = b"\n".join(lines)
+        found = len(text) - len(text.translate(None, FASTQ_CONTROL))
+        if not found:
+            return
+        self.control_bytes += found
+        if self.first_control_line is None:
+            for number, line in enumerate(lines, first_line):
+                if len(line.translate(None, FASTQ_CONTROL)) != len(line):
+                    self.first_control_line = number
+                    break
 
     def finish(self):
         """Flush the last line, count a record cut short at the end, return the summary."""
@@ -474,51 +701,41 @@ class FastqAnalyzer(LineAnalyzer):
             self.newlines -= 1
             self.feed_lines(self._partial + b"\n")
             self._partial = b""
-        leftover = [line for line in self.carry if line.strip()]
-        if leftover:
-            self.problems.add(self.lines_before + 1,
-                              f"the file ends inside a record ({len(self.carry)} of its 4 lines)")
+        if self.carry or self.record:
+            self._feed_line_list([], final=True)  # the lines kept back, now that none follows
+        record = self.record
+        if record is not None:
+            if record.qual is not None and record.seq_len == record.qual_len == 0:
+                self._add([b""], [b""], [0])  # '+' then the end: an empty read, as kseq reads it
+            else:
+                state = ("no '+' line" if record.qual is None
+                         else f"quality {record.qual_len} of {record.seq_len}")
+                self.problems.add(record.line, f"the file ends inside a record ({state})")
+            self.record = None
         return self.summary()
 
     def summary(self):
+        bases = self.counts.bases
         return {
             "reads": self.reads,
-            "bases": self.bases,
+            "bases": bases,
             "min_length": self.min_length,
-            "mean_length": round(self.bases / self.reads, 3) if self.reads else None,
+            "mean_length": round(bases / self.reads, 3) if self.reads else None,
             "max_length": self.max_length,
-            "n50": n50(self.lengths, self.bases),
+            "n50": n50(self.lengths, bases),
             "n50_exact": self.lengths_exact,
-            "gc_percent": percent(self.gc, self.bases),
-            "n_count": self.n,
-            "n_percent": percent(self.n, self.bases),
-            "mean_quality": round(self.quality_sum / self.bases - 33, 3) if self.bases else None,
-            "q20_percent": percent(self.q20, self.bases),
-            "q30_percent": percent(self.q30, self.bases),
+            "gc_percent": percent(self.counts.gc, bases),
+            "n_count": self.counts.n,
+            "n_percent": percent(self.counts.n, bases),
+            "mean_quality": round(self.counts.quality_sum / bases - 33, 3) if bases else None,
+            "q20_percent": percent(self.counts.q20, bases),
+            "q30_percent": percent(self.counts.q30, bases),
             "quality_encoding": "phred+33",
+            "control_bytes": self.control_bytes,
+            "first_control_byte_line": self.first_control_line,
+            "control_byte_convention": CONTROL_BYTE_CONVENTION,
             **self.problems.fields("records"),
         }
-
-
-def fastq_record_problem(head, seq, plus, qual):
-    """Return why four lines are not a FASTQ record, or None when they are one."""
-    if not head.startswith(b"@"):
-        return "header line does not start with '@'"
-    if not plus.startswith(b"+"):
-        return "third line of the record does not start with '+'"
-    if len(seq) != len(qual):
-        return f"sequence and quality lengths differ ({len(seq)} and {len(qual)})"
-    return None
-
-
-def next_fastq_record(lines, index):
-    """Return the index of the next line that can start a record: '@' with a '+' two lines on."""
-    end = len(lines)
-    while index < end:
-        if lines[index].startswith(b"@") and (index + 2 >= end or lines[index + 2].startswith(b"+")):
-            return index
-        index += 1
-    return index
 
 
 def coarsen_lengths(lengths):
@@ -1004,7 +1221,7 @@ def make_analyzer(fmt, sample=b""):
         delimiter = sniff_delimiter(lines[:-1] if len(lines) > 1 else lines) or ("\t" if fmt == "tsv" else ",")
         return TableAnalyzer(delimiter, sniff_header(sample, delimiter))
     if fmt == "fastq":
-        return FastqAnalyzer(crlf=b"\r\n" in sample[:SNIFF_SIZE])
+        return FastqAnalyzer()
     if fmt == "vcf":
         return VcfAnalyzer()
     if fmt in ("text", "fasta"):

@@ -125,6 +125,109 @@ def test_fastq_blank_lines_between_records_are_tolerated():
     assert s["reads"] == 6 and s["malformed_records"] == 0
 
 
+def _wrapped(name, sequence, quality, width):
+    """One FASTQ record with its sequence and quality wrapped at `width` (as seqkit seq -w writes)."""
+    def wrap(text):
+        return [text[i:i + width] for i in range(0, len(text), width)] or [b""]
+    return b"\n".join([b"@" + name, *wrap(sequence), b"+", *wrap(quality)]) + b"\n"
+
+
+def _reads(count, seed):
+    """Random reads of 1-300 bases as (name, sequence, quality); quality is mostly '@' (Phred 31)."""
+    rng = random.Random(seed)
+    reads = []
+    for i in range(count):
+        length = rng.randint(1, 300)
+        reads.append((b"r%d" % i, bytes(rng.choice(b"ACGTN") for _ in range(length)),
+                      bytes(rng.choice(b"@@@I#5") for _ in range(length))))
+    return reads
+
+
+def _expected(reads):
+    lengths = [len(seq) for _, seq, _ in reads]
+    return (len(reads), sum(lengths), min(lengths), max(lengths))
+
+
+@pytest.mark.parametrize("first_wrapped", [0, 2, 150])
+def test_fastq_wrapped_records_are_read_whole_wherever_wrapping_starts(first_wrapped):
+    # kseq's rule: sequence lines until a '+' line, quality lines until they are as long as the
+    # sequence. Quality lines starting with '@' (Phred 31) are quality, not headers.
+    reads = _reads(200, first_wrapped)
+    content = b"".join(_wrapped(name, seq, qual, 60 if i >= first_wrapped else 10_000)
+                       for i, (name, seq, qual) in enumerate(reads))
+    whole = analyse_bytes(content)
+    s = whole["summary"]
+    assert whole["format"] == "fastq"
+    assert (s["reads"], s["bases"], s["min_length"], s["max_length"]) == _expected(reads)
+    assert s["malformed_records"] == 0
+    bases = b"".join(seq for _, seq, _ in reads)
+    assert s["gc_percent"] == pytest.approx(100 * (bases.count(b"G") + bases.count(b"C")) / len(bases), abs=1e-3)
+    for seed in range(3):
+        assert AwsS3.analyse_stream(random_chunks(content, seed, 400))["summary"] == s
+
+
+def test_fastq_wrapped_with_crlf_measures_the_same():
+    content = b"".join(_wrapped(name, seq, qual, 50) for name, seq, qual in _reads(50, 4))
+    assert analyse_bytes(content.replace(b"\n", b"\r\n"))["summary"] == analyse_bytes(content)["summary"]
+
+
+def test_fastq_each_record_dropped_is_a_malformed_record():
+    records = _records(40)
+    # Quality cut short: the next header would complete it by length, as kseq reads it;
+    # the line after that header (a sequence line, not an '@' line) shows it is a header.
+    records[5] = b"@r5\nACGTACGT\n+\nIIII\n"
+    records[20] = b"@r20 a longer header\nACGTACGT\n+\nIII\n"
+    records[21] = b"@r21\nACGTACGT\n+\n"  # no quality line at all
+    records[30] = b"@r30\nACGT\n@r30b\nACGT\n+\nIIII\n"  # r30 has no '+' line; r30b is whole
+    for chunk in (37, 1000):
+        s = analyse_bytes(b"".join(records), chunk=chunk)["summary"]
+        assert s["reads"] == 37 and s["malformed_records"] == 4
+        assert s["reads"] + s["malformed_records"] == 41  # 40 records and r30b: none lost unnamed
+        assert s["first_malformed_line"] == 21
+    # Wrapped: w3's quality is cut short, so w4's header and a sequence line are read as its
+    # quality (kseq's rule) until it overruns; w4's remaining lines are one run of garbage.
+    wrapped = [_wrapped(b"w%d" % i, b"ACGT" * 3, b"IIII" * (2 if i == 3 else 3), 4) for i in range(10)]
+    s = analyse_bytes(b"".join(wrapped))["summary"]
+    assert (s["reads"], s["malformed_records"], s["first_malformed_line"]) == (8, 2, 25)
+    assert "lengths differ (12 and 15)" in s["first_malformed_reason"]
+
+
+def test_fastq_control_bytes_keep_the_format_and_say_where():
+    records = _records(5000)
+    records[3000] = b"@r3000\x01\nACGTACGT\n+\nII\x00IIIII\n"  # a control byte in the header and a NUL
+    records[4998] = b"@r4998\nACGT\x1bCGT\n+\nIIIIIIII\n"
+    for chunk in (997, AwsS3.CHUNK_SIZE):
+        report = analyse_bytes(b"".join(records), chunk=chunk)
+        s = report["summary"]
+        assert report["format"] == "fastq"
+        assert (s["control_bytes"], s["first_control_byte_line"]) == (3, 12001)
+        assert s["control_byte_convention"] == "counted, as seqkit counts them"
+        assert s["reads"] == 5000 and s["malformed_records"] == 0  # as seqkit counts them
+    clean = analyse_bytes(b"".join(_records(50)))["summary"]
+    assert (clean["control_bytes"], clean["first_control_byte_line"]) == (0, None)
+
+
+def test_fastq_whose_first_read_is_longer_than_the_sniffing_window():
+    rng = random.Random(5)
+    sequence = bytes(rng.choice(b"ACGT") for _ in range(200 * 1024))
+    content = b"@nanopore\n" + sequence + b"\n+\n" + b"5" * len(sequence) + b"\n" + b"".join(_records(3))
+    assert AwsS3.sniff_format(content[:AwsS3.SNIFF_SIZE]) == "fastq"
+    s = analyse_bytes(content)["summary"]
+    assert (s["reads"], s["bases"], s["max_length"], s["n50"]) == (4, len(sequence) + 60, len(sequence), len(sequence))
+    assert AwsS3.sniff_format(b"@not a read\nsome words, then\n+\n") == "text"
+
+
+def test_fastq_record_longer_than_the_buffer_is_measured_in_pieces(monkeypatch):
+    monkeypatch.setattr(AwsS3, "RECORD_BUFFER", 1000)  # bounded memory for any record size
+    reads = _reads(30, 6)
+    reads[10] = (b"long", b"GC" * 20_000, b"I" * 40_000)
+    content = b"".join(_wrapped(name, seq, qual, 70) for name, seq, qual in reads)
+    s = AwsS3.analyse_stream(random_chunks(content, 1, 3000))["summary"]
+    assert (s["reads"], s["bases"], s["max_length"]) == _expected(reads)[:2] + (40_000,)
+    bases = b"".join(seq for _, seq, _ in reads)
+    assert s["gc_percent"] == pytest.approx(100 * (bases.count(b"G") + bases.count(b"C")) / len(bases), abs=1e-3)
+
+
 def test_n50_and_long_read_histogram():
     assert AwsS3.n50({2: 1, 3: 1, 4: 1, 5: 1}, 14) == 4  # 5 + 4 = 9 >= 7
     assert AwsS3.n50({}, 0) is None
