@@ -766,39 +766,89 @@ def n50(lengths, total):
 # only once per field, and the matches are the same.
 VCF_RECORD = re.compile(
     rb"^([^\t\n#][^\t\n]*)\t\d+\t[^\t\n]*\t([^\t\n]+)\t([^\t\n]+)\t[^\t\n]*\t([^\t\n]*)[^\n]*\n", re.M)
-TRANSITIONS = {(b"A", b"G"), (b"G", b"A"), (b"C", b"T"), (b"T", b"C")}
-VARIANT_KINDS = ("snvs", "mnvs", "indels", "others")
-INDEL_ONLY = (("indels",), 0, 0)
+# bcftools' allele types (htslib vcf.h: VCF_REF is 0, the others are bits of a record's type).
+VCF_SNP, VCF_MNP, VCF_INDEL, VCF_OTHER, VCF_BND, VCF_OVERLAP = 1, 2, 4, 8, 16, 32
+VARIANT_KINDS = (("snvs", VCF_SNP), ("mnvs", VCF_MNP), ("indels", VCF_INDEL), ("others", VCF_OTHER))
+BASE_INDEX = {ord(base): index for index, base in enumerate("ACGT")}  # htslib's bcf_acgt2int
+BASE_INDEX.update({ord(base): index for index, base in enumerate("acgt")})
+NO_ALT_RECORD = ((), True, False, False, 0, 0)
+ONE_ALT_RECORDS = {kind: (tuple(name for name, bit in VARIANT_KINDS if bit == kind), kind == 0, False, False, 0, 0)
+                   for kind in (0, VCF_MNP, VCF_INDEL, VCF_OTHER, VCF_BND, VCF_OVERLAP)}
 
 
-def classify_alleles(ref, alts):
-    """Return (kinds present, transitions, transversions) for a REF and its comma-separated ALTs.
+def allele_type(ref, alt):
+    """Return bcftools' type of one ALT allele: 0 (no variant), VCF_SNP, _MNP, _INDEL, _OTHER, _BND or _OVERLAP.
 
-    As bcftools does: an equal-length ALT differing at one base is an SNV, at more an MNV;
-    a length change is an indel; symbolic and breakend alleles are others; '*' (a deletion
-    seen from an overlapping record) and '.' are no variant. Ts/Tv compares the first bases
-    of REF and ALT, again as bcftools does, so a CT>CA SNV counts as neither.
+    A reading of bcf_set_variant_type in htslib's vcf.c, which bcftools stats 1.16 counts by:
+    '*' is an overlap; a one-base REF and ALT are the same, '.' or mpileup's 'X' (compared
+    case-sensitively there), else an SNV; '<X>', '<*>' and '<NON_REF>' stand for the reference
+    (gVCF and mpileup placeholders) and any other symbolic allele is other; an ALT starting
+    with '[' or ']', or the REF then one, is a breakend. Otherwise, after the shared prefix
+    and suffix (case-insensitive), what is left decides: nothing left of one side is an
+    indel, one base each an SNV, equal lengths an MNV; a length change that is not anchored
+    at a shared base is other (G>CT, AC>ATG, TCA>G), as are bcftools' other leftovers.
     """
-    if len(ref) != len(alts) and b"," not in alts and ref.isalpha() and alts.isalpha():
-        return INDEL_ONLY  # the common unique case, answered before any allocation
-    kinds, ts, tv = set(), 0, 0
-    ref = ref.upper()
-    for alt in alts.upper().split(b","):
-        if alt in (b".", b"*") or alt == ref:
-            continue
-        if not (alt.isalpha() and ref.isalpha()):
-            kinds.add("others")
-        elif len(alt) == len(ref):
-            differences = sum(r != a for r, a in zip(ref, alt))
-            kinds.add("snvs" if differences == 1 else "mnvs")
-            if differences == 1 and ref[0] != alt[0] and ref[:1] in b"ACGT" and alt[:1] in b"ACGT":
-                if (ref[:1], alt[:1]) in TRANSITIONS:
+    if alt == b"*":
+        return VCF_OVERLAP
+    if len(ref) == 1 and len(alt) == 1:
+        return 0 if alt == b"." or alt == ref or alt == b"X" else VCF_SNP
+    if alt[:1] == b"<":
+        return 0 if alt[1:3] in (b"X>", b"*>") or alt == b"<NON_REF>" else VCF_OTHER
+    if alt[:1] in (b"[", b"]"):
+        return VCF_BND
+    if not (alt.startswith(ref) or ref.startswith(alt)):  # the common anchored indel skips upper()
+        ref, alt = ref.upper(), alt.upper()
+    if alt.startswith(ref):  # the REF is all shared: an insertion, or a breakend after the REF
+        return 0 if alt == ref else VCF_BND if alt[len(ref):len(ref) + 1] in (b"[", b"]") else VCF_INDEL
+    if ref.startswith(alt):
+        return VCF_INDEL
+    start = 0
+    while ref[start] == alt[start]:  # neither is a prefix of the other: a difference is ahead
+        start += 1
+    ref_end, alt_end = len(ref) - 1, len(alt) - 1
+    while ref_end > start and alt_end > start and ref[ref_end] == alt[alt_end]:
+        ref_end -= 1
+        alt_end -= 1
+    if alt_end == start or ref_end == start:
+        if ref_end == alt_end:
+            return VCF_SNP
+        return VCF_INDEL if ref[ref_end] == alt[alt_end] else VCF_OTHER
+    return VCF_MNP if ref_end == alt_end else VCF_OTHER
+
+
+def classify_record(ref, alts):
+    """Return how bcftools stats counts a record, from its REF and comma-separated ALTs.
+
+    The tuple is (kinds: the names in VARIANT_KINDS the record counts for, no_alt,
+    multiallelic, multiallelic SNV site, transitions, transversions). As in vcfstats.c: a
+    record counts once for each kind its alleles hold; it is no-ALT when its ALT is '.' or
+    every allele is of type 0 (a breakend or '*' makes it neither); multiallelic with two
+    ALTs or more, a multiallelic SNV site when its SNVs stand alone but for type-0 alleles.
+    Ts/Tv is per SNV allele, from the first bases of REF and ALT (bcf_acgt2int), so a CT>CA
+    SNV counts as neither.
+    """
+    if b"," not in alts:
+        if alts == b".":
+            return NO_ALT_RECORD  # htslib reads a lone '.' as no ALT allele at all
+        kind = allele_type(ref, alts)
+        if kind != VCF_SNP:
+            return ONE_ALT_RECORDS[kind]
+    alleles = alts.split(b",")
+    record_type = ts = tv = 0
+    ref_base = BASE_INDEX.get(ref[0])
+    for alt in alleles:
+        kind = allele_type(ref, alt)
+        record_type |= kind
+        if kind == VCF_SNP and ref_base is not None:
+            alt_base = BASE_INDEX.get(alt[0])
+            if alt_base is not None and alt_base != ref_base:
+                if abs(ref_base - alt_base) == 2:  # A<->G, C<->T
                     ts += 1
                 else:
                     tv += 1
-        else:
-            kinds.add("indels")
-    return tuple(sorted(kinds)), ts, tv
+    kinds = tuple(name for name, bit in VARIANT_KINDS if record_type & bit)
+    multiallelic = len(alleles) > 1
+    return kinds, record_type == 0, multiallelic, multiallelic and record_type == VCF_SNP, ts, tv
 
 
 class BoundedCounter:
@@ -839,8 +889,8 @@ class VcfAnalyzer(LineAnalyzer):
         self.samples = 0
         self.header_seen = False
         self.records = 0
-        self.kinds = dict.fromkeys(VARIANT_KINDS, 0)
-        self.no_alt = self.multiallelic = self.ts = self.tv = 0
+        self.kinds = dict.fromkeys((name for name, _ in VARIANT_KINDS), 0)
+        self.no_alt = self.multiallelic = self.multiallelic_snv = self.ts = self.tv = 0
         self.chromosomes = BoundedCounter(MAX_NAMES)
         self.filters = BoundedCounter(MAX_NAMES)
         self.classified = {}
@@ -872,17 +922,17 @@ class VcfAnalyzer(LineAnalyzer):
             tally[known] = tally.get(known, 0) + count
         self.chromosomes.update(chromosomes)
         self.filters.update(filters)
-        for (kinds, ts, tv, multiallelic), count in tally.items():
+        for (kinds, no_alt, multiallelic, multiallelic_snv, ts, tv), count in tally.items():
             for kind in kinds:
                 self.kinds[kind] += count
-            if not kinds:
-                self.no_alt += count
+            self.no_alt += no_alt * count
             self.multiallelic += multiallelic * count
+            self.multiallelic_snv += multiallelic_snv * count
             self.ts += ts * count
             self.tv += tv * count
 
     def _classify(self, ref, alt):
-        known = classify_alleles(ref, alt) + (b"," in alt,)
+        known = classify_record(ref, alt)
         if len(ref) + len(alt) <= 6:
             # Only short pairs repeat often enough to be worth remembering; bounded anyway.
             if len(self.classified) >= MAX_NAMES:
@@ -905,6 +955,7 @@ class VcfAnalyzer(LineAnalyzer):
             **self.kinds,
             "no_alt": self.no_alt,
             "multiallelic_sites": self.multiallelic,
+            "multiallelic_snv_sites": self.multiallelic_snv,
             "transitions": self.ts,
             "transversions": self.tv,
             "ts_tv_ratio": round(self.ts / self.tv, 3) if self.tv else None,

@@ -264,6 +264,42 @@ def test_vcf_edge_cases_agree_with_bcftools():
     assert s["filters"]["q10;s50"] == 1
 
 
+# What bcftools stats 1.16 counted for one-record VCFs of each REF/ALT (SN and TSTV lines):
+# (SNPs, MNPs, indels, others), no-ALT, multiallelic SNP site, ts, tv. tests/peers/vcf/
+# holds the same alleles in files, re-checked against bcftools by bench/peers.py.
+BCFTOOLS_RECORDS = [
+    ("A", "<*>", "", True), ("A", "<X>", "", True), ("A", "<NON_REF>", "", True), ("A", "X", "", True),
+    ("A", ".", "", True), ("ACG", ".", "", True), ("A", "A", "", True), ("AC", "ac", "", True),
+    ("A", "<X>,<*>", "", True), ("A", "*", "", False), ("A", "*,<*>", "", False),
+    ("G", "G]17:198982]", "", False), ("G", "]17:198982]G", "", False),
+    ("G", "G[17:198982[", "", False), ("G", "[17:198982[G", "", False),
+    ("A", "G", "snvs ts", False), ("a", "A", "snvs", False), ("A", "a", "snvs", False),
+    ("a", "g", "snvs ts", False), ("CT", "CA", "snvs", False), ("N", "A", "snvs", False),
+    ("AC", "A-", "snvs", False), ("GATTACA", "GCTTACA", "snvs", False),
+    ("AC", "GT", "mnvs", False), ("ACG", "TCA", "mnvs", False), ("AC", ".G", "mnvs", False),
+    ("A", "AT", "indels", False), ("ATT", "A", "indels", False), ("G", ".G", "indels", False),
+    ("G", "G.", "indels", False), ("A", "A<ctg1>", "indels", False), ("AAAA", "AAA", "indels", False),
+    ("G", "CT", "others", False), ("AC", "ATG", "others", False), ("TCA", "G", "others", False),
+    ("A", "<DEL>", "others", False), ("A", "<INS>", "others", False), ("A", "<CN0>", "others", False),
+    ("A", "<DUP:TANDEM>", "others", False), ("A", "<ctg1>A", "others", False), ("AC", "X", "others", False),
+    ("A", "C[2:321682[", "others", False), ("AT", "A]2:3]", "others", False),
+    ("A", "G,T", "snvs ts tv multi-snv", False), ("A", "G,.", "snvs ts multi-snv", False),
+    ("A", "<*>,G", "snvs ts multi-snv", False), ("A", "X,G", "snvs ts multi-snv", False),
+    ("A", "G,*", "snvs ts", False), ("A", "G,AT", "snvs indels ts", False),
+    ("AC", "GT,G", "mnvs others", False), ("AT", "GC,A", "mnvs indels", False),
+    ("A", "AT,<DEL>", "indels others", False), ("G", "G]17:198982],C", "snvs tv", False),
+]
+
+
+@pytest.mark.parametrize(("ref", "alts", "counted", "no_alt"), BCFTOOLS_RECORDS)
+def test_records_are_classed_as_bcftools_classes_them(ref, alts, counted, no_alt):
+    kinds, is_no_alt, multiallelic, multiallelic_snv, ts, tv = AwsS3.classify_record(ref.encode(), alts.encode())
+    words = counted.split()
+    assert set(kinds) == {word for word in words if word in ("snvs", "mnvs", "indels", "others")}
+    assert (is_no_alt, multiallelic, multiallelic_snv) == (no_alt, "," in alts, "multi-snv" in words)
+    assert (ts, tv) == (words.count("ts"), words.count("tv"))
+
+
 def test_vcf_malformed_line_is_reported_and_skipped():
     lines = (DATA / "edge.vcf").read_bytes().split(b"\n")
     header_lines = sum(line.startswith(b"#") for line in lines)
