@@ -405,6 +405,9 @@ Q20_TABLE = bytes(1 if value >= 33 + 20 else 2 if value in FASTQ_CONTROL else 0 
 Q30_TABLE = byte_table(set(range(33 + 30, 256)))
 RECORD_BUFFER = PIECE_SIZE  # bytes of one unfinished record kept as lines before they are measured
 CONTROL_BYTE_CONVENTION = "counted, as seqkit counts them"
+# seqkit prints 2 decimals of the exact figure; at 3, rounding ours again to 2 could differ
+# (78.3654 -> 78.365 -> 78.36, not 78.37). At 6 that takes a figure within 5e-7 of a tie.
+FASTQ_PERCENT_DIGITS = 6
 
 
 def count_marked(marked):
@@ -724,12 +727,12 @@ class FastqAnalyzer(LineAnalyzer):
             "max_length": self.max_length,
             "n50": n50(self.lengths, bases),
             "n50_exact": self.lengths_exact,
-            "gc_percent": percent(self.counts.gc, bases),
+            "gc_percent": percent(self.counts.gc, bases, FASTQ_PERCENT_DIGITS),
             "n_count": self.counts.n,
-            "n_percent": percent(self.counts.n, bases),
+            "n_percent": percent(self.counts.n, bases, FASTQ_PERCENT_DIGITS),
             "mean_quality": round(self.counts.quality_sum / bases - 33, 3) if bases else None,
-            "q20_percent": percent(self.counts.q20, bases),
-            "q30_percent": percent(self.counts.q30, bases),
+            "q20_percent": percent(self.counts.q20, bases, FASTQ_PERCENT_DIGITS),
+            "q30_percent": percent(self.counts.q30, bases, FASTQ_PERCENT_DIGITS),
             "quality_encoding": "phred+33",
             "control_bytes": self.control_bytes,
             "first_control_byte_line": self.first_control_line,
