@@ -9,6 +9,7 @@ instance downloads it on boot. The input is only ever read.
 """
 
 import argparse
+import bisect
 import collections
 import csv
 import hashlib
@@ -132,12 +133,6 @@ def sniff_format(sample):
     return sniff_table(complete[:50]) or "text"
 
 
-# What a sequence line may hold: IUPAC letters, gaps and stops, control bytes (reported, not
-# fatal), and the CR of a CRLF line end.
-SEQUENCE_LINE_BYTES = bytes(range(65, 91)) + bytes(range(97, 123)) + b"-*.\r" + bytes(
-    value for value in range(32) if value not in (9, 10, 13))
-
-
 def looks_like_fastq(sample):
     """True when content starts as a FASTQ record does: an '@' header, then sequence lines.
 
@@ -208,6 +203,12 @@ def sniff_header(sample, delimiter):
 # --- shared helpers -------------------------------------------------------------------
 
 CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13))
+# Bytes 0-31 but tab and the line ends: no FASTQ holds them, and one is reported where it is.
+# DEL (127) is left out: seqkit reads it as Phred 94, a quality like any other.
+FASTQ_CONTROL = bytes(value for value in range(32) if value not in (9, 10, 13))
+# What a sequence line may hold: IUPAC letters, gaps and stops, control bytes (reported, not
+# fatal), and the CR of a CRLF line end.
+SEQUENCE_LINE_BYTES = bytes(range(65, 91)) + bytes(range(97, 123)) + b"-*.\r" + FASTQ_CONTROL
 TABLE_DELIMITERS = ("\t", ",", ";", "|")
 ADLER_MODULUS = 65521
 
@@ -395,15 +396,18 @@ class BinaryAnalyzer:
                 **self.bytes.summary()}
 
 
-# Bytes 0-31 but tab and the line ends: no FASTQ holds them, and one is reported where it is.
-# DEL (127) is left out: seqkit reads it as Phred 94, a quality like any other.
-FASTQ_CONTROL = bytes(value for value in range(32) if value not in (9, 10, 13))
 CONTROL_MARK = b"\x02"  # what the two tables below turn a control byte into
 GC_TABLE = bytes(1 if value in b"GCgc" else 2 if value in FASTQ_CONTROL else 0
                  for value in range(256))  # as seqkit: S (G or C) is not counted
 Q20_TABLE = bytes(1 if value >= 33 + 20 else 2 if value in FASTQ_CONTROL else 0 for value in range(256))
 Q30_TABLE = byte_table(set(range(33 + 30, 256)))
 RECORD_BUFFER = PIECE_SIZE  # bytes of one unfinished record kept as lines before they are measured
+# A longer FASTQ line is read in pieces (kseq's rule reads a sequence or quality cut in pieces
+# the same), which keeps the copies of a partial line small; other formats keep MAX_LINE_BYTES.
+FASTQ_MAX_LINE_BYTES = 4 * PIECE_SIZE
+LINE_OVERHEAD = 64          # what a kept line costs beyond its bytes (so a million blank lines are not free)
+RUN_LINES = 4096            # lines taken into a record at a time (b"".join costs ~80 bytes a part)
+LONG_RUN = 32               # sequence or quality lines of one record read one by one before a run is taken whole
 CONTROL_BYTE_CONVENTION = "counted, as seqkit counts them"
 # seqkit prints 2 decimals of the exact figure; at 3, rounding ours again to 2 could differ
 # (78.3654 -> 78.365 -> 78.36, not 78.37). At 6 that takes a figure within 5e-7 of a tie.
@@ -460,27 +464,63 @@ class OpenRecord:
         self.buffered = 0
         self.spilled = None     # BaseCounts of lines measured early, so a huge record stays bounded
 
-    def add_sequence(self, line):
+    def add_sequence_line(self, line):
         """Take one sequence line."""
         self.seq.append(line)
         self.seq_len += len(line)
         self.seq_lines += 1
-        self._buffer(len(line))
+        self.buffered += len(line) + LINE_OVERHEAD
+        if self.buffered > RECORD_BUFFER:
+            self._spill()
 
-    def add_quality(self, line):
+    def add_quality_line(self, line):
         """Take one quality line."""
         self.qual.append(line)
         self.qual_len += len(line)
-        self._buffer(len(line))
-
-    def _buffer(self, size):
-        self.buffered += size
+        self.buffered += len(line) + LINE_OVERHEAD
         if self.buffered > RECORD_BUFFER:
-            self.spilled = self.spilled or BaseCounts()
-            self.spilled.add_sequence(b"".join(self.seq))
-            self.spilled.add_quality(b"".join(self.qual or ()))
-            self.seq, self.qual = [], (None if self.qual is None else [])
-            self.buffered = 0
+            self._spill()
+
+    def add_sequence(self, lines):
+        """Take sequence lines (a list)."""
+        for start in range(0, len(lines), RUN_LINES):
+            run = lines[start:start + RUN_LINES]
+            size = sum(map(len, run))
+            self.seq += run
+            self.seq_len += size
+            self.seq_lines += len(run)
+            self.buffered += size + len(run) * LINE_OVERHEAD
+            if self.buffered > RECORD_BUFFER:
+                self._spill()
+
+    def add_quality(self, lines):
+        """Take quality lines (a list)."""
+        for start in range(0, len(lines), RUN_LINES):
+            run = lines[start:start + RUN_LINES]
+            size = sum(map(len, run))
+            self.qual += run
+            self.qual_len += size
+            self.buffered += size + len(run) * LINE_OVERHEAD
+            if self.buffered > RECORD_BUFFER:
+                self._spill()
+
+    def _spill(self):
+        """Measure the lines kept so far, so a record of any size holds little memory."""
+        self.spilled = self.spilled or BaseCounts()
+        self.spilled.add_sequence(b"".join(self.seq))
+        self.spilled.add_quality(b"".join(self.qual or ()))
+        self.seq, self.qual = [], (None if self.qual is None else [])
+        self.buffered = 0
+
+
+def line_starts(lines, index, count):
+    """Return the first byte of each of `count` lines from lines[index] (a newline for an empty one).
+
+    A run is looked at in windows as long as the run so far (at most RUN_LINES), so a run
+    that ends soon costs little and a long one is read in a few windows.
+    """
+    count = min(max(count, LONG_RUN), RUN_LINES)
+    return b"".join([line[:1] or b"\n" for line in lines[index:index + count]])
 
 
 def fastq_at_line_role(record, line, following):
@@ -544,8 +584,8 @@ class FastqAnalyzer(LineAnalyzer):
             data = data.replace(b"\r\n", b"\n")
         lines = data.split(b"\n")
         self._partial = lines.pop()
-        self._feed_line_list(lines)
-        if len(self._partial) > MAX_LINE_BYTES:
+        self._feed_line_list(lines, data)
+        if len(self._partial) > FASTQ_MAX_LINE_BYTES:
             self._overlong_line()
 
     def feed_lines(self, data):
@@ -553,14 +593,15 @@ class FastqAnalyzer(LineAnalyzer):
             data = data.replace(b"\r\n", b"\n")
         lines = data.split(b"\n")
         lines.pop()
-        self._feed_line_list(lines)
+        self._feed_line_list(lines, data)
 
     def _overlong_line(self):
         super()._overlong_line()
         if not self.carry:
             self.lines_before -= 1  # the piece fed was not a line of its own
 
-    def _feed_line_list(self, lines, final=False):
+    def _feed_line_list(self, lines, text=b"", final=False):
+        """Read newly fed lines; `text` is the content they were split from (and what follows them)."""
         self.newlines += len(lines)
         first_line = self.lines_before + 1
         new_first = first_line + len(self.carry)
@@ -573,10 +614,10 @@ class FastqAnalyzer(LineAnalyzer):
         rest = self._walk(lines, taken, first_line, final)
         if taken > index and not control:
             # The bulk path saw every byte of its records; only the lines walked are left to check.
-            walked = b"\n".join(lines[:index] + lines[taken:])
-            control = len(walked.translate(None, FASTQ_CONTROL)) != len(walked)
-        if control:
-            self._count_control_bytes(lines[new_first - first_line:], new_first)
+            control = any(len(line.translate(None, FASTQ_CONTROL)) != len(line)
+                          for line in itertools.chain(lines[:index], lines[taken:]))
+        if control and len(lines) > new_first - first_line:
+            self._count_control_bytes(text, lines, new_first - first_line, new_first)
         self.carry = lines[rest:]
         self.lines_before = first_line - 1 + rest
 
@@ -584,7 +625,10 @@ class FastqAnalyzer(LineAnalyzer):
         """Measure the four-line records at lines[start:] in bulk.
 
         Return (the index after them, whether a control byte may be among them); the index
-        is `start` when the lines there are not four-line records.
+        is `start` when the lines there are not four-line records. Sequence lines are not
+        checked for a leading '@' or '+' (no base is either; the check would cost about 8%
+        of the time), so only on such a broken record can this path read otherwise than
+        _walk does.
         """
         count = (len(lines) - start) // 4
         if count and lines[start + 4 * count - 1][:1] == b"@":
@@ -609,10 +653,12 @@ class FastqAnalyzer(LineAnalyzer):
         return stop, control
 
     def _walk(self, lines, index, first_line, final=False, to_boundary=False):
-        """Read lines[index:] line by line, as kseq_read does; return where the unread rest starts.
+        """Read lines[index:] as kseq_read does; return where the unread rest starts.
 
-        With to_boundary, stop once no record is open (the bulk path may take over there).
-        An '@' line in a short quality is left unread when the line after it is not here yet.
+        Line by line, but for a run of sequence or quality lines longer than LONG_RUN (one
+        base a line, or blank lines without end), which is taken a window at a time. With
+        to_boundary, stop once no record is open (the bulk path may take over there). An '@'
+        line in a short quality is left unread when the line after it is not here yet.
         """
         seqs, quals, lengths = [], [], []
         record, end = self.record, len(lines)
@@ -634,15 +680,20 @@ class FastqAnalyzer(LineAnalyzer):
                 elif line[:1] == b"@":
                     self.problems.add(record.line, "no '+' line before the next header")
                     record = OpenRecord(first_line + index)
+                elif len(record.seq) < LONG_RUN:
+                    record.add_sequence_line(line)
                 else:
-                    record.add_sequence(line)
-            else:
-                role = "quality"
-                if line[:1] == b"@":
-                    if index + 1 == end and not final:
-                        break
-                    role = fastq_at_line_role(record, line, lines[index + 1] if index + 1 < end else None)
-                if role == "header":
+                    starts = line_starts(lines, index, len(record.seq))
+                    stop = starts.find(b"+")
+                    header = starts.find(b"@", 0, len(starts) if stop < 0 else stop)
+                    stop = index + (header if header >= 0 else len(starts) if stop < 0 else stop)
+                    record.add_sequence(lines[index:stop])
+                    index = stop
+                    continue
+            elif line[:1] == b"@":
+                if index + 1 == end and not final:
+                    break
+                if fastq_at_line_role(record, line, lines[index + 1] if index + 1 < end else None) == "header":
                     if record.seq_len == record.qual_len == 0:
                         self._close(record, seqs, quals, lengths)  # an empty read, its quality line left out
                     else:
@@ -650,19 +701,40 @@ class FastqAnalyzer(LineAnalyzer):
                                           f"({record.seq_len} and {record.qual_len})")
                     record = OpenRecord(first_line + index)
                 else:
-                    record.add_quality(line)
+                    record.add_quality_line(line)
                     if record.qual_len >= record.seq_len:
-                        if record.qual_len == record.seq_len:
-                            self._close(record, seqs, quals, lengths)
-                        else:
-                            self.problems.add(record.line, "sequence and quality lengths differ "
-                                              f"({record.seq_len} and {record.qual_len})")
-                        record = None
+                        record = self._end_quality(record, seqs, quals, lengths)
+            elif len(record.qual) < LONG_RUN:
+                record.add_quality_line(line)
+                if record.qual_len >= record.seq_len:
+                    record = self._end_quality(record, seqs, quals, lengths)
+            else:
+                # Quality lines up to the next '@' line, or until they are as long as the sequence.
+                starts = line_starts(lines, index, len(record.qual))
+                stop = starts.find(b"@")
+                stop = index + (len(starts) if stop < 0 else stop)
+                totals = list(itertools.accumulate(map(len, lines[index:stop])))
+                stop = min(stop, index + bisect.bisect_left(totals, record.seq_len - record.qual_len) + 1)
+                record.add_quality(lines[index:stop])
+                index = stop
+                record = self._end_quality(record, seqs, quals, lengths)
+                continue
             index += 1
         self.record = record
         if lengths:
             self._add(seqs, quals, lengths)
         return index
+
+    def _end_quality(self, record, seqs, quals, lengths):
+        """Close a record whose quality is as long as its sequence or longer; return the open record or None."""
+        if record.qual_len < record.seq_len:
+            return record
+        if record.qual_len == record.seq_len:
+            self._close(record, seqs, quals, lengths)
+        else:
+            self.problems.add(record.line, "sequence and quality lengths differ "
+                              f"({record.seq_len} and {record.qual_len})")
+        return None
 
     def _close(self, record, seqs, quals, lengths):
         seqs.append(b"".join(record.seq))
@@ -685,15 +757,18 @@ class FastqAnalyzer(LineAnalyzer):
             self.lengths_exact = False
         return control
 
-    def _count_control_bytes(self, lines, first_line):
-        """Count the control bytes of newly fed lines and remember the line of the first."""
-        text = b"\n".join(lines)
+    def _count_control_bytes(self, text, lines, start, first_line):
+        """Count the control bytes of newly fed lines (lines[start:], split from text), and
+        remember the line of the first."""
+        # The partial line after the last newline is counted when it is fed as a line.
         found = len(text) - len(text.translate(None, FASTQ_CONTROL))
+        if self._partial and text.endswith(self._partial):
+            found -= len(self._partial) - len(self._partial.translate(None, FASTQ_CONTROL))
         if not found:
             return
         self.control_bytes += found
         if self.first_control_line is None:
-            for number, line in enumerate(lines, first_line):
+            for number, line in enumerate(itertools.islice(lines, start, None), first_line):
                 if len(line.translate(None, FASTQ_CONTROL)) != len(line):
                     self.first_control_line = number
                     break
@@ -944,9 +1019,13 @@ class VcfAnalyzer(LineAnalyzer):
         return known
 
     def _find_malformed(self, data, first_line):
-        for number, line in enumerate(data.split(b"\n")[:-1], first_line):
-            if line and not line.startswith(b"#") and not VCF_RECORD.match(line + b"\n"):
-                self.problems.add(number, vcf_line_problem(line))
+        # Matched where each line starts, not on copies: a line may be 16 MiB long.
+        start, number, match = 0, first_line, VCF_RECORD.match
+        while start < len(data):
+            end = data.index(b"\n", start)
+            if end > start and data[start] != 35 and not match(data, start):  # 35: '#'
+                self.problems.add(number, vcf_line_problem(data, start, end))
+            start, number = end + 1, number + 1
 
     def summary(self):
         filters = self.filters.as_dict()
@@ -977,12 +1056,13 @@ def vcf_sample_count(data):
     return max(0, len(line.split(b"\t")) - 9)
 
 
-def vcf_line_problem(line):
-    """Return why a VCF data line is not a record."""
-    fields = line.split(b"\t")
-    if len(fields) < 8:
-        return f"{len(fields)} tab-separated columns, a record has at least 8"
-    if not fields[1].isdigit():
+def vcf_line_problem(data, start, end):
+    """Return why the VCF data line data[start:end] is not a record (without copying it)."""
+    columns = data.count(b"\t", start, end) + 1
+    if columns < 8:
+        return f"{columns} tab-separated columns, a record has at least 8"
+    position = data.index(b"\t", start) + 1
+    if not data[position:data.index(b"\t", position)].isdigit():
         return "POS is not a whole number"
     return "REF or ALT is empty"
 

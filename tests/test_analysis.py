@@ -148,12 +148,13 @@ def _expected(reads):
     return (len(reads), sum(lengths), min(lengths), max(lengths))
 
 
-@pytest.mark.parametrize("first_wrapped", [0, 2, 150])
-def test_fastq_wrapped_records_are_read_whole_wherever_wrapping_starts(first_wrapped):
+@pytest.mark.parametrize(("first_wrapped", "width"), [(0, 60), (2, 60), (150, 60), (0, 3)])
+def test_fastq_wrapped_records_are_read_whole_wherever_wrapping_starts(first_wrapped, width):
     # kseq's rule: sequence lines until a '+' line, quality lines until they are as long as the
-    # sequence. Quality lines starting with '@' (Phred 31) are quality, not headers.
+    # sequence. Quality lines starting with '@' (Phred 31) are quality, not headers. Width 3
+    # makes runs of up to 100 lines, read a window at a time.
     reads = _reads(200, first_wrapped)
-    content = b"".join(_wrapped(name, seq, qual, 60 if i >= first_wrapped else 10_000)
+    content = b"".join(_wrapped(name, seq, qual, width if i >= first_wrapped else 10_000)
                        for i, (name, seq, qual) in enumerate(reads))
     whole = analyse_bytes(content)
     s = whole["summary"]
@@ -226,6 +227,16 @@ def test_fastq_record_longer_than_the_buffer_is_measured_in_pieces(monkeypatch):
     assert (s["reads"], s["bases"], s["max_length"]) == _expected(reads)[:2] + (40_000,)
     bases = b"".join(seq for _, seq, _ in reads)
     assert s["gc_percent"] == pytest.approx(100 * (bases.count(b"G") + bases.count(b"C")) / len(bases), abs=1e-3)
+
+
+def test_fastq_record_of_many_blank_lines_keeps_few_of_them():
+    # Blank lines cost no bytes but each kept line costs memory: the buffer counts them too.
+    record = AwsS3.OpenRecord(1)
+    for _ in range(200_000):
+        record.add_sequence(b"")
+    assert len(record.seq) <= AwsS3.RECORD_BUFFER // AwsS3.LINE_OVERHEAD
+    s = analyse_bytes(b"@h\n" + b"\n" * 200_000 + b"ACGT\n+\nIIII\n" + b"".join(_records(2)))["summary"]
+    assert (s["reads"], s["bases"], s["malformed_records"]) == (3, 44, 0)  # blank lines are empty sequence lines
 
 
 def test_n50_and_long_read_histogram():
