@@ -2,7 +2,7 @@
 """Re-run the peer tools on the peer-agreement corpus and print every disagreement with AwsS3.py.
 
     python3 bench/peers.py                   # every file in tests/peers/FORMAT/, FORMAT in PEERS
-    python3 bench/peers.py --generated       # also small files from bench/generate.py (and seqkit's rewraps)
+    python3 bench/peers.py --generated       # also small files from bench/generate.py (the FASTQ also wrapped)
     python3 bench/peers.py FILE...           # any files (the format is AwsS3's sniffed one, or --format)
     python3 bench/peers.py --add FILE --kind "why the file is there"
                                              # copy FILE into tests/peers/FORMAT/ and record the peer's
@@ -141,16 +141,31 @@ def corpus_files(formats):
                 yield fmt, os.path.join(directory, name), recorded.get(name)
 
 
+def rewrap_fastq(source, target, width):
+    """Write a four-line FASTQ's records with sequence and quality wrapped at `width`.
+
+    (`seqkit seq -w` wraps FASTA only, so the wrapping is done here.)
+    """
+    with open(source, "rb") as reads, open(target, "wb") as out:
+        for head in reads:
+            sequence, plus, quality = reads.readline().rstrip(b"\n"), reads.readline(), reads.readline().rstrip(b"\n")
+            out.write(head + wrap(sequence, width) + plus + wrap(quality, width))
+
+
+def wrap(text, width):
+    """Return text as lines of `width` bytes, each with its newline (one empty line for no text)."""
+    return b"".join(text[i:i + width] + b"\n" for i in range(0, len(text), width)) or b"\n"
+
+
 def generated_files(formats, work):
-    """Yield (format, path, None) for small bench/generate.py files, and seqkit's rewraps of the FASTQ."""
+    """Yield (format, path, None) for small bench/generate.py files, and the FASTQ rewrapped."""
     paths = generate.generate(os.path.join(HERE, "data"), 2, [fmt for fmt in formats if fmt in generate.GENERATORS])
     for fmt, path in sorted(paths.items()):
         yield fmt, path, None
-        if fmt == "fastq":  # the same reads as another tool wraps them: a writer we did not write
+        if fmt == "fastq":
             for width in (60, 7):
                 wrapped = os.path.join(work, f"reads-2mb-w{width}.fastq")
-                with open(wrapped, "w", encoding="ascii") as out:
-                    out.write(run(["seqkit", "seq", "-w", str(width), path]))
+                rewrap_fastq(path, wrapped, width)
                 yield fmt, wrapped, None
 
 
@@ -207,7 +222,8 @@ def main():
     parser.add_argument("--format", choices=sorted(PEERS), help="the files' format (default: AwsS3's sniffing)")
     parser.add_argument("--formats", nargs="+", choices=sorted(PEERS), default=sorted(PEERS),
                         help="corpus directories to check (default: all)")
-    parser.add_argument("--generated", action="store_true", help="also check small generated files")
+    parser.add_argument("--generated", action="store_true",
+                        help="also check small generated files (the FASTQ also wrapped at 60 and 7)")
     parser.add_argument("--add", metavar="FILE", help="add FILE to the corpus with the peer's values")
     parser.add_argument("--kind", help="with --add: the fault or case the file stands for")
     args = parser.parse_args()
