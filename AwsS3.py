@@ -9,6 +9,7 @@ instance downloads it on boot. The input is only ever read.
 """
 
 import argparse
+import bisect
 import collections
 import csv
 import hashlib
@@ -115,23 +116,44 @@ def sniff_format(sample, name="", whole=False):
 
     `name` is the file's name or key: a .csv or .tsv name lets a one-column or one-record table
     be a table. `whole` says the sample is all of the content, so its last line is complete.
+
+    The VCF and FASTQ signatures come before the binary test: a stray NUL or a latin-1 byte
+    in one of those files is a fault its report points at, not a reason to lose the format.
     """
     if not sample:
         return "empty"
+    if sample.startswith(b"##fileformat=VCF"):
+        return "vcf"
+    if looks_like_fastq(sample):
+        return "fastq"
     if looks_binary(sample):
         return "binary"
     lines = sample.split(b"\n")
     complete = lines[:-1] if len(lines) > 1 else lines
-    if sample.startswith(b"##fileformat=VCF"):
-        return "vcf"
-    if sample.startswith(b"@") and len(complete) >= 3 and complete[2].startswith(b"+"):
-        return "fastq"
     if sample.startswith(b">"):
         return "fasta"
     dialect = sniff_table(sample, name, whole)
     if dialect is None:
         return "text"
     return "tsv" if dialect.delimiter == "\t" else "csv"
+
+
+def looks_like_fastq(sample):
+    """True when content starts as a FASTQ record does: an '@' header, then sequence lines.
+
+    The sequence lines must end in a '+' line (wrapped records have several; kseq's layout)
+    unless they run to the end of a full sniffing window: a first read longer than the
+    window (nanopore reads pass 64 KiB) shows no '+' line there, and is still FASTQ.
+    """
+    if sample[:1] != b"@":
+        return False
+    lines = sample.split(b"\n")
+    for number, line in enumerate(lines[1:], 1):
+        if line[:1] == b"+":
+            return number > 1
+        if line.translate(None, SEQUENCE_LINE_BYTES):
+            return False
+    return len(lines) > 1 and len(sample) >= SNIFF_SIZE
 
 
 TableDialect = collections.namedtuple("TableDialect", "delimiter quote escape skip_rows header encoding")
@@ -303,6 +325,12 @@ TABLE_DELIMITERS = (",", "|", ";", "\t")  # DuckDB's candidates, in its order (t
 TABLE_NAME = re.compile(r"\.(?:csv|tsv|tab)(?:\.b?gz)?$", re.IGNORECASE)
 UTF8_BOM = b"\xef\xbb\xbf"
 WINDOWS_BYTES = re.compile(rb"[\x80-\x9f]")  # cp1252's letters and marks; C1 controls in latin-1
+# Bytes 0-31 but tab and the line ends: no FASTQ holds them, and one is reported where it is.
+# DEL (127) is left out: seqkit reads it as Phred 94, a quality like any other.
+FASTQ_CONTROL = bytes(value for value in range(32) if value not in (9, 10, 13))
+# What a sequence line may hold: IUPAC letters, gaps and stops, control bytes (reported, not
+# fatal), and the CR of a CRLF line end.
+SEQUENCE_LINE_BYTES = bytes(range(65, 91)) + bytes(range(97, 123)) + b"-*.\r" + FASTQ_CONTROL
 ADLER_MODULUS = 65521
 
 
@@ -489,106 +517,382 @@ class BinaryAnalyzer:
                 **self.bytes.summary()}
 
 
-GC_TABLE = byte_table(set(b"GCgc"))  # as seqkit: S (G or C) is not counted
-Q20_TABLE = byte_table(set(range(33 + 20, 256)))
+CONTROL_MARK = b"\x02"  # what the two tables below turn a control byte into
+GC_TABLE = bytes(1 if value in b"GCgc" else 2 if value in FASTQ_CONTROL else 0
+                 for value in range(256))  # as seqkit: S (G or C) is not counted
+Q20_TABLE = bytes(1 if value >= 33 + 20 else 2 if value in FASTQ_CONTROL else 0 for value in range(256))
 Q30_TABLE = byte_table(set(range(33 + 30, 256)))
+RECORD_BUFFER = PIECE_SIZE  # bytes of one unfinished record kept as lines before they are measured
+# A longer FASTQ line is read in pieces (kseq's rule reads a sequence or quality cut in pieces
+# the same), which keeps the copies of a partial line small; other formats keep MAX_LINE_BYTES.
+FASTQ_MAX_LINE_BYTES = 4 * PIECE_SIZE
+LINE_OVERHEAD = 64          # what a kept line costs beyond its bytes (so a million blank lines are not free)
+RUN_LINES = 4096            # lines taken into a record at a time (b"".join costs ~80 bytes a part)
+LONG_RUN = 32               # sequence or quality lines of one record read one by one before a run is taken whole
+CONTROL_BYTE_CONVENTION = "counted, as seqkit counts them"
+# seqkit prints 2 decimals of the exact figure; at 3, rounding ours again to 2 could differ
+# (78.3654 -> 78.365 -> 78.36, not 78.37). At 6 that takes a figure within 5e-7 of a tie.
+FASTQ_PERCENT_DIGITS = 6
+
+
+def count_marked(marked):
+    """Return (members, control bytes) of a block translated by GC_TABLE or Q20_TABLE."""
+    if CONTROL_MARK not in marked:  # memchr: the common case costs almost nothing
+        return byte_sum(marked, 1), 0
+    control = marked.count(CONTROL_MARK)
+    return byte_sum(marked, 2) - 2 * control, control
+
+
+class BaseCounts:
+    """Per-base counts of FASTQ content: bases, G+C, N, Phred+33 quality sum, Q20 and Q30."""
+
+    __slots__ = ("bases", "gc", "n", "q20", "q30", "quality_sum")
+
+    def __init__(self):
+        self.bases = self.gc = self.n = self.quality_sum = self.q20 = self.q30 = 0
+
+    def add_sequence(self, sequence):
+        """Count joined sequence bytes; return True when a control byte is among them."""
+        gc, control = count_marked(sequence.translate(GC_TABLE))
+        self.bases += len(sequence)
+        self.gc += gc
+        self.n += sequence.count(b"N") + sequence.count(b"n")  # rare bytes: count is memchr-fast
+        return bool(control)
+
+    def add_quality(self, quality):
+        """Count joined quality bytes; return True when a control byte is among them."""
+        q20, control = count_marked(quality.translate(Q20_TABLE))
+        self.quality_sum += byte_sum(quality)
+        self.q20 += q20
+        self.q30 += count_members(quality, Q30_TABLE)
+        return bool(control)
+
+    def merge(self, other):
+        """Add another BaseCounts to this one."""
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class OpenRecord:
+    """A FASTQ record whose lines are still coming: kseq_read's state between two lines."""
+
+    __slots__ = ("buffered", "line", "qual", "qual_len", "seq", "seq_len", "seq_lines", "spilled")
+
+    def __init__(self, line):
+        self.line = line        # 1-based line of the '@' header
+        self.seq, self.seq_len, self.seq_lines = [], 0, 0
+        self.qual, self.qual_len = None, 0  # None until the '+' line
+        self.buffered = 0
+        self.spilled = None     # BaseCounts of lines measured early, so a huge record stays bounded
+
+    def add_sequence_line(self, line):
+        """Take one sequence line."""
+        self.seq.append(line)
+        self.seq_len += len(line)
+        self.seq_lines += 1
+        self.buffered += len(line) + LINE_OVERHEAD
+        if self.buffered > RECORD_BUFFER:
+            self._spill()
+
+    def add_quality_line(self, line):
+        """Take one quality line."""
+        self.qual.append(line)
+        self.qual_len += len(line)
+        self.buffered += len(line) + LINE_OVERHEAD
+        if self.buffered > RECORD_BUFFER:
+            self._spill()
+
+    def add_sequence(self, lines):
+        """Take sequence lines (a list)."""
+        for start in range(0, len(lines), RUN_LINES):
+            run = lines[start:start + RUN_LINES]
+            size = sum(map(len, run))
+            self.seq += run
+            self.seq_len += size
+            self.seq_lines += len(run)
+            self.buffered += size + len(run) * LINE_OVERHEAD
+            if self.buffered > RECORD_BUFFER:
+                self._spill()
+
+    def add_quality(self, lines):
+        """Take quality lines (a list)."""
+        for start in range(0, len(lines), RUN_LINES):
+            run = lines[start:start + RUN_LINES]
+            size = sum(map(len, run))
+            self.qual += run
+            self.qual_len += size
+            self.buffered += size + len(run) * LINE_OVERHEAD
+            if self.buffered > RECORD_BUFFER:
+                self._spill()
+
+    def _spill(self):
+        """Measure the lines kept so far, so a record of any size holds little memory."""
+        self.spilled = self.spilled or BaseCounts()
+        self.spilled.add_sequence(b"".join(self.seq))
+        self.spilled.add_quality(b"".join(self.qual or ()))
+        self.seq, self.qual = [], (None if self.qual is None else [])
+        self.buffered = 0
+
+
+def line_starts(lines, index, count):
+    """Return the first byte of each of `count` lines from lines[index] (a newline for an empty one).
+
+    A run is looked at in windows as long as the run so far (at most RUN_LINES), so a run
+    that ends soon costs little and a long one is read in a few windows.
+    """
+    count = min(max(count, LONG_RUN), RUN_LINES)
+    return b"".join([line[:1] or b"\n" for line in lines[index:index + count]])
+
+
+def fastq_at_line_role(record, line, following):
+    """Return 'quality' or 'header' for a line starting with '@' met while a record's quality is short.
+
+    '@' is Phred 31, so it may start a quality line, and kseq_read (Heng Li's kseq.h, which
+    seqkit's reader matches) takes quality lines until they are as long as the sequence: a
+    record whose quality was cut short would swallow the next header. The line after decides
+    it, since a header is followed by sequence or '+', never by another '@' line:
+    `following` is that line, None at the end of the content.
+    """
+    if following is None or following[:1] == b"@":
+        return "quality"
+    total = record.qual_len + len(line)
+    if total == record.seq_len:
+        return "quality" if not following.strip() else "header"
+    if total > record.seq_len:
+        return "header"
+    # Still short after this line: writers wrap quality as they wrap sequence, so a one-line
+    # sequence has a one-line quality and this line is the next record's header.
+    return "header" if record.seq_lines == 1 else "quality"
 
 
 class FastqAnalyzer(LineAnalyzer):
     """FASTQ (Phred+33): reads, bases, lengths and N50, GC, Ns, quality, malformed records.
 
-    Well-formed blocks are measured a whole block at a time (slices of the line list,
-    joins, translate tables and byte sums); only a block holding a malformed record is
-    walked record by record, to count it, say where it is, and find the next record.
+    Records are read as seqkit and Heng Li's kseq.h read them (kseq_read; seqkit's
+    bio/seqio/fastx reader does the same): an '@' header line, sequence lines until a line
+    starting with '+', then quality lines until they are as long as the sequence. Wrapped
+    (multi-line) records are read whole, from the first record or from any later one.
+    Well-formed four-line blocks are measured a whole block at a time (slices of the line
+    list, joins, translate tables and byte sums); any other block is walked line by line.
+
+    A record is malformed when it has no '+' line before the next header, when its quality
+    ends longer or shorter than its sequence, or when the file ends inside it; a run of
+    lines that belong to no record counts as one. Each is counted with its first line, and
+    reading goes on at the next header, so a record dropped is always a malformed record.
+    A control byte (0-31 but tab and line ends) does not stop a record, as in seqkit: it is
+    counted in control_bytes and the line of the first is reported.
     """
 
-    def __init__(self, crlf=False):
+    def __init__(self):
         super().__init__()
-        self.crlf = crlf
-        self.carry = []          # lines of a record cut by the block's end
+        self.carry = []          # an '@' line whose role waits on the line after it
         self.lines_before = 0    # lines consumed before self.carry
-        self.reads = self.bases = self.gc = self.n = 0
-        self.quality_sum = self.q20 = self.q30 = 0
+        self.record = None       # the record whose lines are still coming
+        self.garbage = False     # inside a run of lines that belong to no record
+        self.reads = 0
+        self.counts = BaseCounts()
         self.min_length = self.max_length = None
         self.lengths = collections.Counter()
         self.lengths_exact = True
         self.problems = FirstProblem()
+        self.control_bytes = 0
+        self.first_control_line = None
 
     def feed(self, block):
         """Feed a block of content: split once, keep the unterminated last line for the next block."""
         data = self._partial + block if self._partial else block
-        if self.crlf:
+        if b"\r" in data:  # CRLF: line ends are not bases (seqkit drops the CR too)
             data = data.replace(b"\r\n", b"\n")
         lines = data.split(b"\n")
         self._partial = lines.pop()
-        self._feed_line_list(lines)
-        if len(self._partial) > MAX_LINE_BYTES:
+        self._feed_line_list(lines, data)
+        if len(self._partial) > FASTQ_MAX_LINE_BYTES:
             self._overlong_line()
 
     def feed_lines(self, data):
-        if self.crlf:
+        if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         lines = data.split(b"\n")
         lines.pop()
-        self._feed_line_list(lines)
+        self._feed_line_list(lines, data)
 
-    def _feed_line_list(self, lines):
+    def _overlong_line(self):
+        super()._overlong_line()
+        if not self.carry:
+            self.lines_before -= 1  # the piece fed was not a line of its own
+
+    def _feed_line_list(self, lines, text=b"", final=False):
+        """Read newly fed lines; `text` is the content they were split from (and what follows them)."""
         self.newlines += len(lines)
         first_line = self.lines_before + 1
+        new_first = first_line + len(self.carry)
         if self.carry:
             lines = self.carry + lines
-        whole = len(lines) - len(lines) % 4
-        heads, seqs, plus, quals = lines[0:whole:4], lines[1:whole:4], lines[2:whole:4], lines[3:whole:4]
-        seq_lengths = list(map(len, seqs))
-        if (all(map(bytes.startswith, heads, itertools.repeat(b"@")))
-                and all(map(bytes.startswith, plus, itertools.repeat(b"+")))
-                and seq_lengths == list(map(len, quals))):
-            self._add(seqs, quals, seq_lengths)
-            rest = whole
-        else:
-            rest = self._walk(lines, first_line)
+        index = self._walk(lines, 0, first_line, final, to_boundary=True) if self.record else 0
+        taken, control = index, True
+        if self.record is None:
+            taken, control = self._take_four_line_records(lines, index)
+        rest = self._walk(lines, taken, first_line, final)
+        if taken > index and not control:
+            # The bulk path saw every byte of its records; only the lines walked are left to check.
+            control = any(len(line.translate(None, FASTQ_CONTROL)) != len(line)
+                          for line in itertools.chain(lines[:index], lines[taken:]))
+        if control and len(lines) > new_first - first_line:
+            self._count_control_bytes(text, lines, new_first - first_line, new_first)
         self.carry = lines[rest:]
         self.lines_before = first_line - 1 + rest
 
-    def _walk(self, lines, first_line):
-        """Take the well-formed records of a block one by one; return the index of the unread rest."""
-        seqs, quals = [], []
-        index, end = 0, len(lines)
-        while end - index >= 4:
-            head, seq, plus, qual = lines[index:index + 4]
-            if not head.strip():
-                index += 1  # blank lines between records are tolerated, as other tools do
+    def _take_four_line_records(self, lines, start):
+        """Measure the four-line records at lines[start:] in bulk.
+
+        Return (the index after them, whether a control byte may be among them); the index
+        is `start` when the lines there are not four-line records. Sequence lines are not
+        checked for a leading '@' or '+' (no base is either; the check would cost about 8%
+        of the time), so only on such a broken record can this path read otherwise than
+        _walk does.
+        """
+        count = (len(lines) - start) // 4
+        if count and lines[start + 4 * count - 1][:1] == b"@":
+            count -= 1  # an '@' quality line's role depends on the line after it: walk that one
+        if not count:
+            return start, True
+        stop = start + 4 * count
+        heads, seqs, plus, quals = (lines[start + i:stop:4] for i in range(4))
+        seq_lengths = list(map(len, seqs))
+        if seq_lengths != list(map(len, quals)):
+            return start, True
+        # One join and one count check every header (and every '+' line) starts as it must,
+        # and the joined headers are checked for control bytes on the way.
+        head_text, plus_text = b"\n".join(heads), b"\n".join(plus)
+        if not (head_text[:1] == b"@" and head_text.count(b"\n@") == count - 1
+                and plus_text[:1] == b"+" and plus_text.count(b"\n+") == count - 1):
+            return start, True
+        self.garbage = False
+        control = self._add(seqs, quals, seq_lengths)
+        for text in (head_text, plus_text):
+            control = control or len(text.translate(None, FASTQ_CONTROL)) != len(text)
+        return stop, control
+
+    def _walk(self, lines, index, first_line, final=False, to_boundary=False):
+        """Read lines[index:] as kseq_read does; return where the unread rest starts.
+
+        Line by line, but for a run of sequence or quality lines longer than LONG_RUN (one
+        base a line, or blank lines without end), which is taken a window at a time. With
+        to_boundary, stop once no record is open (the bulk path may take over there). An '@'
+        line in a short quality is left unread when the line after it is not here yet.
+        """
+        seqs, quals, lengths = [], [], []
+        record, end = self.record, len(lines)
+        while index < end:
+            line = lines[index]
+            if record is None:
+                if to_boundary:
+                    break
+                if line[:1] == b"@":
+                    record = OpenRecord(first_line + index)
+                    self.garbage = False
+                elif line.strip() and not self.garbage:
+                    self.problems.add(first_line + index, "header line does not start with '@'")
+                    self.garbage = True
+                # Blank lines between records are tolerated, as other tools do.
+            elif record.qual is None:
+                if line[:1] == b"+":
+                    record.qual = []
+                elif line[:1] == b"@":
+                    self.problems.add(record.line, "no '+' line before the next header")
+                    record = OpenRecord(first_line + index)
+                elif len(record.seq) < LONG_RUN:
+                    record.add_sequence_line(line)
+                else:
+                    starts = line_starts(lines, index, len(record.seq))
+                    stop = starts.find(b"+")
+                    header = starts.find(b"@", 0, len(starts) if stop < 0 else stop)
+                    stop = index + (header if header >= 0 else len(starts) if stop < 0 else stop)
+                    record.add_sequence(lines[index:stop])
+                    index = stop
+                    continue
+            elif line[:1] == b"@":
+                if index + 1 == end and not final:
+                    break
+                if fastq_at_line_role(record, line, lines[index + 1] if index + 1 < end else None) == "header":
+                    if record.seq_len == record.qual_len == 0:
+                        self._close(record, seqs, quals, lengths)  # an empty read, its quality line left out
+                    else:
+                        self.problems.add(record.line, "sequence and quality lengths differ "
+                                          f"({record.seq_len} and {record.qual_len})")
+                    record = OpenRecord(first_line + index)
+                else:
+                    record.add_quality_line(line)
+                    if record.qual_len >= record.seq_len:
+                        record = self._end_quality(record, seqs, quals, lengths)
+            elif len(record.qual) < LONG_RUN:
+                record.add_quality_line(line)
+                if record.qual_len >= record.seq_len:
+                    record = self._end_quality(record, seqs, quals, lengths)
+            else:
+                # Quality lines up to the next '@' line, or until they are as long as the sequence.
+                starts = line_starts(lines, index, len(record.qual))
+                stop = starts.find(b"@")
+                stop = index + (len(starts) if stop < 0 else stop)
+                totals = list(itertools.accumulate(map(len, lines[index:stop])))
+                stop = min(stop, index + bisect.bisect_left(totals, record.seq_len - record.qual_len) + 1)
+                record.add_quality(lines[index:stop])
+                index = stop
+                record = self._end_quality(record, seqs, quals, lengths)
                 continue
-            reason = fastq_record_problem(head, seq, plus, qual)
-            if reason is None:
-                seqs.append(seq)
-                quals.append(qual)
-                index += 4
-                continue
-            self.problems.add(first_line + index, reason)
-            index = next_fastq_record(lines, index + 1)
-        if seqs:
-            self._add(seqs, quals, list(map(len, seqs)))
+            index += 1
+        self.record = record
+        if lengths:
+            self._add(seqs, quals, lengths)
         return index
 
-    def _add(self, seqs, quals, seq_lengths):
-        if not seqs:
-            return
-        self.reads += len(seqs)
-        sequence, quality = b"".join(seqs), b"".join(quals)
-        self.bases += len(sequence)
-        self.gc += count_members(sequence, GC_TABLE)
-        self.n += sequence.count(b"N") + sequence.count(b"n")  # rare bytes: count is memchr-fast
-        self.quality_sum += byte_sum(quality)
-        self.q20 += count_members(quality, Q20_TABLE)
-        self.q30 += count_members(quality, Q30_TABLE)
-        low, high = min(seq_lengths), max(seq_lengths)
+    def _end_quality(self, record, seqs, quals, lengths):
+        """Close a record whose quality is as long as its sequence or longer; return the open record or None."""
+        if record.qual_len < record.seq_len:
+            return record
+        if record.qual_len == record.seq_len:
+            self._close(record, seqs, quals, lengths)
+        else:
+            self.problems.add(record.line, "sequence and quality lengths differ "
+                              f"({record.seq_len} and {record.qual_len})")
+        return None
+
+    def _close(self, record, seqs, quals, lengths):
+        seqs.append(b"".join(record.seq))
+        quals.append(b"".join(record.qual or ()))
+        lengths.append(record.seq_len)
+        if record.spilled:
+            self.counts.merge(record.spilled)
+
+    def _add(self, seqs, quals, lengths):
+        """Count complete records; return True when a control byte is among their bases or qualities."""
+        self.reads += len(lengths)
+        control = self.counts.add_sequence(b"".join(seqs))
+        control = self.counts.add_quality(b"".join(quals)) or control
+        low, high = min(lengths), max(lengths)
         self.min_length = low if self.min_length is None else min(self.min_length, low)
         self.max_length = high if self.max_length is None else max(self.max_length, high)
-        self.lengths.update(seq_lengths)
+        self.lengths.update(lengths)
         if len(self.lengths) > MAX_LENGTH_BINS:
             self.lengths = coarsen_lengths(self.lengths)
             self.lengths_exact = False
+        return control
+
+    def _count_control_bytes(self, text, lines, start, first_line):
+        """Count the control bytes of newly fed lines (lines[start:], split from text), and
+        remember the line of the first."""
+        # The partial line after the last newline is counted when it is fed as a line.
+        found = len(text) - len(text.translate(None, FASTQ_CONTROL))
+        if self._partial and text.endswith(self._partial):
+            found -= len(self._partial) - len(self._partial.translate(None, FASTQ_CONTROL))
+        if not found:
+            return
+        self.control_bytes += found
+        if self.first_control_line is None:
+            for number, line in enumerate(itertools.islice(lines, start, None), first_line):
+                if len(line.translate(None, FASTQ_CONTROL)) != len(line):
+                    self.first_control_line = number
+                    break
 
     def finish(self):
         """Flush the last line, count a record cut short at the end, return the summary."""
@@ -596,51 +900,41 @@ class FastqAnalyzer(LineAnalyzer):
             self.newlines -= 1
             self.feed_lines(self._partial + b"\n")
             self._partial = b""
-        leftover = [line for line in self.carry if line.strip()]
-        if leftover:
-            self.problems.add(self.lines_before + 1,
-                              f"the file ends inside a record ({len(self.carry)} of its 4 lines)")
+        if self.carry or self.record:
+            self._feed_line_list([], final=True)  # the lines kept back, now that none follows
+        record = self.record
+        if record is not None:
+            if record.qual is not None and record.seq_len == record.qual_len == 0:
+                self._add([b""], [b""], [0])  # '+' then the end: an empty read, as kseq reads it
+            else:
+                state = ("no '+' line" if record.qual is None
+                         else f"quality {record.qual_len} of {record.seq_len}")
+                self.problems.add(record.line, f"the file ends inside a record ({state})")
+            self.record = None
         return self.summary()
 
     def summary(self):
+        bases = self.counts.bases
         return {
             "reads": self.reads,
-            "bases": self.bases,
+            "bases": bases,
             "min_length": self.min_length,
-            "mean_length": round(self.bases / self.reads, 3) if self.reads else None,
+            "mean_length": round(bases / self.reads, 3) if self.reads else None,
             "max_length": self.max_length,
-            "n50": n50(self.lengths, self.bases),
+            "n50": n50(self.lengths, bases),
             "n50_exact": self.lengths_exact,
-            "gc_percent": percent(self.gc, self.bases),
-            "n_count": self.n,
-            "n_percent": percent(self.n, self.bases),
-            "mean_quality": round(self.quality_sum / self.bases - 33, 3) if self.bases else None,
-            "q20_percent": percent(self.q20, self.bases),
-            "q30_percent": percent(self.q30, self.bases),
+            "gc_percent": percent(self.counts.gc, bases, FASTQ_PERCENT_DIGITS),
+            "n_count": self.counts.n,
+            "n_percent": percent(self.counts.n, bases, FASTQ_PERCENT_DIGITS),
+            "mean_quality": round(self.counts.quality_sum / bases - 33, 3) if bases else None,
+            "q20_percent": percent(self.counts.q20, bases, FASTQ_PERCENT_DIGITS),
+            "q30_percent": percent(self.counts.q30, bases, FASTQ_PERCENT_DIGITS),
             "quality_encoding": "phred+33",
+            "control_bytes": self.control_bytes,
+            "first_control_byte_line": self.first_control_line,
+            "control_byte_convention": CONTROL_BYTE_CONVENTION,
             **self.problems.fields("records"),
         }
-
-
-def fastq_record_problem(head, seq, plus, qual):
-    """Return why four lines are not a FASTQ record, or None when they are one."""
-    if not head.startswith(b"@"):
-        return "header line does not start with '@'"
-    if not plus.startswith(b"+"):
-        return "third line of the record does not start with '+'"
-    if len(seq) != len(qual):
-        return f"sequence and quality lengths differ ({len(seq)} and {len(qual)})"
-    return None
-
-
-def next_fastq_record(lines, index):
-    """Return the index of the next line that can start a record: '@' with a '+' two lines on."""
-    end = len(lines)
-    while index < end:
-        if lines[index].startswith(b"@") and (index + 2 >= end or lines[index + 2].startswith(b"+")):
-            return index
-        index += 1
-    return index
 
 
 def coarsen_lengths(lengths):
@@ -671,39 +965,89 @@ def n50(lengths, total):
 # only once per field, and the matches are the same.
 VCF_RECORD = re.compile(
     rb"^([^\t\n#][^\t\n]*)\t\d+\t[^\t\n]*\t([^\t\n]+)\t([^\t\n]+)\t[^\t\n]*\t([^\t\n]*)[^\n]*\n", re.M)
-TRANSITIONS = {(b"A", b"G"), (b"G", b"A"), (b"C", b"T"), (b"T", b"C")}
-VARIANT_KINDS = ("snvs", "mnvs", "indels", "others")
-INDEL_ONLY = (("indels",), 0, 0)
+# bcftools' allele types (htslib vcf.h: VCF_REF is 0, the others are bits of a record's type).
+VCF_SNP, VCF_MNP, VCF_INDEL, VCF_OTHER, VCF_BND, VCF_OVERLAP = 1, 2, 4, 8, 16, 32
+VARIANT_KINDS = (("snvs", VCF_SNP), ("mnvs", VCF_MNP), ("indels", VCF_INDEL), ("others", VCF_OTHER))
+BASE_INDEX = {ord(base): index for index, base in enumerate("ACGT")}  # htslib's bcf_acgt2int
+BASE_INDEX.update({ord(base): index for index, base in enumerate("acgt")})
+NO_ALT_RECORD = ((), True, False, False, 0, 0)
+ONE_ALT_RECORDS = {kind: (tuple(name for name, bit in VARIANT_KINDS if bit == kind), kind == 0, False, False, 0, 0)
+                   for kind in (0, VCF_MNP, VCF_INDEL, VCF_OTHER, VCF_BND, VCF_OVERLAP)}
 
 
-def classify_alleles(ref, alts):
-    """Return (kinds present, transitions, transversions) for a REF and its comma-separated ALTs.
+def allele_type(ref, alt):
+    """Return bcftools' type of one ALT allele: 0 (no variant), VCF_SNP, _MNP, _INDEL, _OTHER, _BND or _OVERLAP.
 
-    As bcftools does: an equal-length ALT differing at one base is an SNV, at more an MNV;
-    a length change is an indel; symbolic and breakend alleles are others; '*' (a deletion
-    seen from an overlapping record) and '.' are no variant. Ts/Tv compares the first bases
-    of REF and ALT, again as bcftools does, so a CT>CA SNV counts as neither.
+    A reading of bcf_set_variant_type in htslib's vcf.c, which bcftools stats 1.16 counts by:
+    '*' is an overlap; a one-base REF and ALT are the same, '.' or mpileup's 'X' (compared
+    case-sensitively there), else an SNV; '<X>', '<*>' and '<NON_REF>' stand for the reference
+    (gVCF and mpileup placeholders) and any other symbolic allele is other; an ALT starting
+    with '[' or ']', or the REF then one, is a breakend. Otherwise, after the shared prefix
+    and suffix (case-insensitive), what is left decides: nothing left of one side is an
+    indel, one base each an SNV, equal lengths an MNV; a length change that is not anchored
+    at a shared base is other (G>CT, AC>ATG, TCA>G), as are bcftools' other leftovers.
     """
-    if len(ref) != len(alts) and b"," not in alts and ref.isalpha() and alts.isalpha():
-        return INDEL_ONLY  # the common unique case, answered before any allocation
-    kinds, ts, tv = set(), 0, 0
-    ref = ref.upper()
-    for alt in alts.upper().split(b","):
-        if alt in (b".", b"*") or alt == ref:
-            continue
-        if not (alt.isalpha() and ref.isalpha()):
-            kinds.add("others")
-        elif len(alt) == len(ref):
-            differences = sum(r != a for r, a in zip(ref, alt))
-            kinds.add("snvs" if differences == 1 else "mnvs")
-            if differences == 1 and ref[0] != alt[0] and ref[:1] in b"ACGT" and alt[:1] in b"ACGT":
-                if (ref[:1], alt[:1]) in TRANSITIONS:
+    if alt == b"*":
+        return VCF_OVERLAP
+    if len(ref) == 1 and len(alt) == 1:
+        return 0 if alt == b"." or alt == ref or alt == b"X" else VCF_SNP
+    if alt[:1] == b"<":
+        return 0 if alt[1:3] in (b"X>", b"*>") or alt == b"<NON_REF>" else VCF_OTHER
+    if alt[:1] in (b"[", b"]"):
+        return VCF_BND
+    if not (alt.startswith(ref) or ref.startswith(alt)):  # the common anchored indel skips upper()
+        ref, alt = ref.upper(), alt.upper()
+    if alt.startswith(ref):  # the REF is all shared: an insertion, or a breakend after the REF
+        return 0 if alt == ref else VCF_BND if alt[len(ref):len(ref) + 1] in (b"[", b"]") else VCF_INDEL
+    if ref.startswith(alt):
+        return VCF_INDEL
+    start = 0
+    while ref[start] == alt[start]:  # neither is a prefix of the other: a difference is ahead
+        start += 1
+    ref_end, alt_end = len(ref) - 1, len(alt) - 1
+    while ref_end > start and alt_end > start and ref[ref_end] == alt[alt_end]:
+        ref_end -= 1
+        alt_end -= 1
+    if alt_end == start or ref_end == start:
+        if ref_end == alt_end:
+            return VCF_SNP
+        return VCF_INDEL if ref[ref_end] == alt[alt_end] else VCF_OTHER
+    return VCF_MNP if ref_end == alt_end else VCF_OTHER
+
+
+def classify_record(ref, alts):
+    """Return how bcftools stats counts a record, from its REF and comma-separated ALTs.
+
+    The tuple is (kinds: the names in VARIANT_KINDS the record counts for, no_alt,
+    multiallelic, multiallelic SNV site, transitions, transversions). As in vcfstats.c: a
+    record counts once for each kind its alleles hold; it is no-ALT when its ALT is '.' or
+    every allele is of type 0 (a breakend or '*' makes it neither); multiallelic with two
+    ALTs or more, a multiallelic SNV site when its SNVs stand alone but for type-0 alleles.
+    Ts/Tv is per SNV allele, from the first bases of REF and ALT (bcf_acgt2int), so a CT>CA
+    SNV counts as neither.
+    """
+    if b"," not in alts:
+        if alts == b".":
+            return NO_ALT_RECORD  # htslib reads a lone '.' as no ALT allele at all
+        kind = allele_type(ref, alts)
+        if kind != VCF_SNP:
+            return ONE_ALT_RECORDS[kind]
+    alleles = alts.split(b",")
+    record_type = ts = tv = 0
+    ref_base = BASE_INDEX.get(ref[0])
+    for alt in alleles:
+        kind = allele_type(ref, alt)
+        record_type |= kind
+        if kind == VCF_SNP and ref_base is not None:
+            alt_base = BASE_INDEX.get(alt[0])
+            if alt_base is not None and alt_base != ref_base:
+                if abs(ref_base - alt_base) == 2:  # A<->G, C<->T
                     ts += 1
                 else:
                     tv += 1
-        else:
-            kinds.add("indels")
-    return tuple(sorted(kinds)), ts, tv
+    kinds = tuple(name for name, bit in VARIANT_KINDS if record_type & bit)
+    multiallelic = len(alleles) > 1
+    return kinds, record_type == 0, multiallelic, multiallelic and record_type == VCF_SNP, ts, tv
 
 
 class BoundedCounter:
@@ -744,8 +1088,8 @@ class VcfAnalyzer(LineAnalyzer):
         self.samples = 0
         self.header_seen = False
         self.records = 0
-        self.kinds = dict.fromkeys(VARIANT_KINDS, 0)
-        self.no_alt = self.multiallelic = self.ts = self.tv = 0
+        self.kinds = dict.fromkeys((name for name, _ in VARIANT_KINDS), 0)
+        self.no_alt = self.multiallelic = self.multiallelic_snv = self.ts = self.tv = 0
         self.chromosomes = BoundedCounter(MAX_NAMES)
         self.filters = BoundedCounter(MAX_NAMES)
         self.classified = {}
@@ -777,17 +1121,17 @@ class VcfAnalyzer(LineAnalyzer):
             tally[known] = tally.get(known, 0) + count
         self.chromosomes.update(chromosomes)
         self.filters.update(filters)
-        for (kinds, ts, tv, multiallelic), count in tally.items():
+        for (kinds, no_alt, multiallelic, multiallelic_snv, ts, tv), count in tally.items():
             for kind in kinds:
                 self.kinds[kind] += count
-            if not kinds:
-                self.no_alt += count
+            self.no_alt += no_alt * count
             self.multiallelic += multiallelic * count
+            self.multiallelic_snv += multiallelic_snv * count
             self.ts += ts * count
             self.tv += tv * count
 
     def _classify(self, ref, alt):
-        known = classify_alleles(ref, alt) + (b"," in alt,)
+        known = classify_record(ref, alt)
         if len(ref) + len(alt) <= 6:
             # Only short pairs repeat often enough to be worth remembering; bounded anyway.
             if len(self.classified) >= MAX_NAMES:
@@ -796,9 +1140,13 @@ class VcfAnalyzer(LineAnalyzer):
         return known
 
     def _find_malformed(self, data, first_line):
-        for number, line in enumerate(data.split(b"\n")[:-1], first_line):
-            if line and not line.startswith(b"#") and not VCF_RECORD.match(line + b"\n"):
-                self.problems.add(number, vcf_line_problem(line))
+        # Matched where each line starts, not on copies: a line may be 16 MiB long.
+        start, number, match = 0, first_line, VCF_RECORD.match
+        while start < len(data):
+            end = data.index(b"\n", start)
+            if end > start and data[start] != 35 and not match(data, start):  # 35: '#'
+                self.problems.add(number, vcf_line_problem(data, start, end))
+            start, number = end + 1, number + 1
 
     def summary(self):
         filters = self.filters.as_dict()
@@ -810,6 +1158,7 @@ class VcfAnalyzer(LineAnalyzer):
             **self.kinds,
             "no_alt": self.no_alt,
             "multiallelic_sites": self.multiallelic,
+            "multiallelic_snv_sites": self.multiallelic_snv,
             "transitions": self.ts,
             "transversions": self.tv,
             "ts_tv_ratio": round(self.ts / self.tv, 3) if self.tv else None,
@@ -828,12 +1177,13 @@ def vcf_sample_count(data):
     return max(0, len(line.split(b"\t")) - 9)
 
 
-def vcf_line_problem(line):
-    """Return why a VCF data line is not a record."""
-    fields = line.split(b"\t")
-    if len(fields) < 8:
-        return f"{len(fields)} tab-separated columns, a record has at least 8"
-    if not fields[1].isdigit():
+def vcf_line_problem(data, start, end):
+    """Return why the VCF data line data[start:end] is not a record (without copying it)."""
+    columns = data.count(b"\t", start, end) + 1
+    if columns < 8:
+        return f"{columns} tab-separated columns, a record has at least 8"
+    position = data.index(b"\t", start) + 1
+    if not data[position:data.index(b"\t", position)].isdigit():
         return "POS is not a whole number"
     return "REF or ALT is empty"
 
@@ -1513,7 +1863,7 @@ def make_analyzer(fmt, sample=b"", name="", whole=False):
         dialect = sniff_table(sample[:SNIFF_SIZE], name, whole, table_named=True)
         return TableAnalyzer(dialect)
     if fmt == "fastq":
-        return FastqAnalyzer(crlf=b"\r\n" in sample[:SNIFF_SIZE])
+        return FastqAnalyzer()
     if fmt == "vcf":
         return VcfAnalyzer()
     if fmt in ("text", "fasta"):

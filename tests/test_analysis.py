@@ -128,6 +128,120 @@ def test_fastq_blank_lines_between_records_are_tolerated():
     assert s["reads"] == 6 and s["malformed_records"] == 0
 
 
+def _wrapped(name, sequence, quality, width):
+    """One FASTQ record with its sequence and quality wrapped at `width` (as seqkit seq -w writes)."""
+    def wrap(text):
+        return [text[i:i + width] for i in range(0, len(text), width)] or [b""]
+    return b"\n".join([b"@" + name, *wrap(sequence), b"+", *wrap(quality)]) + b"\n"
+
+
+def _reads(count, seed):
+    """Random reads of 1-300 bases as (name, sequence, quality); quality is mostly '@' (Phred 31)."""
+    rng = random.Random(seed)
+    reads = []
+    for i in range(count):
+        length = rng.randint(1, 300)
+        reads.append((b"r%d" % i, bytes(rng.choice(b"ACGTN") for _ in range(length)),
+                      bytes(rng.choice(b"@@@I#5") for _ in range(length))))
+    return reads
+
+
+def _expected(reads):
+    lengths = [len(seq) for _, seq, _ in reads]
+    return (len(reads), sum(lengths), min(lengths), max(lengths))
+
+
+@pytest.mark.parametrize(("first_wrapped", "width"), [(0, 60), (2, 60), (150, 60), (0, 3)])
+def test_fastq_wrapped_records_are_read_whole_wherever_wrapping_starts(first_wrapped, width):
+    # kseq's rule: sequence lines until a '+' line, quality lines until they are as long as the
+    # sequence. Quality lines starting with '@' (Phred 31) are quality, not headers. Width 3
+    # makes runs of up to 100 lines, read a window at a time.
+    reads = _reads(200, first_wrapped)
+    content = b"".join(_wrapped(name, seq, qual, width if i >= first_wrapped else 10_000)
+                       for i, (name, seq, qual) in enumerate(reads))
+    whole = analyse_bytes(content)
+    s = whole["summary"]
+    assert whole["format"] == "fastq"
+    assert (s["reads"], s["bases"], s["min_length"], s["max_length"]) == _expected(reads)
+    assert s["malformed_records"] == 0
+    bases = b"".join(seq for _, seq, _ in reads)
+    assert s["gc_percent"] == pytest.approx(100 * (bases.count(b"G") + bases.count(b"C")) / len(bases), abs=1e-3)
+    for seed in range(3):
+        assert AwsS3.analyse_stream(random_chunks(content, seed, 400))["summary"] == s
+
+
+def test_fastq_wrapped_with_crlf_measures_the_same():
+    content = b"".join(_wrapped(name, seq, qual, 50) for name, seq, qual in _reads(50, 4))
+    assert analyse_bytes(content.replace(b"\n", b"\r\n"))["summary"] == analyse_bytes(content)["summary"]
+
+
+def test_fastq_each_record_dropped_is_a_malformed_record():
+    records = _records(40)
+    # Quality cut short: the next header would complete it by length, as kseq reads it;
+    # the line after that header (a sequence line, not an '@' line) shows it is a header.
+    records[5] = b"@r5\nACGTACGT\n+\nIIII\n"
+    records[20] = b"@r20 a longer header\nACGTACGT\n+\nIII\n"
+    records[21] = b"@r21\nACGTACGT\n+\n"  # no quality line at all
+    records[30] = b"@r30\nACGT\n@r30b\nACGT\n+\nIIII\n"  # r30 has no '+' line; r30b is whole
+    for chunk in (37, 1000):
+        s = analyse_bytes(b"".join(records), chunk=chunk)["summary"]
+        assert s["reads"] == 37 and s["malformed_records"] == 4
+        assert s["reads"] + s["malformed_records"] == 41  # 40 records and r30b: none lost unnamed
+        assert s["first_malformed_line"] == 21
+    # Wrapped: w3's quality is cut short, so w4's header and a sequence line are read as its
+    # quality (kseq's rule) until it overruns; w4's remaining lines are one run of garbage.
+    wrapped = [_wrapped(b"w%d" % i, b"ACGT" * 3, b"IIII" * (2 if i == 3 else 3), 4) for i in range(10)]
+    s = analyse_bytes(b"".join(wrapped))["summary"]
+    assert (s["reads"], s["malformed_records"], s["first_malformed_line"]) == (8, 2, 25)
+    assert "lengths differ (12 and 15)" in s["first_malformed_reason"]
+
+
+def test_fastq_control_bytes_keep_the_format_and_say_where():
+    records = _records(5000)
+    records[3000] = b"@r3000\x01\nACGTACGT\n+\nII\x00IIIII\n"  # a control byte in the header and a NUL
+    records[4998] = b"@r4998\nACGT\x1bCGT\n+\nIIIIIIII\n"
+    for chunk in (997, AwsS3.CHUNK_SIZE):
+        report = analyse_bytes(b"".join(records), chunk=chunk)
+        s = report["summary"]
+        assert report["format"] == "fastq"
+        assert (s["control_bytes"], s["first_control_byte_line"]) == (3, 12001)
+        assert s["control_byte_convention"] == "counted, as seqkit counts them"
+        assert s["reads"] == 5000 and s["malformed_records"] == 0  # as seqkit counts them
+    clean = analyse_bytes(b"".join(_records(50)))["summary"]
+    assert (clean["control_bytes"], clean["first_control_byte_line"]) == (0, None)
+
+
+def test_fastq_whose_first_read_is_longer_than_the_sniffing_window():
+    rng = random.Random(5)
+    sequence = bytes(rng.choice(b"ACGT") for _ in range(200 * 1024))
+    content = b"@nanopore\n" + sequence + b"\n+\n" + b"5" * len(sequence) + b"\n" + b"".join(_records(3))
+    assert AwsS3.sniff_format(content[:AwsS3.SNIFF_SIZE]) == "fastq"
+    s = analyse_bytes(content)["summary"]
+    assert (s["reads"], s["bases"], s["max_length"], s["n50"]) == (4, len(sequence) + 60, len(sequence), len(sequence))
+    assert AwsS3.sniff_format(b"@not a read\nsome words, then\n+\n") == "text"
+
+
+def test_fastq_record_longer_than_the_buffer_is_measured_in_pieces(monkeypatch):
+    monkeypatch.setattr(AwsS3, "RECORD_BUFFER", 1000)  # bounded memory for any record size
+    reads = _reads(30, 6)
+    reads[10] = (b"long", b"GC" * 20_000, b"I" * 40_000)
+    content = b"".join(_wrapped(name, seq, qual, 70) for name, seq, qual in reads)
+    s = AwsS3.analyse_stream(random_chunks(content, 1, 3000))["summary"]
+    assert (s["reads"], s["bases"], s["max_length"]) == _expected(reads)[:2] + (40_000,)
+    bases = b"".join(seq for _, seq, _ in reads)
+    assert s["gc_percent"] == pytest.approx(100 * (bases.count(b"G") + bases.count(b"C")) / len(bases), abs=1e-3)
+
+
+def test_fastq_record_of_many_blank_lines_keeps_few_of_them():
+    # Blank lines cost no bytes but each kept line costs memory: the buffer counts them too.
+    record = AwsS3.OpenRecord(1)
+    for _ in range(200_000):
+        record.add_sequence(b"")
+    assert len(record.seq) <= AwsS3.RECORD_BUFFER // AwsS3.LINE_OVERHEAD
+    s = analyse_bytes(b"@h\n" + b"\n" * 200_000 + b"ACGT\n+\nIIII\n" + b"".join(_records(2)))["summary"]
+    assert (s["reads"], s["bases"], s["malformed_records"]) == (3, 44, 0)  # blank lines are empty sequence lines
+
+
 def test_n50_and_long_read_histogram():
     assert AwsS3.n50({2: 1, 3: 1, 4: 1, 5: 1}, 14) == 4  # 5 + 4 = 9 >= 7
     assert AwsS3.n50({}, 0) is None
@@ -162,6 +276,42 @@ def test_vcf_edge_cases_agree_with_bcftools():
     assert s["records_per_chromosome"] == {"1": 12, "2": 4}
     assert (s["pass"], s["filter_missing"], s["filtered"]) == (12, 1, 3)
     assert s["filters"]["q10;s50"] == 1
+
+
+# What bcftools stats 1.16 counted for one-record VCFs of each REF/ALT (SN and TSTV lines):
+# (SNPs, MNPs, indels, others), no-ALT, multiallelic SNP site, ts, tv. tests/peers/vcf/
+# holds the same alleles in files, re-checked against bcftools by bench/peers.py.
+BCFTOOLS_RECORDS = [
+    ("A", "<*>", "", True), ("A", "<X>", "", True), ("A", "<NON_REF>", "", True), ("A", "X", "", True),
+    ("A", ".", "", True), ("ACG", ".", "", True), ("A", "A", "", True), ("AC", "ac", "", True),
+    ("A", "<X>,<*>", "", True), ("A", "*", "", False), ("A", "*,<*>", "", False),
+    ("G", "G]17:198982]", "", False), ("G", "]17:198982]G", "", False),
+    ("G", "G[17:198982[", "", False), ("G", "[17:198982[G", "", False),
+    ("A", "G", "snvs ts", False), ("a", "A", "snvs", False), ("A", "a", "snvs", False),
+    ("a", "g", "snvs ts", False), ("CT", "CA", "snvs", False), ("N", "A", "snvs", False),
+    ("AC", "A-", "snvs", False), ("GATTACA", "GCTTACA", "snvs", False),
+    ("AC", "GT", "mnvs", False), ("ACG", "TCA", "mnvs", False), ("AC", ".G", "mnvs", False),
+    ("A", "AT", "indels", False), ("ATT", "A", "indels", False), ("G", ".G", "indels", False),
+    ("G", "G.", "indels", False), ("A", "A<ctg1>", "indels", False), ("AAAA", "AAA", "indels", False),
+    ("G", "CT", "others", False), ("AC", "ATG", "others", False), ("TCA", "G", "others", False),
+    ("A", "<DEL>", "others", False), ("A", "<INS>", "others", False), ("A", "<CN0>", "others", False),
+    ("A", "<DUP:TANDEM>", "others", False), ("A", "<ctg1>A", "others", False), ("AC", "X", "others", False),
+    ("A", "C[2:321682[", "others", False), ("AT", "A]2:3]", "others", False),
+    ("A", "G,T", "snvs ts tv multi-snv", False), ("A", "G,.", "snvs ts multi-snv", False),
+    ("A", "<*>,G", "snvs ts multi-snv", False), ("A", "X,G", "snvs ts multi-snv", False),
+    ("A", "G,*", "snvs ts", False), ("A", "G,AT", "snvs indels ts", False),
+    ("AC", "GT,G", "mnvs others", False), ("AT", "GC,A", "mnvs indels", False),
+    ("A", "AT,<DEL>", "indels others", False), ("G", "G]17:198982],C", "snvs tv", False),
+]
+
+
+@pytest.mark.parametrize(("ref", "alts", "counted", "no_alt"), BCFTOOLS_RECORDS)
+def test_records_are_classed_as_bcftools_classes_them(ref, alts, counted, no_alt):
+    kinds, is_no_alt, multiallelic, multiallelic_snv, ts, tv = AwsS3.classify_record(ref.encode(), alts.encode())
+    words = counted.split()
+    assert set(kinds) == {word for word in words if word in ("snvs", "mnvs", "indels", "others")}
+    assert (is_no_alt, multiallelic, multiallelic_snv) == (no_alt, "," in alts, "multi-snv" in words)
+    assert (ts, tv) == (words.count("ts"), words.count("tv"))
 
 
 def test_vcf_malformed_line_is_reported_and_skipped():
