@@ -20,6 +20,8 @@ peer now gives differently from what expected.json recorded, then the agreement 
 format (files agreeing / total). Exits 1 when any file disagrees.
 
 Peers: seqkit stats -a -T (FASTQ), bcftools stats (VCF); bench/run.py --quick installs them.
+CSV/TSV: DuckDB, in bench/peers_csv.py (it knows the report's deliberate differences); on the
+whole corpus this script runs it too, after the table above, and exits 1 if either disagrees.
 """
 
 import argparse
@@ -255,7 +257,13 @@ def main():
     print("\n| format | peer | files agreeing / total |\n| --- | --- | ---: |")
     for fmt, (agreeing, total) in sorted(table.items()):
         print(f"| {fmt} | {peer_name(fmt)} | {agreeing} / {total} |")
-    return 0 if all(agreeing == total for agreeing, total in table.values()) else 1
+    status = 0 if all(agreeing == total for agreeing, total in table.values()) else 1
+    if not args.files:
+        import peers_csv  # DuckDB: imported only here, where the tables are checked
+
+        print()
+        status |= peers_csv.main(["--generated"] if args.generated else [])
+    return status
 
 
 if __name__ == "__main__":
