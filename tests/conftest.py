@@ -19,6 +19,31 @@ from support import ShutdownStub  # noqa: E402
 REGION = "us-east-1"
 
 
+def _share_botocore_models():
+    """Give every botocore Session in this process one model loader.
+
+    botocore parses its JSON models (EC2's, S3's endpoint rules, endpoints.json) once per
+    Session, and the suite makes hundreds: one per deploy, per CLI call, per fixture. The
+    parse was a sixth of the in-process tests' CPU. The models are read-only data, so one
+    loader per data path changes nothing a test sees; subprocesses (the machines, deploy.sh)
+    still parse their own, as on AWS.
+    """
+    import botocore.loaders
+    import botocore.session
+
+    loaders = {}
+
+    def create_loader(search_path_string=None):
+        if search_path_string not in loaders:
+            loaders[search_path_string] = botocore.loaders.create_loader(search_path_string)
+        return loaders[search_path_string]
+
+    botocore.session.create_loader = create_loader
+
+
+_share_botocore_models()
+
+
 def pytest_collection_modifyitems(items):
     """Start the long_running tests first: pytest-xdist's workers (pytest.ini) then run the
     short ones beside them, instead of one worker finishing a burst alone at the end."""
@@ -50,6 +75,14 @@ def _clear_handler_caches():
     if handler is not None:
         handler._clients.clear()
         handler._template_cache.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def faster_moto():
+    """moto's own hot spots, for the in-process mocks and the servers (local_cloud.speed_up_moto)."""
+    from local_cloud import speed_up_moto
+
+    speed_up_moto()
 
 
 @pytest.fixture(scope="session")
