@@ -6,7 +6,37 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from moto.server import ThreadedMotoServer
+
+
+def _fewer_moto_images():
+    """Give moto's EC2 its generic images and Amazon Linux 2023's, not ~1,300 a region.
+
+    moto builds every image it knows (mostly ECS-optimised ones) into each EC2 backend, and
+    the suite makes hundreds (each test, each reset): 0.13 CPU-s apiece. The project only
+    uses Amazon Linux 2023, found through its SSM parameters, whose images stay: all
+    regions' AL2023 images go to every region. Set before moto's EC2 module loads.
+    """
+    import atexit
+    import gzip
+    import json
+    import tempfile
+
+    import moto
+
+    resources = Path(moto.__file__).parent / "ec2" / "resources"
+    images = json.loads(gzip.decompress((resources / "amis.json.gz").read_bytes()))
+    for latest in sorted((resources / "latest_amis").glob("*.json.gz")):
+        images += [image for image in json.loads(gzip.decompress(latest.read_bytes()))
+                   if image["name"].startswith("al2023-ami-")]
+    handle, path = tempfile.mkstemp(prefix="awsfun-moto-images-", suffix=".json")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump(images, out)
+    atexit.register(os.unlink, path)
+    os.environ["MOTO_AMIS_PATH"] = path
+
+
+_fewer_moto_images()
+from moto.server import ThreadedMotoServer  # noqa: E402 - after MOTO_AMIS_PATH is set
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
