@@ -119,10 +119,8 @@ def ensure_venv(venv=VENV, requirements=REQUIREMENTS, environ=None):
     print(f"target_python: making {venv} with {python} from {requirements}", file=sys.stderr)
     stamp = venv / STAMP_NAME
     stamp.unlink(missing_ok=True)  # a venv cut short is never taken for a current one
-    # --no-compile: pip would byte-compile all of moto (most of the install's CPU); Python
-    # compiles the modules the tests import, once, on first use.
     steps = ([python, "-m", "venv", "--clear", str(venv)],
-             [str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--no-compile",
+             [str(venv_python(venv)), "-m", "pip", "install", "--quiet",
               "--disable-pip-version-check", "-r", str(requirements)])
     for step in steps:
         done = subprocess.run(step, check=False)
