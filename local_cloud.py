@@ -193,6 +193,9 @@ class LocalCloud:
         # prints a warning about the Docker host to stdout; ask that (cached) question quietly.
         with contextlib.redirect_stdout(io.StringIO()):
             moto_settings.moto_server_host()
+        # werkzeug logs each request, through a handler bound to the stderr it first saw: in
+        # a test that is pytest's capture, closed by the time a later request logs.
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()

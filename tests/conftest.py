@@ -117,7 +117,10 @@ def faster_moto():
 
 @pytest.fixture(scope="session")
 def moto_endpoint():
-    """A moto server on a free loopback port for the whole session."""
+    """A moto server on a free loopback port for the whole session (quiet: see LocalCloud.start)."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
