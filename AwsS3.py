@@ -9,6 +9,7 @@ instance downloads it on boot. The input is only ever read.
 """
 
 import argparse
+import bisect
 import collections
 import csv
 import hashlib
@@ -45,7 +46,8 @@ MAX_LENGTH_BINS = 20_000    # read-length histogram size before lengths are roun
 MAX_NAMES = 10_000          # chromosome and filter names counted one by one
 MIN_EXACT_DISTINCT = 100    # distinct values counted exactly per column, at least...
 MAX_EXACT_DISTINCT = 10_000  # ...and at most, within...
-EXACT_DISTINCT_BUDGET = 200_000  # ...this many exact values over all columns
+EXACT_DISTINCT_BUDGET = 200_000  # ...this many exact values over all columns...
+EXACT_DISTINCT_CHARS = 8_000_000  # ...holding at most this many characters (long values stay bounded)
 MAX_PROFILED_COLUMNS = 200
 HISTOGRAM_STRIDE = 16       # byte histogram of text/binary from every 16th byte
 REPORT_PREFIX = "analysis/"
@@ -98,89 +100,237 @@ def parse_s3_uri(uri):
 
 
 def looks_binary(sample):
-    """True when a content sample is not text (NUL bytes, or not UTF-8/Latin text)."""
+    """True when a content sample is not text: a NUL byte, or more than 1 % control bytes.
+
+    Text need not be UTF-8: a latin-1 or cp1252 file is text whose bytes 0x80-0xFF are letters
+    (DuckDB reads it with encoding='latin-1'), so bytes that are not UTF-8 do not make it binary.
+    """
     if b"\x00" in sample:
         return True
-    try:
-        sample.decode("utf-8")
-    except UnicodeDecodeError as err:
-        # A multi-byte character cut at the sample's end is still text.
-        if err.start < len(sample) - 4:
-            return True
     control = len(sample) - len(sample.translate(None, CONTROL_BYTES))
     return control > len(sample) // 100
 
 
-def sniff_format(sample):
-    """Guess the content format from the first bytes of (decompressed) content."""
+def sniff_format(sample, name="", whole=False):
+    """Guess the content format from the first bytes of (decompressed) content.
+
+    `name` is the file's name or key: a .csv or .tsv name lets a one-column or one-record table
+    be a table. `whole` says the sample is all of the content, so its last line is complete.
+
+    The VCF and FASTQ signatures come before the binary test: a stray NUL or a latin-1 byte
+    in one of those files is a fault its report points at, not a reason to lose the format.
+    """
     if not sample:
         return "empty"
+    if sample.startswith(b"##fileformat=VCF"):
+        return "vcf"
+    if looks_like_fastq(sample):
+        return "fastq"
     if looks_binary(sample):
         return "binary"
     lines = sample.split(b"\n")
     complete = lines[:-1] if len(lines) > 1 else lines
-    if sample.startswith(b"##fileformat=VCF"):
-        return "vcf"
-    if sample.startswith(b"@") and len(complete) >= 3 and complete[2].startswith(b"+"):
-        return "fastq"
     if sample.startswith(b">"):
         return "fasta"
-    return sniff_table(complete[:50]) or "text"
+    dialect = sniff_table(sample, name, whole)
+    if dialect is None:
+        return "text"
+    return "tsv" if dialect.delimiter == "\t" else "csv"
 
 
-def sniff_table(lines):
-    """Return 'tsv' or 'csv' when lines split into a steady number (>= 2) of fields."""
-    delimiter = sniff_delimiter(lines)
-    if delimiter is None:
-        return None
-    return "tsv" if delimiter == "\t" else "csv"
+def looks_like_fastq(sample):
+    """True when content starts as a FASTQ record does: an '@' header, then sequence lines.
 
-
-def sniff_delimiter(lines):
-    """Return the delimiter (tab, comma, semicolon or bar) splitting nearly all rows into the same >= 2 fields."""
-    text = b"\n".join(line.rstrip(b"\r") for line in lines).decode("utf-8", "replace")
-    for delimiter in TABLE_DELIMITERS:
-        try:
-            rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row]
-        except csv.Error:
-            continue
-        if len(rows) > 2:
-            rows = rows[:-1]  # the sample may end inside a quoted field
-        widths = collections.Counter(map(len, rows))
-        width, count = widths.most_common(1)[0] if widths else (0, 0)
-        # A ragged row or two is a broken table, still a table; prose rarely splits this evenly.
-        if width >= 2 and count >= 2 and count >= 0.9 * len(rows):
-            return delimiter
-    return None
-
-
-def sniff_header(sample, delimiter):
-    """True when the first row of a table sample looks like column names, not data."""
-    text = sample[:SNIFF_SIZE].decode("utf-8", "replace")
-    text = text[:text.rfind("\n") + 1] or text
-    rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row][:200]
-    if len(rows) < 2:
-        return bool(rows) and not any(infer_kind({value}) in NUMERIC_KINDS for value in rows[0] if value)
-    first, rest = rows[0], rows[1:]
-    typed_like_data = False
-    for index, name in enumerate(first):
-        below = {row[index] for row in rest if index < len(row) and row[index]}
-        kind_below = infer_kind(below) if below else None
-        if kind_below not in (None, "string"):
-            # A column of numbers (or dates, booleans) under a word is the clearest sign of a header.
-            if infer_kind({name}) != kind_below:
-                return True
-            typed_like_data = True
-        if name and name in below:
+    The sequence lines must end in a '+' line (wrapped records have several; kseq's layout)
+    unless they run to the end of a full sniffing window: a first read longer than the
+    window (nanopore reads pass 64 KiB) shows no '+' line there, and is still FASTQ.
+    """
+    if sample[:1] != b"@":
+        return False
+    lines = sample.split(b"\n")
+    for number, line in enumerate(lines[1:], 1):
+        if line[:1] == b"+":
+            return number > 1
+        if line.translate(None, SEQUENCE_LINE_BYTES):
             return False
-    # All-text tables: names are distinct and, unlike data, never repeat below.
-    return not typed_like_data and len(set(first)) == len(first)
+    return len(lines) > 1 and len(sample) >= SNIFF_SIZE
+
+
+TableDialect = collections.namedtuple("TableDialect", "delimiter quote escape skip_rows header encoding")
+TableShape = collections.namedtuple("TableShape", "columns start consistent rows")
+
+
+def sniff_table(sample, name="", whole=False, table_named=None):
+    """Return the TableDialect a sample of text is read with, or None when it is not a table.
+
+    A table has >= 2 records that split into the same >= 2 fields, once a title above the
+    header is skipped. A name ending .csv or .tsv (or `table_named`) also makes a table of one
+    record or of one column, as DuckDB's read_csv reads any file it is given; without it, one
+    column counts as a table only when the values below its first line are numbers.
+    """
+    if table_named is None:
+        table_named = bool(TABLE_NAME.search(name or ""))
+    sample = sample.removeprefix(UTF8_BOM)
+    if not whole:
+        sample = sample[:max(sample.rfind(b"\n"), sample.rfind(b"\r")) + 1] or sample
+    encoding = sniff_encoding(sample, whole)
+    text = decode_text(sample, encoding)[0].replace("\r\n", "\n").replace("\r", "\n")
+    delimiter, quote, escape, shape, rows = sniff_dialect(text, whole)
+    body = rows[shape.start:]
+    if shape.columns >= 2 and shape.consistent >= 2:
+        tabular = shape.consistent >= 0.9 * len(body)  # a ragged row or two is a broken table, still a table
+    elif shape.columns == 1:
+        values = {row[0] for row in body[1:] if row[0]}
+        tabular = len(body) >= 3 and bool(values) and infer_kind(values) in NUMERIC_KINDS
+    else:
+        tabular = False  # one record: a line of prose with a comma looks the same
+    if not (tabular or (table_named and body)):
+        return None
+    return TableDialect(delimiter, quote, escape, shape.start, sniff_header(body), encoding)
+
+
+def sniff_encoding(sample, whole=False):
+    """Return the encoding a table sample is read in: utf-8, else cp1252 or latin-1.
+
+    UTF-8 when the sample decodes as UTF-8 (a character cut at a sample's end aside). Otherwise
+    cp1252 when it holds bytes 0x80-0x9F (Windows' euro sign and curly quotes live there;
+    latin-1 has only control codes), else latin-1, which then reads the same as cp1252.
+    """
+    try:
+        sample.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError as err:
+        if not whole and err.reason == "unexpected end of data" and err.start >= len(sample) - 3:
+            return "utf-8"
+    return "cp1252" if WINDOWS_BYTES.search(sample) else "latin-1"
+
+
+def sniff_dialect(text, whole=False):
+    """Return (delimiter, quote, escape, TableShape, rows) of the dialect that reads text best.
+
+    After DuckDB's sniffer (dialect_detection.cpp): each delimiter (, | ; tab) parses the
+    sample; the first rows narrower than the table's steady width are a title above it (DuckDB's
+    skip_rows). RFC 4180 quoting ('"', doubled inside a field) is tried first; a backslash
+    escape, then no quoting at all (TSV's: DuckDB's quote=''), only where it leaves rows
+    ragged, as a quote closed mid-field does. Two changes from DuckDB: a dialect that reads
+    every row alike, title rows and all, beats one that needs a title skipped (`a;b` over
+    `1,5;2,5` is two columns, not three under a title); and a quoted field still open where the
+    file ends is a broken last record, reported as such, not a reason to read quotes as text.
+    """
+    rules = [('"', '"')]
+    if "\\\"" in text:
+        rules.append(('"', "\\"))
+    if '"' in text:
+        rules.append((None, None))
+    best = None
+    for delimiter in TABLE_DELIMITERS:
+        chosen = None
+        for quote, escape in rules:
+            rows = sample_rows(text, csv_options(delimiter, quote, escape), whole)
+            shape = table_shape([-1 if row is None else len(row) for row in rows])
+            if chosen is None or better_shape(shape, chosen[3]):
+                chosen = (delimiter, quote, escape, shape, [row for row in rows if row is not None])
+            if shape.consistent == shape.rows - shape.start:
+                break  # every row reads alike: no reason to try another quote rule
+        if best is None or better_shape(chosen[3], best[3]):
+            best = chosen
+    return best
+
+
+def sample_rows(text, options, whole):
+    """Return the non-empty records of a sample, None for one the strict parser rejects.
+
+    Strict as DuckDB's strict_mode: a quoted field closed before the end of its field (`"a"b`)
+    rejects the row. A record whose quoted field is still open where the text ends is left
+    out; so is the last record of a sample that is not the whole file (it may be cut), unless
+    it is the only one (a header longer than the sample still tells the delimiter).
+    """
+    strict = options.get("quoting") != csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), strict=strict, **options)
+    rows, failed = [], False
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            if failed:
+                return rows  # the failure was the text ending inside a quoted field
+            break
+        except csv.Error:
+            if failed:
+                rows.append(None)
+            failed = True
+            continue
+        if failed:
+            rows.append(None)
+            failed = False
+        if row:
+            rows.append(row)
+    return rows if whole or len(rows) < 2 else rows[:-1]
+
+
+def table_shape(widths):
+    """Return the TableShape of records of these widths: their most common width (the wider of
+    equals), where the first record of that width is (after narrower title rows only), and how many
+    records from there have that width."""
+    if not widths:
+        return TableShape(0, 0, 0, 0)
+    counts = collections.Counter(widths)
+    columns = max(counts, key=lambda width: (counts[width], width))
+    start = widths.index(columns)
+    if max(widths[:start], default=0) > columns:
+        start = 0  # a wider row above is a broken row of the table, not a title
+    return TableShape(columns, start, widths[start:].count(columns), len(widths))
+
+
+def better_shape(new, old):
+    """True when records of shape `new` make a better table than `old`: more than one column
+    first, then no title to skip, then DuckDB's rule (more steady rows and no fewer columns)."""
+    if new.consistent < 0.9 * (new.rows - new.start):
+        return False
+    if (new.columns >= 2) != (old.columns >= 2):
+        return new.columns >= 2
+    if old.columns >= 2 and (new.start == 0) != (old.start == 0):
+        return new.start == 0
+    return new.consistent > old.consistent and new.columns >= old.columns
+
+
+def sniff_header(rows):
+    """True when the first of a table's rows names its columns, by DuckDB's rule.
+
+    header_detection.cpp: each column is typed from the rows below; if every column is text (or
+    the first row is empty) the first row is a header; otherwise it is one when a value in it
+    does not fit its column's type ('id' above integers). A lone row is a header if all text.
+    """
+    first = rows[0] if rows else []
+    below = [row for row in rows[1:] if len(row) == len(first)]
+    if not any(value.strip() for value in first):
+        return True
+    if not below:
+        return all(infer_kind({value}) == "string" for value in first if value)
+    all_text = True
+    for index, name in enumerate(first):
+        values = {row[index] for row in below if row[index]}
+        kind = infer_kind(values) if values else "string"
+        if kind != "string":
+            all_text = False
+            if name and not fits_kind(name, kind):
+                return True
+    return all_text
 
 
 # --- shared helpers -------------------------------------------------------------------
 
 CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13))
-TABLE_DELIMITERS = ("\t", ",", ";", "|")
+TABLE_DELIMITERS = (",", "|", ";", "\t")  # DuckDB's candidates, in its order (ties go to the first)
+TABLE_NAME = re.compile(r"\.(?:csv|tsv|tab)(?:\.b?gz)?$", re.IGNORECASE)
+UTF8_BOM = b"\xef\xbb\xbf"
+WINDOWS_BYTES = re.compile(rb"[\x80-\x9f]")  # cp1252's letters and marks; C1 controls in latin-1
+# Bytes 0-31 but tab and the line ends: no FASTQ holds them, and one is reported where it is.
+# DEL (127) is left out: seqkit reads it as Phred 94, a quality like any other.
+FASTQ_CONTROL = bytes(value for value in range(32) if value not in (9, 10, 13))
+# What a sequence line may hold: IUPAC letters, gaps and stops, control bytes (reported, not
+# fatal), and the CR of a CRLF line end.
+SEQUENCE_LINE_BYTES = bytes(range(65, 91)) + bytes(range(97, 123)) + b"-*.\r" + FASTQ_CONTROL
 ADLER_MODULUS = 65521
 
 
@@ -367,106 +517,382 @@ class BinaryAnalyzer:
                 **self.bytes.summary()}
 
 
-GC_TABLE = byte_table(set(b"GCgc"))  # as seqkit: S (G or C) is not counted
-Q20_TABLE = byte_table(set(range(33 + 20, 256)))
+CONTROL_MARK = b"\x02"  # what the two tables below turn a control byte into
+GC_TABLE = bytes(1 if value in b"GCgc" else 2 if value in FASTQ_CONTROL else 0
+                 for value in range(256))  # as seqkit: S (G or C) is not counted
+Q20_TABLE = bytes(1 if value >= 33 + 20 else 2 if value in FASTQ_CONTROL else 0 for value in range(256))
 Q30_TABLE = byte_table(set(range(33 + 30, 256)))
+RECORD_BUFFER = PIECE_SIZE  # bytes of one unfinished record kept as lines before they are measured
+# A longer FASTQ line is read in pieces (kseq's rule reads a sequence or quality cut in pieces
+# the same), which keeps the copies of a partial line small; other formats keep MAX_LINE_BYTES.
+FASTQ_MAX_LINE_BYTES = 4 * PIECE_SIZE
+LINE_OVERHEAD = 64          # what a kept line costs beyond its bytes (so a million blank lines are not free)
+RUN_LINES = 4096            # lines taken into a record at a time (b"".join costs ~80 bytes a part)
+LONG_RUN = 32               # sequence or quality lines of one record read one by one before a run is taken whole
+CONTROL_BYTE_CONVENTION = "counted, as seqkit counts them"
+# seqkit prints 2 decimals of the exact figure; at 3, rounding ours again to 2 could differ
+# (78.3654 -> 78.365 -> 78.36, not 78.37). At 6 that takes a figure within 5e-7 of a tie.
+FASTQ_PERCENT_DIGITS = 6
+
+
+def count_marked(marked):
+    """Return (members, control bytes) of a block translated by GC_TABLE or Q20_TABLE."""
+    if CONTROL_MARK not in marked:  # memchr: the common case costs almost nothing
+        return byte_sum(marked, 1), 0
+    control = marked.count(CONTROL_MARK)
+    return byte_sum(marked, 2) - 2 * control, control
+
+
+class BaseCounts:
+    """Per-base counts of FASTQ content: bases, G+C, N, Phred+33 quality sum, Q20 and Q30."""
+
+    __slots__ = ("bases", "gc", "n", "q20", "q30", "quality_sum")
+
+    def __init__(self):
+        self.bases = self.gc = self.n = self.quality_sum = self.q20 = self.q30 = 0
+
+    def add_sequence(self, sequence):
+        """Count joined sequence bytes; return True when a control byte is among them."""
+        gc, control = count_marked(sequence.translate(GC_TABLE))
+        self.bases += len(sequence)
+        self.gc += gc
+        self.n += sequence.count(b"N") + sequence.count(b"n")  # rare bytes: count is memchr-fast
+        return bool(control)
+
+    def add_quality(self, quality):
+        """Count joined quality bytes; return True when a control byte is among them."""
+        q20, control = count_marked(quality.translate(Q20_TABLE))
+        self.quality_sum += byte_sum(quality)
+        self.q20 += q20
+        self.q30 += count_members(quality, Q30_TABLE)
+        return bool(control)
+
+    def merge(self, other):
+        """Add another BaseCounts to this one."""
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class OpenRecord:
+    """A FASTQ record whose lines are still coming: kseq_read's state between two lines."""
+
+    __slots__ = ("buffered", "line", "qual", "qual_len", "seq", "seq_len", "seq_lines", "spilled")
+
+    def __init__(self, line):
+        self.line = line        # 1-based line of the '@' header
+        self.seq, self.seq_len, self.seq_lines = [], 0, 0
+        self.qual, self.qual_len = None, 0  # None until the '+' line
+        self.buffered = 0
+        self.spilled = None     # BaseCounts of lines measured early, so a huge record stays bounded
+
+    def add_sequence_line(self, line):
+        """Take one sequence line."""
+        self.seq.append(line)
+        self.seq_len += len(line)
+        self.seq_lines += 1
+        self.buffered += len(line) + LINE_OVERHEAD
+        if self.buffered > RECORD_BUFFER:
+            self._spill()
+
+    def add_quality_line(self, line):
+        """Take one quality line."""
+        self.qual.append(line)
+        self.qual_len += len(line)
+        self.buffered += len(line) + LINE_OVERHEAD
+        if self.buffered > RECORD_BUFFER:
+            self._spill()
+
+    def add_sequence(self, lines):
+        """Take sequence lines (a list)."""
+        for start in range(0, len(lines), RUN_LINES):
+            run = lines[start:start + RUN_LINES]
+            size = sum(map(len, run))
+            self.seq += run
+            self.seq_len += size
+            self.seq_lines += len(run)
+            self.buffered += size + len(run) * LINE_OVERHEAD
+            if self.buffered > RECORD_BUFFER:
+                self._spill()
+
+    def add_quality(self, lines):
+        """Take quality lines (a list)."""
+        for start in range(0, len(lines), RUN_LINES):
+            run = lines[start:start + RUN_LINES]
+            size = sum(map(len, run))
+            self.qual += run
+            self.qual_len += size
+            self.buffered += size + len(run) * LINE_OVERHEAD
+            if self.buffered > RECORD_BUFFER:
+                self._spill()
+
+    def _spill(self):
+        """Measure the lines kept so far, so a record of any size holds little memory."""
+        self.spilled = self.spilled or BaseCounts()
+        self.spilled.add_sequence(b"".join(self.seq))
+        self.spilled.add_quality(b"".join(self.qual or ()))
+        self.seq, self.qual = [], (None if self.qual is None else [])
+        self.buffered = 0
+
+
+def line_starts(lines, index, count):
+    """Return the first byte of each of `count` lines from lines[index] (a newline for an empty one).
+
+    A run is looked at in windows as long as the run so far (at most RUN_LINES), so a run
+    that ends soon costs little and a long one is read in a few windows.
+    """
+    count = min(max(count, LONG_RUN), RUN_LINES)
+    return b"".join([line[:1] or b"\n" for line in lines[index:index + count]])
+
+
+def fastq_at_line_role(record, line, following):
+    """Return 'quality' or 'header' for a line starting with '@' met while a record's quality is short.
+
+    '@' is Phred 31, so it may start a quality line, and kseq_read (Heng Li's kseq.h, which
+    seqkit's reader matches) takes quality lines until they are as long as the sequence: a
+    record whose quality was cut short would swallow the next header. The line after decides
+    it, since a header is followed by sequence or '+', never by another '@' line:
+    `following` is that line, None at the end of the content.
+    """
+    if following is None or following[:1] == b"@":
+        return "quality"
+    total = record.qual_len + len(line)
+    if total == record.seq_len:
+        return "quality" if not following.strip() else "header"
+    if total > record.seq_len:
+        return "header"
+    # Still short after this line: writers wrap quality as they wrap sequence, so a one-line
+    # sequence has a one-line quality and this line is the next record's header.
+    return "header" if record.seq_lines == 1 else "quality"
 
 
 class FastqAnalyzer(LineAnalyzer):
     """FASTQ (Phred+33): reads, bases, lengths and N50, GC, Ns, quality, malformed records.
 
-    Well-formed blocks are measured a whole block at a time (slices of the line list,
-    joins, translate tables and byte sums); only a block holding a malformed record is
-    walked record by record, to count it, say where it is, and find the next record.
+    Records are read as seqkit and Heng Li's kseq.h read them (kseq_read; seqkit's
+    bio/seqio/fastx reader does the same): an '@' header line, sequence lines until a line
+    starting with '+', then quality lines until they are as long as the sequence. Wrapped
+    (multi-line) records are read whole, from the first record or from any later one.
+    Well-formed four-line blocks are measured a whole block at a time (slices of the line
+    list, joins, translate tables and byte sums); any other block is walked line by line.
+
+    A record is malformed when it has no '+' line before the next header, when its quality
+    ends longer or shorter than its sequence, or when the file ends inside it; a run of
+    lines that belong to no record counts as one. Each is counted with its first line, and
+    reading goes on at the next header, so a record dropped is always a malformed record.
+    A control byte (0-31 but tab and line ends) does not stop a record, as in seqkit: it is
+    counted in control_bytes and the line of the first is reported.
     """
 
-    def __init__(self, crlf=False):
+    def __init__(self):
         super().__init__()
-        self.crlf = crlf
-        self.carry = []          # lines of a record cut by the block's end
+        self.carry = []          # an '@' line whose role waits on the line after it
         self.lines_before = 0    # lines consumed before self.carry
-        self.reads = self.bases = self.gc = self.n = 0
-        self.quality_sum = self.q20 = self.q30 = 0
+        self.record = None       # the record whose lines are still coming
+        self.garbage = False     # inside a run of lines that belong to no record
+        self.reads = 0
+        self.counts = BaseCounts()
         self.min_length = self.max_length = None
         self.lengths = collections.Counter()
         self.lengths_exact = True
         self.problems = FirstProblem()
+        self.control_bytes = 0
+        self.first_control_line = None
 
     def feed(self, block):
         """Feed a block of content: split once, keep the unterminated last line for the next block."""
         data = self._partial + block if self._partial else block
-        if self.crlf:
+        if b"\r" in data:  # CRLF: line ends are not bases (seqkit drops the CR too)
             data = data.replace(b"\r\n", b"\n")
         lines = data.split(b"\n")
         self._partial = lines.pop()
-        self._feed_line_list(lines)
-        if len(self._partial) > MAX_LINE_BYTES:
+        self._feed_line_list(lines, data)
+        if len(self._partial) > FASTQ_MAX_LINE_BYTES:
             self._overlong_line()
 
     def feed_lines(self, data):
-        if self.crlf:
+        if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         lines = data.split(b"\n")
         lines.pop()
-        self._feed_line_list(lines)
+        self._feed_line_list(lines, data)
 
-    def _feed_line_list(self, lines):
+    def _overlong_line(self):
+        super()._overlong_line()
+        if not self.carry:
+            self.lines_before -= 1  # the piece fed was not a line of its own
+
+    def _feed_line_list(self, lines, text=b"", final=False):
+        """Read newly fed lines; `text` is the content they were split from (and what follows them)."""
         self.newlines += len(lines)
         first_line = self.lines_before + 1
+        new_first = first_line + len(self.carry)
         if self.carry:
             lines = self.carry + lines
-        whole = len(lines) - len(lines) % 4
-        heads, seqs, plus, quals = lines[0:whole:4], lines[1:whole:4], lines[2:whole:4], lines[3:whole:4]
-        seq_lengths = list(map(len, seqs))
-        if (all(map(bytes.startswith, heads, itertools.repeat(b"@")))
-                and all(map(bytes.startswith, plus, itertools.repeat(b"+")))
-                and seq_lengths == list(map(len, quals))):
-            self._add(seqs, quals, seq_lengths)
-            rest = whole
-        else:
-            rest = self._walk(lines, first_line)
+        index = self._walk(lines, 0, first_line, final, to_boundary=True) if self.record else 0
+        taken, control = index, True
+        if self.record is None:
+            taken, control = self._take_four_line_records(lines, index)
+        rest = self._walk(lines, taken, first_line, final)
+        if taken > index and not control:
+            # The bulk path saw every byte of its records; only the lines walked are left to check.
+            control = any(len(line.translate(None, FASTQ_CONTROL)) != len(line)
+                          for line in itertools.chain(lines[:index], lines[taken:]))
+        if control and len(lines) > new_first - first_line:
+            self._count_control_bytes(text, lines, new_first - first_line, new_first)
         self.carry = lines[rest:]
         self.lines_before = first_line - 1 + rest
 
-    def _walk(self, lines, first_line):
-        """Take the well-formed records of a block one by one; return the index of the unread rest."""
-        seqs, quals = [], []
-        index, end = 0, len(lines)
-        while end - index >= 4:
-            head, seq, plus, qual = lines[index:index + 4]
-            if not head.strip():
-                index += 1  # blank lines between records are tolerated, as other tools do
+    def _take_four_line_records(self, lines, start):
+        """Measure the four-line records at lines[start:] in bulk.
+
+        Return (the index after them, whether a control byte may be among them); the index
+        is `start` when the lines there are not four-line records. Sequence lines are not
+        checked for a leading '@' or '+' (no base is either; the check would cost about 8%
+        of the time), so only on such a broken record can this path read otherwise than
+        _walk does.
+        """
+        count = (len(lines) - start) // 4
+        if count and lines[start + 4 * count - 1][:1] == b"@":
+            count -= 1  # an '@' quality line's role depends on the line after it: walk that one
+        if not count:
+            return start, True
+        stop = start + 4 * count
+        heads, seqs, plus, quals = (lines[start + i:stop:4] for i in range(4))
+        seq_lengths = list(map(len, seqs))
+        if seq_lengths != list(map(len, quals)):
+            return start, True
+        # One join and one count check every header (and every '+' line) starts as it must,
+        # and the joined headers are checked for control bytes on the way.
+        head_text, plus_text = b"\n".join(heads), b"\n".join(plus)
+        if not (head_text[:1] == b"@" and head_text.count(b"\n@") == count - 1
+                and plus_text[:1] == b"+" and plus_text.count(b"\n+") == count - 1):
+            return start, True
+        self.garbage = False
+        control = self._add(seqs, quals, seq_lengths)
+        for text in (head_text, plus_text):
+            control = control or len(text.translate(None, FASTQ_CONTROL)) != len(text)
+        return stop, control
+
+    def _walk(self, lines, index, first_line, final=False, to_boundary=False):
+        """Read lines[index:] as kseq_read does; return where the unread rest starts.
+
+        Line by line, but for a run of sequence or quality lines longer than LONG_RUN (one
+        base a line, or blank lines without end), which is taken a window at a time. With
+        to_boundary, stop once no record is open (the bulk path may take over there). An '@'
+        line in a short quality is left unread when the line after it is not here yet.
+        """
+        seqs, quals, lengths = [], [], []
+        record, end = self.record, len(lines)
+        while index < end:
+            line = lines[index]
+            if record is None:
+                if to_boundary:
+                    break
+                if line[:1] == b"@":
+                    record = OpenRecord(first_line + index)
+                    self.garbage = False
+                elif line.strip() and not self.garbage:
+                    self.problems.add(first_line + index, "header line does not start with '@'")
+                    self.garbage = True
+                # Blank lines between records are tolerated, as other tools do.
+            elif record.qual is None:
+                if line[:1] == b"+":
+                    record.qual = []
+                elif line[:1] == b"@":
+                    self.problems.add(record.line, "no '+' line before the next header")
+                    record = OpenRecord(first_line + index)
+                elif len(record.seq) < LONG_RUN:
+                    record.add_sequence_line(line)
+                else:
+                    starts = line_starts(lines, index, len(record.seq))
+                    stop = starts.find(b"+")
+                    header = starts.find(b"@", 0, len(starts) if stop < 0 else stop)
+                    stop = index + (header if header >= 0 else len(starts) if stop < 0 else stop)
+                    record.add_sequence(lines[index:stop])
+                    index = stop
+                    continue
+            elif line[:1] == b"@":
+                if index + 1 == end and not final:
+                    break
+                if fastq_at_line_role(record, line, lines[index + 1] if index + 1 < end else None) == "header":
+                    if record.seq_len == record.qual_len == 0:
+                        self._close(record, seqs, quals, lengths)  # an empty read, its quality line left out
+                    else:
+                        self.problems.add(record.line, "sequence and quality lengths differ "
+                                          f"({record.seq_len} and {record.qual_len})")
+                    record = OpenRecord(first_line + index)
+                else:
+                    record.add_quality_line(line)
+                    if record.qual_len >= record.seq_len:
+                        record = self._end_quality(record, seqs, quals, lengths)
+            elif len(record.qual) < LONG_RUN:
+                record.add_quality_line(line)
+                if record.qual_len >= record.seq_len:
+                    record = self._end_quality(record, seqs, quals, lengths)
+            else:
+                # Quality lines up to the next '@' line, or until they are as long as the sequence.
+                starts = line_starts(lines, index, len(record.qual))
+                stop = starts.find(b"@")
+                stop = index + (len(starts) if stop < 0 else stop)
+                totals = list(itertools.accumulate(map(len, lines[index:stop])))
+                stop = min(stop, index + bisect.bisect_left(totals, record.seq_len - record.qual_len) + 1)
+                record.add_quality(lines[index:stop])
+                index = stop
+                record = self._end_quality(record, seqs, quals, lengths)
                 continue
-            reason = fastq_record_problem(head, seq, plus, qual)
-            if reason is None:
-                seqs.append(seq)
-                quals.append(qual)
-                index += 4
-                continue
-            self.problems.add(first_line + index, reason)
-            index = next_fastq_record(lines, index + 1)
-        if seqs:
-            self._add(seqs, quals, list(map(len, seqs)))
+            index += 1
+        self.record = record
+        if lengths:
+            self._add(seqs, quals, lengths)
         return index
 
-    def _add(self, seqs, quals, seq_lengths):
-        if not seqs:
-            return
-        self.reads += len(seqs)
-        sequence, quality = b"".join(seqs), b"".join(quals)
-        self.bases += len(sequence)
-        self.gc += count_members(sequence, GC_TABLE)
-        self.n += sequence.count(b"N") + sequence.count(b"n")  # rare bytes: count is memchr-fast
-        self.quality_sum += byte_sum(quality)
-        self.q20 += count_members(quality, Q20_TABLE)
-        self.q30 += count_members(quality, Q30_TABLE)
-        low, high = min(seq_lengths), max(seq_lengths)
+    def _end_quality(self, record, seqs, quals, lengths):
+        """Close a record whose quality is as long as its sequence or longer; return the open record or None."""
+        if record.qual_len < record.seq_len:
+            return record
+        if record.qual_len == record.seq_len:
+            self._close(record, seqs, quals, lengths)
+        else:
+            self.problems.add(record.line, "sequence and quality lengths differ "
+                              f"({record.seq_len} and {record.qual_len})")
+        return None
+
+    def _close(self, record, seqs, quals, lengths):
+        seqs.append(b"".join(record.seq))
+        quals.append(b"".join(record.qual or ()))
+        lengths.append(record.seq_len)
+        if record.spilled:
+            self.counts.merge(record.spilled)
+
+    def _add(self, seqs, quals, lengths):
+        """Count complete records; return True when a control byte is among their bases or qualities."""
+        self.reads += len(lengths)
+        control = self.counts.add_sequence(b"".join(seqs))
+        control = self.counts.add_quality(b"".join(quals)) or control
+        low, high = min(lengths), max(lengths)
         self.min_length = low if self.min_length is None else min(self.min_length, low)
         self.max_length = high if self.max_length is None else max(self.max_length, high)
-        self.lengths.update(seq_lengths)
+        self.lengths.update(lengths)
         if len(self.lengths) > MAX_LENGTH_BINS:
             self.lengths = coarsen_lengths(self.lengths)
             self.lengths_exact = False
+        return control
+
+    def _count_control_bytes(self, text, lines, start, first_line):
+        """Count the control bytes of newly fed lines (lines[start:], split from text), and
+        remember the line of the first."""
+        # The partial line after the last newline is counted when it is fed as a line.
+        found = len(text) - len(text.translate(None, FASTQ_CONTROL))
+        if self._partial and text.endswith(self._partial):
+            found -= len(self._partial) - len(self._partial.translate(None, FASTQ_CONTROL))
+        if not found:
+            return
+        self.control_bytes += found
+        if self.first_control_line is None:
+            for number, line in enumerate(itertools.islice(lines, start, None), first_line):
+                if len(line.translate(None, FASTQ_CONTROL)) != len(line):
+                    self.first_control_line = number
+                    break
 
     def finish(self):
         """Flush the last line, count a record cut short at the end, return the summary."""
@@ -474,51 +900,41 @@ class FastqAnalyzer(LineAnalyzer):
             self.newlines -= 1
             self.feed_lines(self._partial + b"\n")
             self._partial = b""
-        leftover = [line for line in self.carry if line.strip()]
-        if leftover:
-            self.problems.add(self.lines_before + 1,
-                              f"the file ends inside a record ({len(self.carry)} of its 4 lines)")
+        if self.carry or self.record:
+            self._feed_line_list([], final=True)  # the lines kept back, now that none follows
+        record = self.record
+        if record is not None:
+            if record.qual is not None and record.seq_len == record.qual_len == 0:
+                self._add([b""], [b""], [0])  # '+' then the end: an empty read, as kseq reads it
+            else:
+                state = ("no '+' line" if record.qual is None
+                         else f"quality {record.qual_len} of {record.seq_len}")
+                self.problems.add(record.line, f"the file ends inside a record ({state})")
+            self.record = None
         return self.summary()
 
     def summary(self):
+        bases = self.counts.bases
         return {
             "reads": self.reads,
-            "bases": self.bases,
+            "bases": bases,
             "min_length": self.min_length,
-            "mean_length": round(self.bases / self.reads, 3) if self.reads else None,
+            "mean_length": round(bases / self.reads, 3) if self.reads else None,
             "max_length": self.max_length,
-            "n50": n50(self.lengths, self.bases),
+            "n50": n50(self.lengths, bases),
             "n50_exact": self.lengths_exact,
-            "gc_percent": percent(self.gc, self.bases),
-            "n_count": self.n,
-            "n_percent": percent(self.n, self.bases),
-            "mean_quality": round(self.quality_sum / self.bases - 33, 3) if self.bases else None,
-            "q20_percent": percent(self.q20, self.bases),
-            "q30_percent": percent(self.q30, self.bases),
+            "gc_percent": percent(self.counts.gc, bases, FASTQ_PERCENT_DIGITS),
+            "n_count": self.counts.n,
+            "n_percent": percent(self.counts.n, bases, FASTQ_PERCENT_DIGITS),
+            "mean_quality": round(self.counts.quality_sum / bases - 33, 3) if bases else None,
+            "q20_percent": percent(self.counts.q20, bases, FASTQ_PERCENT_DIGITS),
+            "q30_percent": percent(self.counts.q30, bases, FASTQ_PERCENT_DIGITS),
             "quality_encoding": "phred+33",
+            "control_bytes": self.control_bytes,
+            "first_control_byte_line": self.first_control_line,
+            "control_byte_convention": CONTROL_BYTE_CONVENTION,
             **self.problems.fields("records"),
         }
-
-
-def fastq_record_problem(head, seq, plus, qual):
-    """Return why four lines are not a FASTQ record, or None when they are one."""
-    if not head.startswith(b"@"):
-        return "header line does not start with '@'"
-    if not plus.startswith(b"+"):
-        return "third line of the record does not start with '+'"
-    if len(seq) != len(qual):
-        return f"sequence and quality lengths differ ({len(seq)} and {len(qual)})"
-    return None
-
-
-def next_fastq_record(lines, index):
-    """Return the index of the next line that can start a record: '@' with a '+' two lines on."""
-    end = len(lines)
-    while index < end:
-        if lines[index].startswith(b"@") and (index + 2 >= end or lines[index + 2].startswith(b"+")):
-            return index
-        index += 1
-    return index
 
 
 def coarsen_lengths(lengths):
@@ -549,39 +965,89 @@ def n50(lengths, total):
 # only once per field, and the matches are the same.
 VCF_RECORD = re.compile(
     rb"^([^\t\n#][^\t\n]*)\t\d+\t[^\t\n]*\t([^\t\n]+)\t([^\t\n]+)\t[^\t\n]*\t([^\t\n]*)[^\n]*\n", re.M)
-TRANSITIONS = {(b"A", b"G"), (b"G", b"A"), (b"C", b"T"), (b"T", b"C")}
-VARIANT_KINDS = ("snvs", "mnvs", "indels", "others")
-INDEL_ONLY = (("indels",), 0, 0)
+# bcftools' allele types (htslib vcf.h: VCF_REF is 0, the others are bits of a record's type).
+VCF_SNP, VCF_MNP, VCF_INDEL, VCF_OTHER, VCF_BND, VCF_OVERLAP = 1, 2, 4, 8, 16, 32
+VARIANT_KINDS = (("snvs", VCF_SNP), ("mnvs", VCF_MNP), ("indels", VCF_INDEL), ("others", VCF_OTHER))
+BASE_INDEX = {ord(base): index for index, base in enumerate("ACGT")}  # htslib's bcf_acgt2int
+BASE_INDEX.update({ord(base): index for index, base in enumerate("acgt")})
+NO_ALT_RECORD = ((), True, False, False, 0, 0)
+ONE_ALT_RECORDS = {kind: (tuple(name for name, bit in VARIANT_KINDS if bit == kind), kind == 0, False, False, 0, 0)
+                   for kind in (0, VCF_MNP, VCF_INDEL, VCF_OTHER, VCF_BND, VCF_OVERLAP)}
 
 
-def classify_alleles(ref, alts):
-    """Return (kinds present, transitions, transversions) for a REF and its comma-separated ALTs.
+def allele_type(ref, alt):
+    """Return bcftools' type of one ALT allele: 0 (no variant), VCF_SNP, _MNP, _INDEL, _OTHER, _BND or _OVERLAP.
 
-    As bcftools does: an equal-length ALT differing at one base is an SNV, at more an MNV;
-    a length change is an indel; symbolic and breakend alleles are others; '*' (a deletion
-    seen from an overlapping record) and '.' are no variant. Ts/Tv compares the first bases
-    of REF and ALT, again as bcftools does, so a CT>CA SNV counts as neither.
+    A reading of bcf_set_variant_type in htslib's vcf.c, which bcftools stats 1.16 counts by:
+    '*' is an overlap; a one-base REF and ALT are the same, '.' or mpileup's 'X' (compared
+    case-sensitively there), else an SNV; '<X>', '<*>' and '<NON_REF>' stand for the reference
+    (gVCF and mpileup placeholders) and any other symbolic allele is other; an ALT starting
+    with '[' or ']', or the REF then one, is a breakend. Otherwise, after the shared prefix
+    and suffix (case-insensitive), what is left decides: nothing left of one side is an
+    indel, one base each an SNV, equal lengths an MNV; a length change that is not anchored
+    at a shared base is other (G>CT, AC>ATG, TCA>G), as are bcftools' other leftovers.
     """
-    if len(ref) != len(alts) and b"," not in alts and ref.isalpha() and alts.isalpha():
-        return INDEL_ONLY  # the common unique case, answered before any allocation
-    kinds, ts, tv = set(), 0, 0
-    ref = ref.upper()
-    for alt in alts.upper().split(b","):
-        if alt in (b".", b"*") or alt == ref:
-            continue
-        if not (alt.isalpha() and ref.isalpha()):
-            kinds.add("others")
-        elif len(alt) == len(ref):
-            differences = sum(r != a for r, a in zip(ref, alt))
-            kinds.add("snvs" if differences == 1 else "mnvs")
-            if differences == 1 and ref[0] != alt[0] and ref[:1] in b"ACGT" and alt[:1] in b"ACGT":
-                if (ref[:1], alt[:1]) in TRANSITIONS:
+    if alt == b"*":
+        return VCF_OVERLAP
+    if len(ref) == 1 and len(alt) == 1:
+        return 0 if alt == b"." or alt == ref or alt == b"X" else VCF_SNP
+    if alt[:1] == b"<":
+        return 0 if alt[1:3] in (b"X>", b"*>") or alt == b"<NON_REF>" else VCF_OTHER
+    if alt[:1] in (b"[", b"]"):
+        return VCF_BND
+    if not (alt.startswith(ref) or ref.startswith(alt)):  # the common anchored indel skips upper()
+        ref, alt = ref.upper(), alt.upper()
+    if alt.startswith(ref):  # the REF is all shared: an insertion, or a breakend after the REF
+        return 0 if alt == ref else VCF_BND if alt[len(ref):len(ref) + 1] in (b"[", b"]") else VCF_INDEL
+    if ref.startswith(alt):
+        return VCF_INDEL
+    start = 0
+    while ref[start] == alt[start]:  # neither is a prefix of the other: a difference is ahead
+        start += 1
+    ref_end, alt_end = len(ref) - 1, len(alt) - 1
+    while ref_end > start and alt_end > start and ref[ref_end] == alt[alt_end]:
+        ref_end -= 1
+        alt_end -= 1
+    if alt_end == start or ref_end == start:
+        if ref_end == alt_end:
+            return VCF_SNP
+        return VCF_INDEL if ref[ref_end] == alt[alt_end] else VCF_OTHER
+    return VCF_MNP if ref_end == alt_end else VCF_OTHER
+
+
+def classify_record(ref, alts):
+    """Return how bcftools stats counts a record, from its REF and comma-separated ALTs.
+
+    The tuple is (kinds: the names in VARIANT_KINDS the record counts for, no_alt,
+    multiallelic, multiallelic SNV site, transitions, transversions). As in vcfstats.c: a
+    record counts once for each kind its alleles hold; it is no-ALT when its ALT is '.' or
+    every allele is of type 0 (a breakend or '*' makes it neither); multiallelic with two
+    ALTs or more, a multiallelic SNV site when its SNVs stand alone but for type-0 alleles.
+    Ts/Tv is per SNV allele, from the first bases of REF and ALT (bcf_acgt2int), so a CT>CA
+    SNV counts as neither.
+    """
+    if b"," not in alts:
+        if alts == b".":
+            return NO_ALT_RECORD  # htslib reads a lone '.' as no ALT allele at all
+        kind = allele_type(ref, alts)
+        if kind != VCF_SNP:
+            return ONE_ALT_RECORDS[kind]
+    alleles = alts.split(b",")
+    record_type = ts = tv = 0
+    ref_base = BASE_INDEX.get(ref[0])
+    for alt in alleles:
+        kind = allele_type(ref, alt)
+        record_type |= kind
+        if kind == VCF_SNP and ref_base is not None:
+            alt_base = BASE_INDEX.get(alt[0])
+            if alt_base is not None and alt_base != ref_base:
+                if abs(ref_base - alt_base) == 2:  # A<->G, C<->T
                     ts += 1
                 else:
                     tv += 1
-        else:
-            kinds.add("indels")
-    return tuple(sorted(kinds)), ts, tv
+    kinds = tuple(name for name, bit in VARIANT_KINDS if record_type & bit)
+    multiallelic = len(alleles) > 1
+    return kinds, record_type == 0, multiallelic, multiallelic and record_type == VCF_SNP, ts, tv
 
 
 class BoundedCounter:
@@ -622,8 +1088,8 @@ class VcfAnalyzer(LineAnalyzer):
         self.samples = 0
         self.header_seen = False
         self.records = 0
-        self.kinds = dict.fromkeys(VARIANT_KINDS, 0)
-        self.no_alt = self.multiallelic = self.ts = self.tv = 0
+        self.kinds = dict.fromkeys((name for name, _ in VARIANT_KINDS), 0)
+        self.no_alt = self.multiallelic = self.multiallelic_snv = self.ts = self.tv = 0
         self.chromosomes = BoundedCounter(MAX_NAMES)
         self.filters = BoundedCounter(MAX_NAMES)
         self.classified = {}
@@ -655,17 +1121,17 @@ class VcfAnalyzer(LineAnalyzer):
             tally[known] = tally.get(known, 0) + count
         self.chromosomes.update(chromosomes)
         self.filters.update(filters)
-        for (kinds, ts, tv, multiallelic), count in tally.items():
+        for (kinds, no_alt, multiallelic, multiallelic_snv, ts, tv), count in tally.items():
             for kind in kinds:
                 self.kinds[kind] += count
-            if not kinds:
-                self.no_alt += count
+            self.no_alt += no_alt * count
             self.multiallelic += multiallelic * count
+            self.multiallelic_snv += multiallelic_snv * count
             self.ts += ts * count
             self.tv += tv * count
 
     def _classify(self, ref, alt):
-        known = classify_alleles(ref, alt) + (b"," in alt,)
+        known = classify_record(ref, alt)
         if len(ref) + len(alt) <= 6:
             # Only short pairs repeat often enough to be worth remembering; bounded anyway.
             if len(self.classified) >= MAX_NAMES:
@@ -674,9 +1140,13 @@ class VcfAnalyzer(LineAnalyzer):
         return known
 
     def _find_malformed(self, data, first_line):
-        for number, line in enumerate(data.split(b"\n")[:-1], first_line):
-            if line and not line.startswith(b"#") and not VCF_RECORD.match(line + b"\n"):
-                self.problems.add(number, vcf_line_problem(line))
+        # Matched where each line starts, not on copies: a line may be 16 MiB long.
+        start, number, match = 0, first_line, VCF_RECORD.match
+        while start < len(data):
+            end = data.index(b"\n", start)
+            if end > start and data[start] != 35 and not match(data, start):  # 35: '#'
+                self.problems.add(number, vcf_line_problem(data, start, end))
+            start, number = end + 1, number + 1
 
     def summary(self):
         filters = self.filters.as_dict()
@@ -688,6 +1158,7 @@ class VcfAnalyzer(LineAnalyzer):
             **self.kinds,
             "no_alt": self.no_alt,
             "multiallelic_sites": self.multiallelic,
+            "multiallelic_snv_sites": self.multiallelic_snv,
             "transitions": self.ts,
             "transversions": self.tv,
             "ts_tv_ratio": round(self.ts / self.tv, 3) if self.tv else None,
@@ -706,21 +1177,29 @@ def vcf_sample_count(data):
     return max(0, len(line.split(b"\t")) - 9)
 
 
-def vcf_line_problem(line):
-    """Return why a VCF data line is not a record."""
-    fields = line.split(b"\t")
-    if len(fields) < 8:
-        return f"{len(fields)} tab-separated columns, a record has at least 8"
-    if not fields[1].isdigit():
+def vcf_line_problem(data, start, end):
+    """Return why the VCF data line data[start:end] is not a record (without copying it)."""
+    columns = data.count(b"\t", start, end) + 1
+    if columns < 8:
+        return f"{columns} tab-separated columns, a record has at least 8"
+    position = data.index(b"\t", start) + 1
+    if not data[position:data.index(b"\t", position)].isdigit():
         return "POS is not a whole number"
     return "REF or ALT is empty"
 
 
-INTEGER = re.compile(r"[+-]?\d+")
-DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
-BOOLEANS = {"true", "false", "True", "False", "TRUE", "FALSE", "yes", "no", "Yes", "No", "YES", "NO"}
-TRUTHS = {"true", "yes"}
+# Value types as DuckDB's sniffer gives them (checked with DuckDB 2.0.1's sniff_csv): an
+# optional minus, ASCII digits only (not 1_000, +1 or Arabic-Indic digits), spaces around
+# allowed; a code with a leading zero (01, 007, 00.5) is text; nan and inf are doubles.
+INTEGER = re.compile(r"\s*-?[0-9]+\s*", re.ASCII)
+FLOAT = re.compile(r"\s*-?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\s*",
+                   re.ASCII | re.IGNORECASE)
+ZERO_PADDED = re.compile(r"\s*0[0-9]", re.ASCII)
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?", re.ASCII)
+BOOLEANS = {"true", "false", "t", "f", "yes", "no"}  # DuckDB's BOOLEAN spellings, any case
+TRUTHS = {"true", "t", "yes"}
 NUMERIC_KINDS = ("integer", "float")
+SCALE_BITS = 480   # numbers past 2**480 are summed in units of a power of two: squares stay finite
 
 
 def infer_kind(values, previous=None):
@@ -728,15 +1207,12 @@ def infer_kind(values, previous=None):
 
     `previous` is the column's kind so far: kinds it has already outgrown are not tried again.
     """
-    if previous in (None, "integer") and all_integers(values):
-        return "integer"
-    if previous in (None, "integer", "float"):
-        try:
-            if all(map(math.isfinite, map(float, values))):
-                return "float"
-        except ValueError:
-            pass
-    if previous in (None, "boolean") and values <= BOOLEANS:
+    if previous in (None, "integer", "float") and not zero_padded(values):
+        if previous != "float" and all_integers(values):
+            return "integer"
+        if all(map(FLOAT.fullmatch, values)):
+            return "float"
+    if previous in (None, "boolean") and {value.lower() for value in values} <= BOOLEANS:
         return "boolean"
     if previous in (None, "date") and all(map(DATE.fullmatch, values)):
         return "date"
@@ -744,11 +1220,32 @@ def infer_kind(values, previous=None):
 
 
 def all_integers(values):
-    """True when every value is a whole number written in ASCII digits (with an optional sign)."""
+    """True when every value is a whole number in ASCII digits, with an optional minus sign."""
     joined = "".join(values)
     if joined.isascii() and joined.isdigit():
         return True  # one C-level test for the usual unsigned case
     return all(map(INTEGER.fullmatch, values))
+
+
+def zero_padded(values):
+    """True when a value is a zero-padded code (01, 007, 00.5): DuckDB types such a column VARCHAR."""
+    joined = "\n".join(values)
+    if not (joined.startswith("0") or "\n0" in joined or " 0" in joined):
+        return False  # one C-level scan: most numbers start with another digit
+    return any(map(ZERO_PADDED.match, values))
+
+
+def fits_kind(value, kind):
+    """True when DuckDB could cast a value to a column of this kind (a header test: 01 fits integers)."""
+    if kind == "integer":
+        return bool(INTEGER.fullmatch(value))
+    if kind == "float":
+        return bool(FLOAT.fullmatch(value))
+    if kind == "boolean":
+        return value.lower() in BOOLEANS
+    if kind == "date":
+        return bool(DATE.fullmatch(value))
+    return True
 
 
 def merge_kinds(old, new):
@@ -770,16 +1267,22 @@ class DistinctCounter:
 
     K = 1024
 
-    def __init__(self, exact_limit):
+    def __init__(self, exact_limit, char_limit=EXACT_DISTINCT_CHARS):
         self.exact_limit = exact_limit
+        self.char_limit = char_limit
         self.values = set()
+        self.chars = 0       # characters held in values: long values reach the bound sooner
         self.sketch = None   # sorted list of the K smallest hashes once past the bound
 
     def add(self, values):
         """Add a set of values."""
         if self.sketch is None:
-            self.values |= values
-            if len(self.values) <= self.exact_limit:
+            new = values - self.values
+            if not new:
+                return
+            self.values |= new
+            self.chars += sum(map(len, new))
+            if len(self.values) <= self.exact_limit and self.chars <= self.char_limit:
                 return
             values, self.values, self.sketch = self.values, set(), []
         hashes = value_hashes(values)
@@ -805,19 +1308,122 @@ def value_hashes(values):
     return set(map(zlib.crc32, encoded))
 
 
+class IntegerMoments:
+    """Count, sum and sum of squares of a column's integers: exact, as Python integers never round."""
+
+    def __init__(self):
+        self.count = self.total = self.squares = 0
+
+    def add(self, numbers):
+        """Add a list of ints."""
+        self.count += len(numbers)
+        self.total += sum(numbers)
+        self.squares += sum(map(operator.mul, numbers, numbers))
+
+    def fields(self):
+        """Return the mean and sample standard deviation (None past a float or for one number)."""
+        try:
+            mean = self.total / self.count
+        except OverflowError:
+            mean = None
+        std = None
+        if self.count > 1:
+            std = sqrt_ratio(self.count * self.squares - self.total * self.total, self.count * (self.count - 1))
+        return {"mean": mean, "std": std}
+
+
+class FloatMoments:
+    """Count, mean and sum of squared deviations of a column's finite floats.
+
+    Each block's sums are taken around its own mean and merged by Chan et al.'s formula, so a
+    column of large, close numbers keeps its deviation. Past 2**480 the numbers are summed in
+    units of 2**exponent (scaling by a power of two loses no digit): 1e308 + 1e308 and
+    (1e200)**2 stay finite.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.mean = self.m2 = 0.0   # in units of 2**exponent (of its square for m2)
+        self.exponent = 0
+
+    @classmethod
+    def from_integers(cls, sums, largest):
+        """Return the moments of the integers summed so far in `sums`, whose largest magnitude is `largest`."""
+        moments = cls()
+        moments.count = sums.count
+        if sums.count:
+            moments.exponent = max(0, largest.bit_length() - SCALE_BITS)
+            moments.mean = sums.total / (sums.count << moments.exponent)
+            spread = sums.count * sums.squares - sums.total * sums.total
+            moments.m2 = spread / (sums.count << 2 * moments.exponent)
+        return moments
+
+    def add(self, numbers, largest):
+        """Add a list of finite floats whose largest magnitude is `largest`."""
+        exponent = max(self.exponent, math.frexp(largest)[1] - SCALE_BITS)
+        if exponent > self.exponent:
+            self.mean = math.ldexp(self.mean, self.exponent - exponent)
+            self.m2 = math.ldexp(self.m2, 2 * (self.exponent - exponent))
+            self.exponent = exponent
+        if self.exponent:
+            numbers = [math.ldexp(number, -self.exponent) for number in numbers]
+        count = len(numbers)
+        mean = math.fsum(numbers) / count
+        deviations = list(map(operator.sub, numbers, itertools.repeat(mean, count)))
+        m2 = math.fsum(map(operator.mul, deviations, deviations))
+        total = self.count + count
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * (self.count * count / total)
+        self.mean += delta * count / total
+        self.count = total
+
+    def fields(self):
+        """Return the mean and sample standard deviation (None past a float or for one number)."""
+        try:
+            mean = math.ldexp(self.mean, self.exponent) if self.count else None
+        except OverflowError:
+            mean = None
+        std = None
+        if self.count > 1:
+            try:
+                std = math.ldexp(math.sqrt(self.m2 / (self.count - 1)), self.exponent)
+            except OverflowError:
+                pass
+        return {"mean": mean, "std": std}
+
+
+def sqrt_ratio(numerator, denominator):
+    """Return sqrt(numerator / denominator) of non-negative integers, or None past the float limit."""
+    try:
+        return math.sqrt(numerator / denominator)
+    except OverflowError:
+        shift = (numerator.bit_length() - denominator.bit_length() - 1000) & ~1  # even: halved exactly
+        try:
+            return math.ldexp(math.sqrt((numerator >> shift) / denominator), shift // 2)
+        except OverflowError:
+            return None
+
+
+def finite_float(number):
+    """Return a number as a finite float, or None (JSON has no NaN or Infinity)."""
+    try:
+        number = float(number)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 class ColumnProfile:
     """One column: kind, empties, distinct values, min/max, and mean and deviation of numbers."""
 
-    def __init__(self, name, exact_limit):
+    def __init__(self, name, exact_limit, char_limit=EXACT_DISTINCT_CHARS):
         self.name = name
         self.kind = None
         self.empty = 0
-        self.distinct = DistinctCounter(exact_limit)
+        self.distinct = DistinctCounter(exact_limit, char_limit)
         self.low = self.high = None
-        self.count = 0
-        self.mean = 0.0
-        self.m2 = 0.0       # sum of squared deviations from the mean (Chan et al. merge)
-        self.numbers_valid = True
+        self.moments = None
+        self.non_finite = 0   # nan, inf and numbers past the float limit (1e309): in no sum
 
     def add(self, values):
         """Add one block's values of this column."""
@@ -831,30 +1437,48 @@ class ColumnProfile:
         previous = self.kind
         if previous != "string":
             self.kind = merge_kinds(previous, infer_kind(present, previous))
-        if self.kind in NUMERIC_KINDS:
-            self._add_numbers(list(map(float, filter(None, values))))
+        if self.kind == "integer":
+            self._add_integers(list(map(int, filter(None, values))))
+        elif self.kind == "float":
+            if previous == "integer":
+                self.moments = FloatMoments.from_integers(self.moments, max(-self.low, self.high))
+                self.low, self.high = finite_float(self.low), finite_float(self.high)
+            self._add_floats(list(map(float, filter(None, values))))
         else:
             self._add_bounds(present, previous)
 
-    def _add_numbers(self, numbers):
-        count = len(numbers)
-        mean = math.fsum(numbers) / count
-        m2 = max(math.fsum(map(operator.mul, numbers, numbers)) - count * mean * mean, 0.0)
-        total = self.count + count
-        delta = mean - self.mean
-        self.m2 += m2 + delta * delta * self.count * count / total
-        self.mean += delta * count / total
-        self.count = total
+    def _add_integers(self, numbers):
+        if self.moments is None:
+            self.moments = IntegerMoments()
+        self.moments.add(numbers)
         low, high = min(numbers), max(numbers)
+        self.low = low if self.low is None else min(self.low, low)
+        self.high = high if self.high is None else max(self.high, high)
+
+    def _add_floats(self, numbers):
+        if self.moments is None:
+            self.moments = FloatMoments()
+        if not math.isfinite(sum(numbers)):  # a nan or inf, or a sum past the float limit
+            finite = list(filter(math.isfinite, numbers))
+            self.non_finite += len(numbers) - len(finite)
+            numbers = finite
+            if not numbers:
+                return
+        low, high = min(numbers), max(numbers)
+        self.moments.add(numbers, max(-low, high))
         self.low = low if self.low is None else min(self.low, low)
         self.high = high if self.high is None else max(self.high, high)
 
     def _add_bounds(self, present, previous):
         if previous in NUMERIC_KINDS:
-            # Numbers seen so far turn into text: min/max must now compare as text.
-            self.low, self.high = ("" if self.low is None else format_number(self.low),
-                                   "" if self.high is None else format_number(self.high))
-            self.numbers_valid = False
+            # Numbers seen so far turn into text: min/max must now compare as text. The exact
+            # distinct values hold every spelling seen; past their bound, the numbers' own do.
+            if self.distinct.sketch is None:
+                present = self.distinct.values
+                self.low = self.high = None
+            else:
+                self.low, self.high = ("" if self.low is None else format_number(self.low),
+                                       "" if self.high is None else format_number(self.high))
         low, high = min(present), max(present)
         self.low = low if self.low is None or self.low == "" else min(self.low, low)
         self.high = high if self.high is None else max(self.high, high)
@@ -862,10 +1486,12 @@ class ColumnProfile:
     def fields(self):
         """Return the column's profile."""
         profile = {"name": self.name, "type": self.kind or "empty", "empty": self.empty, **self.distinct.fields()}
-        if self.kind in NUMERIC_KINDS:
-            cast = int if self.kind == "integer" else float
-            profile.update(min=cast(self.low), max=cast(self.high), mean=round(self.mean, 6),
-                           std=round(math.sqrt(self.m2 / (self.count - 1)), 6) if self.count > 1 else None)
+        if self.kind == "integer":
+            profile.update(min=self.low, max=self.high, **self.moments.fields())
+        elif self.kind == "float":
+            profile.update(min=finite_float(self.low) if self.low is not None else None,
+                           max=finite_float(self.high) if self.high is not None else None,
+                           **self.moments.fields(), non_finite=self.non_finite)
         elif self.kind == "boolean":
             # TRUE, true and yes are one value, as in a database's BOOLEAN column.
             truths = {value.lower() in TRUTHS for value in self.distinct.values}
@@ -876,7 +1502,9 @@ class ColumnProfile:
 
 
 def format_number(value):
-    """Return a float as the text a table would hold (integers without '.0')."""
+    """Return a number as the text a table would hold (integers without '.0')."""
+    if isinstance(value, int):
+        return str(value)
     return str(int(value)) if value.is_integer() else repr(value)
 
 
@@ -885,63 +1513,322 @@ def clip(text, limit=200):
     return text if text is None or len(text) <= limit else text[:limit] + "…"
 
 
-class TableAnalyzer(LineAnalyzer):
-    """CSV/TSV: delimiter, header, rows, columns, and a profile of every column."""
+MAX_RECORD_BYTES = 2_000_000   # DuckDB's max_line_size: a longer record (quoted newlines too) is broken
+TABLE_SLICE = 1 << 19          # records are parsed at most this many bytes at a time: memory stays flat
+OPEN_QUOTE_MARK = "\ufdd0"     # a noncharacter, in no table: parsed after a block to see if a quote is open
+LONE_CR = re.compile(rb"\r(?!\n)")
+STRAY_BYTES = re.compile("[\udc80-\udcff]")
+STRAY_BYTE_TEXT = {0xDC00 + value: bytes([value]).decode("cp1252", "ignore") or chr(value)
+                   for value in range(0x80, 0x100)}
 
-    def __init__(self, delimiter, header=True):
+
+def decode_text(data, encoding):
+    """Return (text, how many bytes were not valid in `encoding`).
+
+    Such bytes are read as cp1252 (latin-1 where cp1252 has no character): in a UTF-8 file a
+    stray byte is most often a Windows é or €, and the rest of the file still reads.
+    """
+    try:
+        return data.decode(encoding), 0
+    except UnicodeDecodeError:
+        text = data.decode(encoding, "surrogateescape")
+        return text.translate(STRAY_BYTE_TEXT), len(STRAY_BYTES.findall(text))
+
+
+def csv_options(delimiter, quote, escape):
+    """Return csv.reader keyword arguments for a dialect; quote None reads quotes as text."""
+    if quote is None:
+        return {"delimiter": delimiter, "quoting": csv.QUOTE_NONE}
+    return {"delimiter": delimiter, "quotechar": quote, "doublequote": True,
+            "escapechar": escape if escape != quote else None}
+
+
+def column_names(first, header):
+    """Return DuckDB's column names: the header's, trimmed, empty ones named and repeats numbered
+    (a, a_1, a_2); without a header column0, column1, ... zero-padded to the same width."""
+    width = len(str(max(len(first) - 1, 0)))
+    generated = [f"column{index:0{width}d}" for index in range(len(first))]
+    if not header:
+        return generated
+    names, seen = [], {}
+    for index, name in enumerate(first):
+        name = name.strip(UNICODE_SPACES) or generated[index]
+        while name.lower() in seen:
+            seen[name.lower()] += 1
+            name = f"{name}_{seen[name.lower()]}"
+        seen[name.lower()] = 0
+        names.append(name)
+    return names
+
+
+UNICODE_SPACES = " \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000"
+
+
+def numbered_rows(text, options, first_line, problems):
+    """Return [(line, record)] for the non-empty records of text, `line` being where each starts.
+
+    A record the csv module rejects is counted in `problems`. An OPEN_QUOTE_MARK line is read
+    after the text: the last pair is ([OPEN_QUOTE_MARK]) when every quoted field closed, else the
+    record whose quoted field the text never closes.
+    """
+    reader = csv.reader(io.StringIO(text + OPEN_QUOTE_MARK + "\n", newline=""), **options)
+    rows = []
+    start = first_line
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as err:
+            problems.add(start, f"unreadable row: {err}")
+            start = first_line + reader.line_num
+            continue
+        if row:
+            rows.append((start, row))
+        start = first_line + reader.line_num
+
+
+def line_start(data, lines):
+    """Return the offset in data where its line number `lines` (0-based) starts."""
+    offset = 0
+    for _ in range(lines):
+        offset = data.index(b"\n", offset) + 1
+    return offset
+
+
+class TableAnalyzer(LineAnalyzer):
+    """CSV/TSV: dialect, header, rows, columns, and a profile of every column.
+
+    Line ends (\\n, \\r\\n, a lone \\r) become \\n first; a record is cut where the quotes before it
+    pair up. A record past MAX_RECORD_BYTES is broken (an unclosed quote, or one endless line):
+    it is reported at the line where it starts and reading resumes on the next line, so memory
+    stays bounded and the rows after it still count.
+    """
+
+    def __init__(self, dialect):
         super().__init__()
-        self.delimiter = delimiter
-        self.has_header = header
+        csv.field_size_limit(max(csv.field_size_limit(), 4 * MAX_RECORD_BYTES))
+        self.dialect = dialect
+        self.options = csv_options(dialect.delimiter, dialect.quote, dialect.escape)
+        self.to_skip = dialect.skip_rows
         self.header = None
         self.rows = 0
         self.columns = None
         self.profiles = []
         self.problems = FirstProblem()
+        self.line = 0              # lines read so far, as an editor numbers them (malformed rows' lines)
+        self.encoding_errors = 0
+        self._cr = False           # the last block ended in \r: the next may start with its \n
+        self._skipping = False     # inside a line longer than MAX_RECORD_BYTES: drop up to its end
+        self._first = True
 
     def feed(self, block):
-        """Feed a block; cut it only where a record ends (outside any quoted field)."""
-        data = self._partial + block if self._partial else block
-        cut = data.rfind(b"\n") + 1
-        quotes = data.count(b'"', 0, cut)
-        while quotes % 2 and cut:
-            # An odd number of quotes: this newline is inside a quoted field; step back a line.
-            previous = data.rfind(b"\n", 0, cut - 1) + 1
-            quotes -= data.count(b'"', previous, cut)
-            cut = previous
-        if not cut and len(data) > MAX_LINE_BYTES:
-            cut = data.rfind(b"\n") + 1 or len(data)  # an unclosed quote: give up waiting, stay bounded
-        self._partial = data[cut:]
-        if cut:
-            self.feed_lines(data[:cut])
+        """Feed a block of content; whole records go to the analysis, the rest waits."""
+        self.newlines += block.count(b"\n")
+        if self._first and self.dialect.encoding == "utf-8" and block.startswith(UTF8_BOM):
+            block = block[len(UTF8_BOM):]
+        self._first = False
+        if self._cr:
+            block = b"\r" + block
+        self._cr = block.endswith(b"\r")
+        if self._cr:
+            block = block[:-1]  # a \r at the end: the next block says whether a \n follows it
+        if b"\r" in block and block.count(b"\r") != block.count(b"\r\n"):
+            # A lone \r ends a line (classic Mac, or mixed endings); \r\n stays, as in a quoted field.
+            block = LONE_CR.sub(b"\n", block)
+        self._partial = self._take(self._partial + block if self._partial else block, at_end=False)
 
-    def feed_lines(self, data):
-        first_line = self.newlines + 1
-        self.newlines += data.count(b"\n")
-        text = data.decode("utf-8", "replace")
-        rows = read_rows(text, self.delimiter, first_line, self.problems)
-        header_rows = 0
-        if self.columns is None and rows:
-            self._start(rows[0])
-            header_rows = int(self.has_header)
-            rows = rows[header_rows:]
+    def finish(self):
+        """Read the last record (a final line need not end in a newline) and return the summary."""
+        data = self._partial + (b"\n" if self._cr else b"")
+        self._partial, self._cr = b"", False
+        if data:
+            self._take(data, at_end=True)
+        return self.summary()
+
+    def _take(self, data, at_end):
+        """Analyse the whole records at the start of data; return the bytes of an unfinished one."""
+        while data:
+            if self._skipping:
+                end = data.find(b"\n")
+                if end < 0:
+                    return b""
+                self.line += 1
+                self._skipping, data = False, data[end + 1:]
+                continue
+            end = self._record_end(data, at_end)
+            if not end and not at_end and len(data) <= MAX_RECORD_BYTES:
+                return data  # one record, still open: wait for the rest
+            line_end = data.find(b"\n") + 1
+            if (line_end or len(data)) > MAX_RECORD_BYTES:
+                self.problems.add(self.line + 1, f"a line longer than {MAX_RECORD_BYTES:,} bytes "
+                                  "(DuckDB's max_line_size); skipped to its end")
+                self.line += bool(line_end)
+                self._skipping = not line_end and not at_end
+                data = data[line_end:] if line_end else b""
+                continue
+            if not end or end > MAX_RECORD_BYTES:
+                # By the quotes' count the first record never ends, or ends too far: let the parser
+                # say where its quoted field opens (in the first slice: memory stays bounded).
+                end = data.rfind(b"\n", 0, TABLE_SLICE) + 1 or line_end or len(data)
+            opened = self._records(data[:end])
+            if opened is None:
+                data = data[end:]
+                continue
+            data = data[opened:]  # a record whose quoted field is still open where the slice ends
+            if opened:
+                continue
+            if not at_end and len(data) <= MAX_RECORD_BYTES:
+                return data
+            end = self._long_record_end(data, at_end)
+            if end:
+                self._records(data[:end])  # one long record, whole after all
+                data = data[end:]
+                continue
+            self.line += 1
+            if at_end:
+                reason = "a quoted field opens on this line and the file ends before it closes"
+            else:
+                reason = f"a quoted field opens on this line and does not close within {MAX_RECORD_BYTES:,} bytes"
+            self.problems.add(self.line, reason + "; the lines after it are read as rows")
+            end = data.find(b"\n")
+            data = data[end + 1:] if end >= 0 else b""
+        return b""
+
+    def _long_record_end(self, data, at_end):
+        """Return where data's first record ends by the csv module's reading, 0 when its quoted
+        field is still open at the end of the file or MAX_RECORD_BYTES on."""
+        window = data[:MAX_RECORD_BYTES]
+        if not at_end or len(data) > MAX_RECORD_BYTES:
+            window = window[:window.rfind(b"\n") + 1]
+        text = decode_text(window, self.dialect.encoding)[0]
+        text += ("" if text.endswith("\n") else "\n") + OPEN_QUOTE_MARK + "\n"
+        reader = csv.reader(io.StringIO(text, newline=""), **self.options)
+        try:
+            row = next(filter(None, reader))
+        except csv.Error:
+            return 0
+        if any(OPEN_QUOTE_MARK in field for field in row):
+            return 0
+        if reader.line_num > window.count(b"\n"):
+            return len(window)  # the last line of the file, without its newline
+        return line_start(data, reader.line_num)
+
+    def _record_end(self, data, at_end):
+        """Return where data's first records end, taking at most TABLE_SLICE bytes if a record ends
+        there (memory stays bounded), else the first record longer than that; 0 when none ends.
+
+        A line end ends a record when the quotes before it pair up (RFC 4180 doubles a quote
+        inside a field, so a whole record holds an even number). At the end of the file the end
+        of data is a line end too.
+        """
+        limit = min(len(data), TABLE_SLICE)
+        end = data.rfind(b"\n", 0, limit) + 1
+        if self.dialect.quote is None:
+            end = end or data.find(b"\n", limit) + 1
+            return end or (len(data) if at_end else 0)
+        quotes = self._quotes(data, 0, end)
+        while quotes % 2 and end:
+            # An odd number of quotes before this line end: it is inside a quoted field. Step
+            # back to the start of the line holding the last quote before it.
+            previous = data.rfind(b"\n", 0, data.rfind(b'"', 0, end)) + 1
+            quotes -= self._quotes(data, previous, end)
+            end = previous
+        if end:
+            return end
+        # No record ends in the first slice: walk on from quote to quote to the first that does.
+        quotes, position = self._quotes(data, 0, limit), limit
+        while True:
+            quote = self._next_quote(data, position)
+            if quotes % 2 == 0:
+                newline = data.find(b"\n", position, len(data) if quote < 0 else quote)
+                if newline >= 0:
+                    return newline + 1
+            if quote < 0:
+                return len(data) if at_end and quotes % 2 == 0 else 0
+            quotes, position = quotes + 1, quote + 1
+
+    def _quotes(self, data, start, end):
+        count = data.count(b'"', start, end)
+        return count - data.count(b'\\"', start, end) if self.dialect.escape == "\\" else count
+
+    def _next_quote(self, data, position):
+        quote = data.find(b'"', position)
+        while quote > 0 and self.dialect.escape == "\\" and data[quote - 1:quote] == b"\\":
+            quote = data.find(b'"', quote + 1)
+        return quote
+
+    def _records(self, data):
+        """Analyse the records in data (whole lines; the last may lack its newline at the end of
+        the file). Return None, or the offset of a record whose quoted field data never closes;
+        self.line then counts the lines before it."""
+        text, errors = decode_text(data, self.dialect.encoding)
+        self.encoding_errors += errors
+        first_line = self.line + 1
+        if self.dialect.quote is None or '"' not in text:
+            # Without quotes a record is its line split at the delimiter: str.split beats the csv module.
+            split = (text.replace("\r\n", "\n") if "\r" in text else text).split("\n")
+            if text.endswith("\n"):
+                split.pop()
+            rows = list(map(operator.methodcaller("split", self.dialect.delimiter), filter(None, split)))
+            self._add(rows, lambda: [(first_line + index, line.split(self.dialect.delimiter))
+                                     for index, line in enumerate(split) if line])
+            self.line += len(split)
+            return None
+        text = text if text.endswith("\n") else text + "\n"
+        lines = text.count("\n")
+        try:
+            rows = [row for row in csv.reader(io.StringIO(text + OPEN_QUOTE_MARK + "\n", newline=""),
+                                              **self.options) if row]
+        except csv.Error:
+            rows = None
+        if rows and rows[-1] == [OPEN_QUOTE_MARK]:
+            rows.pop()
+            self._add(rows, lambda: numbered_rows(text, self.options, first_line, FirstProblem())[:-1])
+            self.line += lines
+            return None
+        numbered = numbered_rows(text, self.options, first_line, self.problems)
+        opened_line, last = numbered.pop()
+        self._add([row for _, row in numbered], lambda: numbered)
+        if last == [OPEN_QUOTE_MARK]:
+            self.line += lines
+            return None
+        self.line = opened_line - 1
+        offset = line_start(data, opened_line - first_line)
+        if errors:
+            self.encoding_errors -= decode_text(data[offset:], self.dialect.encoding)[1]  # read again later
+        return offset
+
+    def _add(self, rows, numbered):
+        """Add a block's records; `numbered()` gives them with their lines, to name a ragged one."""
+        consumed = self._begin(rows) if self.columns is None else 0
+        if consumed:
+            rows = rows[consumed:]
         if not rows:
             return
         if set(map(len, rows)) != {self.columns}:
-            rows = self._drop_ragged(text, first_line, header_rows)
+            rows = self._drop_ragged(numbered()[consumed:])
         self.rows += len(rows)
         for profile, values in zip(self.profiles, zip(*rows)):
             profile.add(values)
 
-    def _start(self, first):
+    def _begin(self, rows):
+        """Skip the title rows and take the header from the first rows; return how many were used."""
+        skip = min(self.to_skip, len(rows))
+        self.to_skip -= skip
+        if skip == len(rows):
+            return skip
+        first = rows[skip]
         self.columns = len(first)
-        names = first if self.has_header else [f"column_{n}" for n in range(1, len(first) + 1)]
-        self.header = names
-        limit = max(MIN_EXACT_DISTINCT, min(MAX_EXACT_DISTINCT, EXACT_DISTINCT_BUDGET // max(len(names), 1)))
-        self.profiles = [ColumnProfile(name, limit) for name in names[:MAX_PROFILED_COLUMNS]]
+        self.header = column_names(first, self.dialect.header)
+        profiled = self.header[:MAX_PROFILED_COLUMNS]
+        limit = max(MIN_EXACT_DISTINCT, min(MAX_EXACT_DISTINCT, EXACT_DISTINCT_BUDGET // max(len(profiled), 1)))
+        chars = EXACT_DISTINCT_CHARS // max(len(profiled), 1)
+        self.profiles = [ColumnProfile(name, limit, chars) for name in profiled]
+        return skip + int(self.dialect.header)
 
-    def _drop_ragged(self, text, first_line, header_rows):
+    def _drop_ragged(self, numbered):
         """Return the rows of the header's width; count the others with their line numbers."""
-        numbered = read_rows(text, self.delimiter, first_line, FirstProblem(), numbered=True)[header_rows:]
         kept = []
         for line, row in numbered:
             if len(row) == self.columns:
@@ -952,10 +1839,16 @@ class TableAnalyzer(LineAnalyzer):
 
     def summary(self):
         return {
-            "delimiter": self.delimiter,
-            "header_detected": self.has_header,
+            "delimiter": self.dialect.delimiter,
+            "quote": self.dialect.quote,
+            "escape": self.dialect.escape,
+            "encoding": self.dialect.encoding,
+            "encoding_errors": self.encoding_errors,
+            "skip_rows": self.dialect.skip_rows - self.to_skip,
+            "header_detected": self.dialect.header,
             "header": self.header or [],
             "rows": self.rows,
+            "rows_include_malformed": False,
             "columns": self.columns or 0,
             "ragged_rows": self.problems.count > 0,
             "column_profiles": [profile.fields() for profile in self.profiles],
@@ -964,47 +1857,13 @@ class TableAnalyzer(LineAnalyzer):
         }
 
 
-def read_rows(text, delimiter, first_line, problems, numbered=False):
-    """Parse a block of table text into its non-empty rows (with line numbers if `numbered`).
-
-    A row the csv module rejects is recorded in `problems`, not raised.
-    """
-    if not numbered and '"' not in text:
-        # Without quotes a row is its line split at the delimiter: str.split beats the csv module.
-        lines = text.replace("\r\n", "\n").split("\n") if "\r" in text else text.split("\n")
-        if "" in lines:
-            lines = list(filter(None, lines))
-        return list(map(operator.methodcaller("split", delimiter), lines))
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    if not numbered:
-        try:
-            return [row for row in reader if row]
-        except csv.Error:
-            reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    rows = []
-    start = first_line
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return rows
-        except csv.Error as err:
-            problems.add(first_line + reader.line_num - 1, f"unreadable row: {err}")
-            start = first_line + reader.line_num
-            continue
-        if row:
-            rows.append((start, row) if numbered else row)
-        start = first_line + reader.line_num
-
-
-def make_analyzer(fmt, sample=b""):
+def make_analyzer(fmt, sample=b"", name="", whole=False):
     """Return the analyser for a detected format, set up from the content's first bytes."""
     if fmt in ("csv", "tsv"):
-        lines = sample[:SNIFF_SIZE].split(b"\n")[:50]
-        delimiter = sniff_delimiter(lines[:-1] if len(lines) > 1 else lines) or ("\t" if fmt == "tsv" else ",")
-        return TableAnalyzer(delimiter, sniff_header(sample, delimiter))
+        dialect = sniff_table(sample[:SNIFF_SIZE], name, whole, table_named=True)
+        return TableAnalyzer(dialect)
     if fmt == "fastq":
-        return FastqAnalyzer(crlf=b"\r\n" in sample[:SNIFF_SIZE])
+        return FastqAnalyzer()
     if fmt == "vcf":
         return VcfAnalyzer()
     if fmt in ("text", "fasta"):
@@ -1125,8 +1984,11 @@ class _Reader(threading.Thread):
             yield size, value
 
 
-def analyse_stream(chunks, total=None):
-    """Analyse an iterable of raw byte chunks in one pass; return the report's content fields."""
+def analyse_stream(chunks, total=None, name=""):
+    """Analyse an iterable of raw byte chunks in one pass; return the report's content fields.
+
+    `name` (a key or path) only helps tell a one-column .csv from plain text.
+    """
     reader = _Reader(chunks)
     progress = Progress(total)
     analyzer = fmt = None
@@ -1145,7 +2007,7 @@ def analyse_stream(chunks, total=None):
                 if sniffed < SNIFF_SIZE:
                     continue
                 piece = b"".join(sniff)
-                analyzer, fmt = _start(piece)
+                analyzer, fmt = _start(piece, name)
             analyzer.feed(piece)
     finally:
         reader.stop.set()
@@ -1154,7 +2016,7 @@ def analyse_stream(chunks, total=None):
         raise AnalysisError("the object is empty (0 bytes): nothing to analyse; was the upload cut short?")
     if analyzer is None:
         sample = b"".join(sniff)
-        analyzer, fmt = _start(sample)
+        analyzer, fmt = _start(sample, name, whole=True)
         analyzer.feed(sample)
     summary = analyzer.finish()
     lines = analyzer.newlines + (last_byte != b"\n")
@@ -1173,9 +2035,9 @@ def analyse_stream(chunks, total=None):
     }
 
 
-def _start(sample):
-    fmt = sniff_format(sample[:SNIFF_SIZE])
-    return make_analyzer(fmt, sample), fmt
+def _start(sample, name="", whole=False):
+    fmt = sniff_format(sample[:SNIFF_SIZE], name, whole)
+    return make_analyzer(fmt, sample, name, whole), fmt
 
 
 def analyse_file(path):
@@ -1188,7 +2050,7 @@ def analyse_file(path):
     started = time.time()
     size = os.path.getsize(path)
     report = {"input": {"path": path, "size": size}, "status": "ok"}
-    report.update(analyse_stream(chunks(), total=size))
+    report.update(analyse_stream(chunks(), total=size, name=path))
     report["worker"] = worker_info(started, report["bytes"])
     return report
 
@@ -1295,7 +2157,7 @@ def analyse_s3_object(s3, bucket, key, expected_etag="", command=None):
     if command:
         report["route"] = run_route_command(s3, bucket, key, command, chunks, report)
     else:
-        report.update(analyse_stream(chunks, total=head["ContentLength"]))
+        report.update(analyse_stream(chunks, total=head["ContentLength"], name=key))
     report["worker"] = worker_info(started, report["bytes"])
     target = put_report(s3, bucket, key, report, ".json")
     logger.info("wrote s3://%s/%s: %s, %d lines", bucket, target, report["format"], report["lines"])
@@ -1346,7 +2208,7 @@ def run_route_command(s3, bucket, key, command, chunks, report):
         input_path = os.path.join(work, local_input_name(key))
         output_dir = os.path.join(work, "output")
         os.mkdir(output_dir)
-        report.update(analyse_stream(_tee_to_file(chunks, input_path), total=report["input"]["size"]))
+        report.update(analyse_stream(_tee_to_file(chunks, input_path), total=report["input"]["size"], name=key))
         argv = [arg.format(input=input_path, output_dir=output_dir) for arg in command]
         logger.info("running route command %s", argv)
         started = time.monotonic()

@@ -82,7 +82,7 @@ def shutdown_calls(log_path):
         text = Path(log_path).read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
-    return [json.loads(line)["args"] for line in text.splitlines() if line.strip()]
+    return [line.split("\x1f") for line in text.split("\n") if line]
 
 
 def watchdog_minutes(calls):
@@ -100,11 +100,11 @@ def halted(calls):
     return any("now" in args for args in calls)
 
 
-SHUTDOWN_STUB = """#!{python} -IS
-# Emulated shutdown: record the call; local_cloud.py terminates the instance.
-import json, os, sys, time
-with open(os.environ["AWSFUN_SHUTDOWN_LOG"], "a", encoding="utf-8") as log:
-    log.write(json.dumps({{"args": sys.argv[1:], "time": time.time()}}) + "\\n")
+SHUTDOWN_STUB = """#!/usr/bin/env bash
+# Emulated shutdown: record the call, its arguments joined by US (0x1f); local_cloud.py
+# terminates the instance. Bash, not Python: every machine calls it twice.
+IFS=$'\\x1f'
+printf '%s\\n' "$*" >>"$AWSFUN_SHUTDOWN_LOG"
 """
 
 
@@ -186,8 +186,7 @@ class LocalCloud:
         self.stop_event = threading.Event()
         self.threads = []
         self.pool = None
-        self.restore_run_instances = None
-        self.restore_s3_events = None
+        self.moto_patches = []  # the functions that undo this cloud's changes to moto
         self.booted = {}  # instance id -> ClientToken
         self.tokens = {}  # ClientToken -> first instance id: EC2 launches once per token
         self.processes = {}
@@ -208,6 +207,9 @@ class LocalCloud:
         # prints a warning about the Docker host to stdout; ask that (cached) question quietly.
         with contextlib.redirect_stdout(io.StringIO()):
             moto_settings.moto_server_host()
+        # werkzeug logs each request, through a handler bound to the stderr it first saw: in
+        # a test that is pytest's capture, closed by the time a later request logs.
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
@@ -215,8 +217,8 @@ class LocalCloud:
         # moto keeps its state in module globals shared by every server in this process:
         # start from an empty account, whatever an earlier local cloud left behind.
         self.reset_moto()
-        self.restore_run_instances = honour_client_tokens()
-        self.restore_s3_events = stamp_s3_sequencers()
+        speed_up_moto()
+        self.moto_patches = [honour_client_tokens(), stamp_s3_sequencers()]
         self.saved_environ = dict(os.environ)
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
             os.environ.pop(name, None)
@@ -250,12 +252,8 @@ class LocalCloud:
         if self.server:
             self.reset_moto()
             self.server.stop()
-        if self.restore_run_instances:
-            self.restore_run_instances()
-            self.restore_run_instances = None
-        if self.restore_s3_events:
-            self.restore_s3_events()
-            self.restore_s3_events = None
+        while self.moto_patches:
+            self.moto_patches.pop()()
         if self.saved_environ is not None:
             os.environ.clear()
             os.environ.update(self.saved_environ)
@@ -455,7 +453,7 @@ class LocalCloud:
         script = scratch / "user-data"
         script.write_text(user_data, encoding="utf-8")
         stub = scratch / "bin" / "shutdown"
-        stub.write_text(SHUTDOWN_STUB.format(python=sys.executable), encoding="utf-8")
+        stub.write_text(SHUTDOWN_STUB, encoding="utf-8")
         stub.chmod(0o755)
         calls_log = scratch / "shutdown.calls"
         env = {**os.environ, **local_environment(self.endpoint)}
@@ -674,6 +672,50 @@ def sqs_event(messages, queue_name):
         "md5OfBody": m.get("MD5OfBody", ""), "eventSource": "aws:sqs",
         "eventSourceARN": f"arn:aws:sqs:{REGION}:000000000000:{queue_name}",
         "awsRegion": REGION} for m in messages]}
+
+
+def speed_up_moto():
+    """Replace three of moto's hot spots with the same answers computed once; idempotent.
+
+    Each is a stand-in cost, not AWS behaviour; together they were a third of a burst's
+    local-cloud CPU:
+    - ReceiveMessage checks each message's retention by computing every attribute of the
+      queue, and ApproximateNumberOfMessages walks all its messages: O(depth) per message
+      handed out. A 500-file burst queues about a thousand S3 events (inputs, reports, logs).
+      The rule stays AWS's MessageRetentionPeriod counted from SentTimestamp, read directly.
+    - The server lists moto's package directory (a listdir and ~180 stats) on every request
+      to route it; the directory does not change while it runs.
+    - S3 reloads its URL module twice a request, in case MOTO_S3_CUSTOM_ENDPOINTS changed;
+      it now reloads when that variable did.
+    """
+    import importlib
+
+    import moto.s3.urls
+    from moto import backends
+    from moto.core.utils import unix_time
+    from moto.s3.models import S3Backend
+    from moto.sqs.models import SQSBackend
+
+    if getattr(backends, "awsfun_faster", False):
+        return
+    loaded_for = [os.environ.get("MOTO_S3_CUSTOM_ENDPOINTS")]
+
+    def s3_url_module(self):
+        if os.environ.get("MOTO_S3_CUSTOM_ENDPOINTS") != loaded_for[0]:
+            loaded_for[0] = os.environ.get("MOTO_S3_CUSTOM_ENDPOINTS")
+            importlib.reload(moto.s3.urls)
+        return moto.s3.urls
+
+    S3Backend._url_module = property(s3_url_module)
+
+    def is_message_valid_based_on_retention_period(self, queue_name, message):
+        retention = int(self.get_queue(queue_name).message_retention_period)
+        return retention + message.sent_timestamp / 1000 > unix_time()
+
+    SQSBackend.is_message_valid_based_on_retention_period = is_message_valid_based_on_retention_period
+    modules = tuple(backends.list_of_moto_modules())
+    backends.list_of_moto_modules = lambda: modules
+    backends.awsfun_faster = True
 
 
 def launch_parameters(image_id, count, user_data, security_group_names, kwargs):

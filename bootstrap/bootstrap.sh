@@ -14,7 +14,8 @@ export HOME="${HOME:-/root}"
 WORKER_REPORTED=5  # AwsS3.EXIT_FAILED_REPORTED
 REPORTED="" WORK_DIR="" LOG_FILE="" TEE_PID="" SIGNALLED=""
 
-log() { printf '%s awsfun-bootstrap: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
+# bash's own clock (printf %(...)T): no `date` process for each line.
+log() { TZ=UTC printf '%(%Y-%m-%dT%H:%M:%SZ)T awsfun-bootstrap: %s\n' -1 "$*" >&2; }
 
 # b64_decode VAR VALUE: decode into VAR, keeping trailing newlines.
 b64_decode() {

@@ -6,7 +6,37 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from moto.server import ThreadedMotoServer
+
+
+def _fewer_moto_images():
+    """Give moto's EC2 its generic images and Amazon Linux 2023's, not ~1,300 a region.
+
+    moto builds every image it knows (mostly ECS-optimised ones) into each EC2 backend, and
+    the suite makes hundreds (each test, each reset): 0.13 CPU-s apiece. The project only
+    uses Amazon Linux 2023, found through its SSM parameters, whose images stay: all
+    regions' AL2023 images go to every region. Set before moto's EC2 module loads.
+    """
+    import atexit
+    import gzip
+    import json
+    import tempfile
+
+    import moto
+
+    resources = Path(moto.__file__).parent / "ec2" / "resources"
+    images = json.loads(gzip.decompress((resources / "amis.json.gz").read_bytes()))
+    for latest in sorted((resources / "latest_amis").glob("*.json.gz")):
+        images += [image for image in json.loads(gzip.decompress(latest.read_bytes()))
+                   if image["name"].startswith("al2023-ami-")]
+    handle, path = tempfile.mkstemp(prefix="awsfun-moto-images-", suffix=".json")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump(images, out)
+    atexit.register(os.unlink, path)
+    os.environ["MOTO_AMIS_PATH"] = path
+
+
+_fewer_moto_images()
+from moto.server import ThreadedMotoServer  # noqa: E402 - after MOTO_AMIS_PATH is set
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -17,6 +47,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support import ShutdownStub  # noqa: E402
 
 REGION = "us-east-1"
+
+
+def _share_botocore_models():
+    """Give every botocore Session in this process one model loader.
+
+    botocore parses its JSON models (EC2's, S3's endpoint rules, endpoints.json) once per
+    Session, and the suite makes hundreds: one per deploy, per CLI call, per fixture. The
+    parse was a sixth of the in-process tests' CPU. The models are read-only data, so one
+    loader per data path changes nothing a test sees; subprocesses (the machines, deploy.sh)
+    still parse their own, as on AWS.
+    """
+    import botocore.loaders
+    import botocore.session
+
+    loaders = {}
+
+    def create_loader(search_path_string=None):
+        if search_path_string not in loaders:
+            loaders[search_path_string] = botocore.loaders.create_loader(search_path_string)
+        return loaders[search_path_string]
+
+    botocore.session.create_loader = create_loader
+
+
+_share_botocore_models()
 
 
 def pytest_collection_modifyitems(items):
@@ -52,9 +107,20 @@ def _clear_handler_caches():
         handler._template_cache.clear()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def faster_moto():
+    """moto's own hot spots, for the in-process mocks and the servers (local_cloud.speed_up_moto)."""
+    from local_cloud import speed_up_moto
+
+    speed_up_moto()
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint():
-    """A moto server on a free loopback port for the whole session."""
+    """A moto server on a free loopback port for the whole session (quiet: see LocalCloud.start)."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -4,8 +4,11 @@ inputs, block boundaries, bounded memory and progress logs."""
 
 import gzip
 import hashlib
+import json
 import logging
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -125,6 +128,120 @@ def test_fastq_blank_lines_between_records_are_tolerated():
     assert s["reads"] == 6 and s["malformed_records"] == 0
 
 
+def _wrapped(name, sequence, quality, width):
+    """One FASTQ record with its sequence and quality wrapped at `width` (as seqkit seq -w writes)."""
+    def wrap(text):
+        return [text[i:i + width] for i in range(0, len(text), width)] or [b""]
+    return b"\n".join([b"@" + name, *wrap(sequence), b"+", *wrap(quality)]) + b"\n"
+
+
+def _reads(count, seed):
+    """Random reads of 1-300 bases as (name, sequence, quality); quality is mostly '@' (Phred 31)."""
+    rng = random.Random(seed)
+    reads = []
+    for i in range(count):
+        length = rng.randint(1, 300)
+        reads.append((b"r%d" % i, bytes(rng.choice(b"ACGTN") for _ in range(length)),
+                      bytes(rng.choice(b"@@@I#5") for _ in range(length))))
+    return reads
+
+
+def _expected(reads):
+    lengths = [len(seq) for _, seq, _ in reads]
+    return (len(reads), sum(lengths), min(lengths), max(lengths))
+
+
+@pytest.mark.parametrize(("first_wrapped", "width"), [(0, 60), (2, 60), (150, 60), (0, 3)])
+def test_fastq_wrapped_records_are_read_whole_wherever_wrapping_starts(first_wrapped, width):
+    # kseq's rule: sequence lines until a '+' line, quality lines until they are as long as the
+    # sequence. Quality lines starting with '@' (Phred 31) are quality, not headers. Width 3
+    # makes runs of up to 100 lines, read a window at a time.
+    reads = _reads(200, first_wrapped)
+    content = b"".join(_wrapped(name, seq, qual, width if i >= first_wrapped else 10_000)
+                       for i, (name, seq, qual) in enumerate(reads))
+    whole = analyse_bytes(content)
+    s = whole["summary"]
+    assert whole["format"] == "fastq"
+    assert (s["reads"], s["bases"], s["min_length"], s["max_length"]) == _expected(reads)
+    assert s["malformed_records"] == 0
+    bases = b"".join(seq for _, seq, _ in reads)
+    assert s["gc_percent"] == pytest.approx(100 * (bases.count(b"G") + bases.count(b"C")) / len(bases), abs=1e-3)
+    for seed in range(3):
+        assert AwsS3.analyse_stream(random_chunks(content, seed, 400))["summary"] == s
+
+
+def test_fastq_wrapped_with_crlf_measures_the_same():
+    content = b"".join(_wrapped(name, seq, qual, 50) for name, seq, qual in _reads(50, 4))
+    assert analyse_bytes(content.replace(b"\n", b"\r\n"))["summary"] == analyse_bytes(content)["summary"]
+
+
+def test_fastq_each_record_dropped_is_a_malformed_record():
+    records = _records(40)
+    # Quality cut short: the next header would complete it by length, as kseq reads it;
+    # the line after that header (a sequence line, not an '@' line) shows it is a header.
+    records[5] = b"@r5\nACGTACGT\n+\nIIII\n"
+    records[20] = b"@r20 a longer header\nACGTACGT\n+\nIII\n"
+    records[21] = b"@r21\nACGTACGT\n+\n"  # no quality line at all
+    records[30] = b"@r30\nACGT\n@r30b\nACGT\n+\nIIII\n"  # r30 has no '+' line; r30b is whole
+    for chunk in (37, 1000):
+        s = analyse_bytes(b"".join(records), chunk=chunk)["summary"]
+        assert s["reads"] == 37 and s["malformed_records"] == 4
+        assert s["reads"] + s["malformed_records"] == 41  # 40 records and r30b: none lost unnamed
+        assert s["first_malformed_line"] == 21
+    # Wrapped: w3's quality is cut short, so w4's header and a sequence line are read as its
+    # quality (kseq's rule) until it overruns; w4's remaining lines are one run of garbage.
+    wrapped = [_wrapped(b"w%d" % i, b"ACGT" * 3, b"IIII" * (2 if i == 3 else 3), 4) for i in range(10)]
+    s = analyse_bytes(b"".join(wrapped))["summary"]
+    assert (s["reads"], s["malformed_records"], s["first_malformed_line"]) == (8, 2, 25)
+    assert "lengths differ (12 and 15)" in s["first_malformed_reason"]
+
+
+def test_fastq_control_bytes_keep_the_format_and_say_where():
+    records = _records(5000)
+    records[3000] = b"@r3000\x01\nACGTACGT\n+\nII\x00IIIII\n"  # a control byte in the header and a NUL
+    records[4998] = b"@r4998\nACGT\x1bCGT\n+\nIIIIIIII\n"
+    for chunk in (997, AwsS3.CHUNK_SIZE):
+        report = analyse_bytes(b"".join(records), chunk=chunk)
+        s = report["summary"]
+        assert report["format"] == "fastq"
+        assert (s["control_bytes"], s["first_control_byte_line"]) == (3, 12001)
+        assert s["control_byte_convention"] == "counted, as seqkit counts them"
+        assert s["reads"] == 5000 and s["malformed_records"] == 0  # as seqkit counts them
+    clean = analyse_bytes(b"".join(_records(50)))["summary"]
+    assert (clean["control_bytes"], clean["first_control_byte_line"]) == (0, None)
+
+
+def test_fastq_whose_first_read_is_longer_than_the_sniffing_window():
+    rng = random.Random(5)
+    sequence = bytes(rng.choice(b"ACGT") for _ in range(200 * 1024))
+    content = b"@nanopore\n" + sequence + b"\n+\n" + b"5" * len(sequence) + b"\n" + b"".join(_records(3))
+    assert AwsS3.sniff_format(content[:AwsS3.SNIFF_SIZE]) == "fastq"
+    s = analyse_bytes(content)["summary"]
+    assert (s["reads"], s["bases"], s["max_length"], s["n50"]) == (4, len(sequence) + 60, len(sequence), len(sequence))
+    assert AwsS3.sniff_format(b"@not a read\nsome words, then\n+\n") == "text"
+
+
+def test_fastq_record_longer_than_the_buffer_is_measured_in_pieces(monkeypatch):
+    monkeypatch.setattr(AwsS3, "RECORD_BUFFER", 1000)  # bounded memory for any record size
+    reads = _reads(30, 6)
+    reads[10] = (b"long", b"GC" * 20_000, b"I" * 40_000)
+    content = b"".join(_wrapped(name, seq, qual, 70) for name, seq, qual in reads)
+    s = AwsS3.analyse_stream(random_chunks(content, 1, 3000))["summary"]
+    assert (s["reads"], s["bases"], s["max_length"]) == _expected(reads)[:2] + (40_000,)
+    bases = b"".join(seq for _, seq, _ in reads)
+    assert s["gc_percent"] == pytest.approx(100 * (bases.count(b"G") + bases.count(b"C")) / len(bases), abs=1e-3)
+
+
+def test_fastq_record_of_many_blank_lines_keeps_few_of_them():
+    # Blank lines cost no bytes but each kept line costs memory: the buffer counts them too.
+    record = AwsS3.OpenRecord(1)
+    for _ in range(200_000):
+        record.add_sequence(b"")
+    assert len(record.seq) <= AwsS3.RECORD_BUFFER // AwsS3.LINE_OVERHEAD
+    s = analyse_bytes(b"@h\n" + b"\n" * 200_000 + b"ACGT\n+\nIIII\n" + b"".join(_records(2)))["summary"]
+    assert (s["reads"], s["bases"], s["malformed_records"]) == (3, 44, 0)  # blank lines are empty sequence lines
+
+
 def test_n50_and_long_read_histogram():
     assert AwsS3.n50({2: 1, 3: 1, 4: 1, 5: 1}, 14) == 4  # 5 + 4 = 9 >= 7
     assert AwsS3.n50({}, 0) is None
@@ -159,6 +276,42 @@ def test_vcf_edge_cases_agree_with_bcftools():
     assert s["records_per_chromosome"] == {"1": 12, "2": 4}
     assert (s["pass"], s["filter_missing"], s["filtered"]) == (12, 1, 3)
     assert s["filters"]["q10;s50"] == 1
+
+
+# What bcftools stats 1.16 counted for one-record VCFs of each REF/ALT (SN and TSTV lines):
+# (SNPs, MNPs, indels, others), no-ALT, multiallelic SNP site, ts, tv. tests/peers/vcf/
+# holds the same alleles in files, re-checked against bcftools by bench/peers.py.
+BCFTOOLS_RECORDS = [
+    ("A", "<*>", "", True), ("A", "<X>", "", True), ("A", "<NON_REF>", "", True), ("A", "X", "", True),
+    ("A", ".", "", True), ("ACG", ".", "", True), ("A", "A", "", True), ("AC", "ac", "", True),
+    ("A", "<X>,<*>", "", True), ("A", "*", "", False), ("A", "*,<*>", "", False),
+    ("G", "G]17:198982]", "", False), ("G", "]17:198982]G", "", False),
+    ("G", "G[17:198982[", "", False), ("G", "[17:198982[G", "", False),
+    ("A", "G", "snvs ts", False), ("a", "A", "snvs", False), ("A", "a", "snvs", False),
+    ("a", "g", "snvs ts", False), ("CT", "CA", "snvs", False), ("N", "A", "snvs", False),
+    ("AC", "A-", "snvs", False), ("GATTACA", "GCTTACA", "snvs", False),
+    ("AC", "GT", "mnvs", False), ("ACG", "TCA", "mnvs", False), ("AC", ".G", "mnvs", False),
+    ("A", "AT", "indels", False), ("ATT", "A", "indels", False), ("G", ".G", "indels", False),
+    ("G", "G.", "indels", False), ("A", "A<ctg1>", "indels", False), ("AAAA", "AAA", "indels", False),
+    ("G", "CT", "others", False), ("AC", "ATG", "others", False), ("TCA", "G", "others", False),
+    ("A", "<DEL>", "others", False), ("A", "<INS>", "others", False), ("A", "<CN0>", "others", False),
+    ("A", "<DUP:TANDEM>", "others", False), ("A", "<ctg1>A", "others", False), ("AC", "X", "others", False),
+    ("A", "C[2:321682[", "others", False), ("AT", "A]2:3]", "others", False),
+    ("A", "G,T", "snvs ts tv multi-snv", False), ("A", "G,.", "snvs ts multi-snv", False),
+    ("A", "<*>,G", "snvs ts multi-snv", False), ("A", "X,G", "snvs ts multi-snv", False),
+    ("A", "G,*", "snvs ts", False), ("A", "G,AT", "snvs indels ts", False),
+    ("AC", "GT,G", "mnvs others", False), ("AT", "GC,A", "mnvs indels", False),
+    ("A", "AT,<DEL>", "indels others", False), ("G", "G]17:198982],C", "snvs tv", False),
+]
+
+
+@pytest.mark.parametrize(("ref", "alts", "counted", "no_alt"), BCFTOOLS_RECORDS)
+def test_records_are_classed_as_bcftools_classes_them(ref, alts, counted, no_alt):
+    kinds, is_no_alt, multiallelic, multiallelic_snv, ts, tv = AwsS3.classify_record(ref.encode(), alts.encode())
+    words = counted.split()
+    assert set(kinds) == {word for word in words if word in ("snvs", "mnvs", "indels", "others")}
+    assert (is_no_alt, multiallelic, multiallelic_snv) == (no_alt, "," in alts, "multi-snv" in words)
+    assert (ts, tv) == (words.count("ts"), words.count("tv"))
 
 
 def test_vcf_malformed_line_is_reported_and_skipped():
@@ -247,8 +400,9 @@ def test_csv_ragged_rows_are_reported_with_their_line():
 def test_csv_without_header_and_other_delimiters():
     s = analyse_bytes(b"1;2.5;x\n3;4.5;y\n5;6.5;z\n")["summary"]
     assert s["delimiter"] == ";" and s["header_detected"] is False
-    assert s["rows"] == 3 and s["header"] == ["column_1", "column_2", "column_3"]
-    assert _columns(s)["column_2"]["mean"] == pytest.approx(4.5)
+    # DuckDB's names for the columns of a file without a header (sniff_csv: column0, column1, ...)
+    assert s["rows"] == 3 and s["header"] == ["column0", "column1", "column2"]
+    assert _columns(s)["column1"]["mean"] == pytest.approx(4.5)
 
 
 def test_column_that_turns_from_numbers_to_text_is_text():
@@ -256,6 +410,72 @@ def test_column_that_turns_from_numbers_to_text_is_text():
     column = _columns(analyse_bytes(content, chunk=1000)["summary"])["v"]
     assert column["type"] == "string" and "mean" not in column
     assert column["max"] == "n/a" and column["min"] == "0"
+
+
+# The worker started by a small shell reports its own peak (ru_maxrss): a process started by
+# this one would count pytest's own memory, as Linux carries the high-water mark through
+# fork and exec.
+PEAK_RSS = ("import atexit, resource, runpy, sys; peak = sys.argv[1]; "
+            "atexit.register(lambda: open(peak, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))); "
+            "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_an_unclosed_quote_keeps_memory_bounded_and_says_where_the_file_broke(tmp_path):
+    # A quote opened on line 1002 never closes: today the parser swallows 16 MB into one field
+    # (about 600 MB of memory), reports a later line and loses the rows it swallowed.
+    row = b"7,%s,7\n" % (b"x" * 90)
+    content = b"id,name,score\n" + row * 1000 + b'7,"unclosed,7\n' + row * 190_000  # 19 MB
+    path = tmp_path / "unclosed.csv"
+    path.write_bytes(content)
+    peak, report = tmp_path / "peak", tmp_path / "report.json"
+    command = f'"{sys.executable}" -c "$0" "$@" > "{report}"; exit $?'
+    done = subprocess.run(["/bin/sh", "-c", command, PEAK_RSS, str(peak), str(REPO / "AwsS3.py"), str(path)],
+                          stderr=subprocess.PIPE, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    s = json.loads(report.read_text())["summary"]
+    assert (s["first_malformed_line"], s["malformed_rows"], s["rows"]) == (1002, 1, 191_000)
+    assert "quoted field opens on this line" in s["first_malformed_reason"]
+    assert int(peak.read_text()) < 100 * 1024, f"peak RSS {int(peak.read_text()) // 1024} MB"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_broken_records_are_found_wherever_blocks_end(monkeypatch, seed):
+    monkeypatch.setattr(AwsS3, "MAX_RECORD_BYTES", 3000)
+    monkeypatch.setattr(AwsS3, "TABLE_SLICE", 700)
+    monkeypatch.setattr(AwsS3, "SNIFF_SIZE", 2000)   # the sample sees well-formed rows only, as in a big file
+    lines = [b"id,text,n"] + [b"%d,plain %d,%d" % (i, i, i) for i in range(1, 400)]
+    lines[50] = b'50,"two\r\nlines, one field",50'   # a quoted CRLF: one record over lines 51-52
+    lines[100] = b'100,"%s",100' % (b"long " * 200)    # a quoted record longer than a slice, not broken
+    lines[200] = b'200,"opens and never closes,200'    # line 202: the rows after it still count
+    lines[300] = b"x" * 4000                             # line 302: past MAX_RECORD_BYTES, unquoted
+    content = b"\r\n".join(lines) + b'\r\n400,"cut short'  # line 402 ends inside a quoted field
+    s = AwsS3.analyse_stream(random_chunks(content, seed, 900))["summary"]
+    assert (s["header"], s["quote"]) == (["id", "text", "n"], '"')
+    assert (s["malformed_rows"], s["first_malformed_line"]) == (3, 202)
+    assert s["rows"] == 399 - 2 and _columns(s)["n"]["max"] == 399
+    assert _columns(s)["text"]["max"] == "two\r\nlines, one field" and _columns(s)["text"]["distinct"] == 397
+
+
+def test_lone_carriage_returns_end_lines_across_block_ends():
+    # Classic Mac line ends, one \r\n (cut between two blocks at some chunk size), a ragged row on line 12.
+    rows = [b"%d,%d" % (i, i) for i in range(20)]
+    rows[10] = b"10"
+    content = b"a,b\r" + b"\r".join(rows[:5]) + b"\r\n" + b"\r".join(rows[5:]) + b"\r"
+    for chunk in range(1, len(content)):
+        s = AwsS3.analyse_stream(content[i:i + chunk] for i in range(0, len(content), chunk))["summary"]
+        assert (s["rows"], s["malformed_rows"], s["first_malformed_line"]) == (19, 1, 12), chunk
+
+
+def test_an_unterminated_last_line_is_numbered_exactly():
+    s = analyse_bytes(b"a,b,c\n" + b"1,2,3\n" * 10 + b"7,8")["summary"]
+    assert (s["rows"], s["malformed_rows"], s["first_malformed_line"]) == (10, 1, 12)
+
+
+def test_a_stray_byte_in_a_utf8_table_is_read_as_cp1252_and_counted():
+    content = b"name,city\n" + b"ann,Z\xc3\xbcrich\n" * 8000 + b"bob,Z\xfcrich\n"  # past the sample
+    s = analyse_bytes(content, chunk=4096)["summary"]
+    assert (s["encoding"], s["encoding_errors"], s["rows"]) == ("utf-8", 1, 8001)
+    assert _columns(s)["city"]["distinct"] == 1  # Zürich either way
 
 
 def test_distinct_count_is_estimated_past_the_bound(monkeypatch):

@@ -185,9 +185,9 @@ def test_a_new_security_group_ec2_does_not_find_yet_is_waited_for(clients, names
 def test_teardown_terminates_workers_in_batches_ec2_takes(clients, names):
     """TerminateInstances takes "up to 1000 instance IDs" (EC2 API Reference): teardown sends
     the workers in batches (here of 2, of 1,000 for real) and waits for each batch."""
-    from support import record_calls
+    from support import record_calls, worker_image_id
     ec2 = clients("ec2")
-    image = ec2.describe_images()["Images"][0]["ImageId"]
+    image = worker_image_id(clients("ssm"))
     ec2.run_instances(ImageId=image, MinCount=5, MaxCount=5, TagSpecifications=[{
         "ResourceType": "instance",
         "Tags": [{"Key": "awsfun:launch-template", "Value": names.launch_template}]}])

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -170,6 +171,9 @@ def test_end_to_end(cloud, tmp_path):
         assert isinstance(report["summary"], dict)
         log = cloud.get(AwsS3.report_key(key, ".log")).decode("utf-8")
         assert "worker succeeded" in log and key in log
+        # The shell's lines carry UTC time as the launcher's do (bash's printf %(...)T).
+        assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ awsfun-bootstrap: worker succeeded$",
+                         log, re.MULTILINE)
         assert_shut_down(stub)
 
     assert cloud.report("inbox/table.csv")["format"] == "csv"

@@ -21,6 +21,7 @@ import sys
 import time
 import zipfile
 from io import BytesIO
+from pathlib import Path
 from urllib.parse import unquote_plus
 
 import pytest
@@ -214,10 +215,18 @@ SECRET = b"awsfun-test-secret-7f3c9a: never upload me"
 
 
 def repo_copy_with_private_file(target):
-    """Copy the working tree (no .git or caches) to `target` and add private/secret.txt."""
+    """Copy the working tree (no .git, caches or virtual environments) to `target` and add
+    private/secret.txt."""
     junk = shutil.ignore_patterns(".git", ".hypothesis", ".pytest_cache", "__pycache__",
                                   "analysis-out", "bench", "*.zip")
-    shutil.copytree(REPO, target, ignore=junk)
+
+    def ignore(directory, names):
+        # .venv-target (tests/target_python.py) or a newcomer's .venv: thousands of files
+        # deploy never reads, which made this copy most of a minute.
+        venvs = {name for name in names if (Path(directory) / name / "pyvenv.cfg").exists()}
+        return junk(directory, names) | venvs
+
+    shutil.copytree(REPO, target, ignore=ignore, symlinks=True)
     (target / "private").mkdir(exist_ok=True)
     (target / "private" / "secret.txt").write_bytes(SECRET)
     return target

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import deploy
 import deploy_helpers
+from awsfun_deploy import ec2 as ec2_module
 import lambda_function
 from conftest import REPO
 from support import run_user_data
@@ -166,8 +167,11 @@ def test_redeploy_with_a_new_image_never_leaves_the_launcher_refused(clients, na
     policy is widened; against moto that wait is 0 s)."""
     iam, ec2, ssm = clients("iam"), clients("ec2"), clients("ssm")
     old_image = deployed[0]["image_id"]
-    new_image = next(image["ImageId"] for image in ec2.describe_images(Owners=["amazon"])[
-        "Images"] if image["ImageId"] != old_image and image.get("Architecture") == "x86_64")
+    # Filtered as deploy's fallback filters: moto answers an unfiltered call with ~1,300 images.
+    new_image = next(image["ImageId"] for image in ec2.describe_images(Owners=["amazon"], Filters=[
+        {"Name": "architecture", "Values": ["x86_64"]}, {"Name": "name", "Values": [
+            ec2_module.AMI_FALLBACK_NAME.format(arch="x86_64")]}])["Images"]
+        if image["ImageId"] != old_image)
 
     def new_ami_published(parsed, **_):
         # A newer Amazon Linux 2023 in the public SSM parameter, as every few weeks.

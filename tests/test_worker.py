@@ -589,12 +589,12 @@ def test_large_objects_stream_in_chunks(s3, monkeypatch):
     seen = []
     original = AwsS3.analyse_stream
 
-    def spy(chunks, total=None):
+    def spy(chunks, total=None, **options):
         def counted():
             for chunk in chunks:
                 seen.append(len(chunk))
                 yield chunk
-        return original(counted(), total)
+        return original(counted(), total, **options)
 
     monkeypatch.setattr(AwsS3, "analyse_stream", spy)
     assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 0
