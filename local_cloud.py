@@ -195,8 +195,10 @@ class LocalCloud:
         with contextlib.redirect_stdout(io.StringIO()):
             moto_settings.moto_server_host()
         # werkzeug logs each request, through a handler bound to the stderr it first saw: in
-        # a test that is pytest's capture, closed by the time a later request logs.
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        # a test that is pytest's capture, closed by the time a later request logs. main()
+        # quiets it further for a person at a terminal.
+        if logging.getLogger("werkzeug").level == logging.NOTSET:
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
@@ -1001,8 +1003,11 @@ def main(argv=None):
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # lambda_function sets the root logger to INFO, as the Lambda runtime expects.
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    for noisy in ("werkzeug", "botocore", "urllib3"):
+    for noisy in ("botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # moto answers an action it lacks (GetEbsDefaultKmsKeyId, which deploy asks and copes
+    # without) with a 500, and werkzeug logs that as an ERROR with moto's traceback.
+    logging.getLogger("werkzeug").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     # moto tries to run the deployed Lambda in Docker on every S3 event and logs each failure;
     # here the handler runs in-process instead, so those errors say nothing.
     logging.getLogger("moto.awslambda").setLevel(logging.CRITICAL)
