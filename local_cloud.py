@@ -187,6 +187,7 @@ class LocalCloud:
         self.threads = []
         self.pool = None
         self.moto_patches = []  # the functions that undo this cloud's changes to moto
+        self.account = None  # moto's account id, read once
         self.booted = {}  # instance id -> ClientToken
         self.tokens = {}  # ClientToken -> first instance id: EC2 launches once per token
         self.processes = {}
@@ -208,8 +209,10 @@ class LocalCloud:
         with contextlib.redirect_stdout(io.StringIO()):
             moto_settings.moto_server_host()
         # werkzeug logs each request, through a handler bound to the stderr it first saw: in
-        # a test that is pytest's capture, closed by the time a later request logs.
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        # a test that is pytest's capture, closed by the time a later request logs. main()
+        # quiets it further for a person at a terminal.
+        if logging.getLogger("werkzeug").level == logging.NOTSET:
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
@@ -411,12 +414,17 @@ class LocalCloud:
                 logger.exception("cannot list the running instances")
 
     def running_instance_ids(self, ec2):
-        """Return the ids of every running instance: DescribeInstanceStatus stays small when
-        hundreds are queued, where DescribeInstances would serialise each one in full."""
-        ids = []
-        for page in ec2.get_paginator("describe_instance_status").paginate():
-            ids += [status["InstanceId"] for status in page["InstanceStatuses"]]
-        return ids
+        """Return the ids of every pending or running instance, read from moto's own state as
+        a hypervisor knows its guests. Any EC2 API answer serialises each instance: with the
+        ~500 a burst keeps queued, DescribeInstanceStatus cost 0.5 CPU-s a poll, once a second."""
+        from moto.ec2.models import ec2_backends
+
+        if self.account is None:
+            self.account = self.client("sts").get_caller_identity()["Account"]
+        backend = ec2_backends[self.account][REGION]
+        return [instance.id for reservation in list(backend.reservations.values())
+                for instance in list(reservation.instances)
+                if instance.state in ("pending", "running")]
 
     def boot_new_instances(self, ec2, instance_ids):
         """Boot each awsfun worker among instance_ids not seen before."""
@@ -1059,8 +1067,11 @@ def main(argv=None):
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # lambda_function sets the root logger to INFO, as the Lambda runtime expects.
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    for noisy in ("werkzeug", "botocore", "urllib3"):
+    for noisy in ("botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # moto answers an action it lacks (GetEbsDefaultKmsKeyId, which deploy asks and copes
+    # without) with a 500, and werkzeug logs that as an ERROR with moto's traceback.
+    logging.getLogger("werkzeug").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     # moto tries to run the deployed Lambda in Docker on every S3 event and logs each failure;
     # here the handler runs in-process instead, so those errors say nothing.
     logging.getLogger("moto.awslambda").setLevel(logging.CRITICAL)
