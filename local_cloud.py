@@ -365,11 +365,11 @@ class LocalCloud:
         ec2 = self.client("ec2")
         while not self.stop_event.wait(BOOT_POLL_SECONDS):
             try:
-                self.boot_new_instances(ec2, self.running_instance_ids(ec2))
+                self.boot_new_instances(ec2, self.running_instance_ids())
             except Exception:  # noqa: BLE001 - keep watching; the next poll retries
                 logger.exception("cannot list the running instances")
 
-    def running_instance_ids(self, ec2):
+    def running_instance_ids(self):
         """Return the ids of every pending or running instance, read from moto's own state as
         a hypervisor knows its guests. Any EC2 API answer serialises each instance: with the
         ~500 a burst keeps queued, DescribeInstanceStatus cost 0.5 CPU-s a poll, once a second."""
