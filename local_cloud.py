@@ -33,6 +33,7 @@ from pathlib import Path
 
 import AwsS3
 import lambda_function
+import local_forkserver
 
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / "samples"
@@ -154,8 +155,13 @@ class LocalCloud:
     """A moto server deployed with deploy.sh, plus the Lambda and EC2 behaviour moto lacks."""
 
     def __init__(self, workers=None, prefix="local", tracker=None, keep_scratch=False,
-                 watchdog_seconds_per_minute=60.0):
+                 watchdog_seconds_per_minute=60.0, warm_python=False):
         self.workers = workers or os.cpu_count() or 2
+        # Machines start python3 from local_forkserver's warm interpreter, not cold: for
+        # bursts, where the cold start would be most of the CPU (see that module).
+        self.warm_python = warm_python
+        self.forkserver = None  # the fork server's Popen
+        self.forkserver_socket = None
         # Tests compress time: one minute of a machine's `shutdown -h +N` watchdog lasts this long.
         self.watchdog_seconds_per_minute = watchdog_seconds_per_minute
         # Fault injection: called as before_boot(instance_id, key, env) just before a machine
@@ -220,6 +226,8 @@ class LocalCloud:
             # Ctrl-C or a failed deploy: __exit__ will not run, so stop the server here.
             self.stop()
             raise
+        if self.warm_python:
+            self.start_forkserver()
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, "machine")
         for target in (self.pump_events, self.boot_instances):
             thread = threading.Thread(target=target, daemon=True, name=target.__name__)
@@ -238,6 +246,9 @@ class LocalCloud:
             _kill_group(process)
         if self.pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.forkserver:
+            _kill_group(self.forkserver)
+            self.forkserver.wait()
         if self.server:
             self.reset_moto()
             self.server.stop()
@@ -249,6 +260,18 @@ class LocalCloud:
             lambda_function._clients.clear()
         if not self.keep_scratch:
             shutil.rmtree(self.scratch_root, ignore_errors=True)
+
+    def start_forkserver(self):
+        """Start local_forkserver with this interpreter; return once it is warm."""
+        self.forkserver_socket = self.scratch_root / "python3.sock"
+        self.forkserver = local_forkserver.start(self.forkserver_socket,
+                                                 self.scratch_root / "forkserver.log")
+
+    def warm_starts(self):
+        """Return how many python3 calls the fork server has taken."""
+        if not self.forkserver:
+            return 0
+        return local_forkserver.served(self.scratch_root / "forkserver.log")
 
     def reset_moto(self):
         """Empty the emulated account: no bucket, instance or role outlives this local cloud."""
@@ -419,6 +442,11 @@ class LocalCloud:
         stub = scratch / "bin" / "shutdown"
         stub.write_text(SHUTDOWN_STUB, encoding="utf-8")
         stub.chmod(0o755)
+        if self.forkserver:
+            shim = scratch / "bin" / "python3"
+            shim.write_text(local_forkserver.shim_text(
+                self.forkserver_socket, Path(sys.executable).parent / "python3"), encoding="utf-8")
+            shim.chmod(0o755)
         calls_log = scratch / "shutdown.calls"
         env = {**os.environ, **local_environment(self.endpoint)}
         env.update({
