@@ -35,6 +35,7 @@ from pathlib import Path
 
 import AwsS3
 import lambda_function
+import local_forkserver
 
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / "samples"
@@ -159,7 +160,8 @@ class LocalCloud:
 
     def __init__(self, workers=None, prefix="local", tracker=None, keep_scratch=False,
                  watchdog_seconds_per_minute=60.0, max_workers=None, spot=False,
-                 max_receive_count=None, visibility_seconds=LOCAL_VISIBILITY_SECONDS):
+                 max_receive_count=None, visibility_seconds=LOCAL_VISIBILITY_SECONDS,
+                 warm_python=False):
         self.workers = workers or os.cpu_count() or 2
         # deploy.sh --max-workers / --spot; None: deploy's default cap.
         self.max_workers = max_workers
@@ -170,6 +172,11 @@ class LocalCloud:
         self.visibility_seconds = visibility_seconds
         self.deferred = 0  # records the handler deferred (the cap, capacity), over the run
         self.invocations = 0
+        # Machines start python3 from local_forkserver's warm interpreter, not cold: for
+        # bursts, where the cold start would be most of the CPU (see that module).
+        self.warm_python = warm_python
+        self.forkserver = None  # the fork server's Popen
+        self.forkserver_socket = None
         # Tests compress time: one minute of a machine's `shutdown -h +N` watchdog lasts this long.
         self.watchdog_seconds_per_minute = watchdog_seconds_per_minute
         # Fault injection: called as before_boot(instance_id, key, env) just before a machine
@@ -234,6 +241,8 @@ class LocalCloud:
             # Ctrl-C or a failed deploy: __exit__ will not run, so stop the server here.
             self.stop()
             raise
+        if self.warm_python:
+            self.start_forkserver()
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, "machine")
         for target in (self.pump_events, self.boot_instances):
             thread = threading.Thread(target=target, daemon=True, name=target.__name__)
@@ -252,6 +261,9 @@ class LocalCloud:
             _kill_group(process)
         if self.pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.forkserver:
+            _kill_group(self.forkserver)
+            self.forkserver.wait()
         if self.server:
             self.reset_moto()
             self.server.stop()
@@ -263,6 +275,18 @@ class LocalCloud:
             lambda_function._clients.clear()
         if not self.keep_scratch:
             shutil.rmtree(self.scratch_root, ignore_errors=True)
+
+    def start_forkserver(self):
+        """Start local_forkserver with this interpreter; return once it is warm."""
+        self.forkserver_socket = self.scratch_root / "python3.sock"
+        self.forkserver = local_forkserver.start(self.forkserver_socket,
+                                                 self.scratch_root / "forkserver.log")
+
+    def warm_starts(self):
+        """Return how many python3 calls the fork server has taken."""
+        if not self.forkserver:
+            return 0
+        return local_forkserver.served(self.scratch_root / "forkserver.log")
 
     def reset_moto(self):
         """Empty the emulated account: no bucket, instance or role outlives this local cloud."""
@@ -409,11 +433,11 @@ class LocalCloud:
         ec2 = self.client("ec2")
         while not self.stop_event.wait(BOOT_POLL_SECONDS):
             try:
-                self.boot_new_instances(ec2, self.running_instance_ids(ec2))
+                self.boot_new_instances(ec2, self.running_instance_ids())
             except Exception:  # noqa: BLE001 - keep watching; the next poll retries
                 logger.exception("cannot list the running instances")
 
-    def running_instance_ids(self, ec2):
+    def running_instance_ids(self):
         """Return the ids of every pending or running instance, read from moto's own state as
         a hypervisor knows its guests. Any EC2 API answer serialises each instance: with the
         ~500 a burst keeps queued, DescribeInstanceStatus cost 0.5 CPU-s a poll, once a second."""
@@ -463,6 +487,11 @@ class LocalCloud:
         stub = scratch / "bin" / "shutdown"
         stub.write_text(SHUTDOWN_STUB, encoding="utf-8")
         stub.chmod(0o755)
+        if self.forkserver:
+            shim = scratch / "bin" / "python3"
+            shim.write_text(local_forkserver.shim_text(
+                self.forkserver_socket, Path(sys.executable).parent / "python3"), encoding="utf-8")
+            shim.chmod(0o755)
         calls_log = scratch / "shutdown.calls"
         env = {**os.environ, **local_environment(self.endpoint)}
         env.update({

@@ -45,33 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # deploy and lambda_function are imported where used, not here: the worker's tests also run
 # under the target's Python 3.9 (tests/test_target_python.py), which need not run either.
 from support import ShutdownStub  # noqa: E402
+from local_forkserver import share_botocore_models  # noqa: E402
 
 REGION = "us-east-1"
 
 
-def _share_botocore_models():
-    """Give every botocore Session in this process one model loader.
-
-    botocore parses its JSON models (EC2's, S3's endpoint rules, endpoints.json) once per
-    Session, and the suite makes hundreds: one per deploy, per CLI call, per fixture. The
-    parse was a sixth of the in-process tests' CPU. The models are read-only data, so one
-    loader per data path changes nothing a test sees; subprocesses (the machines, deploy.sh)
-    still parse their own, as on AWS.
-    """
-    import botocore.loaders
-    import botocore.session
-
-    loaders = {}
-
-    def create_loader(search_path_string=None):
-        if search_path_string not in loaders:
-            loaders[search_path_string] = botocore.loaders.create_loader(search_path_string)
-        return loaders[search_path_string]
-
-    botocore.session.create_loader = create_loader
-
-
-_share_botocore_models()
+# Every botocore Session in the test process gets one model loader: parsing the JSON models
+# per Session was a sixth of the in-process tests' CPU. Subprocesses (deploy.sh, machines
+# started cold) parse their own, as on AWS.
+share_botocore_models()
 
 
 def pytest_collection_modifyitems(items):

@@ -1,0 +1,155 @@
+"""The local cloud's warm python3: a script run through the shim behaves as `python3 SCRIPT`."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import zipapp
+from pathlib import Path
+
+import pytest
+
+import local_forkserver
+
+PYTHON = Path(sys.executable).parent / "python3"
+
+REPORT_SCRIPT = textwrap.dedent("""\
+    import json, os, sys
+    json.dump({"argv": [os.fsencode(a).hex() for a in sys.argv], "cwd": os.getcwd(),
+               "path0": sys.path[0], "name": __name__, "stdin": sys.stdin.read(),
+               "env": os.environb.get(b"AWSFUN_PROBE", b"").hex(),
+               "warm": "boto3" in sys.modules}, sys.stdout)
+    sys.exit(int(sys.argv[1]))
+    """)
+
+
+@pytest.fixture(scope="module")
+def shim():
+    """A running fork server and a `python3` shim for it; yields (shim path, log path)."""
+    # A short directory: a Unix socket's path must fit in 108 bytes, pytest's tmp_path may not.
+    root = Path(tempfile.mkdtemp(prefix="awsfun-fs-"))
+    (root / "bin").mkdir()
+    server = local_forkserver.start(root / "s.sock", root / "server.log")
+    path = root / "bin" / "python3"
+    path.write_text(local_forkserver.shim_text(root / "s.sock", PYTHON), encoding="utf-8")
+    path.chmod(0o755)
+    yield path, root / "server.log"
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+    shutil.rmtree(root)
+
+
+def write(directory, name, text):
+    path = Path(directory) / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_a_script_sees_what_python3_would_show_it(shim, tmp_path):
+    path, log = shim
+    script = write(tmp_path, "report.py", REPORT_SCRIPT)
+    before = local_forkserver.served(log)
+    odd = b"a b\xff$(x)"  # a space, an undecodable byte, a command substitution: data only
+    env = {**os.environ, "AWSFUN_PROBE": os.fsdecode(b"\xe9t\xe9")}
+    done = subprocess.run([path, script, b"7", odd], input=b"from stdin", capture_output=True,
+                          cwd=tmp_path, env=env)
+    assert done.returncode == 7, done.stderr
+    seen = json.loads(done.stdout)
+    assert [bytes.fromhex(arg) for arg in seen["argv"]] == [os.fsencode(script), b"7", odd]
+    assert seen["cwd"] == str(tmp_path) and seen["path0"] == str(tmp_path)
+    assert seen["name"] == "__main__" and seen["stdin"] == "from stdin"
+    assert bytes.fromhex(seen["env"]) == b"\xe9t\xe9"
+    assert seen["warm"] is True  # boto3 came with the fork: this run started warm
+    assert local_forkserver.served(log) == before + 1
+
+
+def test_a_zip_app_runs_with_the_zip_first_on_sys_path(shim, tmp_path):
+    source = tmp_path / "app"
+    source.mkdir()
+    write(source, "__main__.py", "import helper, sys\nprint(helper.WORD, sys.path[0])\n")
+    write(source, "helper.py", "WORD = 'zipped'\n")
+    zipapp.create_archive(source, tmp_path / "app.pyz")
+    done = subprocess.run([shim[0], tmp_path / "app.pyz"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["zipped", str(tmp_path / "app.pyz")]
+
+
+def test_a_script_cannot_import_the_servers_own_modules(shim, tmp_path):
+    script = write(tmp_path, "probe.py", "import local_cloud\n")
+    done = subprocess.run([shim[0], script], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "ModuleNotFoundError: No module named 'local_cloud'" in done.stderr
+
+
+@pytest.mark.parametrize("body, status, stderr", [
+    ("raise ValueError('broken input')", 1, "ValueError: broken input"),
+    ("import sys; sys.exit('a message')", 1, "a message"),
+    ("import sys; sys.exit(None)", 0, ""),
+    ("import logging; logging.basicConfig(); logging.getLogger('x').warning('flushed')", 0,
+     "WARNING:x:flushed"),
+])
+def test_exit_status_and_stderr_are_pythons(shim, tmp_path, body, status, stderr):
+    script = write(tmp_path, "end.py", body + "\n")
+    cold = subprocess.run([PYTHON, script], capture_output=True, text=True)
+    warm = subprocess.run([shim[0], script], capture_output=True, text=True)
+    assert warm.returncode == cold.returncode == status
+    assert stderr in warm.stderr and stderr in cold.stderr
+
+
+def test_a_signal_to_the_shim_reaches_the_script(shim, tmp_path):
+    script = write(tmp_path, "term.py", """\
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        print("armed", flush=True)
+        time.sleep(30)
+        """)
+    process = subprocess.Popen([shim[0], script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "armed\n"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 143
+
+
+def test_a_script_killed_by_a_signal_kills_the_shim_the_same_way(shim, tmp_path):
+    script = write(tmp_path, "die.py", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([shim[0], script]).returncode == -signal.SIGKILL
+
+
+def test_a_shim_killed_outright_takes_its_script_with_it(shim, tmp_path):
+    script = write(tmp_path, "hang.py", """\
+        import os, time
+        print(os.getpid(), flush=True)
+        time.sleep(60)
+        """)
+    process = subprocess.Popen([shim[0], script], stdout=subprocess.PIPE, text=True)
+    pid = int(process.stdout.readline())
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_options_and_a_missing_server_run_the_real_interpreter(shim, tmp_path):
+    path, log = shim
+    before = local_forkserver.served(log)
+    done = subprocess.run([path, "-c", "import sys; print('boto3' in sys.modules)"],
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, "False\n")
+    orphan = tmp_path / "python3"
+    orphan.write_text(local_forkserver.shim_text(tmp_path / "none.sock", PYTHON), encoding="utf-8")
+    orphan.chmod(0o755)
+    script = write(tmp_path, "cold.py", "import sys; print('boto3' in sys.modules)\n")
+    assert subprocess.run([orphan, script], capture_output=True, text=True).stdout == "False\n"
+    assert local_forkserver.served(log) == before
+
+
+def test_the_warm_up_imports_the_workers_standard_library():
+    names = local_forkserver.worker_imports()
+    assert {"json", "hashlib", "zlib", "csv", "threading"} <= set(names)
+    assert "boto3" not in names  # the worker imports it lazily; the warm-up imports it itself
