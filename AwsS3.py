@@ -51,6 +51,7 @@ EXACT_DISTINCT_CHARS = 8_000_000  # ...holding at most this many characters (lon
 MAX_PROFILED_COLUMNS = 200
 HISTOGRAM_STRIDE = 16       # byte histogram of text/binary from every 16th byte
 REPORT_PREFIX = "analysis/"
+RECEIPT_PREFIX = REPORT_PREFIX + "_receipts/"  # see receipt_body
 S3_KEY_LIMIT = 1024
 PROGRESS_SECONDS = 5.0
 
@@ -84,6 +85,24 @@ def report_key(key, suffix=".json"):
         return candidate
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
     return f"{REPORT_PREFIX}_long/{digest}{suffix}"
+
+
+def receipt_key(target):
+    """Return the key of report `target`'s receipt: analysis/_receipts/<sha256 of target> (pure)."""
+    return f"{RECEIPT_PREFIX}{hashlib.sha256(target.encode('utf-8')).hexdigest()}"
+
+
+def receipt_body(target, report_etag, input_etag):
+    """Return the bytes of the receipt of report `target` (its S3 ETag), written for `input_etag` (pure).
+
+    A receipt lets status and reconcile tell from a listing of analysis/ alone which input
+    eTag a report was written for: the body is a function of three things a listing shows,
+    and S3 gives an object PUT in one part, unencrypted or SSE-S3, the MD5 of its bytes as
+    ETag (S3 API Reference, "Object": ETag). The report's ETag in it ties the receipt to
+    those report bytes, so a receipt left by an earlier report of the key vouches for none.
+    """
+    return json.dumps({"input_etag": input_etag, "report": target, "report_etag": report_etag},
+                      ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def parse_s3_uri(uri):
@@ -2116,16 +2135,36 @@ def existing_report_etag(s3, bucket, key):
 
 
 def put_report(s3, bucket, key, report, suffix):
-    """Write a report next to its input under analysis/; return the report's key."""
+    """Write a report next to its input under analysis/, then its receipt; return the report's key."""
     target = report_key(key, suffix)
-    s3.put_object(
+    input_etag = report["input"].get("etag") or ""
+    written = s3.put_object(
         Bucket=bucket,
         Key=target,
         Body=json.dumps(report, indent=2, ensure_ascii=False).encode("utf-8"),
         ContentType="application/json",
-        Metadata={"input-etag": report["input"].get("etag") or ""},
+        Metadata={"input-etag": input_etag},
     )
+    write_receipt(s3, bucket, target, (written.get("ETag") or "").strip('"'), input_etag)
     return target
+
+
+def write_receipt(s3, bucket, target, report_etag, input_etag):
+    """Write report `target`'s receipt (receipt_body); True if written.
+
+    Only a shortcut for status and reconcile, which read the report itself where its
+    receipt is missing or does not match, so a failure here leaves the job's outcome alone.
+    """
+    if not report_etag:
+        return False
+    try:
+        s3.put_object(Bucket=bucket, Key=receipt_key(target), ContentType="application/json",
+                      Body=receipt_body(target, report_etag, input_etag))
+    except Exception as err:  # noqa: BLE001 - the report is written; the receipt is optional
+        code, message = _error_code(err)
+        logger.warning("cannot write the receipt of %s: %s %s", target, code, message)
+        return False
+    return True
 
 
 def analyse_s3_object(s3, bucket, key, expected_etag="", command=None):

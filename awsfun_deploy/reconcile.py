@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from datetime import datetime
@@ -40,7 +41,7 @@ def worker_tokens(obj):
 def running_worker(obj, running):
     """Return the instance id of a running worker for this object version, or None (pure).
 
-    `running` maps awsfun:object tag values to instance ids (see running_tokens).
+    `running` maps awsfun:object tag values to instance ids (see live_workers).
     """
     return running.get(lambda_function.object_version_tag(obj))
 
@@ -108,19 +109,60 @@ def settled_state(etag, report_etag, error_etag):
     return None
 
 
-def report_etags(s3, bucket, key, present=None):
-    """Return (report eTag, error report eTag) of an input; `present` (listed report keys) saves HEADs."""
-    found = []
-    for suffix in (".json", ".error.json"):
-        target = AwsS3.report_key(key, suffix)
-        found.append(None if present is not None and target not in present
-                     else recorded_input_etag(s3, bucket, target))
-    return tuple(found)
+def report_etags(s3, bucket, key):
+    """Return (report eTag, error report eTag) of an input, each read from its report (None
+    if there is none)."""
+    return tuple(recorded_input_etag(s3, bucket, AwsS3.report_key(key, suffix))
+                 for suffix in (".json", ".error.json"))
 
 
-def running_tokens(ec2, bucket):
-    """Return {awsfun:object tag: instance id} of the workers pending or running for the bucket's objects."""
-    running = {}
+def list_bucket(s3, bucket, key_prefix=""):
+    """Return (the objects under key_prefix as ListObjectsV2 gives them, {key: ETag} of
+    everything under analysis/: reports, receipts, logs, outputs).
+
+    ListObjectsV2 answers 1,000 keys a request. One listing serves both where key_prefix
+    takes in analysis/ (status; reconcile without --key-prefix), else analysis/ is listed too.
+    """
+    objects = list_keys(s3, bucket, prefix=key_prefix)
+    reports = ([o for o in objects if o["Key"].startswith(AwsS3.REPORT_PREFIX)]
+               if AwsS3.REPORT_PREFIX.startswith(key_prefix)
+               else list_keys(s3, bucket, prefix=AwsS3.REPORT_PREFIX))
+    return objects, {o["Key"]: o["ETag"].strip('"') for o in reports}
+
+
+def receipted_etag(target, listed, etag):
+    """Return `etag` or "" where report `target`'s receipt proves it records that input eTag,
+    else None: the listing cannot tell (pure).
+
+    `listed` is list_bucket's {key: ETag}. The receipt's listed ETag is the MD5 of
+    AwsS3.receipt_body(target, the report's listed ETag, the eTag it records), so it is
+    checked for the two values that settle an input. A report without a receipt (from a
+    worker older than receipts, the launcher or bootstrap.sh), or whose receipt is of other
+    report bytes or another eTag (a stale report, one rewritten since), is for a read.
+    """
+    report, receipt = listed.get(target), listed.get(AwsS3.receipt_key(target))
+    if report is None or receipt is None:
+        return None
+    for candidate in dict.fromkeys((etag, "")):
+        body = AwsS3.receipt_body(target, report, candidate)
+        if hashlib.md5(body, usedforsecurity=False).hexdigest() == receipt:
+            return candidate
+    return None
+
+
+def listed_report_etag(s3, bucket, target, etag, listed):
+    """Return the input eTag report `target` records, or None if `listed` (list_bucket) has no
+    such report: from its receipt where that settles it, else from the report itself."""
+    if target not in listed:
+        return None
+    proven = receipted_etag(target, listed, etag)
+    return proven if proven is not None else recorded_input_etag(s3, bucket, target)
+
+
+def live_workers(ec2, bucket):
+    """Return ({awsfun:object tag: instance id}, {awsfun:key tag}) of the workers pending or
+    running for the bucket's objects: one DescribeInstances pass."""
+    running, keys = {}, set()
     for page in ec2.get_paginator("describe_instances").paginate(Filters=[
         {"Name": f"tag:{BUCKET_TAG}", "Values": [bucket]},
         {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
@@ -130,7 +172,8 @@ def running_tokens(ec2, bucket):
                 tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
                 if tags.get(OBJECT_TAG):
                     running[tags[OBJECT_TAG]] = instance["InstanceId"]
-    return running
+                    keys.add(tags.get(WORKER_KEY_TAG, ""))
+    return running, keys
 
 
 def instance_by_token(ec2, token):
@@ -229,28 +272,37 @@ def ended_workers(ec2, bucket):
     return found
 
 
-def without_report(s3, bucket, ended, scanned, key_prefix=""):
+def without_report(s3, bucket, ended, scanned, listed, key_prefix=""):
     """Return the ended workers whose object has no report and no error report, by launch time.
 
-    `scanned` is scan_inputs' answer. A worker is matched to its input by its awsfun:key tag
-    (shortened past 256 characters, so the listed keys are shortened the same way). An input
-    settled for its current eTag has its report. An unsettled one counts as unreported for a
-    worker of its current version (awsfun:object tag), and for a worker of an older version
-    only when no report or error report of any eTag is there. A key no longer listed (deleted
-    since) is looked up by its report keys; one outside key_prefix is left out.
+    `scanned` is scan_inputs' answer, `listed` list_bucket's {key: ETag}. A worker is matched
+    to its input by its awsfun:key tag (shortened past 256 characters, so the listed keys are
+    shortened the same way). An input settled for its current eTag has its report. An
+    unsettled one counts as unreported for a worker of its current version (awsfun:object
+    tag; the input's HeadObject gives its VersionId), and for a worker of an older version
+    only when no report or error report of any eTag is there. A key no longer listed
+    (deleted since) counts as reported when a report key of it is listed; one outside
+    key_prefix is left out.
     """
     inputs = {lambda_function.shorten_tag_value(entry["key"]): entry for entry in scanned}
     found = []
     for worker in ended:
         entry = inputs.get(worker["key"])
+        obj = None
+        if entry is not None and entry["state"] not in (REPORTED, FAILED):
+            obj = entry.get("obj") or head_input(s3, bucket, entry["key"])
+            entry["obj"] = obj  # read once, however many of its workers ended
+            if obj is None:
+                entry = None  # deleted since the listing
         if entry is None:
             if not worker["key"].startswith(key_prefix):
                 continue
-            reported = any(etag is not None for etag in report_etags(s3, bucket, worker["key"]))
+            reported = any(AwsS3.report_key(worker["key"], suffix) in listed
+                           for suffix in (".json", ".error.json"))
         elif entry["state"] in (REPORTED, FAILED):
             reported = True
         else:
-            older = worker["object"] != lambda_function.object_version_tag(entry["obj"])
+            older = worker["object"] != lambda_function.object_version_tag(obj)
             reported = older and (entry["report_etag"], entry["error_etag"]) != (None, None)
         if not reported:
             found.append(dict(worker, key=entry["key"] if entry else worker["key"]))
@@ -272,29 +324,37 @@ def is_input(key, skip_substring, key_prefix="", size=None):
             and not lambda_function.is_folder_marker(key, size))
 
 
-def scan_inputs(s3, bucket, skip_substring, tokens, key_prefix=""):
-    """Return one entry per input under key_prefix: key, state and, unless settled, its object and token.
+def scan_inputs(s3, bucket, skip_substring, live, listing, key_prefix=""):
+    """Return one entry per input under key_prefix: key, eTag, state, the eTags its reports
+    record and, where it was read, its object.
 
-    `tokens` maps awsfun:object tag values to running instance ids (running_tokens).
+    Decided from the listing of the inputs and of analysis/ (`listing`, list_bucket's answer),
+    asking S3 per object only where it cannot tell: a report without a receipt that settles it
+    (receipted_etag) is read, and so is the error report of an input the report does not
+    settle (else error_etag stays None); an unsettled input is read (HeadObject: the
+    VersionId its workers' awsfun:object tag is made of) only when a live worker carries its
+    key, else no worker of its can be running. `live` is live_workers' answer.
     """
-    listing = [o for o in list_keys(s3, bucket, prefix=key_prefix)
-               if is_input(o["Key"], skip_substring, key_prefix, o.get("Size"))]
-    present = {o["Key"] for o in list_keys(s3, bucket, prefix=AwsS3.REPORT_PREFIX)}
+    tokens, live_keys = live
+    objects, listed = listing
     scanned = []
-    for listed in listing:
-        key, etag = listed["Key"], listed["ETag"].strip('"')
-        report_etag, error_etag = report_etags(s3, bucket, key, present)
+    for item in (o for o in objects
+                 if is_input(o["Key"], skip_substring, key_prefix, o.get("Size"))):
+        key, etag = item["Key"], item["ETag"].strip('"')
+        report_etag = listed_report_etag(s3, bucket, AwsS3.report_key(key), etag, listed)
+        error_etag = None if report_etag == etag else listed_report_etag(
+            s3, bucket, AwsS3.report_key(key, ".error.json"), etag, listed)
         state = settled_state(etag, report_etag, error_etag)
         entry = {"key": key, "etag": etag, "state": state, "report_etag": report_etag,
                  "error_etag": error_etag}
-        if state is None:
-            # HeadObject gives the VersionId and LastModified the scan's token is made of.
+        if state is None and lambda_function.shorten_tag_value(key) not in live_keys:
+            entry["state"] = UNPROCESSED
+        elif state is None:
             obj = head_input(s3, bucket, key)
             if obj is None:
                 continue  # deleted since the listing
             running = running_worker(obj, tokens)
-            entry.update(obj=obj, token=lambda_function.client_token(obj), instance_id=running,
-                         state=RUNNING if running else UNPROCESSED)
+            entry.update(obj=obj, instance_id=running, state=RUNNING if running else UNPROCESSED)
         scanned.append(entry)
     return scanned
 
@@ -316,10 +376,11 @@ def input_status(clients, names):
     s3, ec2 = clients("s3"), clients("ec2")
     if not bucket_exists(s3, names.data_bucket, names.account):
         return None, []
+    listing = list_bucket(s3, names.data_bucket)
     scanned = scan_inputs(s3, names.data_bucket, lambda_function.DEFAULTS["SKIP_SUBSTRING"],
-                          running_tokens(ec2, names.data_bucket))
-    return state_counts(scanned), without_report(s3, names.data_bucket,
-                                                 ended_workers(ec2, names.data_bucket), scanned)
+                          live_workers(ec2, names.data_bucket), listing)
+    return state_counts(scanned), without_report(
+        s3, names.data_bucket, ended_workers(ec2, names.data_bucket), scanned, listing[1])
 
 
 def dead_letter_event(body):
@@ -363,7 +424,7 @@ class Reconciler:
         self.s3, self.ec2, self.sqs = clients("s3"), clients("ec2"), clients("sqs")
         self.names, self.settings = names, settings
         self.key_prefix, self.dry_run, self.progress = key_prefix, dry_run, progress
-        self.tokens = running_tokens(self.ec2, names.data_bucket)
+        self.tokens, self.live_keys = live_workers(self.ec2, names.data_bucket)
         self.refused = {}  # object version -> error: a refused launch is not tried twice a run
         self.queue_url = None
         self.result = {"dry_run": dry_run, "key_prefix": key_prefix, "unprocessed": [],
@@ -412,6 +473,7 @@ class Reconciler:
                 state = instance_state(self.ec2, instance_id)
             if state in LIVE_STATES:
                 self.tokens[lambda_function.object_version_tag(obj)] = instance_id
+                self.live_keys.add(lambda_function.shorten_tag_value(obj["key"]))
                 return instance_id, None
             reason = end_reason(self.ec2, instance_id, attempt_token)
             logger.warning("s3://%s/%s: ClientToken attempt %d is %s's, which is %s with no "
@@ -503,24 +565,33 @@ class Reconciler:
 
     def launch_unprocessed(self):
         """Scan the data bucket and launch every unprocessed input."""
-        scanned = scan_inputs(self.s3, self.names.data_bucket, self.settings["SKIP_SUBSTRING"],
-                              self.tokens, self.key_prefix)
+        bucket = self.names.data_bucket
+        listing = list_bucket(self.s3, bucket, self.key_prefix)
+        scanned = scan_inputs(self.s3, bucket, self.settings["SKIP_SUBSTRING"],
+                              (self.tokens, self.live_keys), listing, self.key_prefix)
         self.result["counts"] = state_counts(scanned)
         # Before any launch: why each worker that left nothing ended, as EC2 says it.
         self.result["ended_without_report"] = without_report(
-            self.s3, self.names.data_bucket, ended_workers(self.ec2, self.names.data_bucket),
-            scanned, self.key_prefix)
+            self.s3, bucket, ended_workers(self.ec2, bucket), scanned, listing[1],
+            self.key_prefix)
         for worker in self.result["ended_without_report"]:
             self.progress.record("ended unreported", "worker", worker["instance_id"],
                                  ended_detail(worker))
         for entry in scanned:
             if entry["state"] != UNPROCESSED:
                 continue
-            self.result["unprocessed"].append(entry["key"])
             if self.dry_run:
+                self.result["unprocessed"].append(entry["key"])
                 self.progress.record("would launch", "unprocessed input", entry["key"])
                 continue
-            instance_id, error = self.launch(entry["obj"])
+            # HeadObject: the VersionId and LastModified the scan's ClientToken is made of.
+            obj = entry.get("obj") or head_input(self.s3, bucket, entry["key"])
+            if obj is None:
+                self.progress.record(GONE, "unprocessed input", entry["key"],
+                                     "deleted since the listing")
+                continue
+            self.result["unprocessed"].append(entry["key"])
+            instance_id, error = self.launch(obj)
             if instance_id:
                 self.result["launched"].append({"key": entry["key"], "instance_id": instance_id,
                                                 "source": "scan"})

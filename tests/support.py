@@ -335,6 +335,130 @@ def ec2_error(code, message):
                         "ResponseMetadata": {"HTTPStatusCode": 400}}, "RunInstances")
 
 
+# --- a data bucket of every kind of input (status's and reconcile's bookkeeping) ---------
+
+#: The state status and reconcile must find for each kind of input fill_mixed_bucket makes
+#: (reconcile.REPORTED, FAILED, RUNNING, UNPROCESSED), by how its reports and workers came to be.
+MIXED_KINDS = {
+    "ok": "reported",                      # the worker's report, with its receipt
+    "ok-legacy": "reported",               # a report from before receipts: metadata only
+    "ok-again": "reported",                # reported, then the same bytes uploaded again
+    "ok-old-error": "reported",            # an old version failed, the current one reported
+    "failed": "error-reported",            # the worker's error report, with its receipt
+    "failed-blank": "error-reported",      # an error report that names no eTag
+    "failed-launcher": "error-reported",   # the launcher's error report: the eTag in the body only
+    "stale": "unprocessed",                # the report of an older version, with its receipt
+    "stale-legacy": "unprocessed",         # the same from before receipts
+    "stale-error": "unprocessed",          # the error report of an older version
+    "rewritten": "unprocessed",            # receipted report overwritten by an older version's
+    "new": "unprocessed",                  # nothing yet
+    "long-ok": "reported",                 # a key whose reports are hashed under _long/
+    "long-new": "unprocessed",
+    "running": "running",                  # a live worker of the current version
+    "running-old": "unprocessed",          # a live worker of an older version only
+    "lost": "unprocessed",                 # its worker ended without a report
+    "lost-old": "unprocessed",             # an older version's worker ended, its report there
+    "lost-old-none": "unprocessed",        # an older version's worker ended, no report at all
+}
+#: Workers that ended without leaving anything, by the kind of input they were for ("gone":
+#: an input deleted since; "gone-reported", deleted after its report, is not one of them).
+MIXED_ENDED_UNREPORTED = ("lost", "lost-old-none", "gone")
+
+
+def mixed_input_key(kind, index):
+    """An input key of `kind`: hostile characters, and near S3's 1,024 bytes for long-* (pure)."""
+    if kind.startswith("long-"):
+        return f"{kind}/{index:05d}/" + "x" * 1000 + ".csv"
+    return f"{kind}/{index:05d} b+ü.csv"
+
+
+def write_report(s3, bucket, key, etag, suffix=".json", writer="worker"):
+    """Write a report of `key` recording `etag` as `writer` does: "worker" (AwsS3.put_report:
+    input-etag metadata and a receipt), "legacy" (a worker from before receipts: metadata
+    only) or "launcher" (bootstrap/launcher.py, bootstrap.sh: the eTag in the body only)."""
+    import AwsS3
+
+    report = {"input": {"bucket": bucket, "key": key, "etag": etag},
+              "status": "error" if suffix == ".error.json" else "ok"}
+    if writer == "worker":
+        AwsS3.put_report(s3, bucket, key, report, suffix)
+        return
+    extra = {"Metadata": {"input-etag": etag}} if writer == "legacy" else {}
+    s3.put_object(Bucket=bucket, Key=AwsS3.report_key(key, suffix), ContentType="application/json",
+                  Body=json.dumps(report, indent=2, ensure_ascii=False).encode("utf-8"), **extra)
+
+
+def fill_mixed_bucket(s3, ec2, bucket, image_id, bulk=200, copies=1):
+    """Fill `bucket` with `bulk` inputs of kind "ok" and `copies` of every other MIXED_KINDS
+    kind, their reports as each writer leaves them, and their workers, live or ended, tagged
+    as the handler tags them; besides, keys that are no input (one containing "analysis", a
+    console folder marker) and deleted inputs with ended workers ("gone", "gone-reported").
+    Returns {input key: kind}."""
+    import lambda_function
+
+    kinds = {}
+
+    def put(key, kind, version):
+        written = s3.put_object(Bucket=bucket, Key=key, Body=f"{kind},{version}\n".encode())
+        return {"bucket": bucket, "key": key, "etag": written["ETag"].strip('"'),
+                "version_id": written.get("VersionId") or ""}
+
+    def worker(obj, live):
+        tags = {"awsfun:bucket": bucket, "awsfun:key": lambda_function.shorten_tag_value(obj["key"]),
+                "awsfun:object": lambda_function.object_version_tag(obj)}
+        instance = ec2.run_instances(ImageId=image_id, MinCount=1, MaxCount=1,
+                                     InstanceType="t3.micro", TagSpecifications=[{
+                                         "ResourceType": "instance",
+                                         "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+                                     )["Instances"][0]["InstanceId"]
+        if not live:
+            ec2.terminate_instances(InstanceIds=[instance])
+
+    for kind in MIXED_KINDS:
+        for index in range(bulk if kind == "ok" else copies):
+            key = mixed_input_key(kind, index)
+            kinds[key] = kind
+            first = put(key, kind, 0)
+            if kind in ("ok", "ok-again", "long-ok"):
+                write_report(s3, bucket, key, first["etag"])
+                if kind == "ok-again":
+                    put(key, kind, 0)
+            elif kind == "ok-legacy":
+                write_report(s3, bucket, key, first["etag"], writer="legacy")
+            elif kind in ("failed", "failed-blank", "failed-launcher"):
+                write_report(s3, bucket, key, "" if kind == "failed-blank" else first["etag"],
+                             ".error.json", "launcher" if kind == "failed-launcher" else "worker")
+            elif kind in ("running", "lost"):
+                worker(first, live=kind == "running")
+            elif kind != "new" and kind != "long-new":
+                # Kinds whose current version is a second upload, after the first's traces.
+                if kind == "ok-old-error":
+                    write_report(s3, bucket, key, first["etag"], ".error.json", "legacy")
+                elif kind in ("stale", "stale-legacy", "lost-old"):
+                    write_report(s3, bucket, key, first["etag"],
+                                 writer="legacy" if kind == "stale-legacy" else "worker")
+                elif kind == "stale-error":
+                    write_report(s3, bucket, key, first["etag"], ".error.json")
+                if kind in ("running-old", "lost-old", "lost-old-none"):
+                    worker(first, live=kind == "running-old")
+                second = put(key, kind, 1)
+                if kind == "ok-old-error":
+                    write_report(s3, bucket, key, second["etag"])
+                elif kind == "rewritten":
+                    write_report(s3, bucket, key, second["etag"])
+                    write_report(s3, bucket, key, first["etag"], writer="legacy")
+    for index in range(copies):
+        s3.put_object(Bucket=bucket, Key=f"notes/analysis-draft-{index}.txt", Body=b"no input")
+        s3.put_object(Bucket=bucket, Key=f"folder-{index}/", Body=b"")
+        for kind in ("gone", "gone-reported"):
+            obj = put(f"{kind}/{index:05d}.csv", kind, 0)
+            worker(obj, live=False)
+            if kind == "gone-reported":
+                write_report(s3, bucket, obj["key"], obj["etag"])
+            s3.delete_object(Bucket=bucket, Key=obj["key"])
+    return kinds
+
+
 # --- moto's IAM enforcement and anonymous clients (the security tests) -----------------
 
 

@@ -159,10 +159,12 @@ def test_burst_of_uploads_at_once_with_hostile_names(tmp_path):
         reports = [k for k in outputs if k.endswith(".json") and not k.endswith(".error.json")]
         named = [json.loads(s3.get_object(Bucket=bucket, Key=k)["Body"].read())["input"]["key"]
                  for k in reports]
-        # One report per input, each for exactly its key; nothing else but their logs.
+        # One report per input, each for exactly its key; nothing else but their logs and
+        # receipts.
         assert sorted(named) == sorted(keys)
         assert sorted(outputs) == sorted([AwsS3.report_key(k) for k in keys]
-                                         + [AwsS3.report_key(k, ".log") for k in keys])
+                                         + [AwsS3.report_key(k, ".log") for k in keys]
+                                         + [AwsS3.receipt_key(AwsS3.report_key(k)) for k in keys])
         # Every launch had its own token and booted one machine, which shut itself down;
         # the reports and logs (keys with "analysis") started none.
         tokens = list(cloud.booted.values())

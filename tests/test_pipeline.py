@@ -424,7 +424,8 @@ def _boot_each(cloud, keys, body, path, variant, env=None):
 def test_every_byte_of_a_key_reaches_s3_on_every_write_path(cloud, tmp_path):
     """The report and the worker's error report (boto3), the bootstrap's error report (boto3,
     and the AWS CLI without python3), and the log (curl with a presigned URL, else boto3, else
-    the AWS CLI) each land at exactly analysis/KEY.SUFFIX, and nothing else is written.
+    the AWS CLI) each land at exactly analysis/KEY.SUFFIX, and nothing else is written but the
+    worker's receipts (analysis/_receipts/<sha256 of the report key>).
 
     moto takes a presigned PUT whose path curl squashed (the signature no longer matches the
     path, which S3 refuses with 403, and the boto3 fallback would then hide curl's slip), so
@@ -453,6 +454,8 @@ def test_every_byte_of_a_key_reaches_s3_on_every_write_path(cloud, tmp_path):
             console = (done.stdout + done.stderr).decode("utf-8", "replace")
             report_key, log_key = f"analysis/{key}{suffix}", f"analysis/{key}.log"
             expected |= {report_key, log_key}
+            if written_by != "bootstrap":  # the worker's reports come with their receipts
+                expected.add(AwsS3.receipt_key(report_key))
             if curl_ok and "curl could not upload the log" in console:
                 problems.append(f"{variant}: {key!r}: curl failed: {console[-1500:]}")
             try:

@@ -14,6 +14,7 @@ import time
 import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError
 from moto import mock_aws
 
 import AwsS3
@@ -210,8 +211,52 @@ def test_s3_mode_writes_the_report(s3, monkeypatch):
     assert report["sha256"] == hashlib.sha256(CSV).hexdigest()
     assert report["format"] == "csv"
     assert isinstance(report["summary"], dict)
-    assert keys(s3) == sorted([key, AwsS3.report_key(key)])
+    assert keys(s3) == sorted([key, AwsS3.report_key(key),
+                               AwsS3.receipt_key(AwsS3.report_key(key))])
     assert s3.reader.get_object(Bucket=BUCKET, Key=key)["Body"].read() == CSV
+
+
+def listed_etags(s3):
+    """{key: ETag} as ListObjectsV2 gives them: all status and reconcile see without a read."""
+    return {o["Key"]: o["ETag"].strip('"')
+            for o in s3.reader.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+
+
+@pytest.mark.parametrize("name, body, suffix", [("good.csv", CSV, ".json"),
+                                                ("empty.csv", b"", ".error.json")])
+def test_each_report_has_a_receipt_a_listing_can_check(s3, monkeypatch, name, body, suffix):
+    """The receipt's listed ETag is the MD5 of receipt_body(report key, the report's listed ETag,
+    the input eTag the report records), so a listing shows which input eTag the report was
+    written for; long keys too."""
+    for key in (f"inbox/{name}", "inbox/" + "€" * 335 + name):
+        etag = put_input(s3, key, body)
+        monkeypatch.setenv("AWSFUN_EXPECTED_ETAG", etag)  # an error report records the event's
+        AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3)
+        target = AwsS3.report_key(key, suffix)
+        listed = listed_etags(s3)
+        receipt = AwsS3.receipt_key(target)
+        assert receipt == "analysis/_receipts/" + hashlib.sha256(target.encode()).hexdigest()
+        assert listed[receipt] == hashlib.md5(
+            AwsS3.receipt_body(target, listed[target], etag)).hexdigest()
+        assert json.loads(s3.reader.get_object(Bucket=BUCKET, Key=receipt)["Body"].read()) == {
+            "input_etag": etag, "report": target, "report_etag": listed[target]}
+
+
+def test_a_receipt_that_cannot_be_written_leaves_the_report_and_the_outcome(s3, caplog):
+    key = "inbox/no receipt.csv"
+    put_input(s3, key, CSV)
+
+    def refuse_receipts(params, **_):
+        if params["Key"].startswith(AwsS3.RECEIPT_PREFIX):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "injected"}},
+                              "PutObject")
+
+    s3.meta.events.register("provide-client-params.s3.PutObject", refuse_receipts)
+    assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == AwsS3.EXIT_OK
+    assert get_json(s3, AwsS3.report_key(key))["status"] == "ok"
+    assert keys(s3) == sorted([key, AwsS3.report_key(key)])
+    assert "cannot write the receipt of analysis/inbox/no receipt.csv.json: AccessDenied" \
+        in caplog.text
 
 
 def test_s3_mode_through_main_makes_its_own_client(s3):
@@ -299,7 +344,8 @@ def test_s3_mode_missing_object_leaves_an_error_report(s3):
     report = get_json(s3, AwsS3.report_key(key, ".error.json"))
     assert report["status"] == "error" and report["input"]["key"] == key
     assert report["error_code"] in ("404", "NoSuchKey", "NotFound")
-    assert keys(s3) == [AwsS3.report_key(key, ".error.json")]
+    target = AwsS3.report_key(key, ".error.json")
+    assert keys(s3) == sorted([target, AwsS3.receipt_key(target)])
 
 
 def test_s3_mode_denied_read_leaves_an_error_report(s3):
