@@ -37,9 +37,11 @@ def test_handler_launch_request_is_what_the_launcher_policy_allows(clients, name
         for action in as_list(statement["Action"]):
             assert "*" not in action
             by_action.setdefault(action, []).append(statement)
-    assert sorted(by_action) == ["ec2:CreateTags", "ec2:RunInstances", "iam:PassRole",
-                                 "logs:CreateLogStream", "logs:PutLogEvents", "s3:GetObject",
-                                 "sqs:SendMessage"]
+    assert sorted(by_action) == ["ec2:CreateTags", "ec2:DescribeInstances", "ec2:RunInstances",
+                                 "iam:PassRole", "logs:CreateLogStream", "logs:PutLogEvents",
+                                 "s3:GetObject", "sqs:ChangeMessageVisibility",
+                                 "sqs:DeleteMessage", "sqs:GetQueueAttributes",
+                                 "sqs:ReceiveMessage", "sqs:SendMessage"]
 
     template_arn = f"arn:aws:ec2:us-east-1:{ACCOUNT}:launch-template/{template_id}"
     run, sized, imaged = by_action["ec2:RunInstances"]
@@ -52,7 +54,8 @@ def test_handler_launch_request_is_what_the_launcher_policy_allows(clients, name
         "LaunchTemplateData"]
     resources = as_list(run["Resource"])
     assert template_arn in resources
-    for kind in ("volume", "network-interface", "subnet"):
+    # A spot launch (--spot) is also judged on its spot-instances-request resource.
+    for kind in ("volume", "network-interface", "subnet", "spot-instances-request"):
         assert f"arn:aws:ec2:us-east-1:{ACCOUNT}:{kind}/*" in resources
     # Only the stack's own security group, the one the template names.
     assert [arn for arn in resources if ":security-group/" in arn] == \
