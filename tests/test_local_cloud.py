@@ -50,6 +50,40 @@ def test_pure_helpers():
     assert local_cloud.object_key("", "/tmp/x.csv") == "x.csv"
 
 
+def test_ec2_tags_after_speed_up_are_what_moto_would_answer():
+    """local_cloud.speed_up_moto's tag lookup (the conftest applies it) against moto's own
+    describe_tags by resource id, and a tag-filtered DescribeInstances on top of it."""
+    import boto3
+    from moto import mock_aws
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2 import ec2_backends
+    from moto.ec2.models.core import TaggedEC2Resource
+
+    assert TaggedEC2Resource.get_tags.__module__ == "local_cloud"
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        image = ec2.describe_images(Owners=["amazon"], MaxResults=5)["Images"][0]["ImageId"]
+        ids = [ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, TagSpecifications=[
+            {"ResourceType": kind, "Tags": [{"Key": "stack", "Value": f"s{index % 2}"},
+                                            {"Key": "n", "Value": str(index)}]}
+            for kind in ("instance", "volume")])["Instances"][0]["InstanceId"]
+            for index in range(5)]
+        group = ec2.create_security_group(GroupName="g", Description="g")["GroupId"]
+        ec2.create_tags(Resources=[group], Tags=[{"Key": "stack", "Value": "s1"}])
+        backend = ec2_backends[DEFAULT_ACCOUNT_ID]["us-east-1"]
+        resources = [*backend.get_multi_instances_by_id(ids),
+                     *backend.volumes.values(), backend.get_security_group_from_id(group)]
+        for resource in resources:
+            assert resource.get_tags() == backend.describe_tags(
+                filters={"resource-id": [resource.id]})
+        ec2.terminate_instances(InstanceIds=ids[:2])
+        found = sorted(i["InstanceId"] for r in ec2.describe_instances(Filters=[
+            {"Name": "tag:stack", "Values": ["s0"]},
+            {"Name": "instance-state-name", "Values": ["running"]}])["Reservations"]
+            for i in r["Instances"])
+        assert found == sorted(ids[2::2])
+
+
 def lambda_user_data(bucket, key):
     import lambda_function
 
