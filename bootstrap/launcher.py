@@ -21,6 +21,7 @@ import time
 import traceback
 
 FETCH_FAILED = 4
+IMDS = "http://169.254.169.254"
 NO_CREDENTIALS = 3  # AwsS3.EXIT_FAILED_UNREPORTED: no report written; the shell writes it
 WORKER_REPORTED = 5  # AwsS3.EXIT_FAILED_REPORTED
 logger = logging.getLogger("awsfun.launcher")
@@ -127,6 +128,31 @@ def run(path, args, until):
     return supervise(pid, until, lambda: bool(terms))
 
 
+def spot_interruption(environ=os.environ, timeout=1.0):
+    """Return EC2's interruption notice for this spot instance ({"action": "terminate", "time":
+    "2026-12-01T02:20:00Z"}), or None: not spot, not interrupted, or no instance metadata.
+
+    IMDSv2, a PUT for a token then the GET: spot/instance-action answers 404 until EC2 has
+    scheduled the interruption, two minutes ahead (EC2 User Guide, "Spot Instance interruption
+    notices"). Honours botocore's AWS_EC2_METADATA_SERVICE_ENDPOINT and _DISABLED.
+    """
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return None
+    from urllib.request import Request, urlopen
+    base = environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", IMDS).rstrip("/")
+    try:
+        with urlopen(Request(base + "/latest/api/token", method="PUT", headers={
+                "X-aws-ec2-metadata-token-ttl-seconds": "60"}), timeout=timeout) as answer:
+            token = answer.read().decode("ascii")
+        with urlopen(Request(base + "/latest/meta-data/spot/instance-action",
+                             headers={"X-aws-ec2-metadata-token": token}),
+                     timeout=timeout) as answer:
+            notice = json.loads(answer.read())
+    except (OSError, ValueError):  # no metadata service, 404 (no notice), not JSON
+        return None
+    return notice if isinstance(notice, dict) and notice.get("action") else None
+
+
 def error_report(bucket, key, stage, message, code):
     """Return the error report for a job the worker could not finish (as bootstrap.sh's)."""
     try:
@@ -189,7 +215,15 @@ def main(argv, sleep=time.sleep):
         if message:
             logger.error("%s", message)
             report = error_report(bucket, key, stage, message, status)
+            # The input eTag in metadata, as the worker's reports have it: reconcile reads a
+            # HEAD. A spot reclaim is no fault of the input: reconcile relaunches it once.
+            metadata = {"input-etag": report["input"]["etag"]}
+            notice = spot_interruption() if status == 143 else None
+            if notice:
+                report["spot_interruption"] = notice
+                metadata["interruption"] = "spot"
             s3.put_object(Bucket=bucket, Key=error_key, ContentType="application/json",
+                          Metadata=metadata,
                           Body=json.dumps(report, ensure_ascii=False).encode("utf-8"))
             open(os.path.join(work_dir, "reported"), "w").close()
             logger.info("wrote error report for stage %s", stage)

@@ -646,3 +646,100 @@ def test_large_objects_stream_in_chunks(s3, monkeypatch):
     assert AwsS3.run_s3(f"s3://{BUCKET}/{key}", s3=s3) == 0
     assert sum(seen) == 3_000_000 and len(seen) >= 3 and max(seen) <= AwsS3.CHUNK_SIZE
     assert get_json(s3, AwsS3.report_key(key))["lines"] == 30000
+
+
+class _Imds:
+    """A stand-in for the instance metadata service (IMDSv2): a token for a PUT, then
+    spot/instance-action for a GET carrying it, as `notice` says (None: 404, no notice)."""
+
+    def __init__(self, notice):
+        import http.server
+        import threading
+
+        outer = self
+        self.notice, self.requests = notice, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self, status, body=b""):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self):
+                outer.requests.append(("PUT", self.path))
+                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                self.answer(200, b"token-1") if ttl else self.answer(400)
+
+            def do_GET(self):
+                outer.requests.append(("GET", self.path))
+                if self.headers.get("X-aws-ec2-metadata-token") != "token-1":
+                    self.answer(401)
+                elif self.path == "/latest/meta-data/spot/instance-action" and outer.notice:
+                    self.answer(200, json.dumps(outer.notice).encode())
+                else:
+                    self.answer(404)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+NOTICE = {"action": "terminate", "time": "2026-12-01T02:20:00Z"}
+
+
+@pytest.mark.parametrize("notice", [NOTICE, None])
+def test_the_launcher_reads_ec2s_spot_interruption_notice_with_imdsv2(notice):
+    imds = _Imds(notice)
+    try:
+        environ = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.endpoint}
+        assert launcher.spot_interruption(environ) == notice
+        assert imds.requests == [("PUT", "/latest/api/token"),
+                                 ("GET", "/latest/meta-data/spot/instance-action")]
+        assert launcher.spot_interruption({**environ, "AWS_EC2_METADATA_DISABLED": "true"}) is None
+    finally:
+        imds.close()
+    # Nothing listening (not an EC2 instance): no notice, at once.
+    assert launcher.spot_interruption(environ, timeout=0.5) is None
+
+
+@pytest.mark.parametrize("notice", [NOTICE, None])
+def test_a_worker_stopped_by_a_spot_reclaim_says_so_in_its_error_report(tmp_path, monkeypatch,
+                                                                        notice):
+    """AWS fact: EC2 reclaims a spot instance two minutes after a notice in instance metadata
+    (spot/instance-action), by a shutdown, whose SIGTERM the launcher turns into an error
+    report. That report says it was a reclaim, in its body and in the metadata reconcile
+    reads with a HEAD, so reconcile relaunches the input instead of calling it failed."""
+    imds = _Imds(notice)
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint)
+    monkeypatch.setenv("AWSFUN_EXPECTED_ETAG", "e" * 32)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    worker = b"import os, signal, time\nos.kill(os.getppid(), signal.SIGTERM)\ntime.sleep(30)\n"
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with mock_aws():
+            s3 = boto3.client("s3", region_name="us-east-1")
+            for bucket in ("software", "data"):
+                s3.create_bucket(Bucket=bucket)
+            s3.put_object(Bucket="software", Key="AwsS3.py", Body=worker)
+            argv = ["launcher.pyz", str(tmp_path), "software", "AwsS3.py",
+                    "analysis/k.error.json", "analysis/k.log", "600", "", "s3://data/k"]
+            assert launcher.main(argv) == 143
+            head = s3.head_object(Bucket="data", Key="analysis/k.error.json")
+            report = json.loads(s3.get_object(Bucket="data", Key="analysis/k.error.json")[
+                "Body"].read())
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        imds.close()
+    assert report["exit_code"] == 143 and "SIGTERM" in report["error"]
+    assert report.get("spot_interruption") == notice
+    expected = {"input-etag": "e" * 32, **({"interruption": "spot"} if notice else {})}
+    assert head["Metadata"] == expected
