@@ -738,16 +738,21 @@ def prepare_launch(obj, settings, s3=None, local_dir=None):
     return launch, render_user_data(template, obj, launch, launcher)
 
 
-def launch_object(obj, settings, ec2=None, s3=None, local_dir=None, attempt=0):
-    """Route, render and launch one object's worker; return the instance id (handler and reconcile)."""
-    return launch_object_detail(obj, settings, ec2, s3, local_dir, attempt)["instance_id"]
+def launch_object(obj, settings, ec2=None, s3=None, local_dir=None, attempt=0, on_demand=False):
+    """Route, render and launch one object's worker; return the instance id (handler and
+    reconcile). on_demand: never spot, whatever the settings and route say (reconcile's
+    relaunch of a worker EC2 reclaimed)."""
+    return launch_object_detail(obj, settings, ec2, s3, local_dir, attempt,
+                                on_demand=on_demand)["instance_id"]
 
 
 def launch_object_detail(obj, settings, ec2=None, s3=None, local_dir=None, attempt=0,
-                         prepared=None):
+                         prepared=None, on_demand=False):
     """launch_object, returning {"instance_id", "route", "market", "subnet"}; `prepared` is
     prepare_launch's answer when the caller has it already."""
     launch, user_data = prepared or prepare_launch(obj, settings, s3, local_dir)
+    if on_demand:
+        launch = dict(launch, SPOT=False)
     step = {}
 
     def note(market, subnet):

@@ -78,42 +78,55 @@ def head_input(s3, bucket, key):
     return None if head is None else object_from_head(bucket, key, head)
 
 
-def recorded_input_etag(s3, bucket, report):
-    """Return the input eTag a report records, "" if it records none, or None if there is no report."""
+def recorded_input(s3, bucket, report):
+    """Return (the input eTag a report records, "" if none, or None if there is no report;
+    its interruption: "spot" when EC2 reclaimed the spot worker that wrote it, else "").
+
+    A HEAD where the report carries its input-etag metadata (the worker's, the launcher's),
+    else its body (bootstrap.sh writes its error reports without metadata).
+    """
     head = _get_or_none(s3.head_object, f"reading s3://{bucket}/{report}", Bucket=bucket,
                         Key=report)
     if head is None:
-        return None
+        return None, ""
     metadata = head.get("Metadata", {})
     if "input-etag" in metadata:
-        return metadata["input-etag"]
-    # bootstrap.sh writes its error reports without metadata; the body names the eTag.
+        return metadata["input-etag"], metadata.get("interruption", "")
     body = s3.get_object(Bucket=bucket, Key=report)["Body"].read()
     try:
-        return str((json.loads(body).get("input") or {}).get("etag") or "")
+        parsed = json.loads(body)
+        return (str((parsed.get("input") or {}).get("etag") or ""),
+                "spot" if parsed.get("spot_interruption") else "")
     except (ValueError, AttributeError):
-        return ""
+        return "", ""
 
 
-def settled_state(etag, report_etag, error_etag):
+def recorded_input_etag(s3, bucket, report):
+    """Return the input eTag a report records, "" if it records none, or None if there is no report."""
+    return recorded_input(s3, bucket, report)[0]
+
+
+def settled_state(etag, report_etag, error_etag, interruption=""):
     """Return REPORTED or FAILED when an input needs no worker, else None (pure).
 
     A report counts only for the input's current eTag. An error report is a visible
     failure (not re-launched) unless it names another eTag; one that names none is
-    taken as current, since re-launching a failure nobody looked at helps no one.
+    taken as current, since re-launching a failure nobody looked at helps no one. An
+    error report of a spot worker EC2 reclaimed (interruption "spot") is no failure of
+    the input: it is relaunched, on demand, so once.
     """
     if report_etag is not None and report_etag == etag:
         return REPORTED
-    if error_etag is not None and error_etag in ("", etag):
+    if error_etag is not None and error_etag in ("", etag) and interruption != "spot":
         return FAILED
     return None
 
 
 def report_etags(s3, bucket, key):
-    """Return (report eTag, error report eTag) of an input, each read from its report (None
-    if there is none)."""
-    return tuple(recorded_input_etag(s3, bucket, AwsS3.report_key(key, suffix))
-                 for suffix in (".json", ".error.json"))
+    """Return (report eTag, error report eTag, the error report's interruption) of an input,
+    each read from its report (eTags None where there is none), for settled_state."""
+    report_etag = recorded_input(s3, bucket, AwsS3.report_key(key))[0]
+    return (report_etag, *recorded_input(s3, bucket, AwsS3.report_key(key, ".error.json")))
 
 
 def list_bucket(s3, bucket, key_prefix=""):
@@ -150,13 +163,20 @@ def receipted_etag(target, listed, etag):
     return None
 
 
-def listed_report_etag(s3, bucket, target, etag, listed):
-    """Return the input eTag report `target` records, or None if `listed` (list_bucket) has no
-    such report: from its receipt where that settles it, else from the report itself."""
+def listed_report(s3, bucket, target, etag, listed):
+    """Return (the input eTag report `target` records, or None if `listed` (list_bucket) has
+    no such report; its interruption, as recorded_input's): from its receipt where that
+    settles it (only the worker writes receipts, and it is never the one reclaimed), else
+    from the report itself."""
     if target not in listed:
-        return None
+        return None, ""
     proven = receipted_etag(target, listed, etag)
-    return proven if proven is not None else recorded_input_etag(s3, bucket, target)
+    return (proven, "") if proven is not None else recorded_input(s3, bucket, target)
+
+
+def listed_report_etag(s3, bucket, target, etag, listed):
+    """Return the input eTag report `target` records, or None if `listed` has no such report."""
+    return listed_report(s3, bucket, target, etag, listed)[0]
 
 
 def live_workers(ec2, bucket):
@@ -342,11 +362,11 @@ def scan_inputs(s3, bucket, skip_substring, live, listing, key_prefix=""):
                  if is_input(o["Key"], skip_substring, key_prefix, o.get("Size"))):
         key, etag = item["Key"], item["ETag"].strip('"')
         report_etag = listed_report_etag(s3, bucket, AwsS3.report_key(key), etag, listed)
-        error_etag = None if report_etag == etag else listed_report_etag(
+        error_etag, interruption = (None, "") if report_etag == etag else listed_report(
             s3, bucket, AwsS3.report_key(key, ".error.json"), etag, listed)
-        state = settled_state(etag, report_etag, error_etag)
+        state = settled_state(etag, report_etag, error_etag, interruption)
         entry = {"key": key, "etag": etag, "state": state, "report_etag": report_etag,
-                 "error_etag": error_etag}
+                 "error_etag": error_etag, "interruption": interruption}
         if state is None and lambda_function.shorten_tag_value(key) not in live_keys:
             entry["state"] = UNPROCESSED
         elif state is None:
@@ -431,8 +451,11 @@ class Reconciler:
                        "launched": [], "failed": [], "replayed": [], "dlq_failed": [],
                        "dlq_kept": [], "ended_without_report": []}
 
-    def launch(self, obj):
+    def launch(self, obj, on_demand=False):
         """Launch one object's worker through the handler's path; return (instance id, None) or (None, error).
+
+        on_demand: not spot, for an input whose spot worker EC2 reclaimed (its error report
+        says so): relaunched once, since an on-demand worker is not reclaimed.
 
         Attempt 0 is the token of the object's event (a dead letter) or of the scan. EC2
         (since January 2025) answers a token already used with IdempotentInstanceTerminated
@@ -455,7 +478,7 @@ class Reconciler:
                 # local_dir "": render and route with what deploy published, like the function.
                 instance_id = lambda_function.launch_object(obj, self.settings, ec2=self.ec2,
                                                             s3=self.s3, local_dir="",
-                                                            attempt=attempt)
+                                                            attempt=attempt, on_demand=on_demand)
             except lambda_function.LAUNCH_ERRORS as err:
                 code, message = lambda_function.describe_failure(err)
                 if code == lambda_function.IDEMPOTENT_MISMATCH:
@@ -500,12 +523,13 @@ class Reconciler:
                                               obj["version_id"] != current["version_id"]):
             # The current version is the scan's to launch; this event's is gone.
             return "superseded by a newer version", None
-        state = settled_state(obj["etag"], *report_etags(self.s3, obj["bucket"], obj["key"]))
+        etags = report_etags(self.s3, obj["bucket"], obj["key"])
+        state = settled_state(obj["etag"], *etags)
         if state:
             return state, None
         if self.dry_run:
             return "would launch", None
-        instance_id, error = self.launch(obj)
+        instance_id, error = self.launch(obj, on_demand=etags[2] == "spot")
         if not instance_id:
             return "failed", error
         self.result["launched"].append({"key": obj["key"], "instance_id": instance_id,
@@ -591,11 +615,14 @@ class Reconciler:
                                      "deleted since the listing")
                 continue
             self.result["unprocessed"].append(entry["key"])
-            instance_id, error = self.launch(obj)
+            reclaimed = entry.get("interruption") == "spot"
+            instance_id, error = self.launch(obj, on_demand=reclaimed)
             if instance_id:
                 self.result["launched"].append({"key": entry["key"], "instance_id": instance_id,
                                                 "source": "scan"})
-                self.progress.record("launched", "unprocessed input", entry["key"], instance_id)
+                self.progress.record("launched", "unprocessed input", entry["key"],
+                                     instance_id + (" (on demand: spot worker reclaimed)"
+                                                    if reclaimed else ""))
             else:
                 self.result["failed"].append({"key": entry["key"], "error": error})
                 self.progress.record("failed", "unprocessed input", entry["key"], error)

@@ -101,6 +101,9 @@ def quiet():
 
 
 def test_settled_state_rules():
+    # A spot worker EC2 reclaimed is no failure of the input: it is launched again.
+    assert deploy.settled_state("e1", None, "e1", "spot") is None
+    assert deploy.settled_state("e1", "e1", "e1", "spot") == deploy.REPORTED
     assert deploy.settled_state("e1", "e1", None) == deploy.REPORTED
     assert deploy.settled_state("e1", "e1", "e1") == deploy.REPORTED
     assert deploy.settled_state("e2", "e1", None) is None          # report of an older version
@@ -160,6 +163,39 @@ def test_reconcile_launches_exactly_the_unprocessed_inputs_with_a_token_of_its_o
 
     after = deploy.collect_status(clients, stack)["counts"]
     assert after == dict(before, running=5, unprocessed=0)
+
+
+def test_an_input_whose_spot_worker_was_reclaimed_is_relaunched_once_on_demand(clients):
+    """AWS fact: EC2 may reclaim a spot instance at two minutes' notice. The launcher's error
+    report then says "spot" (bootstrap/launcher.py); reconcile relaunches that input on
+    demand, which EC2 does not reclaim, so once; a later error report is a failure."""
+    names = deploy.resolve_names(clients, "local")
+    deploy.deploy(clients, names, progress=deploy.Progress(echo=False), spot=True)
+    s3, ec2, bucket = clients("s3"), clients("ec2"), names.data_bucket
+    etag = put(s3, bucket, "run/reads.csv")
+    error_key = AwsS3.report_key("run/reads.csv", ".error.json")
+    s3.put_object(Bucket=bucket, Key=error_key, Metadata={"input-etag": etag,
+                                                          "interruption": "spot"},
+                  Body=json.dumps({"input": {"key": "run/reads.csv", "etag": etag},
+                                   "exit_code": 143, "spot_interruption": {
+                                       "action": "terminate", "time": "2026-12-01T02:20:00Z"}}))
+    launches = []
+    ec2.meta.events.register("provide-client-params.ec2.RunInstances",
+                             lambda params, **_: launches.append(dict(params)))
+    assert deploy.collect_status(clients, names)["counts"]["unprocessed"] == 1
+
+    result = deploy.reconcile(clients, names, progress=quiet())
+    assert [e["key"] for e in result["launched"]] == ["run/reads.csv"]
+    [launch] = launches
+    assert "InstanceMarketOptions" not in launch  # on demand, though the stack launches spot
+
+    # The on-demand worker failed in its own right: that error report is the answer.
+    for reservation in ec2.describe_instances()["Reservations"]:
+        ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in reservation["Instances"]])
+    put_report(s3, bucket, "run/reads.csv", etag, ".error.json")
+    again = deploy.reconcile(clients, names, progress=quiet())
+    assert again["launched"] == [] and again["counts"]["error_reports"] == 1
+    assert len(launches) == 1
 
 
 def test_dry_run_key_prefix_second_run_and_new_version(clients, stack):
