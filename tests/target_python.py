@@ -7,7 +7,8 @@ The worker and the bootstrap run on the instance's python3 with the boto3 AL2023
 tests/test_target_python.py runs the worker's tests under that pair. The interpreter comes
 from, in order: $AWSFUN_TARGET_PYTHON (which must be a 3.9), `pyenv prefix 3.9.18`, any
 other pyenv 3.9.x, `python3.9` on PATH. The venv holds tests/requirements-target.txt and
-is rebuilt only when that file changes (its sha256 is stamped inside the venv).
+is rebuilt only when that file changes (its sha256 is stamped inside the venv), with uv
+when it is on PATH (as in .ci/run), else with pip.
 Exit status 0 with the venv's python on standard output; 1 with a one-line error.
 """
 
@@ -110,6 +111,21 @@ def venv_is_current(venv=VENV, requirements=REQUIREMENTS):
             and interpreter_version(str(venv_python(venv))) == TARGET_VERSION)
 
 
+def install_command(venv, requirements, uv=None):
+    """Return the command that installs `requirements` into `venv` (pure): with uv (the path
+    of its binary) when there is one, else with the venv's pip.
+
+    uv resolves and byte-compiles on every core: CI's installs take about a minute less.
+    Either way the modules are compiled at install (uv's --compile-bytecode, pip's default),
+    which matters where PYTHONDONTWRITEBYTECODE keeps Python from caching them itself.
+    """
+    if uv:
+        return [uv, "pip", "install", "--quiet", "--compile-bytecode", "--python",
+                str(venv_python(venv)), "-r", str(requirements)]
+    return [str(venv_python(venv)), "-m", "pip", "install", "--quiet",
+            "--disable-pip-version-check", "-r", str(requirements)]
+
+
 def ensure_venv(venv=VENV, requirements=REQUIREMENTS, environ=None):
     """Create (or reuse) the target venv; return its python's path. Raises TargetPythonError."""
     venv = Path(venv)
@@ -119,9 +135,9 @@ def ensure_venv(venv=VENV, requirements=REQUIREMENTS, environ=None):
     print(f"target_python: making {venv} with {python} from {requirements}", file=sys.stderr)
     stamp = venv / STAMP_NAME
     stamp.unlink(missing_ok=True)  # a venv cut short is never taken for a current one
+    environ = os.environ if environ is None else environ
     steps = ([python, "-m", "venv", "--clear", str(venv)],
-             [str(venv_python(venv)), "-m", "pip", "install", "--quiet",
-              "--disable-pip-version-check", "-r", str(requirements)])
+             install_command(venv, requirements, shutil.which("uv", path=environ.get("PATH"))))
     for step in steps:
         done = subprocess.run(step, check=False)
         if done.returncode != 0:

@@ -72,3 +72,18 @@ def test_a_job_runs_end_to_end_on_the_target_python(local_aws, tmp_path, monkeyp
     log = s3.get_object(Bucket=DATA, Key=f"analysis/{key}.log")["Body"].read().decode("utf-8")
     assert "worker succeeded" in log and key in log
     assert stub.calls()[-1] == "-h now"
+
+
+def test_the_target_venv_installs_with_uv_when_there_is_one(tmp_path):
+    import target_python
+
+    venv, requirements = tmp_path / "venv", tmp_path / "requirements.txt"
+    with_uv = target_python.install_command(venv, requirements, "/ci/bin/uv")
+    assert with_uv[:3] == ["/ci/bin/uv", "pip", "install"]
+    # Compiled at install either way: Python may not cache bytecode (PYTHONDONTWRITEBYTECODE).
+    assert "--compile-bytecode" in with_uv
+    assert with_uv[with_uv.index("--python") + 1] == str(venv / "bin" / "python")
+    assert with_uv[-2:] == ["-r", str(requirements)]
+    with_pip = target_python.install_command(venv, requirements)
+    assert with_pip[:4] == [str(venv / "bin" / "python"), "-m", "pip", "install"]
+    assert with_pip[-2:] == ["-r", str(requirements)]
