@@ -129,13 +129,9 @@ def run(path, args, until):
 
 
 def spot_interruption(environ=os.environ, timeout=1.0):
-    """Return EC2's interruption notice for this spot instance ({"action": "terminate", "time":
-    "2026-12-01T02:20:00Z"}), or None: not spot, not interrupted, or no instance metadata.
-
-    IMDSv2, a PUT for a token then the GET: spot/instance-action answers 404 until EC2 has
-    scheduled the interruption, two minutes ahead (EC2 User Guide, "Spot Instance interruption
-    notices"). Honours botocore's AWS_EC2_METADATA_SERVICE_ENDPOINT and _DISABLED.
-    """
+    """Return EC2's spot interruption notice ({"action", "time"}) or None, by IMDSv2:
+    spot/instance-action is 404 until a reclaim is due (EC2 User Guide, "Spot Instance
+    interruption notices"). Honours AWS_EC2_METADATA_SERVICE_ENDPOINT and _DISABLED."""
     if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
         return None
     from urllib.request import Request, urlopen
@@ -215,8 +211,8 @@ def main(argv, sleep=time.sleep):
         if message:
             logger.error("%s", message)
             report = error_report(bucket, key, stage, message, status)
-            # The input eTag in metadata, as the worker's reports have it: reconcile reads a
-            # HEAD. A spot reclaim is no fault of the input: reconcile relaunches it once.
+            # Metadata as the worker's reports have: reconcile reads a HEAD, and relaunches a
+            # reclaimed spot worker's input.
             metadata = {"input-etag": report["input"]["etag"]}
             notice = spot_interruption() if status == 143 else None
             if notice:
