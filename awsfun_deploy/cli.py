@@ -139,12 +139,15 @@ def deployer_policy_fit(size):
 def run_deployer_policy(args, clients):
     """`deployer-policy`: print iam/deployer-policy.json rendered for this deployment.
 
-    --spot, or a route of the routing table with "spot", adds what spot workers need
-    (policies.render_policy).
+    --security-groups names the user's own groups that deploy --security-groups will put in
+    the templates: the deployer may launch into those (deploy's DryRun check, reconcile), as
+    into the stack's own group, which it finds by its tag. --spot, or a route of the routing
+    table with "spot", adds what spot workers need (policies.render_policy).
     """
     names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     spot = uses_spot(args.spot, load_routes_file(args.routes))
-    document = render_policy("deployer-policy", policy_values(names, spot=spot))
+    document = render_policy("deployer-policy", policy_values(
+        names, security_group_ids=args.security_groups, spot=spot))
     print(json.dumps(document, indent=2))
     print(f"deploy.sh deployer-policy: {deployer_policy_fit(len(canonical(document)))}",
           file=sys.stderr)
@@ -241,6 +244,9 @@ def _deployer_policy_options(parser):
                         help="for deploy --spot: let the deployer launch spot workers and create "
                              "EC2's service-linked role for spot (implied by a route of --routes "
                              "with spot)")
+    parser.add_argument("--security-groups", type=id_list_option, default=[], metavar="SG,..",
+                        help="the groups of your own that deploy --security-groups will use: "
+                             "the policy lets the deployer launch workers into them")
     _routes_option(parser)
 add_command("deploy", run_deploy, "create or update everything (the default; safe to re-run)",
             _deploy_options)

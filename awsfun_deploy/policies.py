@@ -13,6 +13,7 @@ _WHOLE_PLACEHOLDER = re.compile(r"^\$\{(\w+)\}$")
 # (template, value that must be non-empty, file under iam/optional/ whose statements it adds).
 OPTIONAL_STATEMENTS = (
     ("lambda-policy", "EbsKeyArn", "lambda-ebs-key"),
+    ("deployer-policy", "SecurityGroupArns", "deployer-security-groups"),
     ("deployer-policy", "Spot", "deployer-spot"),
 )
 
@@ -40,10 +41,13 @@ def render_policy(name, values):
 
     The launcher's policy gets iam/optional/lambda-ebs-key.json's statements only when the
     account's default EBS key is customer managed (values["EbsKeyArn"]; ec2.default_ebs_key).
-    The deployer's gets iam/optional/deployer-spot.json's only for spot workers
-    (values["Spot"]): who never launches spot needs neither the spot-instances-request nor
-    the right to create EC2's service-linked role for spot, and the document without them
-    stays within a managed policy's 6,144 characters.
+    The deployer's gets iam/optional/deployer-security-groups.json's only when it is rendered
+    for groups of the user's (./deploy.sh deployer-policy --security-groups): a statement
+    must name at least one resource, and without them the stack's own group, found by its
+    tag, is all the deployer launches into. It gets iam/optional/deployer-spot.json's only
+    for spot workers (values["Spot"]): who never launches spot needs neither the
+    spot-instances-request nor the right to create EC2's service-linked role for spot, and
+    the document without them stays within a managed policy's 6,144 characters.
     """
     template = json.loads((IAM_DIR / f"{name}.json").read_text(encoding="utf-8"))
     for wanted, key, optional in OPTIONAL_STATEMENTS:

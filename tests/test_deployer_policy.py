@@ -87,6 +87,8 @@ ROLE_POLICY_LIMIT = 10240
 TEMPLATE_ID = "lt-0123456789abcdef0"
 IMAGE_ID = "ami-0123456789abcdef0"
 STACK_GROUP = "sg-0aaaaaaaaaaaaaaaa"  # the stack's own, tagged awsfun:stack
+USER_GROUP = "sg-0bbbbbbbbbbbbbbbb"  # the user's (--security-groups): no tag of ours
+OTHER_GROUP = "sg-0cccccccccccccccc"  # anyone else's
 SUBNET = "subnet-0123456789abcdef0"
 # EC2's service-linked role for spot (EC2 User Guide, "Service-linked role for Spot Instance
 # requests").
@@ -186,8 +188,8 @@ def rendered(names=NAMES, groups=(), spot=False):
 
 
 def rendered_fully(names=NAMES):
-    """With every optional statement: for spot."""
-    return rendered(names, spot=True)
+    """With every optional statement: for spot, and for a group of the user's."""
+    return rendered(names, groups=[USER_GROUP], spot=True)
 
 
 def granted(document):
@@ -273,8 +275,10 @@ def test_roles_are_passed_only_the_worker_to_ec2_and_the_launcher_to_lambda():
 def test_everything_it_changes_is_named_by_the_stack_or_carries_its_tag():
     """Writes on named resources name them exactly; EC2 resources, which have ids, not names,
     are scoped by the awsfun:stack tag (on create, aws:RequestTag; after, aws:ResourceTag).
-    Besides: EC2's service-linked role for spot, by its one ARN."""
+    Besides: the user's own security groups by their ids, when it is rendered for them, and
+    EC2's service-linked role for spot by its one ARN."""
     document = rendered_fully()
+    named_group = f"arn:aws:ec2:us-east-1:{NAMES.account}:security-group/{USER_GROUP}"
     stacked = {"aws:RequestTag/awsfun:stack", "aws:ResourceTag/awsfun:stack"}
     for statement in document["Statement"]:
         for arn in as_list(statement["Resource"]):
@@ -290,7 +294,7 @@ def test_everything_it_changes_is_named_by_the_stack_or_carries_its_tag():
                                                          "vpc/*", "key/*",
                                                          "spot-instances-request/*"))
                     or "ami-amazon-linux-latest" in arn
-                    or arn == SPOT_ROLE_ARN), (statement["Sid"], arn)
+                    or arn in (named_group, SPOT_ROLE_ARN)), (statement["Sid"], arn)
 
 
 def test_the_deployer_policy_lints_clean_with_parliament():
@@ -321,11 +325,11 @@ def test_the_default_prefix_fits_a_managed_policy_in_any_region(region):
 
 
 @pytest.mark.parametrize("region", ["us-east-1", "ap-southeast-5", "eu-central-2"])
-def test_for_spot_it_still_fits_a_roles_inline_policy(region):
-    """Spot's statements make it longer than a managed policy may be (the command says so,
-    deployer_policy_fit); a role still holds it."""
+def test_for_spot_and_three_groups_it_still_fits_a_roles_inline_policy(region):
+    """Spot's statements and the user's groups make it longer than a managed policy may be
+    in some regions (the command says so, deployer_policy_fit); a role still holds it."""
     names = deploy.derive_names("su2c", "123456789012", region)
-    document = rendered(names, spot=True)
+    document = rendered(names, groups=[USER_GROUP, OTHER_GROUP, STACK_GROUP], spot=True)
     assert len(deploy.canonical(document)) <= ROLE_POLICY_LIMIT
 
 
@@ -494,6 +498,58 @@ def test_a_spot_launch_by_reconcile_is_allowed_on_its_spot_instances_request():
     assert "InstanceMarketOptions" not in deploy_dry_run_request()
     assert refused(rendered(), deploy_dry_run_request(), data,
                    {STACK_GROUP: NAMES.prefix}) == []
+
+
+def test_the_users_own_groups_are_allowed_only_as_named_and_only_to_launch_into():
+    """--security-groups: the templates hold groups of the user's, which carry no awsfun:stack
+    tag, so StackTagged does not cover them and deploy's DryRun check and reconcile's launches
+    would be refused. Rendered for those groups (deployer-policy --security-groups), the
+    policy allows both; another untagged group stays refused, and on the named groups only
+    RunInstances from a launch template is granted, nothing that changes them."""
+    data = template_data([USER_GROUP], SUBNET)
+    stacks = {USER_GROUP: None, OTHER_GROUP: None, STACK_GROUP: NAMES.prefix}
+    spot_in_subnet = reconcile_request(capacity_environment(
+        spot=True, subnets=[SUBNET], security_groups=[USER_GROUP]))
+    assert spot_in_subnet["NetworkInterfaces"][0]["Groups"] == [USER_GROUP]
+    requests = [deploy_dry_run_request(), spot_in_subnet]
+    arn = f"arn:aws:ec2:us-east-1:{NAMES.account}:security-group/{{}}".format
+    for request in requests:
+        assert refused(rendered(spot=True), request, data, stacks) == [arn(USER_GROUP)]
+    named = rendered(groups=[USER_GROUP], spot=True)
+    for request in requests:
+        assert refused(named, request, data, stacks) == []
+    # Another group of anyone's, put into the request, is refused as before.
+    other = dict(spot_in_subnet, NetworkInterfaces=[
+        dict(spot_in_subnet["NetworkInterfaces"][0], Groups=[OTHER_GROUP])])
+    assert refused(named, other, data, stacks) == [arn(OTHER_GROUP)]
+    # Without a launch template (whose own resource must carry the stack's tag) no launch.
+    from_template = {"ec2:LaunchTemplate": NAMES.launch_template_arn(TEMPLATE_ID)}
+    assert allows(named, "ec2:RunInstances", arn(USER_GROUP), from_template)
+    assert not allows(named, "ec2:RunInstances", arn(USER_GROUP), {})
+    for action in ("ec2:AuthorizeSecurityGroupEgress", "ec2:RevokeSecurityGroupEgress",
+                   "ec2:RevokeSecurityGroupIngress", "ec2:DeleteSecurityGroup",
+                   "ec2:AuthorizeSecurityGroupIngress", "ec2:ModifySecurityGroupRules"):
+        assert not allows(named, action, arn(USER_GROUP), from_template), action
+    # The stack's own group needs no naming, and naming groups changes nothing else.
+    assert refused(rendered(), requests[0], template_data([STACK_GROUP]), stacks) == []
+    assert [s for s in named["Statement"] if s.get("Sid") != "NamedSecurityGroups"] == \
+        rendered(spot=True)["Statement"]
+
+
+def test_deployer_policy_security_groups_prints_the_statement_for_them(clients, capsys):
+    assert deploy.main(["deployer-policy", "--security-groups", f"{USER_GROUP},{OTHER_GROUP}"],
+                       clients=clients) == 0
+    printed = capsys.readouterr()
+    document = json.loads(printed.out[printed.out.index('{\n  "Version"'):])
+    names = deploy.resolve_names(clients)
+    assert document == rendered(names, groups=[USER_GROUP, OTHER_GROUP])
+    (statement,) = [s for s in document["Statement"] if s.get("Sid") == "NamedSecurityGroups"]
+    assert statement["Resource"] == [
+        f"arn:aws:ec2:{names.region}:{names.account}:security-group/{group}"
+        for group in sorted([USER_GROUP, OTHER_GROUP])]
+    # Without the option there is no such statement: a statement must name a resource.
+    assert deploy.main(["deployer-policy"], clients=clients) == 0
+    assert "NamedSecurityGroups" not in capsys.readouterr().out
 
 
 def test_the_only_role_it_may_create_for_a_service_is_spots():
