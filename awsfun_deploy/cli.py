@@ -18,7 +18,7 @@ from .names import (
 from .artifacts import ROUTES_FILE
 from .stack import DEFAULT_MAX_WORKERS
 from .policies import policy_values, render_policy
-from .routes import check_routing_table
+from .routes import check_routing_table, load_routes_file, uses_spot
 from .reconcile import reconcile
 from .stack import deploy, teardown
 from .status import collect_status, print_status
@@ -137,9 +137,17 @@ def deployer_policy_fit(size):
 
 
 def run_deployer_policy(args, clients):
-    """`deployer-policy`: print iam/deployer-policy.json rendered for this deployment."""
+    """`deployer-policy`: print iam/deployer-policy.json rendered for this deployment.
+
+    --security-groups names the user's own groups that deploy --security-groups will put in
+    the templates: the deployer may launch into those (deploy's DryRun check, reconcile), as
+    into the stack's own group, which it finds by its tag. --spot, or a route of the routing
+    table with "spot", adds what spot workers need (policies.render_policy).
+    """
     names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
-    document = render_policy("deployer-policy", policy_values(names))
+    spot = uses_spot(args.spot, load_routes_file(args.routes))
+    document = render_policy("deployer-policy", policy_values(
+        names, security_group_ids=args.security_groups, spot=spot))
     print(json.dumps(document, indent=2))
     print(f"deploy.sh deployer-policy: {deployer_policy_fit(len(canonical(document)))}",
           file=sys.stderr)
@@ -229,6 +237,17 @@ def _teardown_options(parser):
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     parser.add_argument("--delete-data", action="store_true",
                         help="also empty and delete the data bucket (inputs and reports)")
+
+
+def _deployer_policy_options(parser):
+    parser.add_argument("--spot", action="store_true",
+                        help="for deploy --spot: let the deployer launch spot workers and create "
+                             "EC2's service-linked role for spot (implied by a route of --routes "
+                             "with spot)")
+    parser.add_argument("--security-groups", type=id_list_option, default=[], metavar="SG,..",
+                        help="the groups of your own that deploy --security-groups will use: "
+                             "the policy lets the deployer launch workers into them")
+    _routes_option(parser)
 add_command("deploy", run_deploy, "create or update everything (the default; safe to re-run)",
             _deploy_options)
 add_command("status", run_status, "show names, running workers, reports, dead letters, drift",
@@ -240,7 +259,8 @@ add_command("teardown", run_teardown, "remove what deploy created (asks first)",
             _teardown_options)
 add_command("deployer-policy", run_deployer_policy,
             "print the IAM policy a person needs to run deploy, status, reconcile and "
-            "teardown for this prefix and these buckets (iam/deployer-policy.json)")
+            "teardown for this prefix and these buckets (iam/deployer-policy.json)",
+            _deployer_policy_options)
 # Options that take a value, so a value that happens to be a command name stays a value.
 VALUE_OPTIONS = ("--prefix", "--data-bucket", "--software-bucket", "--instance-type",
                  "--routes", "--key-prefix", "--max-workers", "--subnets", "--security-groups")

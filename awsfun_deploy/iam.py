@@ -7,7 +7,8 @@ import json
 from botocore.exceptions import ClientError
 
 from .core import (
-    CREATED, DELETED, GONE, IN_PLACE, UPDATED, _get_or_none, canonical, log_client_error, tag_list,
+    CREATED, DELETED, GONE, IN_PLACE, UPDATED, DeployError, _get_or_none, canonical,
+    log_client_error, tag_list,
 )
 from .names import STACK_TAG
 
@@ -141,3 +142,51 @@ def delete_instance_profile(iam, names, progress):
             InstanceProfileName=names.worker_instance_profile, RoleName=role["RoleName"])
     iam.delete_instance_profile(InstanceProfileName=names.worker_instance_profile)
     progress.record(DELETED, "worker instance profile", names.worker_instance_profile)
+
+
+# EC2's service-linked role for Spot Instances: one per account, AWS's own, shared by everything
+# in the account that asks for spot (EC2 User Guide, "Service-linked role for Spot Instance
+# requests"). Teardown leaves it.
+SPOT_SERVICE = "spot.amazonaws.com"
+SPOT_ROLE = "AWSServiceRoleForEC2Spot"
+
+
+def spot_role_exists_answer(err):
+    """True when CreateServiceLinkedRole refused because the role is there already (pure):
+    IAM answers InvalidInput "Service role name AWSServiceRoleForEC2Spot has been taken in
+    this account" (AWS Batch User Guide, "Create Amazon EC2 spot fleet roles with the AWS
+    CLI"); moto answers EntityAlreadyExists."""
+    error = err.response.get("Error", {})
+    return error.get("Code") == "EntityAlreadyExists" or (
+        error.get("Code") == "InvalidInput" and "has been taken" in error.get("Message", ""))
+
+
+def ensure_spot_service_linked_role(iam, progress):
+    """Create the account's service-linked role for Spot Instances unless it exists.
+
+    "If you use the AWS CLI or an API to request a Spot Instance, you must first ensure that
+    this role exists" (EC2 User Guide, "Service-linked role for Spot Instance requests"). EC2
+    would create it on a first spot RunInstances only for a caller holding
+    iam:CreateServiceLinkedRole, which the launcher role must not hold; refused so, its spot
+    launch fails outright (an authorization refusal is not a capacity refusal, so there is no
+    on-demand fallback). deploy makes it once, with the deployer's narrow permission for
+    exactly this role (iam/optional/deployer-spot.json, SpotServiceLinkedRole); refused
+    that, it says how to get it (DeployError).
+    """
+    try:
+        iam.create_service_linked_role(AWSServiceName=SPOT_SERVICE)
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") == "AccessDenied":
+            # The deployer policy holds it only when printed for spot.
+            raise DeployError(
+                f"spot workers need EC2's service-linked role {SPOT_ROLE}, which you may not "
+                "create (AccessDenied): attach the deployer policy printed for spot, "
+                "./deploy.sh deployer-policy --spot, which also lets reconcile launch spot"
+            ) from None
+        if not spot_role_exists_answer(err):
+            log_client_error(err, f"creating the service-linked role {SPOT_ROLE}")
+            raise
+        progress.record(IN_PLACE, "spot service-linked role", SPOT_ROLE)
+        return
+    progress.record(CREATED, "spot service-linked role", SPOT_ROLE,
+                    "account-wide, for spot workers; teardown keeps it")

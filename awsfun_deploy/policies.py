@@ -10,6 +10,12 @@ from .artifacts import LAUNCHER_SOFTWARE_KEYS, PUBLISHED_FILES, REPO, WORKER_FIL
 
 IAM_DIR = REPO / "iam"
 _WHOLE_PLACEHOLDER = re.compile(r"^\$\{(\w+)\}$")
+# (template, value that must be non-empty, file under iam/optional/ whose statements it adds).
+OPTIONAL_STATEMENTS = (
+    ("lambda-policy", "EbsKeyArn", "lambda-ebs-key"),
+    ("deployer-policy", "SecurityGroupArns", "deployer-security-groups"),
+    ("deployer-policy", "Spot", "deployer-spot"),
+)
 
 
 def _render_value(value, values):
@@ -35,11 +41,20 @@ def render_policy(name, values):
 
     The launcher's policy gets iam/optional/lambda-ebs-key.json's statements only when the
     account's default EBS key is customer managed (values["EbsKeyArn"]; ec2.default_ebs_key).
+    The deployer's gets iam/optional/deployer-security-groups.json's only when it is rendered
+    for groups of the user's (./deploy.sh deployer-policy --security-groups): a statement
+    must name at least one resource, and without them the stack's own group, found by its
+    tag, is all the deployer launches into. It gets iam/optional/deployer-spot.json's only
+    for spot workers (values["Spot"]): who never launches spot needs neither the
+    spot-instances-request nor the right to create EC2's service-linked role for spot, and
+    the document without them stays within a managed policy's 6,144 characters.
     """
     template = json.loads((IAM_DIR / f"{name}.json").read_text(encoding="utf-8"))
-    if name == "lambda-policy" and values.get("EbsKeyArn"):
-        template["Statement"] += json.loads(
-            (IAM_DIR / "optional" / "lambda-ebs-key.json").read_text(encoding="utf-8"))["Statement"]
+    for wanted, key, optional in OPTIONAL_STATEMENTS:
+        if name == wanted and values.get(key):
+            template["Statement"] += json.loads(
+                (IAM_DIR / "optional" / f"{optional}.json").read_text(encoding="utf-8"))[
+                "Statement"]
     return _render_value(template, values)
 
 
@@ -58,7 +73,7 @@ def ec2_service_principal(partition):
 
 
 def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES, image_ids=(),
-                  instance_types=(), security_group_ids=(), ebs_key_arn=None):
+                  instance_types=(), security_group_ids=(), ebs_key_arn=None, spot=False):
     """Return the values the iam/ templates are rendered with.
 
     The launcher may start only the images and instance types deploy put in its templates:
@@ -84,6 +99,8 @@ def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES
         "WorkerRoleArn": names.worker_role_arn,
         # For iam/deployer-policy.json: what the person running ./deploy.sh may touch.
         "Prefix": names.prefix,
+        # Whether it launches spot workers (./deploy.sh deployer-policy --spot, or spot routes).
+        "Spot": bool(spot),
         "LauncherRoleArn": names.lambda_role_arn,
         "WorkerInstanceProfileArn": (f"arn:{names.partition}:iam::{names.account}:"
                                      f"instance-profile/{names.worker_instance_profile}"),

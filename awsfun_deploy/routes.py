@@ -71,6 +71,15 @@ def template_volume_sizes(routes):
     return {name: size for name, (size, _) in chosen.items()}
 
 
+def uses_spot(spot, routes):
+    """True when workers may launch as spot: deploy's --spot, or a route's "spot": true (pure).
+
+    Spot needs what on-demand launches do not: EC2's service-linked role for spot, which
+    deploy makes, and the deployer's RunInstances on a spot-instances-request (reconcile).
+    """
+    return bool(spot) or any(route.get("spot") for route in routes)
+
+
 def check_routing_table(routes_file, default_template, default_type):
     """Return (routes, {launch template: instance type}) of a routing table file; DeployError names the file and problem."""
     routes = load_routes_file(routes_file)

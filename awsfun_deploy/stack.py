@@ -11,7 +11,7 @@ from .names import DEFAULT_INSTANCE_TYPE
 from .artifacts import (
     BOOTSTRAP_KEY, PUBLISHED_FILES, ROUTES_FILE, build_function_zip, software_sources,
 )
-from .routes import check_routing_table, template_volume_sizes
+from .routes import check_routing_table, template_volume_sizes, uses_spot
 from .policies import policy_values, render_policy
 from .s3 import (
     PRIVATE_BLOCK, PUBLIC_SOFTWARE_BLOCK, bucket_exists, created_by, delete_bucket, ensure_bucket,
@@ -20,7 +20,8 @@ from .s3 import (
 )
 from .sqs import delete_queue, ensure_events_queue, ensure_queue
 from .iam import (
-    delete_instance_profile, delete_role, ensure_instance_profile, ensure_role, read_role,
+    delete_instance_profile, delete_role, ensure_instance_profile, ensure_role,
+    ensure_spot_service_linked_role, read_role,
 )
 from .ec2 import (
     default_ebs_key, delete_launch_template, delete_security_group, workers_vpc,
@@ -146,6 +147,9 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
                 names.worker_policy_name, render_policy("worker-policy", values), names,
                 progress, "worker role")
     ensure_instance_profile(iam, names, progress)
+    if uses_spot(spot, routes):
+        # Before any spot launch: the launcher may not create it (iam.py).
+        ensure_spot_service_linked_role(iam, progress)
 
     # The user's groups (--security-groups), else the stack's own: no inbound, HTTPS out.
     group_ids = security_groups or [ensure_security_group(ec2, names, vpc_id, progress)]

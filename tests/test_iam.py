@@ -4,12 +4,15 @@ import json
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from botocore.parsers import ResponseParserError
 from botocore.stub import Stubber
 from parliament import analyze_policy_string
 
 import deploy
 from awsfun_deploy import ec2 as ec2_module
+from awsfun_deploy import iam as iam_module
+from awsfun_deploy.core import CREATED, IN_PLACE, Progress
 
 # Findings accepted, each with the reason. Nothing else may be reported.
 JUSTIFIED = {
@@ -48,7 +51,7 @@ SECURITY_GROUP_ID = "sg-0123456789abcdef0"
 def rendered(template, names=NAMES):
     return deploy.render_policy(template, deploy.policy_values(
         names, [TEMPLATE_ID], image_ids=[IMAGE_ID], instance_types=INSTANCE_TYPES,
-        security_group_ids=[SECURITY_GROUP_ID]))
+        security_group_ids=[SECURITY_GROUP_ID], spot=True))
 
 
 def run_instances_resources(document):
@@ -372,3 +375,50 @@ def test_a_local_endpoint_that_cannot_answer_for_the_default_ebs_key_means_aws_e
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     with pytest.raises(ResponseParserError):
         ec2_module.default_ebs_key(Unparseable(), kms=None)
+
+
+# --- EC2's service-linked role for Spot Instances ---------------------------------------------
+
+def _iam_answering(code, message):
+    """An IAM client whose CreateServiceLinkedRole refuses as AWS does."""
+    iam = boto3.client("iam", region_name="us-east-1")
+    stub = Stubber(iam)
+    stub.add_client_error("create_service_linked_role", code, message, 400,
+                          expected_params={"AWSServiceName": "spot.amazonaws.com"})
+    stub.activate()
+    return iam
+
+
+def test_the_spot_service_linked_role_is_made_once_and_then_found_in_place(clients):
+    """deploy with spot makes AWSServiceRoleForEC2Spot, which must exist before a spot
+    RunInstances (EC2 User Guide, "Service-linked role for Spot Instance requests") and which
+    the launcher may not create; a second deploy finds it (moto answers EntityAlreadyExists)."""
+    iam = clients("iam")
+    first, second = Progress(echo=False), Progress(echo=False)
+    iam_module.ensure_spot_service_linked_role(iam, first)
+    iam_module.ensure_spot_service_linked_role(iam, second)
+    assert [step["outcome"] for step in first.steps + second.steps] == [CREATED,
+                                                                       IN_PLACE]
+    (role,) = iam.list_roles(PathPrefix="/aws-service-role/spot.amazonaws.com/")["Roles"]
+    # By its path: moto names it AWSServiceRoleForspot, AWS AWSServiceRoleForEC2Spot.
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == \
+        {"Service": ["spot.amazonaws.com"]}
+
+
+def test_an_existing_spot_role_is_in_place_and_other_answers_are_raised():
+    """IAM's answer for a role already there: InvalidInput, "Service role name
+    AWSServiceRoleForEC2Spot has been taken in this account, please try a different suffix"
+    (AWS Batch User Guide, creating the Spot roles with the CLI)."""
+    progress = Progress(echo=False)
+    iam_module.ensure_spot_service_linked_role(_iam_answering(
+        "InvalidInput", "Service role name AWSServiceRoleForEC2Spot has been taken in this "
+        "account, please try a different suffix."), progress)
+    assert [step["outcome"] for step in progress.steps] == [IN_PLACE]
+    # Not allowed to: the one thing to do is said (the deployer policy printed for spot).
+    with pytest.raises(deploy.DeployError, match="deployer-policy --spot"):
+        iam_module.ensure_spot_service_linked_role(_iam_answering(
+            "AccessDenied", "not authorized to perform: iam:CreateServiceLinkedRole"),
+            Progress(echo=False))
+    with pytest.raises(ClientError, match="InvalidInput"):
+        iam_module.ensure_spot_service_linked_role(_iam_answering(
+            "InvalidInput", "Invalid service name"), Progress(echo=False))

@@ -76,6 +76,9 @@ def test_subnets_spot_and_the_cap_reach_the_template_and_the_function(clients, n
         "Environment"]["Variables"]
     assert (env["MAX_WORKERS"], env["SPOT"], env["SUBNET_IDS"], env["SECURITY_GROUP_IDS"]) == \
         ("5", "1", ",".join(subnets), group)
+    # The first spot launch needs EC2's service-linked role for spot: deploy made it.
+    spot_role = {"PathPrefix": "/aws-service-role/spot.amazonaws.com/"}
+    assert len(clients("iam").list_roles(**spot_role)["Roles"]) == 1
 
     before = count_everything(clients)
     again = deploy.Progress(echo=False)
@@ -87,6 +90,8 @@ def test_subnets_spot_and_the_cap_reach_the_template_and_the_function(clients, n
     deploy.teardown(clients, names, progress=deploy.Progress(echo=False), wait=False)
     assert ec2.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [vpc]}, {
         "Name": "group-name", "Values": [names.worker_security_group]}])["SecurityGroups"] == []
+    # Account-wide and AWS's: anything else asking for spot may rely on it.
+    assert len(clients("iam").list_roles(**spot_role)["Roles"]) == 1
 
 
 def test_subnets_of_two_vpcs_or_groups_of_another_are_refused_before_any_change(clients,
