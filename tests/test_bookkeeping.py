@@ -13,7 +13,7 @@ from awsfun_deploy import reconcile
 from support import MIXED_ENDED_UNREPORTED, MIXED_KINDS, fill_mixed_bucket, record_calls, \
     worker_image_id
 
-BULK = 250  # "ok" inputs, each reported with a receipt, for the request count
+BULK = 100  # "ok" inputs, each reported with a receipt: 3x the requests the scan may make
 
 #: S3 requests per input that a listing cannot decide, by kind, in a scan and the search for
 #: ended workers without a report (without_report), beyond the listings. A report that a
