@@ -1098,7 +1098,8 @@ def build_parser():
     capacity(run)
     run.set_defaults(func=command_run)
     up = commands.add_parser("up", help="keep a local cloud running for the aws CLI")
-    up.add_argument("--workers", type=int, default=None)
+    up.add_argument("--workers", type=int, default=None,
+                    help="machines running at once (default: the number of cores)")
     capacity(up)
     up.set_defaults(func=command_up)
     return parser

@@ -282,7 +282,8 @@ def build_parser():
     """Return the argument parser with one subparser per registered command."""
     parser = argparse.ArgumentParser(
         prog="deploy.sh",
-        description="Deploy the awsfun pipeline (S3 -> Lambda -> one EC2 worker per object) "
+        description="Deploy the awsfun pipeline (S3 -> SQS -> Lambda -> one EC2 worker per "
+                    "object, at most --max-workers at once) "
                     "with least-privilege IAM, show its status, or tear it down. Uses your "
                     "usual AWS settings: AWS_PROFILE, AWS_REGION/AWS_DEFAULT_REGION, "
                     "AWS_ENDPOINT_URL.",
