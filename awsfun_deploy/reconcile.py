@@ -101,11 +101,6 @@ def recorded_input(s3, bucket, report):
         return "", ""
 
 
-def recorded_input_etag(s3, bucket, report):
-    """Return the input eTag a report records, "" if it records none, or None if there is no report."""
-    return recorded_input(s3, bucket, report)[0]
-
-
 def settled_state(etag, report_etag, error_etag, interruption=""):
     """Return REPORTED or FAILED when an input needs no worker, else None (pure).
 
@@ -172,11 +167,6 @@ def listed_report(s3, bucket, target, etag, listed):
         return None, ""
     proven = receipted_etag(target, listed, etag)
     return (proven, "") if proven is not None else recorded_input(s3, bucket, target)
-
-
-def listed_report_etag(s3, bucket, target, etag, listed):
-    """Return the input eTag report `target` records, or None if `listed` has no such report."""
-    return listed_report(s3, bucket, target, etag, listed)[0]
 
 
 def live_workers(ec2, bucket):
@@ -361,7 +351,7 @@ def scan_inputs(s3, bucket, skip_substring, live, listing, key_prefix=""):
     for item in (o for o in objects
                  if is_input(o["Key"], skip_substring, key_prefix, o.get("Size"))):
         key, etag = item["Key"], item["ETag"].strip('"')
-        report_etag = listed_report_etag(s3, bucket, AwsS3.report_key(key), etag, listed)
+        report_etag = listed_report(s3, bucket, AwsS3.report_key(key), etag, listed)[0]
         error_etag, interruption = (None, "") if report_etag == etag else listed_report(
             s3, bucket, AwsS3.report_key(key, ".error.json"), etag, listed)
         state = settled_state(etag, report_etag, error_etag, interruption)
