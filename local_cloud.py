@@ -36,6 +36,7 @@ from pathlib import Path
 import AwsS3
 import lambda_function
 import local_forkserver
+from awsfun_deploy.cli import positive_int
 
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / "samples"
@@ -320,7 +321,8 @@ class LocalCloud:
     def deploy(self):
         """Deploy with deploy.sh against the local endpoint and read back what it made."""
         command = ["bash", str(REPO / "deploy.sh"), "--prefix", self.prefix]
-        options = (["--max-workers", str(self.max_workers)] if self.max_workers else []) + \
+        options = (["--max-workers", str(self.max_workers)]
+                   if self.max_workers is not None else []) + \
             (["--spot"] if self.spot else [])
         done = subprocess.run(command + ["deploy"] + options, env=os.environ.copy(),
                               capture_output=True, text=True, check=False)
@@ -1073,7 +1075,7 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
-        sub.add_argument("--workers", type=int, default=None,
+        sub.add_argument("--workers", type=positive_int, default=None,
                          help="machines running at once (default: the number of cores)")
         sub.add_argument("--timeout", type=float, default=600,
                          help="seconds to wait for every report (default 600)")
@@ -1081,7 +1083,7 @@ def build_parser():
                          help="folder the reports are copied to (default ./analysis-out)")
 
     def capacity(sub):
-        sub.add_argument("--max-workers", type=int, default=None, metavar="N",
+        sub.add_argument("--max-workers", type=positive_int, default=None, metavar="N",
                          help="deploy.sh --max-workers: at most N machines at once, the rest "
                               "wait in the events queue (default: deploy's, 16)")
         sub.add_argument("--spot", action="store_true",
@@ -1098,7 +1100,7 @@ def build_parser():
     capacity(run)
     run.set_defaults(func=command_run)
     up = commands.add_parser("up", help="keep a local cloud running for the aws CLI")
-    up.add_argument("--workers", type=int, default=None,
+    up.add_argument("--workers", type=positive_int, default=None,
                     help="machines running at once (default: the number of cores)")
     capacity(up)
     up.set_defaults(func=command_up)

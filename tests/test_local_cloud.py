@@ -247,6 +247,18 @@ def test_run_command_rejects_missing_files(tmp_path):
     assert done.returncode != 0 and "not a file" in done.stderr
 
 
+@pytest.mark.parametrize("option, value", [("--max-workers", "0"), ("--max-workers", "-1"),
+                                           ("--workers", "0")])
+def test_run_refuses_a_count_below_one_in_one_line(tmp_path, option, value):
+    """0 once meant "no cap" silently, and -1 ended in deploy.sh's traceback."""
+    sample = tmp_path / "a.csv"
+    sample.write_text("a\n1\n")
+    done = subprocess.run([sys.executable, str(REPO / "local_cloud.py"), "run", str(sample),
+                           f"{option}={value}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"'{value}': a whole number of workers >= 1" in done.stderr
+
+
 def test_help_lists_the_commands():
     done = subprocess.run([sys.executable, str(REPO / "local_cloud.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
