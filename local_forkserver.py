@@ -69,10 +69,14 @@ def shim_main(socket_path, python, argv):
     # ensure_ascii: argv and the environment may hold undecodable bytes (surrogateescape),
     # which JSON carries as \udcXX escapes and the server gets back unchanged.
     request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
-    socket.send_fds(connection, [len(request).to_bytes(HEADER_BYTES, "big")], [0, 1, 2])
-    connection.sendall(request)
+    # Forward from before the script can start (else a signal then would kill the shim
+    # alone), but held while the request is sent, so that no signal byte splits it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, lambda number, _frame: connection.send(bytes([number])))
+    socket.send_fds(connection, [len(request).to_bytes(HEADER_BYTES, "big")], [0, 1, 2])
+    connection.sendall(request)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     reply = b""
     while not reply.endswith(b"\n"):
         chunk = connection.recv(64)
