@@ -20,7 +20,8 @@ import sys
 
 from awsfun_deploy.core import (  # noqa: F401
     CHANGES, CREATED, Clients, DELETED, DeployError, KEPT, PROPAGATION_TIMEOUT, Progress,
-    UPDATED, _get_or_none, canonical, mismatches, retry_while, tag_list, wait_out_propagation,
+    UPDATED, _get_or_none, canonical, explain_error, mismatches, one_line, retry_while, tag_list,
+    wait_out_propagation,
 )
 from awsfun_deploy.names import (  # noqa: F401
     DEFAULT_INSTANCE_TYPE, STACK_TAG, derive_names, discover_names, resolve_names,

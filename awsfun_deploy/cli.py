@@ -6,11 +6,13 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
-from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError, WaiterError
+from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
 from .core import (
     CREATED, Clients, DELETED, DeployError, GONE, IN_PLACE, Progress, UPDATED, canonical,
+    explain_error, one_line,
 )
 from .names import (
     DEFAULT_INSTANCE_TYPE, DEFAULT_PREFIX, default_launch_template, discover_names, resolve_names,
@@ -173,6 +175,8 @@ def _common_options():
     common.add_argument("--software-bucket", help="software bucket name "
                         "(default: PREFIX-software-ACCOUNT-REGION)")
     common.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    common.add_argument("--debug", action="store_true",
+                        help="on an error, print the traceback as well as the one-line reason")
     return common
 
 
@@ -299,7 +303,11 @@ def build_parser():
 
 
 def main(argv=None, clients=None):
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status.
+
+    An ordinary mistake (profile, region, credentials, session, endpoint, permissions, a
+    bucket name taken: core.explain_error) is one line on stderr and status 2; another AWS
+    refusal or a wait given up is one line and status 1. --debug adds the traceback."""
     argv = command_first(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -310,18 +318,17 @@ def main(argv=None, clients=None):
     try:
         clients = clients or Clients()
         return COMMANDS[args.command]["run"](args, clients)
-    except DeployError as err:
-        print(f"deploy.sh {args.command}: {err}", file=sys.stderr)
-        return 2
-    except (NoCredentialsError, NoRegionError) as err:
-        print(f"deploy.sh {args.command}: {err}; configure AWS credentials and a region "
-              "(AWS_PROFILE or AWS_ACCESS_KEY_ID..., AWS_REGION)", file=sys.stderr)
-        return 2
-    except ClientError as err:
-        error = err.response.get("Error", {})
-        print(f"deploy.sh {args.command}: AWS refused {err.operation_name}: "
-              f"{error.get('Code')} {error.get('Message')}", file=sys.stderr)
-        return 1
-    except WaiterError as err:
-        print(f"deploy.sh {args.command}: gave up waiting: {err}", file=sys.stderr)
-        return 1
+    except WaiterError as err:  # a BotoCoreError, but not the caller's settings
+        failure, status, line = err, 1, f"gave up waiting: {one_line(err)}"
+    except (DeployError, BotoCoreError, ClientError) as err:
+        failure = err
+        explained = explain_error(err)
+        if explained is None:  # an AWS refusal that is not the caller's settings
+            error = err.response.get("Error", {}) if isinstance(err, ClientError) else {}
+            explained = 1, (f"AWS refused {getattr(err, 'operation_name', '?')}: "
+                            f"{error.get('Code')} {one_line(error.get('Message') or '')}")
+        status, line = explained
+    if args.debug:
+        traceback.print_exception(type(failure), failure, failure.__traceback__, file=sys.stderr)
+    print(f"deploy.sh {args.command}: {line}", file=sys.stderr)
+    return status

@@ -10,8 +10,9 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
+from botocore import exceptions as botocore_errors
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 logger = logging.getLogger("awsfun.deploy")
 CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 8})
@@ -38,9 +39,100 @@ def error_code(err):
 
 
 def log_client_error(err, doing):
-    """Log a ClientError's code and message with what we were doing (the caller re-raises)."""
+    """Log a ClientError's code and message with what we were doing (the caller re-raises).
+
+    A refusal of the caller's credentials (expired, rejected, denied) is logged only as a
+    diagnostic: `explain_error` turns it into the one line a person reads."""
     error = err.response.get("Error", {})
-    logger.error("%s failed: %s %s", doing, error.get("Code"), error.get("Message"))
+    level = logging.DEBUG if error_code(err) in CREDENTIAL_CODES else logging.ERROR
+    logger.log(level, "%s failed: %s %s", doing, error.get("Code"), error.get("Message"))
+
+
+# --- ordinary mistakes, each as one line that says what to do -----------------------------
+
+# The codes AWS gives an expired session: STS and most JSON services "ExpiredToken" /
+# "ExpiredTokenException", EC2 "RequestExpired" (EC2 API Reference, "Common client error
+# codes": "the request reached the service more than 15 minutes after the date stamp ... or
+# the request expiration date (such as for pre-signed URLs) has passed").
+EXPIRED_CODES = {"ExpiredToken", "ExpiredTokenException", "RequestExpired", "TokenRefreshRequired"}
+# Credentials the service does not know or cannot verify (wrong key, a secret that does not
+# match, a key made in another partition).
+REJECTED_CODES = {"InvalidClientTokenId", "UnrecognizedClientException", "InvalidAccessKeyId",
+                  "SignatureDoesNotMatch", "AuthFailure", "InvalidToken"}
+# Known credentials without the permission: IAM/S3 "AccessDenied", JSON services
+# "AccessDeniedException", EC2 "UnauthorizedOperation", S3's bare HEAD "403".
+DENIED_CODES = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "403",
+                "Forbidden"}
+CREDENTIAL_CODES = EXPIRED_CODES | REJECTED_CODES | DENIED_CODES
+# botocore's failures to get or refresh a session (SSO, a credential process, `aws login`):
+# each means "log in again". LoginError is only in botocore releases from 2025 on.
+REFRESH_ERRORS = tuple(getattr(botocore_errors, name) for name in (
+    "TokenRetrievalError", "SSOError", "CredentialRetrievalError", "RefreshWithMFAUnsupportedError",
+    "LoginError") if hasattr(botocore_errors, name))
+UNREACHABLE_ERRORS = (botocore_errors.EndpointConnectionError,
+                      botocore_errors.ConnectTimeoutError, botocore_errors.ReadTimeoutError,
+                      botocore_errors.ConnectionClosedError, botocore_errors.SSLError,
+                      botocore_errors.ProxyConnectionError)
+LOGIN_AGAIN = ("log in again (`aws sso login --profile P`, or fresh temporary credentials) "
+               "and re-run")
+
+
+def one_line(text, limit=300):
+    """Return text on one line: runs of white space (line feeds included) as one space, other
+    control characters escaped, cut to `limit` characters (pure)."""
+    flat = " ".join(str(text).split())
+    flat = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in flat)
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def explain_error(err):
+    """Return (exit status, one line saying what went wrong and what to do) for an ordinary
+    mistake in the caller's AWS settings or permissions, or None for anything else (pure).
+
+    Status 2: the person has to change something before a re-run can work (profile,
+    region, credentials, session, endpoint, permissions), as for a DeployError."""
+    if isinstance(err, DeployError):
+        return 2, str(err)
+    if isinstance(err, botocore_errors.ProfileNotFound):
+        return 2, (f"{one_line(err)}: `aws configure list-profiles` shows the profiles you have; "
+                   "set AWS_PROFILE to one of them, or unset it")
+    if isinstance(err, botocore_errors.NoRegionError):
+        return 2, ("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION, or a region in your "
+                   "AWS profile")
+    if isinstance(err, botocore_errors.NoCredentialsError):
+        return 2, ("no AWS credentials found: run `aws configure` or `aws sso login`, or set "
+                   "AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if isinstance(err, botocore_errors.PartialCredentialsError):
+        return 2, (f"{one_line(err)}: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                   "(and AWS_SESSION_TOKEN for temporary ones), or neither")
+    if REFRESH_ERRORS and isinstance(err, REFRESH_ERRORS):
+        return 2, f"the AWS session could not be refreshed ({one_line(err, 160)}): {LOGIN_AGAIN}"
+    if isinstance(err, UNREACHABLE_ERRORS):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        hint = (f"is AWS_ENDPOINT_URL={endpoint} right, and is that server up?" if endpoint
+                else "check the network (and a proxy, HTTPS_PROXY) and the region")
+        return 2, f"{one_line(err, 160)}: {hint}"
+    if isinstance(err, ClientError):
+        code = error_code(err)
+        said = one_line(err.response.get("Error", {}).get("Message") or "", 200)
+        refused = f"AWS refused {err.operation_name} ({code}{': ' + said if said else ''})"
+        if code in EXPIRED_CODES:
+            return 2, f"{refused}: the session has expired; {LOGIN_AGAIN}"
+        if code in REJECTED_CODES:
+            return 2, (f"{refused}: AWS does not accept these credentials; check "
+                       "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (`aws sts "
+                       "get-caller-identity` tells which are used)")
+        if code in DENIED_CODES:
+            return 2, (f"{refused}: these credentials lack a permission; attach the policy "
+                       "`./deploy.sh deployer-policy` prints to the user or role you run as")
+        return None
+    if isinstance(err, BotoCoreError):
+        # Anything else botocore raises before a request (a malformed config file, an
+        # invalid region name): its own message is the clearest.
+        return 2, (f"{one_line(err)}: check your AWS settings (AWS_PROFILE, AWS_REGION, "
+                   "AWS_ENDPOINT_URL, ~/.aws/config)")
+    return None
 
 
 def is_not_found(err):
