@@ -23,7 +23,7 @@ from .policies import policy_values, render_policy
 from .routes import check_routing_table, load_routes_file, uses_spot
 from .reconcile import reconcile
 from .stack import deploy, teardown
-from .status import collect_status, print_status
+from .status import READ_LIMIT, collect_status, print_status
 
 
 def confirm(question, stdin=None, stream=None):
@@ -59,7 +59,7 @@ def run_status(args, clients):
     names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
     status = collect_status(clients, names, instance_type=args.instance_type,
-                            routes_file=args.routes)
+                            routes_file=args.routes, read_limit=args.read)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
@@ -201,6 +201,13 @@ def positive_int(text):
     return int(text)
 
 
+def non_negative_int(text):
+    """argparse type of status --read: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number >= 0")
+    return int(text)
+
+
 def _deploy_options(parser):
     parser.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
                         help="worker instance type (default: %(default)s)")
@@ -224,6 +231,12 @@ def _deploy_options(parser):
 
 def _status_options(parser):
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--read", type=non_negative_int, default=READ_LIMIT, metavar="N",
+                        help="read the newest N error reports (for their stage and reason) "
+                             "and the newest N reports (for their format); each is one S3 "
+                             "GET request, so a large N costs time and requests. Counts by "
+                             "status come from the listing and cover every report "
+                             "(default: %(default)s)")
     parser.add_argument("--instance-type", default=None,
                         help="report drift against this instance type (default: the deployed one)")
     _routes_option(parser)
@@ -254,7 +267,8 @@ def _deployer_policy_options(parser):
     _routes_option(parser)
 add_command("deploy", run_deploy, "create or update everything (the default; safe to re-run)",
             _deploy_options)
-add_command("status", run_status, "show names, running workers, reports, dead letters, drift",
+add_command("status", run_status, "show names, running workers, reports counted by status and "
+            "format, each error report's stage and reason, dead letters, drift",
             _status_options)
 add_command("reconcile", run_reconcile,
             "launch every input with no report, error report or running worker; replay the "
@@ -267,7 +281,8 @@ add_command("deployer-policy", run_deployer_policy,
             _deployer_policy_options)
 # Options that take a value, so a value that happens to be a command name stays a value.
 VALUE_OPTIONS = ("--prefix", "--data-bucket", "--software-bucket", "--instance-type",
-                 "--routes", "--key-prefix", "--max-workers", "--subnets", "--security-groups")
+                 "--routes", "--key-prefix", "--max-workers", "--subnets", "--security-groups",
+                 "--read")
 
 
 def command_first(argv):

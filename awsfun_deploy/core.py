@@ -80,10 +80,25 @@ LOGIN_AGAIN = ("log in again (`aws sso login --profile P`, or fresh temporary cr
 def one_line(text, limit=300):
     """Return text on one line: runs of white space (line feeds included) as one space, other
     control characters escaped, cut to `limit` characters (pure)."""
-    flat = " ".join(str(text).split())
-    flat = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in flat)
+    flat = escaped(" ".join(str(text).split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def escaped(text):
+    """Return text with every character a terminal would act on (line feed, tab, escape,
+    other controls) written as a Python escape, the rest as it is (pure): S3 keys may hold
+    any of them, and a listing must show one key on one line as it is."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in str(text))
+
+
+def middle_cut(text, width):
+    """Return text cut to `width` characters by an ellipsis in the middle, so both its
+    start (the folder) and its end (R1/R2, the suffix) still tell it apart (pure)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
 def explain_error(err):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-from .core import DeployError, mismatches
+from botocore.exceptions import ClientError
+
+from .core import DeployError, escaped, is_not_found, middle_cut, mismatches, one_line
 from .names import DEFAULT_INSTANCE_TYPE
 from .artifacts import (
     PUBLISHED_FILES, ROUTES_FILE, build_function_zip, code_sha256, file_sha256, software_sources,
@@ -46,19 +51,96 @@ def input_key_of(report_key):
     return key
 
 
-def recent_reports(s3, bucket, limit=10, scan_limit=10000):
-    """Return (reports, error reports, how many listed): the newest under analysis/."""
+# How many reports, and how many error reports, status reads by default (--read): each is one
+# S3 GET. The listing (one request per 1,000 keys) counts them all for nothing more.
+READ_LIMIT = 100
+LISTING_LIMIT = 10000
+READ_THREADS = 8  # below botocore's 10 pooled connections a client keeps
+
+
+def read_report(s3, bucket, key):
+    """Return the JSON document at `key`, None when it is gone, {"unreadable": why} when it
+    is not a JSON object (one GET)."""
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        raise
+    try:
+        document = json.loads(body)
+    except ValueError as err:
+        return {"unreadable": f"not JSON: {err}"}
+    return document if isinstance(document, dict) else {"unreadable": "not a JSON object"}
+
+
+def error_reason(document):
+    """Return {"stage", "reason", "error_code"} of an error report (pure).
+
+    The worker writes status "error", stage, error ("Code: message") and error_code
+    (AwsS3.error_report); the launcher and bootstrap.sh write stage, error and exit_code."""
+    document = document or {}
+    if "unreadable" in document:
+        return {"stage": "?", "reason": f"error report unreadable ({document['unreadable']})",
+                "error_code": None}
+    code = document.get("error_code")
+    if code is None and document.get("exit_code") is not None:
+        code = f"exit {document['exit_code']}"
+    return {"stage": str(document.get("stage") or "?"),
+            "reason": str(document.get("error") or "no reason given"),
+            "error_code": None if code is None else str(code)}
+
+
+def report_format(document):
+    """Return a report's format as the worker wrote it ("fastq", "vcf", "csv", ...), or "?"."""
+    value = (document or {}).get("format")
+    return value if isinstance(value, str) and value else "?"
+
+
+def most_first(counter):
+    """Return a Counter as a dict, largest count first, ties by name (pure, stable output)."""
+    return dict(sorted(counter.items(), key=lambda item: (-item[1], item[0])))
+
+
+def read_reports(s3, bucket, read_limit=READ_LIMIT, scan_limit=LISTING_LIMIT, recent=10):
+    """Count the reports under analysis/ by status (all listed) and read the newest
+    `read_limit` of each kind: error reports for their stage and reason, reports for their
+    format. Returns the JSON-ready summary `status` shows, with the `recent` newest reports.
+    Costs the listing plus at most 2 x read_limit GETs, made READ_THREADS at a time."""
     objects = list_keys(s3, bucket, prefix="analysis/", limit=scan_limit)
     objects.sort(key=lambda o: o["LastModified"], reverse=True)
-
-    def entry(obj):
-        return {"key": obj["Key"], "input_key": input_key_of(obj["Key"]),
-                "last_modified": _iso(obj["LastModified"]), "size": obj["Size"]}
-
-    errors = [entry(o) for o in objects if o["Key"].endswith(".error.json")][:limit]
-    reports = [entry(o) for o in objects
-               if o["Key"].endswith(".json") and not o["Key"].endswith(".error.json")][:limit]
-    return reports, errors, len(objects)
+    errors = [o for o in objects if o["Key"].endswith(".error.json")]
+    reports = [o for o in objects
+               if o["Key"].endswith(".json") and not o["Key"].endswith(".error.json")]
+    to_read = errors[:read_limit] + reports[:read_limit]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        documents = dict(zip([o["Key"] for o in to_read],
+                             pool.map(lambda o: read_report(s3, bucket, o["Key"]), to_read)))
+    entries = []
+    for obj in errors[:read_limit]:
+        document = documents[obj["Key"]]
+        if document is None:  # replaced by a report since the listing
+            continue
+        source = document.get("input") if isinstance(document.get("input"), dict) else {}
+        entries.append({"key": obj["Key"], "last_modified": _iso(obj["LastModified"]),
+                        "input_key": source.get("key") or input_key_of(obj["Key"]),
+                        **error_reason(document)})
+    formats = Counter(report_format(documents[o["Key"]]) for o in reports[:read_limit]
+                      if documents[o["Key"]] is not None)
+    return {
+        "recent": [{"key": o["Key"], "input_key": input_key_of(o["Key"]),
+                    "last_modified": _iso(o["LastModified"]), "size": o["Size"]}
+                   for o in reports[:recent]],
+        "listed": len(objects),
+        "listing_complete": len(objects) < scan_limit,
+        "by_status": {"report": len(reports), "error": len(errors)},
+        "read_limit": read_limit,
+        "formats_read": sum(formats.values()),
+        "by_format": most_first(formats),
+        "errors_read": len(entries),
+        "errors_by_stage": most_first(Counter(entry["stage"] for entry in entries)),
+        "errors": entries,
+    }
 
 
 def routed_templates(ec2, names, instance_type=None, routes_file=ROUTES_FILE):
@@ -210,8 +292,10 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
     return drift
 
 
-def collect_status(clients, names, now=None, instance_type=None, routes_file=ROUTES_FILE):
-    """Return the deployment's status as one JSON-ready dict (see `status --json`)."""
+def collect_status(clients, names, now=None, instance_type=None, routes_file=ROUTES_FILE,
+                   read_limit=READ_LIMIT):
+    """Return the deployment's status as one JSON-ready dict (see `status --json`); reads at
+    most `read_limit` reports and as many error reports (read_reports)."""
     now = now or datetime.now(timezone.utc)
     s3, ec2, lam, sqs = clients("s3"), clients("ec2"), clients("lambda"), clients("sqs")
     templates, _, _ = routed_templates(ec2, names, instance_type, routes_file)
@@ -225,10 +309,12 @@ def collect_status(clients, names, now=None, instance_type=None, routes_file=ROU
         worker["age_seconds"] = int((now - worker["launch_time"]).total_seconds())
         worker["launch_time"] = _iso(worker["launch_time"])
         workers.append(worker)
-    reports, errors, listed = [], [], 0
+    reports, errors, listed, read = [], [], 0, None
     counts, ended = input_status(clients, names)
     if bucket_exists(s3, names.data_bucket, names.account):
-        reports, errors, listed = recent_reports(s3, names.data_bucket)
+        read = read_reports(s3, names.data_bucket, read_limit)
+        # The newest reports; each error report with its reason, newest first (up to read_limit).
+        reports, errors, listed = read["recent"], read["errors"], read["listed"]
     policy = (read_bucket_policy(s3, names.software_bucket)
               if bucket_exists(s3, names.software_bucket, names.account) else None)
     return {
@@ -266,6 +352,8 @@ def collect_status(clients, names, now=None, instance_type=None, routes_file=ROU
         "reports": reports,
         "error_reports": errors,
         "analysis_objects_listed": listed,
+        "report_counts": {key: value for key, value in (read or {}).items()
+                          if key not in ("errors", "recent")},
         "counts": counts,
         "ended_without_report": ended,
         "drift": find_drift(clients, names, instance_type, routes_file),
@@ -287,6 +375,45 @@ def _age(seconds):
     minutes, seconds = divmod(max(0, seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+KEY_WIDTH = 60
+REASON_WIDTH = 100
+
+
+def shown_key(key, width=KEY_WIDTH):
+    """Return a key as one short line: control characters escaped, the middle cut (pure)."""
+    return middle_cut(escaped(key), width)
+
+
+def error_line(entry):
+    """Return one error report as one line: time, input key, stage: reason (pure)."""
+    return (f"  {entry['last_modified']}  {shown_key(entry['input_key'])}  "
+            f"{one_line(entry['stage'], 20)}: {one_line(entry['reason'], REASON_WIDTH)}")
+
+
+def _tally(counts):
+    return ", ".join(f"{escaped(name)} {count}" for name, count in counts.items()) or "none"
+
+
+def report_count_lines(counts):
+    """Return the lines counting reports by status and format and error reports by stage,
+    saying how many were read when not all were (pure)."""
+    if not counts:
+        return []
+    by_status = counts["by_status"]
+    listed = "" if counts["listing_complete"] else f" (in the first {counts['listed']:,} " \
+        "objects listed under analysis/)"
+    lines = [f"reports: {by_status['report']}, error reports: {by_status['error']}{listed}"]
+    if by_status["report"]:
+        read = ("all read" if counts["formats_read"] == by_status["report"]
+                else f"newest {counts['formats_read']} read; --read N for more")
+        lines.append(f"  by format ({read}): {_tally(counts['by_format'])}")
+    if by_status["error"]:
+        read = ("all read" if counts["errors_read"] == by_status["error"]
+                else f"newest {counts['errors_read']} read; --read N for more")
+        lines.append(f"error reports by stage ({read}): {_tally(counts['errors_by_stage'])}")
+    return lines
 
 
 def print_status(status, stream=None):
@@ -328,11 +455,13 @@ def print_status(status, stream=None):
         say(f"workers ended without a report: {len(ended)} (EC2's StateReason; StateTransitionReason)")
         for worker in ended:
             say(f"  {worker['instance_id']}  {ended_detail(worker)}")
-    for title, entries in (("last reports", status["reports"]),
-                           ("last error reports", status["error_reports"])):
-        say(f"{title}: {len(entries)}")
-        for entry in entries:
-            say(f"  {entry['last_modified']}  {entry['key']}")
+    say(f"last reports: {len(status['reports'])}")
+    for entry in status["reports"]:
+        say(f"  {entry['last_modified']}  {shown_key(entry['key'])}")
+    for line in report_count_lines(status.get("report_counts") or {}):
+        say(line)
+    for entry in status["error_reports"]:
+        say(error_line(entry))
     if status["drift"]:
         say(f"drift: {len(status['drift'])} (./deploy.sh deploy puts it right)")
         for item in status["drift"]:

@@ -1,6 +1,7 @@
 """The IAM documents in iam/: every one renders completely and lints clean with parliament."""
 
 import json
+import logging
 
 import boto3
 import pytest
@@ -362,16 +363,22 @@ def test_the_default_ebs_key_is_read_from_ec2_and_kms(answer, key_manager, expec
 
 def test_a_local_endpoint_that_cannot_answer_for_the_default_ebs_key_means_aws_ebs(monkeypatch,
                                                                                    caplog):
-    """moto does not implement GetEbsDefaultKmsKeyId (its server answers unparseably): with
-    AWS_ENDPOINT_URL set that reads as the AWS-managed key, with a warning; against AWS the
-    same failure is raised."""
+    """moto does not implement GetEbsDefaultKmsKeyId (its server answers with an HTML 500
+    page): with AWS_ENDPOINT_URL set that reads as the AWS-managed key, said in one short
+    line at INFO (status on the local cloud printed the whole page as a warning); against
+    AWS the same failure is raised."""
     class Unparseable:
         def get_ebs_default_kms_key_id(self):
-            raise ResponseParserError("Unable to parse response")
+            raise ResponseParserError(
+                "Unable to parse response (syntax error: line 1, column 0), invalid XML "
+                "received:\nb'<!doctype html>\n<title>500 Internal Server Error</title>'")
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")
-    assert ec2_module.default_ebs_key(Unparseable(), kms=None) is None
-    assert "GetEbsDefaultKmsKeyId" in caplog.text
+    with caplog.at_level(logging.INFO, logger="awsfun.deploy"):
+        assert ec2_module.default_ebs_key(Unparseable(), kms=None) is None
+    assert [(record.levelno, record.getMessage()) for record in caplog.records] == [
+        (logging.INFO, ("http://127.0.0.1:5000 does not implement GetEbsDefaultKmsKeyId "
+                        "(HTTP 500); taking the AWS-managed aws/ebs key"))]
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     with pytest.raises(ResponseParserError):
         ec2_module.default_ebs_key(Unparseable(), kms=None)

@@ -167,3 +167,81 @@ def test_status_and_reconcile_name_ec2s_reason_for_each_worker_that_ended_withou
     assert sorted(entry["key"] for entry in result["launched"]) == ["kms.csv", "old.csv",
                                                                    "spot.csv"]
     assert "3 workers ended without a report" in deploy.reconcile_summary(result)
+
+
+# --- error reports with their reasons, reports counted by status and format ------------------
+
+def test_status_gives_each_error_reports_stage_and_reason_and_counts_by_format(
+        clients, names, capsys):
+    """status reads the newest --read N error reports (each one GET) for stage and reason,
+    and as many reports for their format; the counts by status are the listing's, all of
+    them. Keys are shown escaped, so a tab or an escape sequence cannot bend the line."""
+    s3 = clients("s3")
+    bucket = names.data_bucket
+    s3.create_bucket(Bucket=bucket)
+
+    def put(key, document):
+        body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+    # As AwsS3.error_report writes it, as bootstrap.sh does, and one that is not JSON.
+    put("analysis/runs/tab\there.csv.error.json", {
+        "input": {"bucket": bucket, "key": "runs/tab\there.csv", "etag": "x"},
+        "status": "error", "stage": "analyse",
+        "error": "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 7",
+        "error_code": "UnicodeDecodeError", "written_by": "worker"})
+    put("analysis/big.vcf.gz.error.json", {
+        "input": {"bucket": bucket, "key": "big.vcf.gz", "etag": "y"}, "status": "error",
+        "stage": "timeout", "error": "the worker ran past its deadline\nand was stopped",
+        "exit_code": 124, "written_by": "bootstrap"})
+    put("analysis/odd.csv.error.json", b"{not json")
+    for name, fmt in (("a.fastq.gz", "fastq"), ("b.fastq.gz", "fastq"), ("c.vcf", "vcf")):
+        put(f"analysis/{name}.json", {"format": fmt, "lines": 4})
+    put("analysis/_receipts/0123", b"receipt")  # not a report
+
+    assert deploy.main(["status", "--read", "2"], clients=clients) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "reports: 3, error reports: 3" in out
+    assert [line for line in out if line.startswith("  by format")] in (
+        ["  by format (newest 2 read; --read N for more): fastq 2"],
+        ["  by format (newest 2 read; --read N for more): fastq 1, vcf 1"])
+    assert any(line.startswith("error reports by stage (newest 2 read; --read N for more): ")
+               for line in out)
+
+    status = deploy.collect_status(clients, names, read_limit=10)
+    counts = status["report_counts"]
+    assert counts["by_status"] == {"report": 3, "error": 3}
+    assert counts["by_format"] == {"fastq": 2, "vcf": 1} and counts["formats_read"] == 3
+    assert counts["errors_by_stage"] == {"analyse": 1, "timeout": 1, "?": 1}
+    reasons = {entry["input_key"]: (entry["stage"], entry["reason"], entry["error_code"])
+               for entry in status["error_reports"]}
+    assert reasons == {
+        "runs/tab\there.csv": ("analyse", ("UnicodeDecodeError: 'utf-8' codec can't decode "
+                                "byte 0xff in position 7"), "UnicodeDecodeError"),
+        "big.vcf.gz": ("timeout", "the worker ran past its deadline\nand was stopped",
+                       "exit 124"),
+        "odd.csv": ("?", ("error report unreadable (not JSON: Expecting property name "
+                     "enclosed in double quotes: line 1 column 2 (char 1))"), None)}
+
+    printed = io.StringIO()
+    deploy.print_status(status, printed)
+    lines = printed.getvalue().splitlines()
+    assert "error reports by stage (all read): ? 1, analyse 1, timeout 1" in lines
+    tab = [line for line in lines if "tab\\there.csv" in line]
+    assert len(tab) == 1 and tab[0].endswith(
+        "  runs/tab\\there.csv  analyse: UnicodeDecodeError: 'utf-8' codec can't decode byte "
+        "0xff in position 7")
+    assert any(line.endswith("  big.vcf.gz  timeout: the worker ran past its deadline and "
+                             "was stopped") for line in lines)
+
+
+def test_an_error_line_is_one_short_line_whatever_the_key_and_reason():
+    from awsfun_deploy.status import KEY_WIDTH, error_line
+
+    key = "runs/" + "deep/" * 30 + "sample\n\x1b[2J_R2.fastq.gz"
+    line = error_line({"last_modified": "2026-12-01T00:00:00Z", "input_key": key,
+                       "stage": "analyse", "reason": "x\r\n" * 200})
+    assert "\n" not in line and "\x1b" not in line and "\r" not in line
+    assert len(line) <= 2 + 20 + 2 + KEY_WIDTH + 2 + len("analyse: ") + 100
+    # The cut keeps the key's start and its distinguishing end.
+    assert "  runs/deep/" in line and "\\x1b[2J_R2.fastq.gz  analyse: x x x" in line
