@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ import AwsS3
 import lambda_function
 import local_forkserver
 from awsfun_deploy.cli import positive_int
+from awsfun_deploy.core import escaped, middle_cut
 
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / "samples"
@@ -204,6 +206,9 @@ class LocalCloud:
         self.lock = threading.Lock()
         self.clients = {}
         self.saved_environ = None
+        # say(text): tells the person what start-up is doing (the commands: a line on
+        # stderr); tests keep it quiet.
+        self.say = lambda text: None
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -221,6 +226,7 @@ class LocalCloud:
         # quiets it further for a person at a terminal.
         if logging.getLogger("werkzeug").level == logging.NOTSET:
             logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.say("starting the local AWS (a moto server on a loopback port)")
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
@@ -236,6 +242,7 @@ class LocalCloud:
         os.environ.update(local_environment(self.endpoint))
         lambda_function._clients.clear()  # a warm container's clients would reach the old endpoint
         try:
+            self.say(f"deploying the stack with deploy.sh --prefix {self.prefix} to {self.endpoint}")
             self.deploy()
             self.take_over_the_event_source()
         except BaseException:
@@ -245,6 +252,8 @@ class LocalCloud:
         if self.warm_python:
             self.start_forkserver()
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, "machine")
+        self.say(f"ready: data bucket {self.names['data_bucket']}; this computer runs up to "
+                 f"{plural(self.workers, 'machine')} at once")
         for target in (self.pump_events, self.boot_instances):
             thread = threading.Thread(target=target, daemon=True, name=target.__name__)
             thread.start()
@@ -953,20 +962,59 @@ def describe_report(report):
     return f"{comp}{fmt}, {report.get('lines', '?')} lines" + (f", {', '.join(parts)}" if parts else "")
 
 
-def object_key(prefix, path):
-    """Return the data-bucket key a local file is uploaded to."""
-    name = Path(path).name
+def object_key(prefix, path, root=None):
+    """Return the data-bucket key a local file is uploaded to: PREFIX/ then its path below
+    the folder `root` it was found in (so runs/a/R1.fastq.gz and runs/b/R1.fastq.gz stay two
+    inputs), or its name when it was given as a file (pure)."""
+    name = Path(path).relative_to(root).as_posix() if root is not None else Path(path).name
     return f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
 
 
-def process_files(cloud, paths, prefix, timeout):
-    """Upload files through the local cloud and wait for each outcome; return {key: outcome}."""
+def usage_error(text):
+    """End with one line on stderr and status 2, as argparse does for a bad option: the
+    person's input is to change, nothing was started."""
+    print(f"local_cloud.py: {text}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def files_below(folder):
+    """Return the files under `folder`, recursively, sorted, skipping hidden files and
+    folders (a name starting with "."), as `aws s3 sync --exclude '.*'` would be asked to;
+    symbolic links to folders are not followed (os.walk's default), so no loop."""
+    found = []
+    for here, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found += [Path(here) / name for name in sorted(files) if not name.startswith(".")]
+    return found
+
+
+def input_keys(prefix, arguments):
+    """Return {key: path} for FILE and FOLDER arguments (folders recursively, object_key);
+    usage_error when an argument is neither, a folder holds no file, or two
+    files would share a key."""
     keys = {}
-    for path in paths:
-        key = object_key(prefix, path)
-        if key in keys:
-            raise SystemExit(f"two files would share the key {key!r}: {keys[key]} and {path}")
-        keys[key] = path
+    missing = [str(a) for a in arguments if not Path(a).is_file() and not Path(a).is_dir()]
+    if missing:
+        usage_error(f"not a file or folder: {', '.join(missing)}")
+    for argument in arguments:
+        if Path(argument).is_dir():
+            found = [(path, object_key(prefix, path, argument)) for path in files_below(argument)]
+            if not found:
+                usage_error(f"no file (hidden ones are skipped) in {argument}")
+        else:
+            found = [(Path(argument), object_key(prefix, argument))]
+        for path, key in found:
+            if key in keys:
+                usage_error(f"two files would share the key {key!r}: "
+                                 f"{keys[key]} and {path}")
+            keys[key] = path
+    return keys
+
+
+def process_files(cloud, paths, prefix, timeout):
+    """Upload files (a list of files and folders, or {key: path} from input_keys) through
+    the local cloud and wait for each outcome; return {key: outcome}."""
+    keys = paths if isinstance(paths, dict) else input_keys(prefix, paths)
     for key, path in keys.items():
         cloud.upload(path, key)
     pending = cloud.tracker.wait_for(list(keys), timeout)
@@ -989,10 +1037,31 @@ def save_reports(cloud, keys, out_dir):
     return saved
 
 
+FILE_COLUMN = 40
+
+
+def table_names(keys, width=FILE_COLUMN):
+    """Return {key: how the table shows it}: escaped, cut in the middle to `width` (the
+    folder's start and the name's end, R1/R2 and the suffix, both stay), and shown whole
+    wherever a cut would make two keys look the same (pure)."""
+    shown = {key: middle_cut(escaped(key), width) for key in keys}
+    seen = {}
+    for name in shown.values():
+        seen[name] = seen.get(name, 0) + 1
+    return {key: name if seen[name] == 1 else escaped(key) for key, name in shown.items()}
+
+
+def plural(count, noun, nouns=None):
+    """Return "1 file", "2 files" (pure)."""
+    return f"{count:,} {noun if count == 1 else (nouns or noun + 's')}"
+
+
 def print_table(cloud, outcomes):
     """Print one row per file: outcome, timings and the report's summary."""
-    print(f"\n{'file':<40} {'outcome':<8} {'upload':>7} {'launch':>7} {'worker':>7} {'total':>7}"
-          "  summary")
+    names = table_names(outcomes)
+    width = max([FILE_COLUMN] + [len(name) for name in names.values()])
+    print(f"\n{'file':<{width}} {'outcome':<8} {'upload':>7} {'launch':>7} {'worker':>7} "
+          f"{'total':>7}  summary")
     for key, outcome in outcomes.items():
         stages = cloud.tracker.files.get(key, {}).get("stages", {})
         up = stages.get("uploaded", 0.0)
@@ -1003,8 +1072,8 @@ def print_table(cloud, outcomes):
         # worker: the user-data's whole run, the report's upload included.
         worker = end - stages.get("running", end)
         detail = cloud.tracker.files.get(key, {}).get("detail", "")
-        print(f"{key[:40]:<40} {outcome or '?':<8} {upload:6.2f}s {launch:6.2f}s {worker:6.2f}s "
-              f"{upload + end - up:6.2f}s  {detail}")
+        print(f"{names[key]:<{width}} {outcome or '?':<8} {upload:6.2f}s {launch:6.2f}s "
+              f"{worker:6.2f}s {upload + end - up:6.2f}s  {escaped(detail)}")
 
 
 def finish(cloud, outcomes, out_dir):
@@ -1013,48 +1082,103 @@ def finish(cloud, outcomes, out_dir):
     still_running = cloud.wait_idle()
     print_table(cloud, outcomes)
     failed = [key for key, outcome in outcomes.items() if outcome != "report"]
-    print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} files reported; "
-          f"{len(saved)} reports saved to {out_dir}; machines still running: {len(still_running)}")
+    print(f"\n{len(outcomes) - len(failed)} of {plural(len(outcomes), 'file')} reported; "
+          f"{plural(len(saved), 'report')} saved to {out_dir}; machines still running: "
+          f"{len(still_running)}")
     return 1 if failed or still_running else 0
 
 
+def say(text):
+    """Print one start-up or progress line for the person, on stderr (stdout keeps the table)."""
+    print(f"local_cloud.py: {text}", file=sys.stderr, flush=True)
+
+
+def check_inputs(keys):
+    """usage_error when the handler would skip a key (it contains
+    SKIP_SUBSTRING, the reports' "analysis": should_process), so nothing would come back."""
+    skip = lambda_function.DEFAULTS["SKIP_SUBSTRING"]
+    skipped = [key for key in keys if skip in key]
+    if skipped:
+        usage_error(f"the pipeline skips keys containing {skip!r} (its "
+                         f"reports' folder): {escaped(skipped[0])}"
+                         + (f" and {len(skipped) - 1} more" if len(skipped) > 1 else "")
+                         + "; rename the folder or choose another --prefix")
+
+
+def check_out(out):
+    """usage_error when --out cannot be the reports' folder (a file is in the
+    way, or the nearest existing folder above it is not writable)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        usage_error(f"--out {out}: a file, not a folder")
+    existing = next(parent for parent in [path, *path.absolute().parents] if parent.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        usage_error(f"--out {out}: cannot write in {existing}")
+
+
+def start_cloud(args, **options):
+    """Return a LocalCloud for a command's options that tells the person what it is doing."""
+    cloud = LocalCloud(workers=args.workers, **options)
+    cloud.say = say
+    return cloud
+
+
 def command_run(args):
-    """`run`: process the given files."""
-    missing = [p for p in args.files if not Path(p).is_file()]
-    if missing:
-        raise SystemExit(f"not a file: {', '.join(missing)}")
-    with LocalCloud(workers=args.workers, tracker=Tracker(quiet=args.quiet),
-                    max_workers=args.max_workers, spot=args.spot) as cloud:
-        outcomes = process_files(cloud, args.files, args.prefix, args.timeout)
+    """`run`: process the given files and folders."""
+    keys = input_keys(args.prefix, args.files)
+    check_inputs(keys)
+    check_out(args.out)
+    with start_cloud(args, tracker=Tracker(quiet=args.quiet), max_workers=args.max_workers,
+                     spot=args.spot) as cloud:
+        say(f"uploading {plural(len(keys), 'file')} to s3://{cloud.names['data_bucket']}/"
+            f"{args.prefix.strip('/')}")
+        outcomes = process_files(cloud, keys, args.prefix, args.timeout)
         return finish(cloud, outcomes, args.out)
 
 
 def command_demo(args):
     """`demo`: process the shipped samples."""
+    check_out(args.out)
     files = sorted(p for p in SAMPLES.iterdir() if p.is_file())
-    print(f"awsfun local demo: {len(files)} sample files, a local stand-in for AWS, no account needed\n")
-    with LocalCloud(workers=args.workers) as cloud:
+    print(f"awsfun local demo: {plural(len(files), 'sample file')}, a local stand-in for AWS, "
+          "no account needed\n")
+    with start_cloud(args) as cloud:
         print(f"deployed locally: data bucket {cloud.names['data_bucket']}, "
               f"launch template {cloud.function_env.get('LAUNCH_TEMPLATE')}\n")
         outcomes = process_files(cloud, files, "demo", args.timeout)
         return finish(cloud, outcomes, args.out)
 
 
+def up_instructions(endpoint, names, prefix, region=REGION):
+    """Return what `up` prints: the names, and commands a person can paste as they are into
+    another shell: the environment the AWS CLI and deploy.sh need for this endpoint, and
+    deploy.sh with the --prefix that finds this stack (pure)."""
+    bucket = names["data_bucket"]
+    environment = " ".join(f"{name}={shlex.quote(value)}" for name, value in (
+        ("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "local"),
+        ("AWS_SECRET_ACCESS_KEY", "local"), ("AWS_DEFAULT_REGION", region)))
+    deploy_sh = shlex.quote(str(REPO / "deploy.sh"))
+    sample = shlex.quote(str(SAMPLES / "calls.vcf"))
+    return f"""local cloud is up (Ctrl-C stops it)
+  endpoint         {endpoint}
+  data bucket      {bucket}
+  software bucket  {names['software_bucket']}
+  Lambda function  {names['function_name']} (run in this process)
+
+In another shell (the AWS CLI, boto3 and deploy.sh read these):
+  unset AWS_PROFILE AWS_SESSION_TOKEN
+  export {environment}
+  aws s3 cp {sample} s3://{bucket}/incoming/calls.vcf
+  aws s3 cp s3://{bucket}/analysis/incoming/calls.vcf.json -
+  {deploy_sh} status --prefix {shlex.quote(prefix)}
+  {deploy_sh} results --prefix {shlex.quote(prefix)}
+"""
+
+
 def command_up(args):
     """`up`: keep the local cloud running until Ctrl-C."""
-    with LocalCloud(workers=args.workers, max_workers=args.max_workers, spot=args.spot) as cloud:
-        bucket = cloud.names["data_bucket"]
-        print(f"""local cloud is up (Ctrl-C stops it)
-  endpoint         {cloud.endpoint}
-  data bucket      {bucket}
-  software bucket  {cloud.names['software_bucket']}
-  Lambda function  {cloud.names['function_name']} (run in this process)
-
-In another shell:
-  export AWS_ENDPOINT_URL={cloud.endpoint} AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_DEFAULT_REGION={REGION}
-  aws s3 cp samples/calls.vcf s3://{bucket}/incoming/calls.vcf
-  aws s3 cp s3://{bucket}/analysis/incoming/calls.vcf.json -
-""", flush=True)
+    with start_cloud(args, max_workers=args.max_workers, spot=args.spot) as cloud:
+        print(up_instructions(cloud.endpoint, cloud.names, cloud.prefix), flush=True)
         try:
             while True:
                 time.sleep(3600)
@@ -1067,6 +1191,17 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def positive_seconds(text):
+    """argparse type of --timeout: a number of seconds > 0 (not nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of seconds > 0")
+    return value
+
+
 def build_parser():
     """Return the command-line parser."""
     parser = argparse.ArgumentParser(
@@ -1077,7 +1212,7 @@ def build_parser():
     def common(sub):
         sub.add_argument("--workers", type=positive_int, default=None,
                          help="machines running at once (default: the number of cores)")
-        sub.add_argument("--timeout", type=float, default=600,
+        sub.add_argument("--timeout", type=positive_seconds, default=600,
                          help="seconds to wait for every report (default 600)")
         sub.add_argument("--out", default="analysis-out",
                          help="folder the reports are copied to (default ./analysis-out)")
@@ -1092,8 +1227,11 @@ def build_parser():
     demo = commands.add_parser("demo", help="process the sample files in samples/")
     common(demo)
     demo.set_defaults(func=command_demo)
-    run = commands.add_parser("run", help="process FILE... and copy their reports to --out")
-    run.add_argument("files", nargs="+", metavar="FILE")
+    run = commands.add_parser("run", help="process files and folders (recursively, hidden "
+                              "files skipped) and copy their reports to --out")
+    run.add_argument("files", nargs="+", metavar="FILE_OR_FOLDER",
+                     help="a file (key: PREFIX/NAME) or a folder (keys: PREFIX/ its files' "
+                          "paths below it)")
     run.add_argument("--prefix", default="incoming", help="key prefix in the data bucket")
     run.add_argument("--quiet", action="store_true", help="only the summary table")
     common(run)

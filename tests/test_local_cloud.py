@@ -393,3 +393,108 @@ def test_a_repeated_event_and_a_reupload_after_a_failed_job(cloud, tmp_path):
         attributes = cloud.client("sqs").get_queue_attributes(
             QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
         assert attributes["ApproximateNumberOfMessages"] == "0"
+
+
+# --- friendliness: folders, options checked before start-up, rows told apart, `up` --------
+
+
+def test_run_takes_folders_recursively_and_keeps_relative_paths_in_the_keys(tmp_path):
+    """Two R1.fastq.gz in different folders are two inputs; hidden files and folders are
+    skipped; a file given as such keeps its name only."""
+    runs = tmp_path / "runs"
+    for relative in ("a/R1.fastq.gz", "b/R1.fastq.gz", "b/R2.fastq.gz", "b/deep/x y.csv",
+                     "b/.DS_Store", ".git/config", ".hidden.csv"):
+        (runs / relative).parent.mkdir(parents=True, exist_ok=True)
+        (runs / relative).write_text("x\n")
+    single = tmp_path / "single.vcf"
+    single.write_text("x\n")
+    keys = local_cloud.input_keys("in/", [str(runs), str(single)])
+    assert keys == {"in/a/R1.fastq.gz": runs / "a/R1.fastq.gz",
+                    "in/b/R1.fastq.gz": runs / "b/R1.fastq.gz",
+                    "in/b/R2.fastq.gz": runs / "b/R2.fastq.gz",
+                    "in/b/deep/x y.csv": runs / "b/deep/x y.csv",
+                    "in/single.vcf": single}
+    assert local_cloud.object_key("", runs / "a/R1.fastq.gz", runs) == "a/R1.fastq.gz"
+
+
+def refused(capsys, argv, monkeypatch):
+    """Run local_cloud's command for argv in-process; return its one stderr line. A
+    LocalCloud that starts fails the test: every check comes before start-up."""
+    def no_start(*args, **kwargs):
+        raise AssertionError("the local cloud started before the options were checked")
+
+    monkeypatch.setattr(local_cloud, "LocalCloud", no_start)
+    with pytest.raises(SystemExit) as stopped:
+        args = local_cloud.build_parser().parse_args(argv)
+        args.func(args)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("setup, argv, said", [
+    (None, ["--timeout", "0"], "argument --timeout: '0': a number of seconds > 0"),
+    (None, ["--timeout=-5"], "argument --timeout: '-5': a number of seconds > 0"),
+    (None, ["--timeout", "nan"], "argument --timeout: 'nan': a number of seconds > 0"),
+    (None, ["--workers", "-1"], "'-1': a whole number of workers >= 1"),
+    ("file", ["--out", "{tmp}/taken"], "local_cloud.py: --out {tmp}/taken: a file, not a folder"),
+    ("dup", ["{tmp}/a/R1.fq", "{tmp}/b/R1.fq"], "two files would share the key 'incoming/R1.fq'"),
+    ("empty", ["{tmp}/empty"], "local_cloud.py: no file (hidden ones are skipped) in {tmp}/empty"),
+    (None, ["--prefix", "analysis-2024"], "the pipeline skips keys containing 'analysis'"),
+])
+def test_run_checks_every_option_before_start_up(tmp_path, capsys, monkeypatch, setup, argv,
+                                                  said):
+    sample = tmp_path / "a" / "R1.fq"
+    sample.parent.mkdir()
+    sample.write_text("@r\nA\n+\nI\n")
+    if setup == "file":
+        (tmp_path / "taken").write_text("")
+    elif setup == "dup":
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / "R1.fq").write_text("@r\nA\n+\nI\n")
+    elif setup == "empty":
+        (tmp_path / "empty" / ".cache").mkdir(parents=True)
+    argv = [part.replace("{tmp}", str(tmp_path)) for part in argv]
+    if not any(part.startswith(str(tmp_path)) and not part.endswith("taken") for part in argv):
+        argv.append(str(sample))
+    line = refused(capsys, ["run", *argv], monkeypatch)
+    assert said.replace("{tmp}", str(tmp_path)) in line
+
+
+def test_table_rows_can_be_told_apart():
+    """A cut to the column keeps the start and the distinguishing end (R1/R2); keys that a
+    cut would still make the same are shown whole; control characters are escaped."""
+    deep = "incoming/project-2024-rnaseq/batch-07/lane-3/"
+    keys = [deep + "sample_R1.fastq.gz", deep + "sample_R2.fastq.gz",
+            "x" * 30 + "-first-" + "y" * 30, "x" * 30 + "-other-" + "y" * 30, "tab\there.csv"]
+    names = local_cloud.table_names(keys)
+    assert len(set(names.values())) == len(keys)
+    assert names[keys[0]].startswith("incoming/project")
+    assert names[keys[0]].endswith("sample_R1.fastq.gz") and len(names[keys[0]]) == 40
+    assert names[keys[2]] == keys[2] and names[keys[3]] == keys[3]  # the middle differs
+    assert names["tab\there.csv"] == "tab\\there.csv"
+    assert (local_cloud.plural(1, "worker"), local_cloud.plural(2, "worker"),
+            local_cloud.plural(0, "file")) == ("1 worker", "2 workers", "0 files")
+
+
+def test_up_prints_commands_that_work_pasted_as_they_are(local_aws, tmp_path):
+    """The lines `up` prints, pasted into bash (with an AWS_PROFILE of the person's own that
+    would otherwise win), reach the endpoint with deploy.sh's --prefix: status answers for
+    that prefix, account and region."""
+    names = {"data_bucket": "local-data-123456789012-us-east-1",
+             "software_bucket": "local-software-123456789012-us-east-1",
+             "function_name": "local-launcher"}
+    text = local_cloud.up_instructions(local_aws, names, "lc-2")
+    pasted = [line.strip() for line in text.splitlines()
+              if line.strip().startswith(("unset ", "export ")) or " status --prefix " in line]
+    assert len(pasted) == 3
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("AWS_") or key in ("AWS_CONFIG_FILE",
+                                                    "AWS_SHARED_CREDENTIALS_FILE")}
+    env.update({"AWS_PROFILE": "someone", "PYTHON": sys.executable})
+    done = subprocess.run(["bash", "-c", "\n".join(pasted)], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("awsfun lc-2 in account 123456789012, region us-east-1")
+    assert " results --prefix lc-2\n" in text
