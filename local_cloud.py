@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 
@@ -110,6 +111,10 @@ SHUTDOWN_STUB = """#!/usr/bin/env bash
 IFS=$'\\x1f'
 printf '%s\\n' "$*" >>"$AWSFUN_SHUTDOWN_LOG"
 """
+
+
+class LocalCloudError(RuntimeError):
+    """Start-up cannot go on; the message says what to do (main prints it as it is)."""
 
 
 class Tracker:
@@ -214,8 +219,13 @@ class LocalCloud:
 
     def start(self):
         """Start moto, deploy the stack with deploy.sh, and begin pumping events and booting."""
-        from moto import settings as moto_settings
-        from moto.server import ThreadedMotoServer
+        try:
+            from moto import settings as moto_settings
+            from moto.server import ThreadedMotoServer
+        except ImportError as err:  # only requirements/deploy.txt or results.txt installed
+            self.stop()
+            raise LocalCloudError(f"the local cloud needs moto ({err}): python3 -m pip install "
+                                  f"-r {REPO / 'requirements.txt'}") from err
 
         # On each S3 event moto tries to run the deployed Lambda in Docker, and its first try
         # prints a warning about the Docker host to stdout; ask that (cached) question quietly.
@@ -336,7 +346,8 @@ class LocalCloud:
         done = subprocess.run(command + ["deploy"] + options, env=os.environ.copy(),
                               capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"deploy.sh failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+            raise LocalCloudError(f"deploy.sh failed ({done.returncode}) on the local "
+                                  f"endpoint:\n{done.stdout}{done.stderr}".rstrip())
         logger.debug("deploy.sh said:\n%s", done.stdout)
         status = subprocess.run(command + ["status", "--json"], env=os.environ.copy(),
                                 capture_output=True, text=True, check=True)
@@ -1207,6 +1218,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Run the awsfun pipeline on this machine, with moto standing in for AWS.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the traceback as well as the reason")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
@@ -1224,7 +1237,12 @@ def build_parser():
         sub.add_argument("--spot", action="store_true",
                          help="deploy.sh --spot (the local EC2 never refuses spot)")
 
+    def debug(sub):  # --debug after the command too
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+
     demo = commands.add_parser("demo", help="process the sample files in samples/")
+    debug(demo)
     common(demo)
     demo.set_defaults(func=command_demo)
     run = commands.add_parser("run", help="process files and folders (recursively, hidden "
@@ -1233,11 +1251,13 @@ def build_parser():
                      help="a file (key: PREFIX/NAME) or a folder (keys: PREFIX/ its files' "
                           "paths below it)")
     run.add_argument("--prefix", default="incoming", help="key prefix in the data bucket")
+    debug(run)
     run.add_argument("--quiet", action="store_true", help="only the summary table")
     common(run)
     capacity(run)
     run.set_defaults(func=command_run)
     up = commands.add_parser("up", help="keep a local cloud running for the aws CLI")
+    debug(up)
     up.add_argument("--workers", type=positive_int, default=None,
                     help="machines running at once (default: the number of cores)")
     capacity(up)
@@ -1267,6 +1287,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted; the local cloud is stopped", file=sys.stderr)
         return 130
+    except LocalCloudError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"local_cloud.py: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
