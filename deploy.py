@@ -3,13 +3,17 @@
 
     ./deploy.sh [deploy] [options]     create or update everything; safe to re-run
                                        (--routes FILE: the routing table, default routes.json)
-    ./deploy.sh status [--json]        names, running workers, reports, counts, dead letters, drift
+    ./deploy.sh status [--read N] [--json]
+                                       names, running workers, reports counted by status and
+                                       format, each error report's stage and reason (reads the
+                                       newest N of each: one S3 GET apiece), dead letters, drift
     ./deploy.sh reconcile [--key-prefix K] [--dry-run] [--json]
                                        replay dead letters, launch every unprocessed input
     ./deploy.sh teardown [--yes]       remove what deploy created (data kept unless --delete-data)
     ./deploy.sh deployer-policy        the IAM policy a person needs to run the commands above
 
-Every command takes --prefix P (default su2c), the deployment's name prefix.
+Every command takes --prefix P (default su2c), the deployment's name prefix, and --debug
+(a mistake is one line on stderr, status 2; --debug adds the traceback).
 
 Uses the caller's usual AWS settings (AWS_PROFILE, AWS_REGION / AWS_DEFAULT_REGION,
 AWS_ENDPOINT_URL). Everything is plain boto3 and importable, so the tests drive it

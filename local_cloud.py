@@ -144,7 +144,9 @@ class Tracker:
                 entry["detail"] = detail
             self.changed.notify_all()
         if not self.quiet:
-            print(f"[{elapsed:7.2f}s] {name:<10} {key}{'  ' + detail if detail else ''}", flush=True)
+            # Escaped: a key may hold a tab or an escape sequence; one line per stage.
+            print(f"[{elapsed:7.2f}s] {name:<10} {escaped(key)}"
+                  f"{'  ' + escaped(detail) if detail else ''}", flush=True)
 
     def outcome(self, key):
         """Return 'report', 'error', 'failed' or None while the file is in flight."""
