@@ -449,12 +449,12 @@ def print_status(status, stream=None):
     say(f"running workers: {len(status['workers'])}")
     for worker in status["workers"]:
         say(f"  {worker['instance_id']}  {worker['state']:<8} {_age(worker['age_seconds']):>7}  "
-            f"{worker['key']}")
+            f"{shown_key(worker['key'] or '')}")
     ended = status["ended_without_report"]
     if ended:
         say(f"workers ended without a report: {len(ended)} (EC2's StateReason; StateTransitionReason)")
         for worker in ended:
-            say(f"  {worker['instance_id']}  {ended_detail(worker)}")
+            say(f"  {worker['instance_id']}  {escaped(ended_detail(worker))}")
     say(f"last reports: {len(status['reports'])}")
     for entry in status["reports"]:
         say(f"  {entry['last_modified']}  {shown_key(entry['key'])}")

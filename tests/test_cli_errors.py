@@ -42,7 +42,8 @@ MISTAKES = {
     "half the credentials": ({"AWS_SECRET_ACCESS_KEY": None},
                              ["Partial credentials", "set both AWS_ACCESS_KEY_ID"]),
     # Port 9 (discard) on loopback: nothing listens, the connection is refused at once
-    # (botocore still tries CLIENT_CONFIG's 8 attempts: about 5 s).
+    # (botocore still tries CLIENT_CONFIG's 8 attempts: standard mode's backoff for a
+    # non-throttling error, rand x 50 ms x 2^i, adds at most 6.4 s).
     "endpoint unreachable": ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
                              ["Could not connect", "AWS_ENDPOINT_URL=http://127.0.0.1:9 right"]),
 }
