@@ -12,7 +12,7 @@ import sys
 import types
 
 import pytest
-from botocore.exceptions import TokenRetrievalError
+from botocore.exceptions import TokenRetrievalError, UnauthorizedSSOTokenError
 from conftest import REPO
 
 import deploy
@@ -107,15 +107,30 @@ def test_an_expired_session_says_log_in_again(clients, capsys, service, operatio
                     "the session has expired; log in again (`aws sso login")
 
 
-def test_an_sso_token_that_cannot_be_refreshed_says_log_in_again(clients, capsys):
-    """botocore raises TokenRetrievalError (not a ClientError) when the SSO token is gone."""
+@pytest.mark.parametrize("error, said", [
+    (TokenRetrievalError(provider="sso", error_msg="Token has expired and refresh failed"),
+     "Token has expired and refresh failed"),
+    (UnauthorizedSSOTokenError(), "The SSO session associated with this profile has expired"),
+])
+def test_an_sso_session_that_cannot_be_refreshed_says_log_in_again(clients, capsys, error,
+                                                                   said):
+    """botocore raises these (not a ClientError) when the SSO token is gone or expired."""
     def fail(**_):
-        raise TokenRetrievalError(provider="sso", error_msg="Token has expired and refresh failed")
+        raise error
 
     clients("sts").meta.events.register("before-call.sts.GetCallerIdentity", fail)
     assert deploy.main(["status"], clients=clients) == 2
-    assert_one_line(capsys.readouterr().err, "the AWS session could not be refreshed",
-                    "Token has expired", "log in again")
+    assert_one_line(capsys.readouterr().err, "the AWS session could not be refreshed", said,
+                    "log in again")
+
+
+def test_credentials_aws_does_not_know_say_which_to_check(clients, capsys):
+    """STS answers a key it does not know with InvalidClientTokenId (403)."""
+    answer_with_error(clients("sts"), "GetCallerIdentity", "InvalidClientTokenId",
+                      "The security token included in the request is invalid.", status=403)
+    assert deploy.main(["status"], clients=clients) == 2
+    assert_one_line(capsys.readouterr().err, "(InvalidClientTokenId: ",
+                    "AWS does not accept these credentials", "aws sts get-caller-identity")
 
 
 def test_access_denied_names_the_deployer_policy_and_debug_adds_the_traceback(clients,
