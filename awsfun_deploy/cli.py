@@ -235,8 +235,8 @@ def _status_options(parser):
                         help="read the newest N error reports (for their stage and reason) "
                              "and the newest N reports (for their format); each is one S3 "
                              "GET request, so a large N costs time and requests. Counts by "
-                             "status come from the listing and cover every report "
-                             "(default: %(default)s)")
+                             "status come from the listing of analysis/ (up to 10,000 "
+                             "objects) and need no GET (default: %(default)s)")
     parser.add_argument("--instance-type", default=None,
                         help="report drift against this instance type (default: the deployed one)")
     _routes_option(parser)
