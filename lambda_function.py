@@ -362,8 +362,39 @@ def build_tags(obj, token, settings):
     return [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")]
 
 
-def _b64(text):
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+#: The job's text fields, in the order bootstrap.sh's decode_job reads them.
+JOB_FIELDS = ("BUCKET", "KEY", "ETAG", "ERROR_KEY", "LOG_KEY", "REGION", "SOFTWARE_BUCKET",
+              "WORKER_KEY", "COMMAND")
+
+
+def job_fields_b64(fields):
+    """Return {name: text} for every name in JOB_FIELDS as one base64 value (pure).
+
+    Each field is UTF-8 and ends with a NUL, which no field can hold (decode_s3_key refuses
+    a key with one, and bash could not keep it): bash splits them with one `base64 -d` and
+    `mapfile -d ''`, byte for byte, trailing line feeds included, instead of one decoding
+    process per field.
+    """
+    joined = b"".join(fields[name].encode("utf-8") + b"\0" for name in JOB_FIELDS)
+    return base64.b64encode(joined).decode("ascii")
+
+
+def decode_job(user_data):
+    """Return the job rendered into user-data (pure; for the local cloud and the tests).
+
+    {field name from JOB_FIELDS: text, "WATCHDOG_MINUTES": text, "TIMEOUT_SECONDS": text,
+    "LAUNCHER": the launcher's zip as bytes}. ValueError when the user-data holds no job.
+    """
+    values = dict(re.findall(r"^JOB_([A-Z0-9_]+)='([A-Za-z0-9+/=]*)'$", user_data, re.M))
+    if "FIELDS_B64" not in values:
+        raise ValueError("user-data carries no awsfun job")
+    fields = base64.b64decode(values.pop("FIELDS_B64"), validate=True).split(b"\0")
+    if len(fields) != len(JOB_FIELDS) + 1 or fields[-1]:
+        raise ValueError(f"the job holds {len(fields) - 1} fields, not {len(JOB_FIELDS)}")
+    job = {name: field.decode("utf-8") for name, field in zip(JOB_FIELDS, fields)}
+    job["LAUNCHER"] = base64.b64decode(values.pop("LAUNCHER_B64"), validate=True)
+    job.update(values)
+    return job
 
 
 @functools.lru_cache(maxsize=4)
@@ -399,15 +430,13 @@ def render_user_data(template, obj, settings, launcher=None):
                        "before the %s-minute watchdog", settings["WORKER_TIMEOUT_SECONDS"],
                        limit, watchdog)
     job = {
-        "JOB_BUCKET_B64": _b64(obj["bucket"]),
-        "JOB_KEY_B64": _b64(obj["key"]),
-        "JOB_ETAG_B64": _b64(obj["etag"]),
-        "JOB_ERROR_KEY_B64": _b64(long_report_key(obj["key"], ".error.json")),
-        "JOB_LOG_KEY_B64": _b64(long_report_key(obj["key"], ".log")),
-        "JOB_SOFTWARE_BUCKET_B64": _b64(settings["SOFTWARE_BUCKET"]),
-        "JOB_WORKER_KEY_B64": _b64(settings["WORKER_KEY"]),
-        "JOB_REGION_B64": _b64(settings["REGION"]),
-        "JOB_COMMAND_B64": _b64(json.dumps(settings["COMMAND"])) if settings.get("COMMAND") else "",
+        "JOB_FIELDS_B64": job_fields_b64({
+            "BUCKET": obj["bucket"], "KEY": obj["key"], "ETAG": obj["etag"],
+            "ERROR_KEY": long_report_key(obj["key"], ".error.json"),
+            "LOG_KEY": long_report_key(obj["key"], ".log"),
+            "REGION": settings["REGION"], "SOFTWARE_BUCKET": settings["SOFTWARE_BUCKET"],
+            "WORKER_KEY": settings["WORKER_KEY"],
+            "COMMAND": json.dumps(settings["COMMAND"]) if settings.get("COMMAND") else ""}),
         "JOB_WATCHDOG_MINUTES": str(watchdog),
         "JOB_TIMEOUT_SECONDS": str(limit),
         "JOB_LAUNCHER_B64": launcher_archive(launcher),

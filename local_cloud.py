@@ -72,13 +72,9 @@ def local_environment(endpoint):
 
 
 def job_from_user_data(user_data):
-    """Return the (bucket, key) a rendered user-data script carries."""
-    values = dict(re.findall(r"^(JOB_[A-Z_]+_B64)='([A-Za-z0-9+/=]*)'$", user_data, re.M))
-    try:
-        return tuple(base64.b64decode(values[name]).decode("utf-8")
-                     for name in ("JOB_BUCKET_B64", "JOB_KEY_B64"))
-    except KeyError:
-        raise ValueError("user-data carries no awsfun job") from None
+    """Return the (bucket, key) a rendered user-data script carries; ValueError if none."""
+    job = lambda_function.decode_job(user_data)
+    return job["BUCKET"], job["KEY"]
 
 
 def shutdown_calls(log_path):

@@ -17,11 +17,16 @@ REPORTED="" WORK_DIR="" LOG_FILE="" TEE_PID="" SIGNALLED=""
 # bash's own clock (printf %(...)T): no `date` process for each line.
 log() { TZ=UTC printf '%(%Y-%m-%dT%H:%M:%SZ)T awsfun-bootstrap: %s\n' -1 "$*" >&2; }
 
-# b64_decode VAR VALUE: decode into VAR, keeping trailing newlines.
-b64_decode() {
-  local decoded
-  decoded="$(printf '%s' "$2" | base64 -d && printf x)"
-  printf -v "$1" '%s' "${decoded%x}"
+# decode_job: JOB_FIELDS_B64 (NUL-terminated UTF-8 fields in lambda_function.JOB_FIELDS
+# order) into JOB_BUCKET ... JOB_COMMAND, byte for byte; one base64 process for them all.
+decode_job() {
+  local -a fields
+  local name i=0
+  mapfile -d '' -t fields < <(base64 -d <<<"$JOB_FIELDS_B64")
+  for name in BUCKET KEY ETAG ERROR_KEY LOG_KEY REGION SOFTWARE_BUCKET WORKER_KEY COMMAND; do
+    printf -v "JOB_$name" '%s' "${fields[i++]-}"
+  done
+  ((${#fields[@]} == i))
 }
 
 # json_string TEXT: TEXT as a JSON string literal (UTF-8 passes through).
@@ -128,19 +133,16 @@ main() {
   exec 3>&1 4>&2
   exec > >(trap '' TERM INT HUP && exec tee -a "$LOG_FILE") 2>&1
   TEE_PID=$!
-  if [[ -z "${JOB_BUCKET_B64:-}" ]]; then
+  if [[ -z "${JOB_FIELDS_B64:-}" ]]; then
     log "this is the unrendered template: lambda_function.render_user_data fills in the job"
     return 2
   fi
-  local name status=0 message
-  for name in BUCKET KEY ETAG ERROR_KEY LOG_KEY REGION SOFTWARE_BUCKET WORKER_KEY COMMAND; do
-    name="JOB_${name}_B64"
-    b64_decode "${name%_B64}" "${!name:-}"
-  done
+  local status=0 message
+  decode_job || { log "the job's fields did not decode: not rendered by this version?"; return 2; }
   # The handler renders only hashed report keys (lambda_function.long_report_key).
   JOB_ERROR_KEY="${JOB_ERROR_KEY:-analysis/$JOB_KEY.error.json}"
   JOB_LOG_KEY="${JOB_LOG_KEY:-analysis/$JOB_KEY.log}"
-  printf '%s' "$JOB_LAUNCHER_B64" | base64 -d >"$WORK_DIR/launcher.pyz"
+  base64 -d <<<"$JOB_LAUNCHER_B64" >"$WORK_DIR/launcher.pyz"
   export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-$JOB_REGION}"
   log "job: s3://$JOB_BUCKET/$JOB_KEY; watchdog ${JOB_WATCHDOG_MINUTES} min"
   # Last resort for a hung machine; the worker's own time limit below fires first.

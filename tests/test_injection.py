@@ -361,7 +361,7 @@ def test_the_soak_fails_when_the_worker_gets_another_key(mocked_data_bucket, tmp
 def test_the_soak_fails_when_the_shell_evaluates_a_key(mocked_data_bucket, tmp_path):
     """The soak can fail: user-data that lets bash evaluate the key creates the canary."""
     real = lf.render_user_data
-    decoded = 'printf \'%s\' "$JOB_LAUNCHER_B64" | base64 -d'  # after the job's values
+    decoded = 'base64 -d <<<"$JOB_LAUNCHER_B64"'  # after the job's values
 
     def evaluating_the_key(template, obj, launch, launcher=None):
         assert decoded in template

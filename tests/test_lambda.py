@@ -4,7 +4,6 @@ AWS is never reached: EC2 and S3 are botocore Stubbers (or moto in-process) inje
 lambda_function._clients, so every AWS call the handler makes is visible and counted.
 """
 
-import base64
 import io
 import json
 import logging
@@ -41,16 +40,12 @@ def obj(key="inbox/a.csv", bucket=BUCKET, etag="0123456789abcdef0123456789abcdef
 
 
 def job_values(user_data):
-    """The JOB_* assignments of rendered user-data, base64 values decoded (the launcher, a zip,
-    to bytes, the others to text)."""
-    values = {}
-    for name, value in JOB_LINE.findall(user_data):
-        if name == "JOB_LAUNCHER_B64":
-            values[name] = base64.b64decode(value, validate=True)
-            continue
-        values[name] = base64.b64decode(value, validate=True).decode("utf-8") \
-            if name.endswith("_B64") else value
-    return values
+    """The job rendered into user-data: lambda_function.decode_job, checked against the
+    assignments themselves (each JOB_* name once, base64 or decimal digits in single quotes)."""
+    names = [name for name, _ in JOB_LINE.findall(user_data)]
+    assert sorted(names) == sorted(set(names)) == [
+        "JOB_FIELDS_B64", "JOB_LAUNCHER_B64", "JOB_TIMEOUT_SECONDS", "JOB_WATCHDOG_MINUTES"]
+    return lf.decode_job(user_data)
 
 
 def instance(instance_id):
@@ -493,7 +488,7 @@ HOSTILE_KEYS = [
     "$(touch /tmp/awsfun-canary-render)",
     "`reboot`; rm -rf / #",
     "x'; shutdown -h now; echo '",
-    "a\nJOB_KEY_B64='Zm9v'\nb",
+    "a\nJOB_FIELDS_B64='Zm9v'\nb",
     "--help && curl http://169.254.169.254/ | sh",
     "${IFS}cat${IFS}/etc/passwd",
     "ü €😀 \t\"quoted\" \\back\\slash",
@@ -509,33 +504,42 @@ def test_render_keeps_hostile_keys_out_of_the_script(key):
         if len(line) > 3:
             assert line not in user_data
     values = job_values(user_data)
-    assert values["JOB_KEY_B64"] == key
-    assert values["JOB_BUCKET_B64"] == BUCKET
-    assert values["JOB_ETAG_B64"] == "e$(id)"
-    assert values["JOB_SOFTWARE_BUCKET_B64"] == "soft-ware"
-    assert values["JOB_WORKER_KEY_B64"] == "AwsS3.py"
-    assert values["JOB_REGION_B64"] == "us-east-1"
-    assert values["JOB_WATCHDOG_MINUTES"] == "120"
+    assert values["KEY"] == key
+    assert values["BUCKET"] == BUCKET
+    assert values["ETAG"] == "e$(id)"
+    assert values["SOFTWARE_BUCKET"] == "soft-ware"
+    assert values["WORKER_KEY"] == "AwsS3.py"
+    assert values["REGION"] == "us-east-1"
+    assert values["WATCHDOG_MINUTES"] == "120"
     # Exactly one rendered job block, replacing the marker.
     assert lf.JOB_MARKER not in user_data
-    assert user_data.count("JOB_KEY_B64='") == 1
+    assert user_data.count("JOB_FIELDS_B64='") == 1
 
 
-def test_rendered_user_data_is_valid_bash_that_decodes_the_key():
+def test_rendered_user_data_is_valid_bash_that_decodes_every_field_in_order():
+    """bash's decode_job and lambda_function.JOB_FIELDS name the same fields in one order:
+    each field distinct, the key hostile, with trailing line feeds, and one field empty."""
     key = HOSTILE_KEYS[3] + "\n\n"  # trailing newlines must survive too
-    user_data = lf.render_user_data(TEMPLATE, obj(key), settings())
+    user_data = lf.render_user_data(TEMPLATE, obj("k" * 1010 + key, etag="e\n"),
+                                    settings(SOFTWARE_BUCKET="soft-ware"))
     prelude = user_data.split('\nmain "$@"')[0]
-    script = prelude + '\nb64_decode JOB_KEY "$JOB_KEY_B64"\nprintf "%s" "$JOB_KEY"\n'
+    printed = " ".join(f'"$JOB_{name}"' for name in lf.JOB_FIELDS)
+    script = prelude + f"\ndecode_job\nprintf '%s\\0' {printed}\n"
     done = subprocess.run(["bash", "-c", script], capture_output=True, check=False, timeout=10)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == key.encode("utf-8")
+    decoded = lf.decode_job(user_data)
+    expected = [decoded[name] for name in lf.JOB_FIELDS]
+    assert done.stdout.decode("utf-8").split("\0")[:-1] == expected
+    assert expected[:3] == [BUCKET, "k" * 1010 + key, "e\n"]
+    # Empty: COMMAND (no route); the rest distinct (the report keys hashed: the key is long).
+    assert expected[-1] == "" and len(set(expected)) == len(expected)
 
 
 def test_render_carries_the_settings():
     user_data = lf.render_user_data(TEMPLATE, obj(), settings(WATCHDOG_MINUTES="30",
                                                               WORKER_TIMEOUT_SECONDS="7"))
     values = job_values(user_data)
-    assert (values["JOB_WATCHDOG_MINUTES"], values["JOB_TIMEOUT_SECONDS"]) == ("30", "7")
+    assert (values["WATCHDOG_MINUTES"], values["TIMEOUT_SECONDS"]) == ("30", "7")
 
 
 def test_default_worker_timeout_stops_before_the_watchdog():
@@ -554,7 +558,7 @@ def _time_limits_in_order(user_data, started=1_000_000.0):
     finally:
         sys.path.remove(str(REPO / "bootstrap"))
     values = job_values(user_data)
-    watchdog, limit = int(values["JOB_WATCHDOG_MINUTES"]), int(values["JOB_TIMEOUT_SECONDS"])
+    watchdog, limit = int(values["WATCHDOG_MINUTES"]), int(values["TIMEOUT_SECONDS"])
     [grace] = re.findall(r'timeout -k (\d+) "\$JOB_TIMEOUT_SECONDS"', user_data)
     child_deadline = launcher.deadline(str(started), limit, now=started)
     assert started < child_deadline < started + limit
@@ -587,7 +591,7 @@ def test_render_fits_the_longest_s3_key():
     key = "€" * 341  # 1,023 bytes: close to S3's 1,024-byte key limit, all multi-byte
     user_data = lf.render_user_data(TEMPLATE, obj(key, etag="f" * 32 + "-10000"), settings())
     assert len(user_data.encode("utf-8")) < lf.USER_DATA_LIMIT
-    assert job_values(user_data)["JOB_KEY_B64"] == key
+    assert job_values(user_data)["KEY"] == key
 
 
 def test_render_refuses_user_data_over_16_kb():
@@ -620,11 +624,10 @@ def test_rendered_report_keys_and_launcher_are_what_the_job_needs(tmp_path):
     values = job_values(lf.render_user_data(TEMPLATE, obj(key), settings()))
     # Hashed: rendered. Not hashed: "" and the shell writes analysis/KEY.log (the soak in
     # tests/test_injection.py checks what it writes against AwsS3.report_key).
-    assert values["JOB_ERROR_KEY_B64"] == lf.report_key(key, ".error.json")
-    assert values["JOB_ERROR_KEY_B64"].startswith("analysis/_long/")
-    assert values["JOB_LOG_KEY_B64"] == ""
-    archive = base64.b64decode(re.search(r"^JOB_LAUNCHER_B64='([^']*)'$", lf.render_user_data(
-        TEMPLATE, obj(), settings()), re.M).group(1))
+    assert values["ERROR_KEY"] == lf.report_key(key, ".error.json")
+    assert values["ERROR_KEY"].startswith("analysis/_long/")
+    assert values["LOG_KEY"] == ""
+    archive = values["LAUNCHER"]
     (tmp_path / "launcher.pyz").write_bytes(archive)
     with zipfile.ZipFile(tmp_path / "launcher.pyz") as unpacked:
         assert unpacked.read("__main__.py") == (REPO / lf.LAUNCHER_KEY).read_bytes()
@@ -723,7 +726,7 @@ def test_a_warm_console_launch_makes_one_count_and_one_run_instances(clients, mo
     assert clients.operations() == ["DescribeInstances", "RunInstances"]
     assert result["launched"][0]["instance_id"] == "i-00000000000000002"
     user_data = launches(clients.ec2_calls)[0][1]["UserData"]
-    assert job_values(user_data)["JOB_KEY_B64"] == "inbox/warm.csv"
+    assert job_values(user_data)["KEY"] == "inbox/warm.csv"
 
 
 def test_launch_parameters(clients):
@@ -752,7 +755,7 @@ def test_launch_parameters(clients):
         assert "Name" in tags
         assert all(len(value) <= 256 for value in tags.values())
     values = job_values(params["UserData"])
-    assert (values["JOB_BUCKET_B64"], values["JOB_KEY_B64"], values["JOB_ETAG_B64"]) == \
+    assert (values["BUCKET"], values["KEY"], values["ETAG"]) == \
         (BUCKET, key, "e" * 32)
 
 

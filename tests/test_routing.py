@@ -1,8 +1,6 @@
 """Routing: routes.json picks the launch template, limits and an optional external command."""
 
-import base64
 import json
-import re
 import subprocess
 import sys
 
@@ -86,8 +84,7 @@ def test_rendered_user_data_carries_the_command_as_data():
            "sequencer": "", "event_name": "ObjectCreated:Put", "size": 1}
     user_data = lambda_function.render_user_data(
         lambda_function.load_bootstrap_template(settings), obj, settings)
-    encoded = re.search(r"^JOB_COMMAND_B64='([A-Za-z0-9+/=]*)'$", user_data, re.M).group(1)
-    assert json.loads(base64.b64decode(encoded)) == COPY["command"]
+    assert json.loads(lambda_function.decode_job(user_data)["COMMAND"]) == COPY["command"]
     assert "import shutil" not in user_data
 
 
