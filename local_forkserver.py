@@ -96,10 +96,14 @@ def shim_main(socket_path, python, argv):
 
 def start(socket_path, log_path, python=sys.executable, timeout=60):
     """Start a server on socket_path in a session of its own, its output in log_path; return
-    its Popen once it is warm. Raises RuntimeError if it exits or is not warm by `timeout` s."""
+    its Popen once it is warm. Raises RuntimeError if it exits or is not warm by `timeout` s.
+
+    The server lives as long as this process holds the Popen's stdin, a pipe: it ends when
+    this process does, killed or not (a session of its own escapes the caller's group).
+    """
     with open(log_path, "wb") as output:
         process = subprocess.Popen([str(python), __file__, "serve", str(socket_path)],
-                                   stdin=subprocess.DEVNULL, stdout=output,
+                                   stdin=subprocess.PIPE, stdout=output,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     while b"ready" not in Path(log_path).read_bytes():
@@ -270,7 +274,8 @@ def serve_connection(connection):
 
 
 def serve(socket_path):
-    """Warm up, print "ready", then fork a child per connection until killed."""
+    """Warm up, print "ready", then fork a child per connection until killed or until stdin
+    ends (the process that started it is gone)."""
     warm_up()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the per-call children
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -278,6 +283,11 @@ def serve(socket_path):
     listener.listen(128)
     print("ready", flush=True)
     while True:
+        ready, _, _ = select.select([listener, sys.stdin], [], [])
+        if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
+            return
+        if listener not in ready:
+            continue
         connection, _ = listener.accept()
         if os.fork() == 0:
             listener.close()

@@ -153,3 +153,33 @@ def test_the_warm_up_imports_the_workers_standard_library():
     names = local_forkserver.worker_imports()
     assert {"json", "hashlib", "zlib", "csv", "threading"} <= set(names)
     assert "boto3" not in names  # the worker imports it lazily; the warm-up imports it itself
+
+
+def test_the_server_ends_with_the_process_that_started_it(tmp_path):
+    """Killed outright (SIGKILL, no clean-up), the starter leaves no server behind: the
+    server's stdin is the starter's pipe, and it ends at end of file."""
+    root = Path(tempfile.mkdtemp(prefix="awsfun-fs-"))
+    starter = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""\
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(local_forkserver.__file__).parent)!r})
+        import local_forkserver
+        server = local_forkserver.start({str(root / "s.sock")!r}, {str(root / "log")!r})
+        print(server.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """)], capture_output=True, text=True, timeout=60, check=False)
+    assert starter.returncode == -signal.SIGKILL, starter.stderr
+    server = int(starter.stdout)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{server}/stat").read_text().split(") ")[1].startswith("Z"):
+                break  # ended; its reaper (init) has not collected it yet
+        except OSError:
+            break
+        time.sleep(0.05)
+    alive = Path(f"/proc/{server}").exists() and not Path(
+        f"/proc/{server}/stat").read_text().split(") ")[1].startswith("Z")
+    if alive:
+        os.kill(server, signal.SIGKILL)
+    shutil.rmtree(root)
+    assert not alive, "the fork server outlived the process that started it"
