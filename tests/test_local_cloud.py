@@ -54,6 +54,7 @@ def test_ec2_tags_after_speed_up_are_what_moto_would_answer():
     """local_cloud.speed_up_moto's tag lookup (the conftest applies it) against moto's own
     describe_tags by resource id, and a tag-filtered DescribeInstances on top of it."""
     import boto3
+    import moto.ec2.utils
     from moto import mock_aws
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.ec2 import ec2_backends
@@ -77,11 +78,37 @@ def test_ec2_tags_after_speed_up_are_what_moto_would_answer():
             assert resource.get_tags() == backend.describe_tags(
                 filters={"resource-id": [resource.id]})
         ec2.terminate_instances(InstanceIds=ids[:2])
-        found = sorted(i["InstanceId"] for r in ec2.describe_instances(Filters=[
-            {"Name": "tag:stack", "Values": ["s0"]},
-            {"Name": "instance-state-name", "Values": ["running"]}])["Reservations"]
-            for i in r["Instances"])
-        assert found == sorted(ids[2::2])
+        filters = [{"Name": "tag:stack", "Values": ["s0"]},
+                   {"Name": "instance-state-name", "Values": ["running"]}]
+        # Either order: speed_up_moto checks the state first, the same AND of both.
+        for order in (filters, filters[::-1]):
+            found = sorted(i["InstanceId"] for r in ec2.describe_instances(
+                Filters=order)["Reservations"] for i in r["Instances"])
+            assert found == sorted(ids[2::2])
+    assert moto.ec2.utils.passes_filter_dict.__module__ == "local_cloud"
+
+
+def test_the_event_pump_backs_off_while_the_queue_cannot_be_read(caplog):
+    """A receive that keeps failing (here a parameter SQS refuses) is tried about once a
+    second, not in a busy loop that logs a traceback per try."""
+    from botocore.exceptions import ParamValidationError
+
+    calls = []
+
+    class FailingSqs:
+        def receive_message(self, **params):
+            calls.append(params)
+            raise ParamValidationError(report="VisibilityTimeout: not an integer")
+
+    cloud = object.__new__(local_cloud.LocalCloud)
+    cloud.stop_event, cloud.queue_url, cloud.visibility_seconds = threading.Event(), "q", 1
+    cloud.client = lambda service: FailingSqs()
+    pump = threading.Thread(target=cloud.pump_events)
+    pump.start()
+    time.sleep(1.5)
+    cloud.stop_event.set()
+    pump.join(timeout=5)
+    assert not pump.is_alive() and 1 <= len(calls) <= 3, len(calls)
 
 
 def lambda_user_data(bucket, key):
