@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -152,17 +151,16 @@ def read_manifest(out_dir):
 
 
 def write_atomically(path, data):
-    """Write bytes to path through a temporary file in its folder, so a reader (or an
-    interrupted run) never sees half a file."""
+    """Write bytes to path through a temporary file beside it (made as open() makes files, so
+    the umask applies), so a reader or an interrupted run never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".awsfun-")
+    temporary = path.with_name(f".awsfun-{os.getpid()}-{threading.get_ident()}.part")
     try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
+        temporary.write_bytes(data)
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        _unlink(temporary)
         raise
 
 
@@ -221,9 +219,13 @@ class FetchProgress:
                       file=self.stream, flush=True)
 
 
-def fetch_results(s3, bucket, out_dir, key_prefix="", threads=FETCH_THREADS, stream=None):
+def fetch_results(s3, bucket, out_dir, key_prefix="", threads=FETCH_THREADS, stream=None,
+                  prune=True):
     """Copy the reports, error reports and logs under analysis/KEY_PREFIX of `bucket` into
     out_dir; return {"fetched", "unchanged", "removed": [keys], "manifest": {...}}.
+
+    prune=False keeps the copies of objects the bucket no longer holds (local_cloud.py: each
+    run is a new bucket, and DIR gathers the runs, as it always has).
 
     get_object calls run on `threads` threads (the client's own retries, standard mode, cover
     throttling); a failed download raises after the others finish and after the manifest
@@ -233,6 +235,9 @@ def fetch_results(s3, bucket, out_dir, key_prefix="", threads=FETCH_THREADS, str
     listing = list_keys(s3, bucket, prefix=REPORT_PREFIX + key_prefix)
     manifest = read_manifest(out_dir)
     fetch, keep, remove = fetch_plan(listing, manifest, out_dir, key_prefix)
+    if not prune:
+        keep.update({key: manifest[key] for key in remove})
+        remove = []
     for key in remove:
         _unlink(out_dir / manifest[key]["path"])
     for item in fetch:
@@ -388,7 +393,9 @@ def write_outputs(out_dir, manifest, title="awsfun results"):
     inputs = collect_inputs(out_dir, manifest)
     rows = [summary_row(item) for item in inputs]
     write_summary_csv(Path(out_dir) / SUMMARY_CSV, rows)
-    from .results_page import write_page   # jinja2 and plotly: only here (requirements/results.txt)
+    from .results_page import (
+        write_page,  # jinja2 and plotly: only here (requirements/results.txt)
+    )
     write_page(Path(out_dir) / INDEX_HTML, inputs, rows, title=title)
     return rows
 
@@ -404,8 +411,8 @@ def status_counts(rows):
 def results_lines(outcome, rows, out_dir):
     """The lines `results` prints for a person (pure); keys shown with their escapes."""
     counts = status_counts(rows)
-    lines = [f"Fetched {len(outcome['fetched']):,}, unchanged {outcome['unchanged']:,}, "
-             f"removed {len(outcome['removed']):,} (gone from the bucket).",
+    lines = [(f"Fetched {len(outcome['fetched']):,}, unchanged {outcome['unchanged']:,}, "
+              f"removed {len(outcome['removed']):,} (gone from the bucket)."),
              f"{len(rows):,} inputs: " + (", ".join(f"{n:,} {s}" for s, n in sorted(counts.items()))
                                           or "none")]
     for row in rows:

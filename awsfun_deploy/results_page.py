@@ -18,9 +18,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import jinja2
-from markupsafe import Markup
 import plotly.graph_objects as go
 import plotly.io
+from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
 from .results import SUMMARY_COLUMNS, empty_cells
