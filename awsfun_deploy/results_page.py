@@ -22,11 +22,13 @@ import plotly.graph_objects as go
 import plotly.io
 from markupsafe import Markup
 from plotly.offline import get_plotlyjs
+from plotly.utils import PlotlyJSONEncoder
 
 from .results import SUMMARY_COLUMNS, empty_cells
 
 TEMPLATES = Path(__file__).parent / "templates"
 TABLE_COLUMNS = tuple(c for c in SUMMARY_COLUMNS if c not in ("report", "log"))
+TEMPLATE = "plotly_white"
 MAX_TICK_LABELS = 40       # past this many files the x axis shows no names (hover does)
 TICK_CHARACTERS = 40       # a name on the axis: its last characters, where R1 and R2 differ
 MAX_LEGEND = 20            # past this many lines, no legend (hover names the file)
@@ -63,16 +65,25 @@ def href(path):
     return quote(path, safe="/") if path else ""
 
 
-def _axis(fig, keys, title):
-    shown = len(keys) <= MAX_TICK_LABELS
-    fig.update_xaxes(showticklabels=shown, tickangle=-45 if shown else 0, automargin=True,
-                     tickmode="array" if shown else "auto",
-                     tickvals=[plot_label(k) for k in keys] if shown else None,
-                     ticktext=[tick_label(k) for k in keys] if shown else None,
-                     title_text="" if shown else f"{len(keys):,} files (hover for names)")
-    fig.update_layout(title_text=title, template="plotly_white", height=380,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 40}, hovermode="closest")
-    return fig
+def figure(traces, title, keys=None, **layout):
+    """Return a figure as plotly.js takes it: {"data": traces as JSON, "layout": {...}} (pure).
+
+    The layout is a plain dict, not a validated go.Layout: validating a template per figure
+    was nine tenths of the page's time. The template (plotly_white) is put in once by the
+    page's script (render_page).
+    """
+    layout = {"title": {"text": title}, "height": 380, "hovermode": "closest",
+              "margin": {"l": 60, "r": 20, "t": 50, "b": 40}, **layout}
+    if keys is not None:
+        shown = len(keys) <= MAX_TICK_LABELS
+        layout["xaxis"] = {"automargin": True, "showticklabels": shown, "type": "category"}
+        if shown:
+            layout["xaxis"].update(tickangle=-45, tickmode="array",
+                                   tickvals=[plot_label(k) for k in keys],
+                                   ticktext=[tick_label(k) for k in keys])
+        else:
+            layout["xaxis"]["title"] = {"text": f"{len(keys):,} files (hover for names)"}
+    return {"data": [trace.to_plotly_json() for trace in traces], "layout": layout}
 
 
 def bar_figure(items, field, title):
@@ -82,9 +93,8 @@ def bar_figure(items, field, title):
     if not points:
         return None
     keys = [key for key, _ in points]
-    fig = go.Figure(go.Bar(x=[plot_label(k) for k in keys], y=[v for _, v in points],
-                           hovertemplate="%{x}<br>%{y}<extra></extra>"))
-    return _axis(fig, keys, title)
+    return figure([go.Bar(x=[plot_label(k) for k in keys], y=[v for _, v in points],
+                          hovertemplate="%{x}<br>%{y}<extra></extra>")], title, keys)
 
 
 def stacked_figure(items, fields, title):
@@ -93,11 +103,9 @@ def stacked_figure(items, fields, title):
     if not items:
         return None
     keys = [i["key"] for i in items]
-    fig = go.Figure([go.Bar(name=field, x=[plot_label(k) for k in keys],
-                            y=[i["summary"].get(field) or 0 for i in items])
-                     for field in fields])
-    fig.update_layout(barmode="stack")
-    return _axis(fig, keys, title)
+    return figure([go.Bar(name=field, x=[plot_label(k) for k in keys],
+                          y=[i["summary"].get(field) or 0 for i in items])
+                   for field in fields], title, keys, barmode="stack")
 
 
 def chromosome_figure(items, title="Records per chromosome"):
@@ -120,9 +128,7 @@ def chromosome_figure(items, title="Records per chromosome"):
         traces.append(go.Bar(name="other", x=[plot_label(k) for k in keys], y=[
             sum(c for n, c in i["summary"]["records_per_chromosome"].items() if n not in chosen)
             for i in items]))
-    fig = go.Figure(traces)
-    fig.update_layout(barmode="stack")
-    return _axis(fig, keys, title)
+    return figure(traces, title, keys, barmode="stack")
 
 
 def histogram_points(value):
@@ -150,16 +156,12 @@ def lines_figure(items, field, title, x_title):
                                      "<extra></extra>"))
     if not traces:
         return None
-    fig = go.Figure(traces)
-    fig.update_layout(title_text=title, template="plotly_white", height=380,
-                      showlegend=len(traces) <= MAX_LEGEND, hovermode="closest",
-                      margin={"l": 60, "r": 20, "t": 50, "b": 40},
-                      xaxis_title_text=x_title, yaxis_title_text="reads")
-    return fig
+    return figure(traces, title, showlegend=len(traces) <= MAX_LEGEND,
+                  xaxis={"title": {"text": x_title}}, yaxis={"title": {"text": "reads"}})
 
 
 def format_sections(inputs):
-    """Return [{"title", "figures": [(id, figure)]}] per format present (pure but for plotly)."""
+    """Return [{"title", "files", "figures": [(id, figure dict)]}] per format present (pure)."""
     by_format = {}
     for item in inputs:
         report = item["report"]
@@ -197,8 +199,9 @@ def render_page(inputs, rows, title="awsfun results"):
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                                      autoescape=True, undefined=jinja2.StrictUndefined)
     sections = format_sections(inputs)
-    figures = [{"id": fid, "figure": json.loads(plotly.io.to_json(fig, validate=False))}
+    figures = [{"id": fid, "figure": fig}
                for section in sections for fid, fig in section["figures"]]
+    template = plotly.io.templates[TEMPLATE].to_plotly_json()
     plotly_js = get_plotlyjs().replace("</script", "<\\/script")
     failed = [row for row in rows if row["status"] == "error"]
     counts = {}
@@ -207,7 +210,9 @@ def render_page(inputs, rows, title="awsfun results"):
     return environment.get_template("results.html.j2").render(
         title=title, rows=rows, failed=failed, counts=sorted(counts.items()),
         columns=TABLE_COLUMNS, sections=sections, href=href,
-        figures_json=Markup(script_json(figures)),
+        figures_json=Markup(script_json(json.dumps(figures, cls=PlotlyJSONEncoder,
+                                                   ensure_ascii=False))),
+        template_json=Markup(script_json(template)),
         config_json=Markup(script_json(PLOT_CONFIG)),
         plotly_js=Markup(plotly_js))
 
