@@ -154,7 +154,7 @@ def render(page, work, screenshot=None, size="1280,2400"):
         command.append(f"--screenshot={screenshot}")
     command += ["--dump-dom", page.as_uri()]
     started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
     seconds = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout, page_requests(net_log), seconds
