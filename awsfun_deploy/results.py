@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 import AwsS3
 from lambda_function import printable
 
+from .core import DeployError
 from .names import discover_names, resolve_names
 from .s3 import list_keys
 
@@ -428,8 +430,18 @@ def _shown(key):
     return text if text.isprintable() else repr(text)[1:-1]
 
 
+def require_page_libraries():
+    """Raise DeployError naming the install when jinja2 or plotly is missing (a deploy-only
+    install, requirements/deploy.txt), before anything is fetched."""
+    missing = [name for name in ("jinja2", "plotly") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DeployError(f"results writes index.html with {' and '.join(missing)}, not "
+                          "installed: python3 -m pip install -r requirements/results.txt")
+
+
 def run_results(args, clients):
     """`results`: fetch what changed under analysis/KEY_PREFIX, write summary.csv, index.html."""
+    require_page_libraries()
     names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
     out_dir = Path(args.out)

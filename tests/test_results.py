@@ -184,6 +184,14 @@ def test_summary_csv_keeps_keys_with_line_breaks_byte_for_byte(tmp_path):
     assert back[0].keys() == set(results.SUMMARY_COLUMNS)
 
 
+def test_results_without_the_page_libraries_says_what_to_install(monkeypatch, capsys):
+    real = results.importlib.util.find_spec
+    monkeypatch.setattr(results.importlib.util, "find_spec",
+                        lambda name: None if name == "plotly" else real(name))
+    assert deploy.main(["results"], clients=lambda service: pytest.fail(service)) == 2
+    assert "pip install -r requirements/results.txt" in capsys.readouterr().err
+
+
 def test_plan_paths_mirror_safe_keys_and_hash_the_rest():
     keys = ["analysis/a/b.json", "analysis/A/B.json", "analysis/a/../../etc/passwd.json",
             "analysis/x.json", "analysis/x.json/y.json", "analysis/summary.csv",
