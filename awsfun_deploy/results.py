@@ -312,11 +312,11 @@ def collect_inputs(out_dir, manifest):
     When an input has both a report and an error report (it failed, then a re-run
     succeeded), the newer one by LastModified speaks for it.
     """
-    inputs, logs = {}, {}
+    inputs, log_paths = {}, {}
     for object_key, entry in manifest.items():
         kind = result_kind(object_key)
         if kind == "log":
-            logs[object_key] = entry["path"]
+            log_paths[object_key] = entry["path"]
             continue
         if kind not in ("report", "error"):
             continue
@@ -330,8 +330,8 @@ def collect_inputs(out_dir, manifest):
         inputs[key] = {"key": key, "report": report, "report_path": entry["path"],
                        "last_modified": entry.get("last_modified") or "", "log_path": None}
     for key, item in inputs.items():
-        item["log_path"] = logs.pop(AwsS3.report_key(key, ".log"), None)
-    for object_key, path in logs.items():   # a log and no report yet: a worker still running
+        item["log_path"] = log_paths.pop(AwsS3.report_key(key, ".log"), None)
+    for object_key, path in log_paths.items():   # a log and no report yet: a worker still running
         key = input_key_from(object_key)
         inputs[key] = {"key": key, "report": None, "report_path": None, "last_modified": "",
                        "log_path": path}
