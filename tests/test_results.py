@@ -195,7 +195,8 @@ def test_results_without_the_page_libraries_says_what_to_install(monkeypatch, ca
 def test_plan_paths_mirror_safe_keys_and_hash_the_rest():
     keys = ["analysis/a/b.json", "analysis/A/B.json", "analysis/a/../../etc/passwd.json",
             "analysis/x.json", "analysis/x.json/y.json", "analysis/summary.csv",
-            "analysis/.awsfun-results.json", "analysis//lead.log", "analysis/" + "n" * 300 + ".json"]
+            "analysis/.awsfun-results.json", "analysis//lead.log",
+            "analysis/" + "n" * 300 + ".json"]
     paths = results.plan_paths(keys)
     assert paths["analysis/A/B.json"] == "A/B.json" and paths["analysis/x.json"] == "x.json"
     hashed = [k for k in keys if paths[k].startswith("_unsafe/")]

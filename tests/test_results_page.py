@@ -67,7 +67,8 @@ def local_report(path, key):
 
 
 def write_run(out_dir, reports, logs=()):
-    """Put reports ({object key: report}) and logs where `results` puts them; return the manifest."""
+    """Put reports ({object key: report}) and logs where `results` puts them; return the
+    manifest."""
     keys = list(reports) + list(logs)
     paths = results.plan_paths(keys)
     manifest = {}
