@@ -38,6 +38,7 @@ from pathlib import Path
 import AwsS3
 import lambda_function
 import local_forkserver
+from awsfun_deploy import results
 from awsfun_deploy.cli import positive_int
 from awsfun_deploy.core import escaped, middle_cut
 
@@ -1046,17 +1047,14 @@ def process_files(cloud, paths, prefix, timeout):
 
 
 def save_reports(cloud, keys, out_dir):
-    """Copy each key's report (or error report) into out_dir; return the saved paths."""
-    saved = []
-    for key in keys:
-        outcome, report = cloud.fetch_report(key)
-        if report is None:
-            continue
-        target = Path(out_dir) / (key + (".json" if outcome == "report" else ".error.json"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-        saved.append(target)
-    return saved
+    """Copy the reports, error reports and logs into out_dir as `./deploy.sh results` does,
+    and write summary.csv and index.html there; return the paths of `keys`' reports."""
+    outcome = results.fetch_results(cloud.client("s3"), cloud.names["data_bucket"], out_dir,
+                                    prune=False)
+    results.write_outputs(out_dir, outcome["manifest"], title="awsfun local cloud results")
+    wanted = {AwsS3.report_key(key, suffix) for key in keys for suffix in (".json", ".error.json")}
+    return [Path(out_dir) / entry["path"] for object_key, entry in outcome["manifest"].items()
+            if object_key in wanted]
 
 
 FILE_COLUMN = 40
@@ -1107,6 +1105,7 @@ def finish(cloud, outcomes, out_dir):
     print(f"\n{len(outcomes) - len(failed)} of {plural(len(outcomes), 'file')} reported; "
           f"{plural(len(saved), 'report')} saved to {out_dir}; machines still running: "
           f"{len(still_running)}")
+    print(f"summary: {Path(out_dir) / results.SUMMARY_CSV}; page: {Path(out_dir) / results.INDEX_HTML}")
     return 1 if failed or still_running else 0
 
 

@@ -22,6 +22,7 @@ from .stack import DEFAULT_MAX_WORKERS
 from .policies import policy_values, render_policy
 from .routes import check_routing_table, load_routes_file, uses_spot
 from .reconcile import reconcile
+from .results import results_options, run_results
 from .stack import deploy, teardown
 from .status import READ_LIMIT, collect_status, print_status
 
@@ -279,10 +280,13 @@ add_command("deployer-policy", run_deployer_policy,
             "print the IAM policy a person needs to run deploy, status, reconcile and "
             "teardown for this prefix and these buckets (iam/deployer-policy.json)",
             _deployer_policy_options)
+add_command("results", run_results,
+            "copy the reports, error reports and logs to a folder (only what changed) and "
+            "write summary.csv and index.html there", results_options)
 # Options that take a value, so a value that happens to be a command name stays a value.
 VALUE_OPTIONS = ("--prefix", "--data-bucket", "--software-bucket", "--instance-type",
                  "--routes", "--key-prefix", "--max-workers", "--subnets", "--security-groups",
-                 "--read")
+                 "--read", "--out")
 
 
 def command_first(argv):
