@@ -472,7 +472,8 @@ class ByteProfile:
     def summary(self):
         """Return the byte histogram summary."""
         sampled = sum(self.histogram.values())
-        entropy = -sum(n / sampled * math.log2(n / sampled) for n in self.histogram.values()) if sampled else 0.0
+        # Summed as p * log2(1/p), each term >= 0: one repeated byte gives 0.0, not -0.0.
+        entropy = sum((n / sampled * math.log2(sampled / n) for n in self.histogram.values()), 0.0)
         return {
             "byte_classes_percent": {name: percent(n, self.total) for name, n in self.classes.items()},
             "distinct_bytes_sampled": len(self.histogram),

@@ -512,6 +512,12 @@ def test_binary_gets_a_byte_histogram_summary():
     assert 0 < s["entropy_bits_per_byte"] < 8
 
 
+def test_one_repeated_byte_has_an_entropy_of_zero_not_minus_zero():
+    s = analyse_bytes(b"x" * 1000 + b"\n")["summary"]
+    assert s["distinct_bytes_sampled"] == 1
+    assert json.dumps(s["entropy_bits_per_byte"]) == "0.0"
+
+
 def test_gzip_of_nothing_is_empty_content():
     report = analyse_bytes(gzip.compress(b"", mtime=0))
     assert (report["format"], report["lines"], report["content_bytes"]) == ("empty", 0, 0)
