@@ -43,6 +43,7 @@ SNIFF_SIZE = 64 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_LINE_BYTES = 16 << 20   # a longer line is analysed in pieces, so memory stays bounded
 MAX_LENGTH_BINS = 20_000    # read-length histogram size before lengths are rounded
+MAX_REPORTED_LENGTH_BINS = 64  # read-length bins the report holds (read_length_histogram)
 MAX_NAMES = 10_000          # chromosome and filter names counted one by one
 MIN_EXACT_DISTINCT = 100    # distinct values counted exactly per column, at least...
 MAX_EXACT_DISTINCT = 10_000  # ...and at most, within...
@@ -351,6 +352,7 @@ FASTQ_CONTROL = bytes(value for value in range(32) if value not in (9, 10, 13))
 # fatal), and the CR of a CRLF line end.
 SEQUENCE_LINE_BYTES = bytes(range(65, 91)) + bytes(range(97, 123)) + b"-*.\r" + FASTQ_CONTROL
 ADLER_MODULUS = 65521
+ADLER_EXACT_BYTES = (ADLER_MODULUS - 1) // 255  # bytes whose sum adler32 gives exactly (as byte_sum)
 
 
 def byte_table(members):
@@ -472,7 +474,8 @@ class ByteProfile:
     def summary(self):
         """Return the byte histogram summary."""
         sampled = sum(self.histogram.values())
-        entropy = -sum(n / sampled * math.log2(n / sampled) for n in self.histogram.values()) if sampled else 0.0
+        # Summed as p * log2(1/p), each term >= 0: one repeated byte gives 0.0, not -0.0.
+        entropy = sum((n / sampled * math.log2(sampled / n) for n in self.histogram.values()), 0.0)
         return {
             "byte_classes_percent": {name: percent(n, self.total) for name, n in self.classes.items()},
             "distinct_bytes_sampled": len(self.histogram),
@@ -578,10 +581,11 @@ class BaseCounts:
         self.n += sequence.count(b"N") + sequence.count(b"n")  # rare bytes: count is memchr-fast
         return bool(control)
 
-    def add_quality(self, quality):
-        """Count joined quality bytes; return True when a control byte is among them."""
+    def add_quality(self, quality, quality_sum=None):
+        """Count joined quality bytes (their byte sum, when known, is quality_sum); return True
+        when a control byte is among them."""
         q20, control = count_marked(quality.translate(Q20_TABLE))
-        self.quality_sum += byte_sum(quality)
+        self.quality_sum += byte_sum(quality) if quality_sum is None else quality_sum
         self.q20 += q20
         self.q30 += count_members(quality, Q30_TABLE)
         return bool(control)
@@ -685,7 +689,8 @@ def fastq_at_line_role(record, line, following):
 
 
 class FastqAnalyzer(LineAnalyzer):
-    """FASTQ (Phred+33): reads, bases, lengths and N50, GC, Ns, quality, malformed records.
+    """FASTQ (Phred+33): reads, bases, lengths and N50, GC, Ns, quality, malformed records,
+    and the read-length and per-read mean quality distributions.
 
     Records are read as seqkit and Heng Li's kseq.h read them (kseq_read; seqkit's
     bio/seqio/fastx reader does the same): an '@' header line, sequence lines until a line
@@ -713,6 +718,7 @@ class FastqAnalyzer(LineAnalyzer):
         self.min_length = self.max_length = None
         self.lengths = collections.Counter()
         self.lengths_exact = True
+        self.mean_qualities = collections.Counter()  # reads by mean quality byte, rounded down
         self.problems = FirstProblem()
         self.control_bytes = 0
         self.first_control_line = None
@@ -877,18 +883,33 @@ class FastqAnalyzer(LineAnalyzer):
         return None
 
     def _close(self, record, seqs, quals, lengths):
+        if record.spilled:
+            # Its first lines are measured already: the read is counted on its own, its
+            # quality sum (for its mean) taken from both parts.
+            self.counts.merge(record.spilled)
+            self._add([b"".join(record.seq)], [b"".join(record.qual or ())], [record.seq_len],
+                      record.spilled.quality_sum)
+            return
         seqs.append(b"".join(record.seq))
         quals.append(b"".join(record.qual or ()))
         lengths.append(record.seq_len)
-        if record.spilled:
-            self.counts.merge(record.spilled)
 
-    def _add(self, seqs, quals, lengths):
-        """Count complete records; return True when a control byte is among their bases or qualities."""
+    def _add(self, seqs, quals, lengths, spilled_quality=0):
+        """Count complete records; return True when a control byte is among their bases or qualities.
+
+        spilled_quality: for one read whose first lines were measured early, their quality sum.
+        """
         self.reads += len(lengths)
-        control = self.counts.add_sequence(b"".join(seqs))
-        control = self.counts.add_quality(b"".join(quals)) or control
         low, high = min(lengths), max(lengths)
+        sums = quality_sums(quals, lengths, high)
+        control = self.counts.add_sequence(b"".join(seqs))
+        control = self.counts.add_quality(b"".join(quals), sum(sums)) or control
+        if spilled_quality:
+            sums = [sums[0] + spilled_quality]
+        if low:
+            self.mean_qualities.update(map(operator.floordiv, sums, lengths))
+        else:  # an empty read has no mean quality (FastQC leaves it out too)
+            self.mean_qualities.update(total // length for total, length in zip(sums, lengths) if length)
         self.min_length = low if self.min_length is None else min(self.min_length, low)
         self.max_length = high if self.max_length is None else max(self.max_length, high)
         self.lengths.update(lengths)
@@ -949,11 +970,72 @@ class FastqAnalyzer(LineAnalyzer):
             "q20_percent": percent(self.counts.q20, bases, FASTQ_PERCENT_DIGITS),
             "q30_percent": percent(self.counts.q30, bases, FASTQ_PERCENT_DIGITS),
             "quality_encoding": "phred+33",
+            "read_length_histogram": read_length_histogram(self.lengths, self.min_length, self.max_length,
+                                                           self.lengths_exact),
+            "mean_quality_histogram": mean_quality_histogram(self.mean_qualities),
             "control_bytes": self.control_bytes,
             "first_control_byte_line": self.first_control_line,
             "control_byte_convention": CONTROL_BYTE_CONVENTION,
             **self.problems.fields("records"),
         }
+
+
+def quality_sums(quals, lengths, longest):
+    """Return the byte sum of each read's quality string (quals[i] is lengths[i] bytes long).
+
+    adler32 with a zero start is the byte sum (modulo 65,521) in one C call a read, exact for
+    the reads of up to ADLER_EXACT_BYTES bytes; a longer read is summed as byte_sum sums.
+    """
+    sums = [value & 0xFFFF for value in map(zlib.adler32, quals, itertools.repeat(0))]
+    if longest > ADLER_EXACT_BYTES:
+        sums = [byte_sum(quality) if length > ADLER_EXACT_BYTES else total
+                for quality, length, total in zip(quals, lengths, sums)]
+    return sums
+
+
+def histogram_bin_width(low, high, most_bins, least=1):
+    """Return the smallest width from 1, 2, 5, 10, 20, 50, ... (at least `least`) whose bins,
+    starting at multiples of it, cover low..high in at most most_bins bins."""
+    for scale in itertools.count():
+        for step in (1, 2, 5):
+            width = step * 10 ** scale
+            if width >= least and high // width - low // width < most_bins:
+                return width
+    raise AssertionError("unreachable")
+
+
+def read_length_histogram(lengths, low, high, exact=True):
+    """Return {"bin_width": W, "bins": [[length_from, reads], ...]} of a read-length Counter.
+
+    Bins of W lengths start at multiples of W; W is the smallest of 1, 2, 5, 10, 20, ... for
+    which the bins from low's to high's number at most MAX_REPORTED_LENGTH_BINS (so W is 1
+    when the lengths span at most 64 values); empty bins are left out. When the Counter
+    holds lengths rounded by coarsen_lengths (exact False), W is also at least the rounding
+    of the longest read, so each read still falls in its own length's bin.
+    """
+    if low is None:
+        return {"bin_width": 1, "bins": []}
+    least = 10 ** max(len(str(high)) - 3, 0) if not exact else 1
+    width = histogram_bin_width(low, high, MAX_REPORTED_LENGTH_BINS, least)
+    bins = collections.Counter()
+    for length, count in lengths.items():
+        bins[length // width * width] += count
+    return {"bin_width": width, "bins": [[start, bins[start]] for start in sorted(bins)]}
+
+
+def mean_quality_histogram(mean_bytes):
+    """Return [[phred, reads], ...]: FastQC's "Per sequence quality scores", on the Phred+33 scale.
+
+    mean_bytes counts reads by the arithmetic mean of their quality bytes rounded down, as
+    FastQC's PerSequenceQualityScores.processSequence takes it (integer division of the
+    byte sum by the length; reads with no quality left out); minus 33 that is the mean Phred
+    score rounded down. A mean outside Phred+33's printable range (! to ~, 0 to 93) is counted
+    at the nearer end, so the list has at most 94 entries.
+    """
+    phreds = collections.Counter()
+    for mean, count in mean_bytes.items():
+        phreds[min(max(mean - 33, 0), 93)] += count
+    return [[phred, phreds[phred]] for phred in sorted(phreds)]
 
 
 def coarsen_lengths(lengths):

@@ -21,6 +21,7 @@ from .artifacts import ROUTES_FILE
 from .stack import DEFAULT_MAX_WORKERS
 from .policies import policy_values, render_policy
 from .routes import check_routing_table, load_routes_file, uses_spot
+from .logs import print_log
 from .reconcile import reconcile
 from .results import results_options, run_results
 from .stack import deploy, teardown
@@ -103,6 +104,21 @@ def reconcile_summary(result):
         lines.append(f"{len(result['ended_without_report'])} workers ended without a report; "
                      "EC2's reasons are above (ended unreported).")
     return "\n".join(lines)
+
+
+def run_logs(args, clients):
+    """`logs KEY [--follow]`: print the worker's log of input KEY; Ctrl-C ends --follow quietly."""
+    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+
+    def write(data):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    try:
+        return print_log(clients("s3"), names.data_bucket, args.key, write, follow=args.follow)
+    except KeyboardInterrupt:
+        return 130
 
 
 def run_teardown(args, clients):
@@ -251,6 +267,12 @@ def _reconcile_options(parser):
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _logs_options(parser):
+    parser.add_argument("key", metavar="KEY", help="the input's key in the data bucket")
+    parser.add_argument("--follow", action="store_true",
+                        help="keep printing what the running worker adds, until its job ends")
+
+
 def _teardown_options(parser):
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     parser.add_argument("--delete-data", action="store_true",
@@ -274,6 +296,8 @@ add_command("status", run_status, "show names, running workers, reports counted 
 add_command("reconcile", run_reconcile,
             "launch every input with no report, error report or running worker; replay the "
             "dead-letter queue", _reconcile_options)
+add_command("logs", run_logs, "print the worker log of one input (analysis/KEY.log); "
+            "--follow prints it as it grows", _logs_options)
 add_command("teardown", run_teardown, "remove what deploy created (asks first)",
             _teardown_options)
 add_command("deployer-policy", run_deployer_policy,

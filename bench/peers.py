@@ -19,12 +19,14 @@ Prints one line per disagreement (file, dotted path, report, peer), one line per
 peer now gives differently from what expected.json recorded, then the agreement table per
 format (files agreeing / total). Exits 1 when any file disagrees.
 
-Peers: seqkit stats -a -T (FASTQ), bcftools stats (VCF); bench/run.py --quick installs them.
+Peers: seqkit stats -a -T and seqkit fx2tab (FASTQ), bcftools stats (VCF); bench/run.py --quick
+installs them.
 CSV/TSV: DuckDB, in bench/peers_csv.py (it knows the report's deliberate differences); on the
 whole corpus this script runs it too, after the table above, and exits 1 if either disagrees.
 """
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -45,9 +47,9 @@ from test_peer_agreement import agrees, lookup  # noqa: E402 - one rule for the 
 logger = logging.getLogger("awsfun.bench.peers")
 
 
-def run(argv):
-    """Run a peer; return its standard output, or raise with its standard error."""
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+def run(argv, text=True):
+    """Run a peer; return its standard output (bytes unless text), or raise with its standard error."""
+    done = subprocess.run(argv, capture_output=True, text=text, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited with {done.returncode}: {done.stderr.strip()[:300]}")
     return done.stdout
@@ -72,7 +74,32 @@ def seqkit_values(path):
             "summary.q20_percent": number(stats["Q20(%)"]),
             "summary.q30_percent": number(stats["Q30(%)"]),
         })
+    found.update(fx2tab_histograms(run(["seqkit", "fx2tab", "-l", path], text=False)))
     return found
+
+
+def fx2tab_histograms(output):
+    """Return the report's two per-read histograms from `seqkit fx2tab -l` (name, seq, qual, length).
+
+    Lengths are seqkit's. The mean quality is not seqkit's (`fx2tab -q` averages error
+    probabilities: !!II gives 3.01): it is FastQC's, the byte sum of the quality seqkit read
+    divided by its length, rounded down, minus 33, reads with no quality left out; a mean
+    outside 0..93 counts at the nearer end.
+    """
+    lengths, means = collections.Counter(), collections.Counter()
+    for line in output.split(b"\n")[:-1]:
+        quality, length = line.rsplit(b"\t", 3)[2:]
+        lengths[int(length)] += 1
+        if quality:
+            means[min(max(sum(quality) // len(quality) - 33, 0), 93)] += 1
+    widths = (step * 10 ** power for power in range(20) for step in (1, 2, 5))
+    low, high = min(lengths, default=0), max(lengths, default=0)
+    width = next(width for width in widths if high // width - low // width + 1 <= 64)
+    bins = collections.Counter()
+    for length, reads in lengths.items():
+        bins[length - length % width] += reads
+    return {"summary.read_length_histogram": {"bin_width": width, "bins": [list(b) for b in sorted(bins.items())]},
+            "summary.mean_quality_histogram": [list(m) for m in sorted(means.items())]}
 
 
 BCFTOOLS_SN = {
@@ -106,6 +133,8 @@ def bcftools_values(path):
 # round() 40.62); the report's figure is exact there, and such a line is the comparison's.
 PEERS = {"fastq": seqkit_values, "vcf": bcftools_values}
 PEER_COMMANDS = {"fastq": ["seqkit", "stats", "-a", "-T"], "vcf": ["bcftools", "stats"]}
+# Recorded with the peer's name: the other commands a format's peer values come from.
+PEER_ALSO = {"fastq": "; seqkit fx2tab -l (mean quality as FastQC's)"}
 VERSION_COMMANDS = {"seqkit": ["seqkit", "version"], "bcftools": ["bcftools", "--version"]}
 
 
@@ -113,7 +142,7 @@ def peer_name(fmt):
     """Return the peer command with its version, as expected.json's "peer" records it."""
     command = PEER_COMMANDS[fmt]
     version = run(VERSION_COMMANDS[command[0]]).split("\n")[0].split()[-1].lstrip("v")
-    return f"{' '.join(command)} ({command[0]} {version})"
+    return f"{' '.join(command)}{PEER_ALSO.get(fmt, '')} ({command[0]} {version})"
 
 
 def disagreements(report, peer):

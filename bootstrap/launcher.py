@@ -17,6 +17,7 @@ import os
 import runpy
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -116,8 +117,9 @@ def supervise(pid, until, stopped):
         pause = min(pause * 2, 0.2)
 
 
-def run(path, args, until):
-    """Run the worker in a forked child under supervise(); return its (exit code, timed out)."""
+def run(path, args, until, beside):
+    """Run the worker in a forked child under supervise() and thread `beside`, started after
+    the fork; return its (exit code, timed out)."""
     terms = []
     signal.signal(signal.SIGTERM, lambda *_: terms.append(1))
     sys.stdout.flush()
@@ -125,7 +127,22 @@ def run(path, args, until):
     pid = os.fork()
     if pid == 0:
         run_child(path, args)
+    beside.start()
     return supervise(pid, until, lambda: bool(terms))
+
+
+def send_log(s3, bucket, key, work_dir, done):
+    """Until done is set, PUT the log to key every AWSFUN_LOG_SECONDS (60) if it grew."""
+    sent = 0
+    while not done.wait(float(os.environ.get("AWSFUN_LOG_SECONDS", "60"))):
+        try:
+            with open(os.path.join(work_dir, "bootstrap.log"), "rb") as log:
+                body = log.read()
+            if len(body) > sent:
+                s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="text/plain")
+                sent = len(body)
+        except Exception as err:  # noqa: BLE001 - the shell uploads it at the end
+            logger.warning("log upload: %s", err)
 
 
 def spot_interruption(environ=os.environ, timeout=1.0):
@@ -202,7 +219,12 @@ def main(argv, sleep=time.sleep):
         else:
             with open(path, "wb") as worker:
                 worker.write(body)
-            code, timed_out = run(path, argv[8:], deadline(started, limit, time.time()))
+            done = threading.Event()
+            live = threading.Thread(target=send_log, args=(s3, bucket, log_key, work_dir, done),
+                                    daemon=True)
+            code, timed_out = run(path, argv[8:], deadline(started, limit, time.time()), live)
+            done.set()
+            live.join(10)
             crash = ""
             if os.path.exists(path + ".crash"):
                 with open(path + ".crash", encoding="utf-8") as cause:

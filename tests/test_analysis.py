@@ -2,6 +2,7 @@
 and DuckDB gave for the same files (tests/data/README.md), gzip and bgzip, malformed
 inputs, block boundaries, bounded memory and progress logs."""
 
+import collections
 import gzip
 import hashlib
 import json
@@ -249,6 +250,109 @@ def test_n50_and_long_read_histogram():
     coarse = AwsS3.coarsen_lengths(lengths)
     assert len(coarse) == 300 and sum(coarse.values()) == 30_000
     assert AwsS3.n50(coarse, sum(lengths)) == pytest.approx(AwsS3.n50(lengths, sum(lengths)), rel=0.01)
+
+
+# The two per-read distributions (read_length_histogram, mean_quality_histogram). Lengths agree
+# with seqkit (`seqkit fx2tab -l`; bench/peers.py compares them, and tests/peers/fastq holds its
+# values). The mean quality is FastQC's (the arithmetic mean of a read's Phred scores, rounded
+# down); `seqkit fx2tab -q` averages error probabilities instead (!!II gives 3.01, not 20), so
+# the expected means here are computed from the records themselves.
+
+
+def four_line_reads(content):
+    """Return (name, sequence, quality) of each record of a four-line FASTQ."""
+    lines = content.split(b"\n")
+    return [(lines[i][1:], lines[i + 1], lines[i + 3]) for i in range(0, len(lines) - 3, 4)]
+
+
+def expected_length_bins(reads, width):
+    """Return the read-length bins of width `width` (empty ones left out), counted here."""
+    counts = collections.Counter(len(seq) // width * width for _, seq, _ in reads)
+    return [[start, counts[start]] for start in sorted(counts)]
+
+
+def expected_mean_qualities(reads):
+    """Return FastQC's per sequence quality scores of the reads: mean Phred rounded down, 0..93."""
+    counts = collections.Counter(min(max(sum(qual) // len(qual) - 33, 0), 93) for _, _, qual in reads if qual)
+    return [[phred, counts[phred]] for phred in sorted(counts)]
+
+
+@pytest.mark.parametrize(("path", "width"), [
+    ("samples/reads.fastq", 1), ("samples/reads.fastq.gz", 1),  # lengths 90..151: 62 values, bins of 1
+    ("tests/data/reads.fastq", 2), ("tests/data/reads.fastq.bgz", 2)])  # 50..151: 102 values, bins of 2
+def test_fastq_distributions_of_the_samples(path, width):
+    content = (REPO / path).read_bytes()
+    reads = four_line_reads(gzip.decompress(content) if path.endswith("gz") else content)
+    s = AwsS3.analyse_file(str(REPO / path))["summary"]
+    assert s["read_length_histogram"] == {"bin_width": width, "bins": expected_length_bins(reads, width)}
+    assert s["mean_quality_histogram"] == expected_mean_qualities(reads)
+    assert sum(reads for _, reads in s["read_length_histogram"]["bins"]) == s["reads"]
+    if width == 2:  # seqkit fx2tab -l tests/data/reads.fastq: 276 reads of 150 or 151 bases
+        assert s["read_length_histogram"]["bins"][-1] == [150, 276]
+
+
+def test_fastq_distributions_stay_small_for_widely_varying_lengths():
+    # Lengths from 1 to 30,000 (log-uniform) and qualities of every Phred score and beyond.
+    rng = random.Random(11)
+    reads = []
+    for i in range(600):
+        length = max(1, round(30_000 ** rng.random()))
+        low = rng.randrange(33 - 5, 127 + 5)  # a few means below '!' and above '~'
+        quality = bytes(rng.choice((low, min(low + 1, 255))) for _ in range(length))
+        reads.append((b"r%d" % i, b"A" * length, quality))
+    reads += [(b"short", b"A", b"I"), (b"longest", b"C" * 30_000, b"?" * 30_000)]
+    content = b"".join(b"@%s\n%s\n+\n%s\n" % read for read in reads)
+    s = analyse_bytes(content, chunk=65_536)["summary"]
+    histogram = s["read_length_histogram"]
+    # 1..30,000: bins of 200 would be 151, of 500 are 61
+    assert histogram == {"bin_width": 500, "bins": expected_length_bins(reads, 500)}
+    assert len(histogram["bins"]) <= 64
+    means = s["mean_quality_histogram"]
+    assert means == expected_mean_qualities(reads)
+    assert len(means) <= 94 and means[0][0] == 0 and means[-1][0] == 93
+    assert sum(count for _, count in means) == s["reads"] == len(reads)
+    assert len(json.dumps(histogram)) + len(json.dumps(means)) < 3000
+
+
+def test_read_length_bin_width_is_the_smallest_that_fits():
+    histogram = AwsS3.read_length_histogram
+    assert histogram(collections.Counter({10: 2, 73: 1}), 10, 73) == {"bin_width": 1, "bins": [[10, 2], [73, 1]]}
+    assert histogram(collections.Counter({10: 2, 74: 1}), 10, 74)["bin_width"] == 2  # 65 values
+    assert histogram(collections.Counter({0: 1, 127: 1}), 0, 127)["bin_width"] == 2
+    assert histogram(collections.Counter({0: 1, 128: 1}), 0, 128)["bin_width"] == 5
+    assert histogram(collections.Counter({5: 1, 1_000_000: 1}), 5, 1_000_000) == {
+        "bin_width": 20_000, "bins": [[0, 1], [1_000_000, 1]]}
+    assert histogram(collections.Counter(), None, None) == {"bin_width": 1, "bins": []}
+
+
+def test_read_length_histogram_of_rounded_lengths_keeps_each_read_in_its_bin(monkeypatch):
+    # Past MAX_LENGTH_BINS distinct lengths the counts are rounded to 3 significant digits
+    # (1234 -> 1230): bins of 5 would put 1234 in 1230's bin, so the width is at least 10.
+    monkeypatch.setattr(AwsS3, "MAX_LENGTH_BINS", 50)
+    reads = [(b"r%d" % length, b"G" * length, b"I" * length) for length in range(1000, 1301)]
+    s = analyse_bytes(b"".join(b"@%s\n%s\n+\n%s\n" % read for read in reads))["summary"]
+    assert s["n50_exact"] is False
+    assert s["read_length_histogram"] == {"bin_width": 10, "bins": expected_length_bins(reads, 10)}
+
+
+def test_fastq_mean_quality_of_a_record_measured_in_pieces(monkeypatch):
+    # The first part of a record longer than RECORD_BUFFER is measured early: its quality
+    # still counts in the read's mean (40 and 10 in halves: 25, not 10).
+    monkeypatch.setattr(AwsS3, "RECORD_BUFFER", 1000)
+    reads = [(b"long", b"GC" * 10_000, b"I" * 10_000 + b"+" * 10_000)] + four_line_reads(b"".join(_records(3)))
+    content = b"".join(_wrapped(name, seq, qual, 70) for name, seq, qual in reads)
+    s = analyse_bytes(content)["summary"]
+    assert s["mean_quality_histogram"] == [[25, 1], [40, 3]]
+
+
+def test_fastq_distributions_count_reads_not_malformed_records():
+    records = _records(10)
+    records[3] = b"@r3\nACGTACGT\n+\nIIII\n"  # quality short: malformed
+    records[6] = b"@r6\n\n+\n\n"  # an empty read: a length of 0, no mean quality
+    s = analyse_bytes(b"".join(records))["summary"]
+    assert (s["reads"], s["malformed_records"]) == (9, 1)
+    assert s["read_length_histogram"] == {"bin_width": 1, "bins": [[0, 1], [20, 8]]}
+    assert s["mean_quality_histogram"] == [[40, 8]]
 
 
 # --- VCF ------------------------------------------------------------------------------
@@ -510,6 +614,12 @@ def test_binary_gets_a_byte_histogram_summary():
     assert s["byte_classes_percent"]["high"] == pytest.approx(100 * 128 * 400 / len(content), abs=1e-3)
     assert s["top_bytes"][0]["byte"] == 0
     assert 0 < s["entropy_bits_per_byte"] < 8
+
+
+def test_one_repeated_byte_has_an_entropy_of_zero_not_minus_zero():
+    s = analyse_bytes(b"x" * 1000 + b"\n")["summary"]
+    assert s["distinct_bytes_sampled"] == 1
+    assert json.dumps(s["entropy_bits_per_byte"]) == "0.0"
 
 
 def test_gzip_of_nothing_is_empty_content():

@@ -14,6 +14,9 @@ from support import REPO
 SEQKIT_OUTPUT = (
     "file\tformat\ttype\tnum_seqs\tsum_len\tmin_len\tavg_len\tmax_len\tQ1\tQ2\tQ3\tsum_gap\tN50\tQ20(%)\tQ30(%)\tGC(%)\n"
     "tests/peers/fastq/wrapped_crlf.fq\tFASTQ\tDNA\t6\t451\t1\t75.2\t150\t59.0\t60.5\t120.0\t0\t120\t83.37\t76.72\t44.57\n")
+# seqkit fx2tab -l: name, sequence, quality, length (a name may hold a tab)
+FX2TAB_OUTPUT = (b"r1\tACGT\t!!II\t4\nr2\t\t\t0\nr3 x\ty\t" + b"A" * 70 + b"\t" + b"I" * 70 + b"\t70\n"
+                 b"r4\tACGTA\t     \t5\n")
 BCFTOOLS_OUTPUT = """# SN, Summary numbers:
 # SN\t[2]id\t[3]key\t[4]value
 SN\t0\tnumber of samples:\t2
@@ -40,11 +43,16 @@ def peers():
 
 
 def test_seqkit_output_becomes_report_paths(peers, monkeypatch):
-    monkeypatch.setattr(peers, "run", lambda argv: SEQKIT_OUTPUT)
+    outputs = {"stats": SEQKIT_OUTPUT, "fx2tab": FX2TAB_OUTPUT}
+    monkeypatch.setattr(peers, "run", lambda argv, text=True: outputs[argv[1]])
     assert peers.PEERS["fastq"]("x.fq") == {
         "format": "fastq", "summary.reads": 6, "summary.bases": 451, "summary.min_length": 1,
         "summary.max_length": 150, "summary.n50": 120, "summary.gc_percent": 44.57,
-        "summary.q20_percent": 83.37, "summary.q30_percent": 76.72}
+        "summary.q20_percent": 83.37, "summary.q30_percent": 76.72,
+        # lengths 0..70 span 71 values: bins of 2; the empty read has no mean quality; a mean
+        # below '!' counts as 0
+        "summary.read_length_histogram": {"bin_width": 2, "bins": [[0, 1], [4, 2], [70, 1]]},
+        "summary.mean_quality_histogram": [[0, 1], [20, 1], [40, 1]]}
 
 
 def test_bcftools_output_becomes_report_paths(peers, monkeypatch):

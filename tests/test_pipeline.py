@@ -287,6 +287,41 @@ def test_log_goes_up_whole_by_curl_or_else_boto3(cloud, tmp_path, curl_works):
     assert_shut_down(stub)
 
 
+# A worker that logs a line, then waits (up to 8 s) for that line to reach analysis/KEY.log
+# in S3 while it still runs; its status says whether it did (0) or not (9).
+LIVE_LOG_WORKER = """import os, sys, time, boto3
+print("stand-in worker: first line", flush=True)
+bucket, _, key = sys.argv[-1][len("s3://"):].partition("/")
+s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+for _ in range(80):
+    try:
+        log = s3.get_object(Bucket=bucket, Key="analysis/" + key + ".log")["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        log = b""
+    if b"stand-in worker: first line" in log:
+        print("stand-in worker: saw the live log", flush=True)
+        sys.exit(0)
+    time.sleep(0.1)
+sys.exit(9)
+"""
+
+
+def test_a_running_job_s_log_reaches_s3_before_the_job_ends(cloud, monkeypatch):
+    """The launcher uploads the log every AWSFUN_LOG_SECONDS (60 s; 0.5 here) while the worker
+    runs, so `./deploy.sh logs KEY --follow` shows a long job; the shell's final upload still
+    leaves the whole log."""
+    monkeypatch.setenv("AWSFUN_LOG_SECONDS", "0.5")
+    _publish_stand_in(cloud, LIVE_LOG_WORKER)
+    key = "inbox/live log.csv"
+    instance_id = cloud.launch(key, CSV)
+    done, stub = cloud.run(instance_id, timeout=60)
+    log = cloud.get(AwsS3.report_key(key, ".log")).decode("utf-8")
+    assert done.returncode == 0, log
+    assert "saw the live log" in log and "worker succeeded" in log
+    assert log.splitlines()[-1].endswith("finished with status 0; shutting down")
+    assert_shut_down(stub)
+
+
 def test_worker_code_missing_from_the_software_bucket(cloud):
     key = "inbox/no worker.csv"
     instance_id = cloud.launch(key, CSV)

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import boto3
@@ -403,7 +404,8 @@ def _supervised(tmp_path, code, seconds=30):
     worker.write_text(code)
     saved = signal.getsignal(signal.SIGTERM)
     try:
-        return launcher.run(str(worker), ["s3://b/k"], time.time() + seconds)
+        return launcher.run(str(worker), ["s3://b/k"], time.time() + seconds,
+                            threading.Thread(target=lambda: None))
     finally:
         signal.signal(signal.SIGTERM, saved)
 
@@ -421,6 +423,51 @@ def test_the_launcher_stops_a_child_at_its_deadline(tmp_path):
     code, timed_out = _supervised(tmp_path, "import time\ntime.sleep(60)\n", seconds=0.5)
     assert timed_out and time.monotonic() - started < 10
     assert launcher.outcome(code, 7, timed_out=True) == (124, "worker exceeded its time limit of 7s")
+
+
+class _Done:
+    """A stand-in for the launcher's threading.Event: wait() returns at once, calls `between`
+    with the number of waits so far, and says "set" after `count` waits."""
+
+    def __init__(self, count, between):
+        self.count, self.between, self.timeouts = count, between, []
+
+    def wait(self, timeout):
+        self.timeouts.append(timeout)
+        self.between(len(self.timeouts))
+        return len(self.timeouts) > self.count
+
+
+class _Puts:
+    """An S3 client's put_object that records each body, failing the calls numbered in `fail`."""
+
+    def __init__(self, fail=()):
+        self.bodies, self.calls, self.fail = [], 0, fail
+
+    def put_object(self, Bucket, Key, Body, ContentType):
+        self.calls += 1
+        if self.calls in self.fail:
+            raise OSError("connection reset")
+        assert (Bucket, Key, ContentType) == ("data", "analysis/k.log", "text/plain")
+        self.bodies.append(Body)
+
+
+def test_the_running_job_s_log_goes_up_only_when_it_grew(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("AWSFUN_LOG_SECONDS", "7")
+    log = tmp_path / "bootstrap.log"
+    writes = {1: b"started\n", 3: b"MB done\n", 4: b"more\n"}  # before the 1st, 3rd, 4th wait ends
+
+    def between(waits):
+        if waits in writes:
+            with log.open("ab") as handle:
+                handle.write(writes[waits])
+
+    s3, done = _Puts(fail={2}), _Done(5, between)
+    launcher.send_log(s3, "data", "analysis/k.log", str(tmp_path), done)
+    # wait 1: put; 2: no growth; 3: grew, the put fails; 4: grew, put (the whole log); 5: none
+    assert s3.bodies == [b"started\n", b"started\nMB done\nmore\n"]
+    assert s3.calls == 3 and done.timeouts == [7.0] * 6
+    assert "log upload: connection reset" in caplog.text
 
 
 def test_the_deadline_counts_from_the_shell_s_clock_less_a_margin():
