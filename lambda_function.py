@@ -413,6 +413,19 @@ def launcher_archive(source):
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def without_comment_lines(script):
+    """Return a bash script with each whole-line comment emptied, the shebang kept (pure).
+
+    The comments are a quarter of bootstrap.sh and EC2 allows 16 KB of user-data; emptied
+    rather than dropped, lines keep their numbers for bash's messages. Only for scripts
+    with no heredoc and no quoted string spanning lines (bootstrap.sh has neither; a test
+    checks), where a line starting with # can only be a comment.
+    """
+    lines = script.split("\n")
+    return "\n".join(line if number == 0 or not line.lstrip().startswith("#") else ""
+                     for number, line in enumerate(lines))
+
+
 def render_user_data(template, obj, settings, launcher=None):
     """Render the bootstrap template for one object; values travel as base64 data, never code.
 
@@ -443,7 +456,7 @@ def render_user_data(template, obj, settings, launcher=None):
     }
     # base64 and decimal digits hold no quote, so single quotes keep them inert.
     block = "\n".join(f"{name}='{value}'" for name, value in job.items())
-    user_data = template.replace(JOB_MARKER, block, 1)
+    user_data = without_comment_lines(template).replace(JOB_MARKER, block, 1)
     size = len(user_data.encode("utf-8"))
     if size > USER_DATA_LIMIT:
         raise UserDataTooLarge(

@@ -594,10 +594,28 @@ def test_render_fits_the_longest_s3_key():
     assert job_values(user_data)["KEY"] == key
 
 
+def test_user_data_drops_only_comments_from_the_template():
+    """without_comment_lines empties comment lines only: bash's own reading of every
+    function (declare -f, which drops comments) is the same before and after, and no
+    heredoc could hold a line starting with #."""
+    assert not re.search(r"(?<!<)<<(?!<)", TEMPLATE)  # a heredoc; <<< is a here-string
+
+    def functions(script):
+        body = script.split('\nmain "$@"')[0].replace(lf.JOB_MARKER, "")
+        done = subprocess.run(["bash", "-c", body + "\ndeclare -f"], capture_output=True,
+                              text=True, check=True, timeout=10)
+        return done.stdout
+
+    stripped = lf.without_comment_lines(TEMPLATE)
+    assert functions(stripped) == functions(TEMPLATE) and "decode_job ()" in functions(TEMPLATE)
+    assert stripped.count("\n") == TEMPLATE.count("\n") and stripped.startswith("#!")
+    assert len(stripped) < len(TEMPLATE) - 1000
+
+
 def test_render_refuses_user_data_over_16_kb():
-    pad = "#" * 100 + "\n"
+    pad = ":" * 100 + "\n"
     base = len(lf.render_user_data(TEMPLATE, obj("k"), settings()).encode("utf-8"))
-    template = TEMPLATE + "# " + "p" * (lf.USER_DATA_LIMIT - base - 3) + "\n"
+    template = TEMPLATE + ":" + "p" * (lf.USER_DATA_LIMIT - base - 2) + "\n"
     exact = lf.render_user_data(template, obj("k"), settings())
     assert len(exact.encode("utf-8")) == lf.USER_DATA_LIMIT  # exactly 16 KB is allowed
     with pytest.raises(lf.UserDataTooLarge) as raised:
@@ -972,7 +990,7 @@ def test_a_network_failure_fails_its_record_only(clients, caplog):
 def test_user_data_too_large_fails_that_record_only(clients, monkeypatch, tmp_path):
     (tmp_path / "bootstrap").mkdir()
     base = len(lf.render_user_data(TEMPLATE, obj("k"), settings()).encode("utf-8"))
-    padded = TEMPLATE + "# " + "p" * (lf.USER_DATA_LIMIT - base - 3 - 200) + "\n"
+    padded = TEMPLATE + ":" + "p" * (lf.USER_DATA_LIMIT - base - 2 - 200) + "\n"
     (tmp_path / "bootstrap" / "bootstrap.sh").write_text(padded, encoding="utf-8")
     (tmp_path / lf.LAUNCHER_KEY).write_bytes((REPO / lf.LAUNCHER_KEY).read_bytes())
     monkeypatch.setattr(lf, "__file__", str(tmp_path / "lambda_function.py"))
