@@ -183,3 +183,45 @@ def test_the_server_ends_with_the_process_that_started_it(tmp_path):
         os.kill(server, signal.SIGKILL)
     shutil.rmtree(root)
     assert not alive, "the fork server outlived the process that started it"
+
+
+def test_the_workers_compilation_is_reused_under_each_jobs_file_name(tmp_path, monkeypatch):
+    """cache_compiled: the worker's exact bytes compile once, and each job's copy still
+    carries its own file name (tracebacks, __file__); other bytes compile as before."""
+    import builtins
+
+    script = write(tmp_path, "w.py", """\
+        def fail():
+            raise ValueError("here")
+        """)
+    monkeypatch.setattr(builtins, "compile", builtins.compile)  # undone after the test
+    local_forkserver.cache_compiled(script)
+    source = script.read_bytes()
+    first = compile(source, "/job1/w.py", "exec")
+    again = compile(source, "/job2/w.py", "exec")
+    assert first.co_code == again.co_code
+    nested = [c for c in again.co_consts if hasattr(c, "co_filename")]
+    assert again.co_filename == "/job2/w.py" and [c.co_filename for c in nested] == ["/job2/w.py"]
+    namespace = {}
+    exec(again, namespace)
+    with pytest.raises(ValueError) as raised:
+        namespace["fail"]()
+    assert str(raised.traceback[-1].path) == "/job2/w.py"
+    changed = compile(source + b"x = 1\n", "/job3/w.py", "exec")
+    assert "x" in changed.co_names and "x" not in again.co_names
+
+
+def test_a_copy_of_the_worker_runs_through_the_shim_as_it_does_cold(shim, tmp_path):
+    """The fork server has the worker compiled; a job's copy of it still runs as itself."""
+    path, _ = shim
+    copy = tmp_path / "AwsS3.py"
+    copy.write_bytes(local_forkserver.WORKER.read_bytes())
+    (tmp_path / "in.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+    warm, cold = (subprocess.run([str(python), str(copy), str(tmp_path / "in.csv")],
+                                 capture_output=True, timeout=60, check=False)
+                  for python in (path, PYTHON))
+    assert warm.returncode == cold.returncode == 0, warm.stderr
+    reports = [json.loads(done.stdout) for done in (warm, cold)]
+    for report in reports:
+        del report["worker"]  # when, how long, on which Python
+    assert reports[0] == reports[1] and reports[0]["summary"]["rows"] == 1
