@@ -101,7 +101,8 @@ def reconcile_summary(result):
                      f"dead letters replayed {len(result['replayed'])}, kept "
                      f"{len(result['dlq_failed']) + len(result['dlq_kept'])}.")
     if result.get("ended_without_report"):
-        lines.append(f"{len(result['ended_without_report'])} workers ended without a report; "
+        ended = len(result["ended_without_report"])
+        lines.append(f"{ended} worker{'' if ended == 1 else 's'} ended without a report; "
                      "EC2's reasons are above (ended unreported).")
     return "\n".join(lines)
 

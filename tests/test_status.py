@@ -167,6 +167,8 @@ def test_status_and_reconcile_name_ec2s_reason_for_each_worker_that_ended_withou
     assert sorted(entry["key"] for entry in result["launched"]) == ["kms.csv", "old.csv",
                                                                    "spot.csv"]
     assert "3 workers ended without a report" in deploy.reconcile_summary(result)
+    one = dict(result, ended_without_report=result["ended_without_report"][:1])
+    assert "1 worker ended without a report" in deploy.reconcile_summary(one)
 
 
 # --- error reports with their reasons, reports counted by status and format ------------------
