@@ -40,7 +40,7 @@ import lambda_function
 import local_forkserver
 from awsfun_deploy import results
 from awsfun_deploy.cli import positive_int
-from awsfun_deploy.core import escaped, middle_cut
+from awsfun_deploy.core import OneLineParser, escaped, middle_cut
 
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / "samples"
@@ -1180,6 +1180,10 @@ def up_instructions(endpoint, names, prefix, region=REGION):
         ("AWS_SECRET_ACCESS_KEY", "local"), ("AWS_DEFAULT_REGION", region)))
     deploy_sh = shlex.quote(str(REPO / "deploy.sh"))
     sample = shlex.quote(str(SAMPLES / "calls.vcf"))
+    # This virtual environment, so `results` finds jinja2 and plotly there too.
+    script = Path(sys.prefix) / "bin" / "activate"
+    activate = (f"  . {shlex.quote(str(script))}\n"
+                if sys.prefix != sys.base_prefix and script.is_file() else "")
     return f"""local cloud is up (Ctrl-C stops it)
   endpoint         {endpoint}
   data bucket      {bucket}
@@ -1187,12 +1191,13 @@ def up_instructions(endpoint, names, prefix, region=REGION):
   Lambda function  {names['function_name']} (run in this process)
 
 In another shell (the AWS CLI, boto3 and deploy.sh read these):
-  unset AWS_PROFILE AWS_SESSION_TOKEN
+{activate}  unset AWS_PROFILE AWS_SESSION_TOKEN
   export {environment}
   aws s3 cp {sample} s3://{bucket}/incoming/calls.vcf
   aws s3 cp s3://{bucket}/analysis/incoming/calls.vcf.json -
   {deploy_sh} status --prefix {shlex.quote(prefix)}
   {deploy_sh} results --prefix {shlex.quote(prefix)}
+  {deploy_sh} logs --prefix {shlex.quote(prefix)} incoming/calls.vcf
 """
 
 
@@ -1225,7 +1230,7 @@ def positive_seconds(text):
 
 def build_parser():
     """Return the command-line parser."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Run the awsfun pipeline on this machine, with moto standing in for AWS.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",

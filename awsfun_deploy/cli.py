@@ -11,6 +11,7 @@ import traceback
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
 from .core import (
+    OneLineParser,
     CREATED, Clients, DELETED, DeployError, GONE, IN_PLACE, Progress, UPDATED, canonical,
     explain_error, one_line,
 )
@@ -328,7 +329,7 @@ def command_first(argv):
 
 def build_parser():
     """Return the argument parser with one subparser per registered command."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="deploy.sh",
         description="Deploy the awsfun pipeline (S3 -> SQS -> Lambda -> one EC2 worker per "
                     "object, at most --max-workers at once) "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -101,6 +102,14 @@ def middle_cut(text, width):
     return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake in one line on stderr (status 2, as argparse's own)
+    instead of the whole usage first; --help still prints it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (--help for usage)\n")
+
+
 def explain_error(err):
     """Return (exit status, one line saying what went wrong and what to do) for an ordinary
     mistake in the caller's AWS settings or permissions, or None for anything else (pure).
@@ -141,6 +150,11 @@ def explain_error(err):
         if code in DENIED_CODES:
             return 2, (f"{refused}: these credentials lack a permission; attach the policy "
                        "`./deploy.sh deployer-policy` prints to the user or role you run as")
+        if code == "NoSuchBucket":
+            bucket = err.response.get("Error", {}).get("BucketName")
+            return 2, (f"{refused}: no bucket {bucket or 'of that name'} here; is --prefix (or "
+                       "--data-bucket) the deployment's, and AWS_REGION its region? "
+                       "`./deploy.sh status --prefix P` says what is deployed")
         return None
     if isinstance(err, BotoCoreError):
         # Anything else botocore raises before a request (a malformed config file, an

@@ -168,3 +168,18 @@ def test_one_line_escapes_what_a_terminal_would_act_on():
     assert deploy.one_line("a\nb\tc  d") == "a b c d"
     assert deploy.one_line("bell\x07 esc\x1b[31m") == "bell\\x07 esc\\x1b[31m"
     assert deploy.one_line("x" * 400, limit=10) == "xxxxxxx..."
+
+
+@pytest.mark.parametrize("argv", [["results", "--prefix", "nosuch"],
+                                  ["logs", "--prefix", "nosuch", "a.csv"]])
+def test_a_prefix_with_no_deployment_says_to_check_it(clients, capsys, tmp_path, argv):
+    """results and logs go straight to the data bucket: S3's NoSuchBucket for a wrong
+    --prefix is one line that names --prefix and status, not AWS's bare refusal."""
+    assert deploy.main([*argv, *(["--out", str(tmp_path)] if argv[0] == "results" else [])],
+                       clients=clients) == 2
+    # results names what it copies where before it starts; the mistake is the one line after.
+    err = "".join(line for line in capsys.readouterr().err.splitlines(keepends=True)
+                  if not line.startswith("awsfun results: s3://"))
+    assert_one_line(err, f"deploy.sh {argv[0]}: AWS refused ",
+                    "(NoSuchBucket", "is --prefix (or --data-bucket) the deployment's",
+                    "`./deploy.sh status --prefix P`")

@@ -284,6 +284,7 @@ def test_run_refuses_a_count_below_one_in_one_line(tmp_path, option, value):
                            f"{option}={value}"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"'{value}': a whole number of workers >= 1" in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr  # not argparse's usage first
 
 
 def test_help_lists_the_commands():
@@ -514,14 +515,16 @@ def test_up_prints_commands_that_work_pasted_as_they_are(local_aws, tmp_path):
              "function_name": "local-launcher"}
     text = local_cloud.up_instructions(local_aws, names, "lc-2")
     pasted = [line.strip() for line in text.splitlines()
-              if line.strip().startswith(("unset ", "export ")) or " status --prefix " in line]
-    assert len(pasted) == 3
+              if line.strip().startswith((". ", "unset ", "export ")) or " status --prefix " in line]
+    # This suite runs in a virtual environment: the lines activate it first, as a person's
+    # other shell needs for `results` (jinja2, plotly) and deploy.sh's python3.
+    assert pasted[0] == f". {sys.prefix}/bin/activate" and len(pasted) == 4
     env = {key: value for key, value in os.environ.items()
            if not key.startswith("AWS_") or key in ("AWS_CONFIG_FILE",
                                                     "AWS_SHARED_CREDENTIALS_FILE")}
-    env.update({"AWS_PROFILE": "someone", "PYTHON": sys.executable})
+    env.update({"AWS_PROFILE": "someone"})
     done = subprocess.run(["bash", "-c", "\n".join(pasted)], env=env, capture_output=True,
                           text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("awsfun lc-2 in account 123456789012, region us-east-1")
-    assert " results --prefix lc-2\n" in text
+    assert " results --prefix lc-2\n" in text and " logs --prefix lc-2 incoming/" in text

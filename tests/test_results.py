@@ -237,3 +237,11 @@ def test_page_json_cannot_close_its_script_and_labels_are_text():
         [(10, 2), (20, 1)]
     assert results_page.histogram_points([[30, 5], [31, "x"]]) == [(30, 5)]
     assert results_page.histogram_points(None) is None
+
+
+def test_page_counts_say_one_input_and_one_file():
+    report = {"status": "ok", "format": "csv", "bytes": 4, "input": {"size": 4},
+              "summary": {"rows": 1, "columns": 1}}
+    inputs = [{"key": "a.csv", "report": report, "report_path": "a.csv.json", "log_path": None}]
+    page = results_page.render_page(inputs, [results.summary_row(inputs[0])])
+    assert "1 input:" in page and "(1 file)" in page and "1 inputs" not in page
