@@ -413,8 +413,10 @@ def launcher_archive(source):
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+@functools.lru_cache(maxsize=4)
 def without_comment_lines(script):
-    """Return a bash script with each whole-line comment emptied, the shebang kept (pure).
+    """Return a bash script with each whole-line comment emptied, the shebang kept (pure,
+    cached: every record of an invocation renders the same template).
 
     The comments are a quarter of bootstrap.sh and EC2 allows 16 KB of user-data; emptied
     rather than dropped, lines keep their numbers for bash's messages. Only for scripts
