@@ -16,7 +16,7 @@ from .core import (
     explain_error, one_line,
 )
 from .names import (
-    DEFAULT_INSTANCE_TYPE, DEFAULT_PREFIX, default_launch_template, discover_names, resolve_names,
+    DEFAULT_INSTANCE_TYPE, DEFAULT_PREFIX, default_launch_template, deployed_names, resolve_names,
 )
 from .artifacts import ROUTES_FILE
 from .stack import DEFAULT_MAX_WORKERS
@@ -59,8 +59,7 @@ def run_deploy(args, clients):
 
 def run_status(args, clients):
     """`status`: what is deployed, running and reported, and any drift."""
-    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
-    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    names = deployed_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     status = collect_status(clients, names, instance_type=args.instance_type,
                             routes_file=args.routes, read_limit=args.read)
     if args.json:
@@ -72,8 +71,7 @@ def run_status(args, clients):
 
 def run_reconcile(args, clients):
     """`reconcile`: replay dead letters and launch every input nothing has processed."""
-    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
-    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    names = deployed_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     if not args.json:
         print(f"awsfun reconcile: s3://{names.data_bucket}/{args.key_prefix}"
               + (" (dry run: nothing is launched or deleted)" if args.dry_run else ""))
@@ -110,8 +108,7 @@ def reconcile_summary(result):
 
 def run_logs(args, clients):
     """`logs KEY [--follow]`: print the worker's log of input KEY; Ctrl-C ends --follow quietly."""
-    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
-    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    names = deployed_names(clients, args.prefix, args.data_bucket, args.software_bucket)
 
     def write(data):
         sys.stdout.buffer.write(data)
@@ -125,8 +122,7 @@ def run_logs(args, clients):
 
 def run_teardown(args, clients):
     """`teardown`: remove everything deploy created (the data bucket only with --delete-data)."""
-    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
-    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    names = deployed_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     data = (f"and the data bucket {names.data_bucket} with ALL its objects" if args.delete_data
             else f"(the data bucket {names.data_bucket} is kept)")
     print(f"This removes the awsfun deployment {names.prefix!r} from account {names.account}, "

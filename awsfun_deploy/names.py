@@ -149,6 +149,13 @@ def resolve_names(clients, prefix=DEFAULT_PREFIX, data_bucket=None, software_buc
                         data_bucket, software_bucket)
 
 
+def deployed_names(clients, prefix=DEFAULT_PREFIX, data_bucket=None, software_bucket=None):
+    """Return the Names of the deployment a command acts on: derived for this account and
+    region (resolve_names), then the bucket names its function records (discover_names)."""
+    names = resolve_names(clients, prefix, data_bucket, software_bucket)
+    return discover_names(clients("lambda"), names, data_bucket, software_bucket)
+
+
 def discover_names(lam, names, explicit_data=None, explicit_software=None):
     """Prefer the bucket names the deployed function records over the derived defaults."""
     try:

@@ -28,7 +28,7 @@ import AwsS3
 from lambda_function import printable
 
 from .core import DeployError
-from .names import discover_names, resolve_names
+from .names import deployed_names
 from .s3 import list_keys
 
 logger = logging.getLogger(__name__)
@@ -442,8 +442,7 @@ def require_page_libraries():
 def run_results(args, clients):
     """`results`: fetch what changed under analysis/KEY_PREFIX, write summary.csv, index.html."""
     require_page_libraries()
-    names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
-    names = discover_names(clients("lambda"), names, args.data_bucket, args.software_bucket)
+    names = deployed_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     out_dir = Path(args.out)
     print(f"awsfun results: s3://{names.data_bucket}/{REPORT_PREFIX}{_shown(args.key_prefix)} "
           f"-> {out_dir}", file=sys.stderr)
