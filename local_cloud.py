@@ -40,7 +40,7 @@ import lambda_function
 import local_forkserver
 from awsfun_deploy import results
 from awsfun_deploy.cli import positive_int
-from awsfun_deploy.core import OneLineParser, escaped, middle_cut
+from awsfun_deploy.core import OneLineParser, escaped, middle_cut, plural
 
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / "samples"
@@ -1069,11 +1069,6 @@ def table_names(keys, width=FILE_COLUMN):
     for name in shown.values():
         seen[name] = seen.get(name, 0) + 1
     return {key: name if seen[name] == 1 else escaped(key) for key, name in shown.items()}
-
-
-def plural(count, noun, nouns=None):
-    """Return "1 file", "2 files" (pure)."""
-    return f"{count:,} {noun if count == 1 else (nouns or noun + 's')}"
 
 
 def print_table(cloud, outcomes):

@@ -12,6 +12,7 @@ from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
 from .core import (
     OneLineParser,
+    plural,
     CREATED, Clients, DELETED, DeployError, GONE, IN_PLACE, Progress, UPDATED, canonical,
     explain_error, one_line,
 )
@@ -100,8 +101,8 @@ def reconcile_summary(result):
                      f"dead letters replayed {len(result['replayed'])}, kept "
                      f"{len(result['dlq_failed']) + len(result['dlq_kept'])}.")
     if result.get("ended_without_report"):
-        ended = len(result["ended_without_report"])
-        lines.append(f"{ended} worker{'' if ended == 1 else 's'} ended without a report; "
+        ended = plural(len(result["ended_without_report"]), "worker")
+        lines.append(f"{ended} ended without a report; "
                      "EC2's reasons are above (ended unreported).")
     return "\n".join(lines)
 

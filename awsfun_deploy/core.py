@@ -102,6 +102,11 @@ def middle_cut(text, width):
     return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
+def plural(count, noun, nouns=None):
+    """Return "1 file", "2 files" (pure)."""
+    return f"{count:,} {noun if count == 1 else (nouns or noun + 's')}"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with a usage mistake in one line on stderr (status 2, as argparse's own)
     instead of the whole usage first; --help still prints it."""
