@@ -428,6 +428,55 @@ def without_comment_lines(script):
                      for number, line in enumerate(lines))
 
 
+def job_values(obj, settings, time_limit):
+    """Return {variable: text} of one object's job: JOB_FIELDS_B64, JOB_WATCHDOG_MINUTES and
+    JOB_TIMEOUT_SECONDS (pure; base64 and digits only). EC2 carries them in user-data, Batch
+    in the container's environment; the bootstrap reads them the same way from either.
+    `time_limit` is the worker's limit in seconds (ordered_time_limit's answer)."""
+    return {
+        "JOB_FIELDS_B64": job_fields_b64({
+            "BUCKET": obj["bucket"], "KEY": obj["key"], "ETAG": obj["etag"],
+            "ERROR_KEY": long_report_key(obj["key"], ".error.json"),
+            "LOG_KEY": long_report_key(obj["key"], ".log"),
+            "REGION": settings["REGION"], "SOFTWARE_BUCKET": settings["SOFTWARE_BUCKET"],
+            "WORKER_KEY": settings["WORKER_KEY"],
+            "COMMAND": json.dumps(settings["COMMAND"]) if settings.get("COMMAND") else ""}),
+        "JOB_WATCHDOG_MINUTES": str(int(settings["WATCHDOG_MINUTES"])),
+        "JOB_TIMEOUT_SECONDS": str(int(time_limit)),
+    }
+
+
+def batch_job_script(template, launcher):
+    """Return the script a Batch job definition runs as `bash -c SCRIPT` (pure).
+
+    bootstrap.sh with only the launcher rendered in: the job's own values arrive as container
+    environment (batch_environment), so one job definition serves every object. AWS Batch
+    allows a job definition of 24 KiB (AWS Batch User Guide, "AWS Batch service quotas").
+    """
+    if JOB_MARKER not in template:
+        raise ValueError(f"bootstrap template has no line {JOB_MARKER!r} to render into")
+    block = f"JOB_LAUNCHER_B64='{launcher_archive(launcher)}'"
+    return without_comment_lines(template).replace(JOB_MARKER, block, 1)
+
+
+def batch_environment(obj, settings):
+    """Return SubmitJob's containerOverrides.environment for one object (pure): job_values
+    as [{"name", "value"}], in order. Values are base64 and digits, never code."""
+    limit = ordered_time_limit(int(settings["WATCHDOG_MINUTES"]),
+                               settings["WORKER_TIMEOUT_SECONDS"])
+    return [{"name": name, "value": value}
+            for name, value in job_values(obj, settings, limit).items()]
+
+
+def batch_job_name(token):
+    """Return the Batch job name of one upload's job: "awsfun-" and its client_token (pure).
+
+    Batch has no client token; ListJobs filtered by this name tells a repeated event from a
+    new upload. Names hold up to 128 letters, digits, hyphens and underscores (SubmitJob).
+    """
+    return f"awsfun-{token}"
+
+
 def render_user_data(template, obj, settings, launcher=None):
     """Render the bootstrap template for one object; values travel as base64 data, never code.
 
@@ -444,18 +493,8 @@ def render_user_data(template, obj, settings, launcher=None):
         logger.warning("worker time limit %s s lowered to %s s: it must end (and report) "
                        "before the %s-minute watchdog", settings["WORKER_TIMEOUT_SECONDS"],
                        limit, watchdog)
-    job = {
-        "JOB_FIELDS_B64": job_fields_b64({
-            "BUCKET": obj["bucket"], "KEY": obj["key"], "ETAG": obj["etag"],
-            "ERROR_KEY": long_report_key(obj["key"], ".error.json"),
-            "LOG_KEY": long_report_key(obj["key"], ".log"),
-            "REGION": settings["REGION"], "SOFTWARE_BUCKET": settings["SOFTWARE_BUCKET"],
-            "WORKER_KEY": settings["WORKER_KEY"],
-            "COMMAND": json.dumps(settings["COMMAND"]) if settings.get("COMMAND") else ""}),
-        "JOB_WATCHDOG_MINUTES": str(watchdog),
-        "JOB_TIMEOUT_SECONDS": str(limit),
-        "JOB_LAUNCHER_B64": launcher_archive(launcher),
-    }
+    job = dict(job_values(obj, settings, limit),
+               JOB_LAUNCHER_B64=launcher_archive(launcher))
     # base64 and decimal digits hold no quote, so single quotes keep them inert.
     block = "\n".join(f"{name}='{value}'" for name, value in job.items())
     user_data = without_comment_lines(template).replace(JOB_MARKER, block, 1)
