@@ -18,8 +18,18 @@ import lambda_function
 
 from .artifacts import BOOTSTRAP_KEY, LAUNCHER_KEY, software_sources
 from .core import (
-    CREATED, DELETED, GONE, IN_PLACE, KEPT, UPDATED, DeployError, _get_or_none, canonical,
-    error_code, log_client_error, tag_list,
+    CREATED,
+    DELETED,
+    GONE,
+    IN_PLACE,
+    KEPT,
+    UPDATED,
+    DeployError,
+    _get_or_none,
+    canonical,
+    error_code,
+    log_client_error,
+    tag_list,
 )
 from .iam import read_instance_profile, read_role
 from .names import STACK_TAG

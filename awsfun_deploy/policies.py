@@ -6,8 +6,8 @@ import json
 import re
 import string
 
-from .batch import batch_arn, batch_names, ecs_instance_policy_arn
 from .artifacts import LAUNCHER_SOFTWARE_KEYS, PUBLISHED_FILES, REPO, WORKER_FILES
+from .batch import batch_arn, batch_names, ecs_instance_policy_arn
 
 IAM_DIR = REPO / "iam"
 _WHOLE_PLACEHOLDER = re.compile(r"^\$\{(\w+)\}$")

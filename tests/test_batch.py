@@ -14,8 +14,13 @@ import deploy
 import lambda_function
 from awsfun_deploy import batch as batch_module
 from awsfun_deploy.batch import (
-    DEFAULT_IMAGE, EVALUATE_ON_EXIT, JOB_DEFINITION_LIMIT, batch_names, job_definition_request,
-    job_script, teardown_batch,
+    DEFAULT_IMAGE,
+    EVALUATE_ON_EXIT,
+    JOB_DEFINITION_LIMIT,
+    batch_names,
+    job_definition_request,
+    job_script,
+    teardown_batch,
 )
 from awsfun_deploy.core import CREATED, DELETED, GONE, KEPT, Progress
 from awsfun_deploy.names import deployed_names
@@ -34,7 +39,11 @@ def ecs_instance_policy(request):
     one into moto's IAM, as AWS has it, for the tests that deploy."""
     if "clients" not in request.fixturenames:
         return
-    from moto.iam.models import AWSManagedPolicy, aws_managed_policies_data, iam_backends
+    from moto.iam.models import (
+        AWSManagedPolicy,
+        aws_managed_policies_data,
+        iam_backends,
+    )
 
     request.getfixturevalue("clients")
     name = batch_module.ECS_INSTANCE_POLICY.rsplit("/", 1)[1]
@@ -414,8 +423,8 @@ def test_the_deployer_passes_only_the_three_batch_roles():
     (passing,) = [s for s in document["Statement"] if s.get("Sid") == "PassBatchRoles"]
     assert passing["Resource"] == [
         f"arn:aws:iam::{NAMES.account}:role/su2c-batch-instance-us-east-1",
-        f"arn:aws:iam::{NAMES.account}:role/aws-service-role/batch.amazonaws.com/"
-        "AWSServiceRoleForBatch",
+        (f"arn:aws:iam::{NAMES.account}:role/aws-service-role/batch.amazonaws.com/"
+         "AWSServiceRoleForBatch"),
         NAMES.worker_role_arn]
     (attach,) = [s for s in document["Statement"] if s.get("Sid") ==
                  "BatchInstanceRoleGetsOnlyTheEcsPolicy"]
@@ -425,3 +434,34 @@ def test_the_deployer_passes_only_the_three_batch_roles():
 
 def test_the_batch_module_is_importable_without_aws():
     assert batch_module.ENGINES == ("ec2", "batch")
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "ap-southeast-5", "eu-central-2"])
+def test_for_batch_spot_and_three_groups_the_deployer_policy_fits_a_roles_inline_policy(region):
+    """Batch's statements take the deployer policy past a managed policy (6,144 characters):
+    the command says so (deployer_policy_fit); a role's inline policy (10,240) holds it."""
+    names = deploy.derive_names("su2c", "123456789012", region)
+    document = deploy.render_policy("deployer-policy", deploy.policy_values(
+        names, batch=True, spot=True, security_group_ids=[
+            "sg-0aaaaaaaaaaaaaaaa", "sg-0bbbbbbbbbbbbbbbb", "sg-0cccccccccccccccc"]))
+    assert len(deploy.canonical(document)) <= 10240
+
+
+def test_the_deployer_creates_only_batchs_service_linked_role_for_batch():
+    document = deploy.render_policy("deployer-policy", deploy.policy_values(NAMES, batch=True))
+    (statement,) = [s for s in document["Statement"]
+                    if s["Action"] == "iam:CreateServiceLinkedRole"]
+    assert statement["Resource"].endswith(
+        "role/aws-service-role/batch.amazonaws.com/AWSServiceRoleForBatch")
+    assert statement["Condition"] == {
+        "StringEquals": {"iam:AWSServiceName": "batch.amazonaws.com"}}
+
+
+def test_deployer_policy_engine_batch_prints_the_batch_statements(clients, capsys):
+    assert deploy.main(["deployer-policy", "--engine", "batch"], clients=clients) == 0
+    printed = capsys.readouterr()
+    document = json.loads(printed.out[printed.out.index('{\n  "Version"'):])
+    assert "PassBatchRoles" in [s.get("Sid") for s in document["Statement"]]
+    assert "inline policy of a role" in printed.err
+    assert deploy.main(["deployer-policy"], clients=clients) == 0
+    assert "batch:" not in capsys.readouterr().out
