@@ -568,18 +568,25 @@ def delete_instance_role(iam, role_name, progress):
 
 # --- status and reconcile ---------------------------------------------------------------------
 
+def _job_pages(batch, queue, status, pages):
+    """Yield (page, more) for at most `pages` pages of ListJobs of one status; `more` is True
+    when the last page read still has a nextToken (ListJobs answers 100 a page at most)."""
+    for number, page in enumerate(batch.get_paginator("list_jobs").paginate(
+            jobQueue=queue, jobStatus=status, PaginationConfig={"PageSize": 100}), 1):
+        yield page, number == pages and bool(page.get("nextToken"))
+        if number == pages:
+            return
+
+
 def job_counts(batch, queue, statuses=JOB_STATUSES, pages=LIST_JOBS_PAGES):
     """Return {status: number of jobs} of a queue, reading at most `pages` pages of ListJobs
     per status; a count that reached the cap is reported as "N+" (a string)."""
     counts = {}
     for status in statuses:
         total, capped = 0, False
-        paginator = batch.get_paginator("list_jobs").paginate(
-            jobQueue=queue, jobStatus=status, PaginationConfig={"MaxItems": pages * 100,
-                                                                "PageSize": 100})
-        for page in paginator:
+        for page, more in _job_pages(batch, queue, status, pages):
             total += len(page.get("jobSummaryList") or [])
-            capped = capped or bool(page.get("NextToken"))
+            capped = capped or more
         counts[status] = f"{total}+" if capped else total
     return counts
 
@@ -587,13 +594,9 @@ def job_counts(batch, queue, statuses=JOB_STATUSES, pages=LIST_JOBS_PAGES):
 def live_job_names(batch, queue, pages=LIST_JOBS_PAGES):
     """Return the names of the queue's jobs that are not finished (at most `pages` pages of
     ListJobs per status): the uploads that have a job under way."""
-    found = set()
-    for status in LIVE_STATUSES:
-        for page in batch.get_paginator("list_jobs").paginate(
-                jobQueue=queue, jobStatus=status,
-                PaginationConfig={"MaxItems": pages * 100, "PageSize": 100}):
-            found |= {job["jobName"] for job in page.get("jobSummaryList") or []}
-    return found
+    return {job["jobName"] for status in LIVE_STATUSES
+            for page, _ in _job_pages(batch, queue, status, pages)
+            for job in page.get("jobSummaryList") or []}
 
 
 def batch_status(batch, names):

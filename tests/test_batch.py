@@ -2,6 +2,7 @@
 a second deploy that changes nothing, teardown, the teardown order on a fake client that
 enforces AWS's rules (moto does not), and the IAM documents for it."""
 
+import io
 import json
 import re
 
@@ -465,3 +466,57 @@ def test_deployer_policy_engine_batch_prints_the_batch_statements(clients, capsy
     assert "inline policy of a role" in printed.err
     assert deploy.main(["deployer-policy"], clients=clients) == 0
     assert "batch:" not in capsys.readouterr().out
+
+
+# --- status ---------------------------------------------------------------------------------
+
+def test_status_under_batch_says_the_engine_and_counts_the_queues_jobs(clients, names):
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    status = deploy.collect_status(clients, names)
+    assert status["engine"] == "batch"
+    assert status["batch"]["job_queue"] == batch_names(names)["queue"]
+    assert status["batch"]["jobs"] == {name: 0 for name in batch_module.JOB_STATUSES}
+    assert status["drift"] == []
+    out = io.StringIO()
+    deploy.print_status(status, stream=out)
+    assert "engine: batch" in out.getvalue()
+    assert "su2c-jobs (ENABLED, VALID): submitted 0" in out.getvalue()
+
+
+def test_status_under_batch_notes_a_missing_queue_as_drift(clients, names):
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    batch = clients("batch")
+    queue = batch_names(names)["queue"]
+    batch.update_job_queue(jobQueue=queue, state="DISABLED")
+    batch.delete_job_queue(jobQueue=queue)
+    status = deploy.collect_status(clients, names)
+    assert {"resource": "job queue", "name": queue, "problem": "missing"} in status["drift"]
+    assert status["batch"] == {"job_queue": queue, "missing": True}
+
+
+def test_job_counts_reads_a_capped_number_of_pages():
+    class Pages:
+        def __init__(self):
+            self.read = []
+
+        def get_paginator(self, name):
+            assert name == "list_jobs"
+            outer = self
+
+            class Paginator:
+                def paginate(self, jobQueue, jobStatus, PaginationConfig):
+                    many = jobStatus == "RUNNING"
+                    for number in range(5 if many else 1):
+                        outer.read.append(jobStatus)
+                        yield {"jobSummaryList": [{"jobName": "j"}] * 100,
+                               "nextToken": "t" if many and number < 4 else None}
+            return Paginator()
+
+    fake = Pages()
+    counts = batch_module.job_counts(fake, "q", pages=2)
+    # Batch's ListJobs pages by nextToken (API Reference, ListJobs).
+    assert counts["RUNNING"] == "200+" and counts["FAILED"] == 100
+    assert fake.read.count("RUNNING") == 2
+    assert batch_module.job_counts(fake, "q", pages=5)["RUNNING"] == 500
