@@ -14,6 +14,7 @@ from parliament import analyze_policy_string
 import deploy
 import lambda_function
 from awsfun_deploy import batch as batch_module
+from awsfun_deploy import reconcile as reconcile_module
 from awsfun_deploy.batch import (
     DEFAULT_IMAGE,
     EVALUATE_ON_EXIT,
@@ -520,3 +521,55 @@ def test_job_counts_reads_a_capped_number_of_pages():
     assert counts["RUNNING"] == "200+" and counts["FAILED"] == 100
     assert fake.read.count("RUNNING") == 2
     assert batch_module.job_counts(fake, "q", pages=5)["RUNNING"] == 500
+
+
+# --- reconcile --------------------------------------------------------------------------------
+
+def upload(clients, names, key="in/a.csv"):
+    clients("s3").put_object(Bucket=names.data_bucket, Key=key, Body=b"a,b\n1,2\n")
+
+
+def test_reconcile_under_batch_submits_through_the_handler_and_launches_no_instance(
+        clients, names, monkeypatch):
+    """lambda_function.submit_object is the handler side's (issue 16); a stand-in records
+    what reconcile hands it."""
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    upload(clients, names)
+    submitted = []
+
+    def submit_object(obj, settings, batch=None, s3=None, local_dir=None, attempt=0):
+        submitted.append((obj["key"], settings.get("ENGINE"),
+                          batch is not None, local_dir))
+        return "job-0001"
+
+    monkeypatch.setattr(lambda_function, "submit_object", submit_object, raising=False)
+    instances_before = clients("ec2").describe_instances()["Reservations"]
+    result = deploy.reconcile(clients, names, progress=Progress(echo=False))
+    assert [key for key, *_ in submitted] == ["in/a.csv"]
+    assert all(has_client and local_dir == "" for _, _, has_client, local_dir in submitted)
+    assert result["launched"] == [{"key": "in/a.csv", "instance_id": "job-0001",
+                                   "source": "scan"}]
+    assert clients("ec2").describe_instances()["Reservations"] == instances_before
+
+
+def test_reconcile_under_batch_leaves_an_input_with_a_live_job(clients, names, monkeypatch):
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    upload(clients, names)
+    obj = reconcile_module.head_input(clients("s3"), names.data_bucket, "in/a.csv")
+    live = lambda_function.batch_job_name(lambda_function.client_token(obj, 0))
+    monkeypatch.setattr(reconcile_module, "live_job_names", lambda batch, queue: {live})
+    monkeypatch.setattr(lambda_function, "submit_object",
+                        lambda *a, **k: pytest.fail("submitted again"), raising=False)
+    result = deploy.reconcile(clients, names, progress=Progress(echo=False))
+    assert result["launched"] == [{"key": "in/a.csv", "instance_id": live, "source": "scan"}]
+
+
+def test_reconcile_under_batch_without_submit_object_says_so(clients, names, monkeypatch):
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    upload(clients, names)
+    monkeypatch.delattr(lambda_function, "submit_object", raising=False)
+    with pytest.raises(deploy.DeployError, match="submit_object"):
+        deploy.reconcile(clients, names, progress=Progress(echo=False))
