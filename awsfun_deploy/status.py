@@ -456,14 +456,14 @@ def print_status(status, stream=None):
                        ("dead-letter queue", "dlq_name")):
         say(f"  {label:<18} {status[key]}")
     say(f"engine: {status.get('engine', 'ec2')}")
-    batch = status.get("batch")
-    if batch is not None:
-        if batch.get("missing"):
-            say(f"  job queue          {batch['job_queue']}: MISSING")
+    queue = status.get("batch")
+    if queue is not None:
+        if queue.get("missing"):
+            say(f"  job queue          {queue['job_queue']}: MISSING")
         else:
-            jobs = ", ".join(f"{name.lower()} {count}" for name, count in batch["jobs"].items())
-            say(f"  job queue          {batch['job_queue']} ({batch['state']}, "
-                f"{batch['status']}): {jobs}")
+            jobs = ", ".join(f"{name.lower()} {count}" for name, count in queue["jobs"].items())
+            say(f"  job queue          {queue['job_queue']} ({queue['state']}, "
+                f"{queue['status']}): {jobs}")
     if status["public_software"]:
         say("  software bucket is PUBLIC: anyone may read the published files")
     say(f"  dead letters       {status['dlq_depth'] if status['dlq_depth'] is not None else '-'}")
