@@ -245,6 +245,10 @@ def compute_environment_differences(request, found):
                        else have.get(key))]
     if found.get("state") != "ENABLED":
         differences.append("state")
+    if found.get("status") == "INVALID":
+        # E.g. an instance profile IAM had not propagated yet when it was created: applying
+        # the settings again has Batch validate it again.
+        differences.append(f"INVALID ({found.get('statusReason')})")
     if found.get("serviceRole") != request["serviceRole"]:
         differences.append("serviceRole")
     return differences
@@ -355,6 +359,8 @@ def ensure_instance_role(iam, names, progress):
                         Description=f"awsfun batch instances ({names.prefix}, {names.region}); "
                                     "managed by deploy.sh",
                         Tags=tag_list({STACK_TAG: names.prefix}))
+        iam.get_waiter("role_exists").wait(RoleName=role_name,
+                                           WaiterConfig={"Delay": 2, "MaxAttempts": 30})
         role = {"trust": trust, "inline": {}, "attached": []}
         changed.append("created")
     if canonical(role["trust"]) != canonical(trust):
@@ -379,6 +385,8 @@ def ensure_instance_role(iam, names, progress):
     if created:
         iam.create_instance_profile(InstanceProfileName=role_name,
                                     Tags=tag_list({STACK_TAG: names.prefix}))
+        iam.get_waiter("instance_profile_exists").wait(
+            InstanceProfileName=role_name, WaiterConfig={"Delay": 2, "MaxAttempts": 30})
         profile = read_instance_profile(iam, role_name)
     roles = [r["RoleName"] for r in profile.get("Roles", [])]
     for other in roles:

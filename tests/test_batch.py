@@ -573,3 +573,35 @@ def test_reconcile_under_batch_without_submit_object_says_so(clients, names, mon
     monkeypatch.delattr(lambda_function, "submit_object", raising=False)
     with pytest.raises(deploy.DeployError, match="submit_object"):
         deploy.reconcile(clients, names, progress=Progress(echo=False))
+
+
+def test_compute_environment_differences_name_what_an_update_changes():
+    request = batch_module.compute_environment_request(
+        NAMES, "spot", 16, ["subnet-b", "subnet-a"], ["sg-1"], "profile", "service")
+    found = {"state": "ENABLED", "status": "VALID", "serviceRole": "service",
+             "computeResources": dict(request["computeResources"],
+                                      subnets=["subnet-a", "subnet-b"])}
+    assert batch_module.compute_environment_differences(request, found) == []
+    found["computeResources"]["maxvCpus"] = 8
+    found.update(state="DISABLED", status="INVALID", statusReason="profile not found")
+    assert batch_module.compute_environment_differences(request, found) == [
+        "maxvCpus", "state", "INVALID (profile not found)"]
+    # Another kind of environment under the name cannot be updated into ours.
+    found["computeResources"]["type"] = "EC2"
+    with pytest.raises(deploy.DeployError, match="type 'EC2', not 'SPOT'"):
+        batch_module.compute_environment_differences(request, found)
+
+
+def test_job_definition_differences_ignore_what_batch_adds_and_the_case_of_actions():
+    request = job_definition_request(NAMES, "echo", 120)
+    echoed = {**request, "revision": 1, "status": "ACTIVE",
+              "containerProperties": {**request["containerProperties"], "environment": [],
+                                      "resourceRequirements": list(reversed(
+                                          request["containerProperties"][
+                                              "resourceRequirements"]))},
+              "retryStrategy": {"attempts": 3, "evaluateOnExit": [
+                  dict(e, action=e["action"].lower()) for e in EVALUATE_ON_EXIT]}}
+    assert batch_module.job_definition_differences(request, echoed) == []
+    assert batch_module.job_definition_differences(
+        job_definition_request(NAMES, "echo", 60), echoed) == ["timeout"]
+    assert batch_module.job_definition_differences(request, None) == ["missing"]
