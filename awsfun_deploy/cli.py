@@ -130,7 +130,9 @@ def run_teardown(args, clients):
             else f"(the data bucket {names.data_bucket} is kept)")
     print(f"This removes the awsfun deployment {names.prefix!r} from account {names.account}, "
           f"region {names.region}: function, workers, launch template {names.launch_template}, "
-          f"roles, queue, logs, software bucket {names.software_bucket} {data}.")
+          f"roles, queue, logs, software bucket {names.software_bucket} {data}"
+          + (", and its AWS Batch job queue, compute environments and job definition"
+             if names.engine == "batch" else "") + ".")
     if not args.yes and not confirm("Continue?"):
         print("Nothing removed.")
         return 1
