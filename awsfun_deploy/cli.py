@@ -21,6 +21,7 @@ from .names import (
 )
 from .artifacts import ROUTES_FILE
 from .stack import DEFAULT_MAX_WORKERS
+from .batch import DEFAULT_ENGINE, DEFAULT_IMAGE, DEFAULT_MAX_VCPUS, ENGINES
 from .policies import policy_values, render_policy
 from .routes import check_routing_table, load_routes_file, uses_spot
 from .logs import print_log
@@ -47,7 +48,8 @@ def run_deploy(args, clients):
     progress = Progress()
     result = deploy(clients, names, args.instance_type, args.public_software, progress,
                     routes_file=args.routes, max_workers=args.max_workers, spot=args.spot,
-                    subnets=args.subnets, security_groups=args.security_groups)
+                    subnets=args.subnets, security_groups=args.security_groups,
+                    engine=args.engine, max_vcpus=args.max_vcpus, image=args.image)
     if progress.changed():
         print(f"Deployed: {progress.count(CREATED)} created, {progress.count(UPDATED)} updated, "
               f"{progress.count(DELETED)} removed, {progress.count(IN_PLACE)} already in place.")
@@ -128,7 +130,9 @@ def run_teardown(args, clients):
             else f"(the data bucket {names.data_bucket} is kept)")
     print(f"This removes the awsfun deployment {names.prefix!r} from account {names.account}, "
           f"region {names.region}: function, workers, launch template {names.launch_template}, "
-          f"roles, queue, logs, software bucket {names.software_bucket} {data}.")
+          f"roles, queue, logs, software bucket {names.software_bucket} {data}"
+          + (", and its AWS Batch job queue, compute environments and job definition"
+             if names.engine == "batch" else "") + ".")
     if not args.yes and not confirm("Continue?"):
         print("Nothing removed.")
         return 1
@@ -165,7 +169,8 @@ def run_deployer_policy(args, clients):
     names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     spot = uses_spot(args.spot, load_routes_file(args.routes))
     document = render_policy("deployer-policy", policy_values(
-        names, security_group_ids=args.security_groups, spot=spot))
+        names, security_group_ids=args.security_groups, spot=spot,
+        batch=args.engine == "batch"))
     print(json.dumps(document, indent=2))
     print(f"deploy.sh deployer-policy: {deployer_policy_fit(len(canonical(document)))}",
           file=sys.stderr)
@@ -217,6 +222,21 @@ def positive_int(text):
     return int(text)
 
 
+def vcpus_int(text):
+    """argparse type of --max-vcpus: a whole number of vCPUs >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of vCPUs >= 1")
+    return int(text)
+
+
+def image_uri(text):
+    """argparse type of --image: a container image reference, no white space (pure)."""
+    if not text or any(c.isspace() for c in text) or len(text) > 255:
+        raise argparse.ArgumentTypeError(f"{text!r}: a container image such as "
+                                         f"{DEFAULT_IMAGE} (no spaces)")
+    return text
+
+
 def non_negative_int(text):
     """argparse type of status --read: a whole number >= 0."""
     if not text.isdigit():
@@ -239,6 +259,16 @@ def _deploy_options(parser):
     parser.add_argument("--security-groups", type=id_list_option, default=[], metavar="SG,..",
                         help="security groups for the workers (default: the stack's own: no "
                              "inbound, HTTPS out)")
+    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                        help="how each upload is processed: ec2, one instance per object from "
+                             "the launch template, or batch, one AWS Batch job per object on "
+                             "spot, then on-demand capacity (default: %(default)s)")
+    parser.add_argument("--max-vcpus", type=vcpus_int, default=DEFAULT_MAX_VCPUS, metavar="N",
+                        help="with --engine batch: each compute environment's maxvCpus "
+                             "(default: %(default)s)")
+    parser.add_argument("--image", type=image_uri, default=DEFAULT_IMAGE, metavar="URI",
+                        help="with --engine batch: the job's container image, e.g. one built "
+                             "from the Dockerfile (default: %(default)s)")
     _routes_option(parser)
     parser.add_argument("--public-software", action="store_true",
                         help="let anyone read the published files (relaxes Block Public Access "
@@ -283,6 +313,8 @@ def _deployer_policy_options(parser):
                         help="for deploy --spot: let the deployer launch spot workers and create "
                              "EC2's service-linked role for spot (implied by a route of --routes "
                              "with spot)")
+    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                        help="for deploy --engine batch: add what the Batch engine needs")
     parser.add_argument("--security-groups", type=id_list_option, default=[], metavar="SG,..",
                         help="the groups of your own that deploy --security-groups will use: "
                              "the policy lets the deployer launch workers into them")
@@ -309,7 +341,7 @@ add_command("results", run_results,
 # Options that take a value, so a value that happens to be a command name stays a value.
 VALUE_OPTIONS = ("--prefix", "--data-bucket", "--software-bucket", "--instance-type",
                  "--routes", "--key-prefix", "--max-workers", "--subnets", "--security-groups",
-                 "--read", "--out")
+                 "--read", "--out", "--engine", "--max-vcpus", "--image")
 
 
 def command_first(argv):

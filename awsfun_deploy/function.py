@@ -36,7 +36,8 @@ LOG_RETENTION_DAYS = 30
 EVENTS_BATCH_SIZE = 10
 EVENTS_MAX_CONCURRENCY = 2
 DEFAULT_MAX_WORKERS = int(lambda_function.DEFAULTS["MAX_WORKERS"])
-CAPACITY_VARIABLES = ("MAX_WORKERS", "SPOT", "SUBNET_IDS", "SECURITY_GROUP_IDS")
+CAPACITY_VARIABLES = ("MAX_WORKERS", "SPOT", "SUBNET_IDS", "SECURITY_GROUP_IDS", "ENGINE",
+                      "JOB_QUEUE", "JOB_DEFINITION")
 
 
 def find_log_group(logs, name):
@@ -77,6 +78,17 @@ def capacity_environment(max_workers=DEFAULT_MAX_WORKERS, spot=False, subnets=()
     if security_groups:
         found["SECURITY_GROUP_IDS"] = ",".join(security_groups)
     return found
+
+
+def engine_environment(engine="ec2", job_queue=None, job_definition=None):
+    """Return the handler's engine settings as environment variables (pure): nothing for the
+    EC2 engine (the handler's default), else ENGINE=batch, JOB_QUEUE and JOB_DEFINITION (a
+    name without a revision: the latest ACTIVE one; AWS Batch API Reference, SubmitJob)."""
+    if engine == "ec2":
+        return {}
+    if engine != "batch" or not job_queue or not job_definition:
+        raise DeployError(f"--engine {engine!r}: ec2, or batch with its queue and definition")
+    return {"ENGINE": "batch", "JOB_QUEUE": job_queue, "JOB_DEFINITION": job_definition}
 
 
 def deployed_capacity(config):

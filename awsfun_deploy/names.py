@@ -45,6 +45,8 @@ class Names:
     worker_instance_profile: str
     lambda_role: str
     log_group: str
+    # The handler's engine, as the deployed function's ENGINE says ("ec2" when it says none).
+    engine: str = "ec2"
 
     @property
     def worker_role_arn(self):
@@ -181,4 +183,5 @@ def discover_names(lam, names, explicit_data=None, explicit_software=None):
         software_bucket=(explicit_software or tags.get(SOFTWARE_BUCKET_TAG)
                          or env.get("SOFTWARE_BUCKET") or names.software_bucket),
         launch_template=env.get("LAUNCH_TEMPLATE") or names.launch_template,
+        engine=env.get("ENGINE") or "ec2",
     )

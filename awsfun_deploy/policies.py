@@ -7,6 +7,7 @@ import re
 import string
 
 from .artifacts import LAUNCHER_SOFTWARE_KEYS, PUBLISHED_FILES, REPO, WORKER_FILES
+from .batch import batch_arn, batch_names, ecs_instance_policy_arn
 
 IAM_DIR = REPO / "iam"
 _WHOLE_PLACEHOLDER = re.compile(r"^\$\{(\w+)\}$")
@@ -15,6 +16,8 @@ OPTIONAL_STATEMENTS = (
     ("lambda-policy", "EbsKeyArn", "lambda-ebs-key"),
     ("deployer-policy", "SecurityGroupArns", "deployer-security-groups"),
     ("deployer-policy", "Spot", "deployer-spot"),
+    ("lambda-policy", "Batch", "lambda-batch"),
+    ("deployer-policy", "Batch", "deployer-batch"),
 )
 
 
@@ -47,7 +50,10 @@ def render_policy(name, values):
     tag, is all the deployer launches into. It gets iam/optional/deployer-spot.json's only
     for spot workers (values["Spot"]): who never launches spot needs neither the
     spot-instances-request nor the right to create EC2's service-linked role for spot, and
-    the document without them stays within a managed policy's 6,144 characters.
+    the document without them stays within a managed policy's 6,144 characters. Both get
+    iam/optional/lambda-batch.json's and deployer-batch.json's only for the Batch engine
+    (values["Batch"]; --engine batch): the launcher submits jobs only then, and the
+    deployer's policy without Batch is already at a managed policy's limit.
     """
     template = json.loads((IAM_DIR / f"{name}.json").read_text(encoding="utf-8"))
     for wanted, key, optional in OPTIONAL_STATEMENTS:
@@ -73,7 +79,8 @@ def ec2_service_principal(partition):
 
 
 def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES, image_ids=(),
-                  instance_types=(), security_group_ids=(), ebs_key_arn=None, spot=False):
+                  instance_types=(), security_group_ids=(), ebs_key_arn=None, spot=False,
+                  batch=False):
     """Return the values the iam/ templates are rendered with.
 
     The launcher may start only the images and instance types deploy put in its templates:
@@ -82,6 +89,8 @@ def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES
     "Example policies to control access to the Amazon EC2 API", launch templates).
     """
     software = f"arn:{names.partition}:s3:::{names.software_bucket}"
+    parts = batch_names(names)
+    iam_arn = f"arn:{names.partition}:iam::{names.account}"
     # Workers never read the routing table: their route arrives in the user-data.
     worker_files = [key for key in published_files if key in WORKER_FILES]
     return {
@@ -117,6 +126,19 @@ def policy_values(names, launch_template_ids=(), published_files=PUBLISHED_FILES
             for group in sorted(set(security_group_ids))],
         "WorkerSoftwareObjectArns": [f"{software}/{key}" for key in worker_files],
         "LauncherSoftwareObjectArns": [f"{software}/{key}" for key in LAUNCHER_SOFTWARE_KEYS],
+        # The Batch engine (--engine batch): its queue, job definition (without a revision;
+        # `:*` adds every revision), environments and roles.
+        "Batch": bool(batch),
+        "JobQueueArn": batch_arn(names, "job-queue", parts["queue"]),
+        "JobDefinitionArn": batch_arn(names, "job-definition", parts["definition"]),
+        "BatchComputeEnvironmentArns": [batch_arn(names, "compute-environment", parts[kind])
+                                        for kind in ("spot", "ondemand")],
+        "BatchInstanceRoleArn": f"{iam_arn}:role/{parts['instance_role']}",
+        "BatchInstanceProfileArn": f"{iam_arn}:instance-profile/{parts['instance_role']}",
+        # AWS's name (AWS Batch User Guide, "Using service-linked roles for AWS Batch").
+        "BatchServiceRoleArn": (f"{iam_arn}:role/aws-service-role/batch.amazonaws.com/"
+                                "AWSServiceRoleForBatch"),
+        "EcsInstancePolicyArn": ecs_instance_policy_arn(names.partition),
     }
 
 

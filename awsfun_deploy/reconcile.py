@@ -17,6 +17,7 @@ from .names import BUCKET_TAG, TOKEN_TAG, WORKER_KEY_TAG
 from .s3 import bucket_exists, list_keys
 from .sqs import find_queue
 from .function import read_function
+from .batch import batch_names, live_job_names
 
 logger = logging.getLogger("awsfun.deploy")
 REPORTED, FAILED, RUNNING, UNPROCESSED = "reported", "error-reported", "running", "unprocessed"
@@ -435,6 +436,11 @@ class Reconciler:
         self.names, self.settings = names, settings
         self.key_prefix, self.dry_run, self.progress = key_prefix, dry_run, progress
         self.tokens, self.live_keys = live_workers(self.ec2, names.data_bucket)
+        # Under the Batch engine (ENGINE=batch in the function's environment) an input is
+        # resubmitted as a job, and one with a job under way (by its name) is left alone.
+        self.batch = clients("batch") if names.engine == "batch" else None
+        self.live_jobs = (live_job_names(self.batch, batch_names(names)["queue"])
+                          if self.batch is not None else set())
         self.refused = {}  # object version -> error: a refused launch is not tried twice a run
         self.queue_url = None
         self.result = {"dry_run": dry_run, "key_prefix": key_prefix, "unprocessed": [],
@@ -459,6 +465,8 @@ class Reconciler:
         token = lambda_function.object_version_tag(obj)
         if token in self.refused:
             return None, self.refused[token]
+        if self.batch is not None:
+            return self.submit(obj)
         running = running_worker(obj, self.tokens)
         if running:
             return running, None
@@ -498,6 +506,32 @@ class Reconciler:
                                f"report: {', '.join(ended)}; see their console output")
         logger.error("s3://%s/%s: %s", obj["bucket"], obj["key"], self.refused[token])
         return None, self.refused[token]
+
+    def submit(self, obj):
+        """Submit one object's job through the handler's path (lambda_function.submit_object);
+        return (job id or live job's name, None) or (None, error). An object whose job (by
+        batch_job_name of any of its tokens) is under way is not submitted again."""
+        token = lambda_function.object_version_tag(obj)
+        for attempt_token in worker_tokens(obj):
+            name = lambda_function.batch_job_name(attempt_token)
+            if name in self.live_jobs:
+                return name, None
+        submit_object = getattr(lambda_function, "submit_object", None)
+        if submit_object is None:
+            raise DeployError("reconcile under the Batch engine needs "
+                              "lambda_function.submit_object, which this checkout's handler "
+                              "lacks: update the checkout (issue 16)")
+        try:
+            job_id = submit_object(obj, self.settings, batch=self.batch, s3=self.s3,
+                                   local_dir="")
+        except lambda_function.LAUNCH_ERRORS as err:
+            code, message = lambda_function.describe_failure(err)
+            logger.error("job for s3://%s/%s failed: %s %s", obj["bucket"], obj["key"], code,
+                         message)
+            self.refused[token] = f"{code}: {message}"
+            return None, self.refused[token]
+        self.live_jobs.add(lambda_function.batch_job_name(worker_tokens(obj)[0]))
+        return job_id, None
 
     def replay_record(self, obj):
         """Return (outcome, instance id or error) for one dead-lettered record."""

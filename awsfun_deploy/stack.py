@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from .core import DELETED, GONE, KEPT, UPDATED, Progress, canonical
+from .core import DELETED, GONE, KEPT, UPDATED, DeployError, Progress, canonical
 from .names import DEFAULT_INSTANCE_TYPE
 from .artifacts import (
     BOOTSTRAP_KEY, PUBLISHED_FILES, ROUTES_FILE, build_function_zip, software_sources,
@@ -30,11 +30,15 @@ from .ec2 import (
     wait_until_ec2_accepts_profile,
 )
 from .function import (
-    DEFAULT_MAX_WORKERS, capacity_environment, delete_event_source_mapping, delete_function,
+    DEFAULT_MAX_WORKERS, capacity_environment, engine_environment, watchdog_minutes, delete_event_source_mapping, delete_function,
     ensure_event_invoke_config, ensure_event_source_mapping, ensure_function, ensure_log_group,
     find_log_group, remove_s3_invoke_permission,
 )
 from .preflight import check_limits, check_preconditions, check_public_software
+from .batch import (
+    DEFAULT_ENGINE, DEFAULT_IMAGE, DEFAULT_MAX_VCPUS, ENGINES, batch_subnets, ensure_batch,
+    teardown_batch,
+)
 
 
 # IAM is eventually consistent: a policy change takes a few seconds to reach every service
@@ -63,7 +67,7 @@ def launched_by(templates):
 
 
 def widen_launcher_policy(iam, ec2, names, plan, images, security_group_ids, ebs_key,
-                          published_files, progress, sleep=time.sleep):
+                          published_files, progress, sleep=time.sleep, batch=False):
     """Before the templates change, let the launcher role start what they launch now and what
     they will launch (images, instance types, security group); return True if it changed.
 
@@ -83,7 +87,8 @@ def widen_launcher_policy(iam, ec2, names, plan, images, security_group_ids, ebs
         names, [t["id"] for t in existing.values() if t], published_files,
         image_ids=old_images | {image_id for image_id, _ in images.values()},
         instance_types=old_types | {kind for kind, _ in plan.values()},
-        security_group_ids=old_groups | set(security_group_ids), ebs_key_arn=ebs_key)
+        security_group_ids=old_groups | set(security_group_ids), ebs_key_arn=ebs_key,
+        batch=batch)
     widened = render_policy("lambda-policy", values)
     if canonical(widened) == canonical(current):
         return False
@@ -99,12 +104,20 @@ def widen_launcher_policy(iam, ec2, names, plan, images, security_group_ids, ebs
 def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=False,
            progress=None, environ=None, published_files=PUBLISHED_FILES, routes_file=ROUTES_FILE,
            sleep=time.sleep, max_workers=DEFAULT_MAX_WORKERS, spot=False, subnets=(),
-           security_groups=()):
+           security_groups=(), engine=DEFAULT_ENGINE, max_vcpus=DEFAULT_MAX_VCPUS,
+           image=DEFAULT_IMAGE):
     """Create or update every part of the pipeline; return what was deployed (names and ARNs).
 
     max_workers, spot, subnets and security_groups are the handler's capacity settings
-    (./deploy.sh --max-workers, --spot, --subnets, --security-groups).
+    (./deploy.sh --max-workers, --spot, --subnets, --security-groups). engine "batch"
+    (--engine batch, --max-vcpus, --image) adds the Batch pieces (batch.py) and points the
+    handler at them. The EC2 launch templates stay deployed under batch as well: the handler
+    ignores them there, they cost nothing, and switching engines is then only the function's
+    environment (and, for batch, its policy).
     """
+    if engine not in ENGINES:
+        raise DeployError(f"--engine {engine!r}: one of {', '.join(ENGINES)}")
+    use_batch = engine == "batch"
     subnets, security_groups = list(subnets or []), list(security_groups or [])
     progress = progress or Progress()
     # A bad routing table fails here, before anything is made, not later in the handler.
@@ -156,13 +169,21 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     # The launcher may start only the images and types its policy names: let it start both
     # what the templates launch now and what they will, before they change (then narrow).
     widen_launcher_policy(iam, ec2, names, plan, images, group_ids, ebs_key,
-                          published_files, progress, sleep)
+                          published_files, progress, sleep, batch=use_batch)
     template_ids, images = ensure_launch_templates(
         ec2, ssm, names, plan, progress, images, volume_sizes=volume_sizes,
         subnet_id=subnets[0] if subnets else None, group_ids=group_ids)
     # Every template names the one worker instance profile: once EC2 accepts it for one, the
     # first uploads after this deploy will not be refused it.
     wait_until_ec2_accepts_profile(ec2, names.launch_template)
+    batch_settings = {}
+    if use_batch:
+        # Before the function names them (JOB_QUEUE, JOB_DEFINITION).
+        batch_settings = ensure_batch(
+            clients("batch"), iam, names, batch_subnets(ec2, subnets, vpc_id), group_ids,
+            progress, max_vcpus=max_vcpus, image=image,
+            watchdog_minutes=watchdog_minutes(os.environ if environ is None else environ),
+            sources=sources, sleep=sleep)
 
     # The launcher's policy names the templates' ids, images and instance types, so it follows
     # the templates: exactly the worker template and those the routing table names (this
@@ -170,15 +191,17 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
     values = policy_values(names, list(template_ids.values()), published_files,
                            image_ids=images.values(),
                            instance_types=[kind for kind, _ in plan.values()],
-                           security_group_ids=group_ids, ebs_key_arn=ebs_key)
+                           security_group_ids=group_ids, ebs_key_arn=ebs_key, batch=use_batch)
     ensure_role(iam, names.lambda_role, render_policy("lambda-trust", values),
                 names.lambda_policy_name, render_policy("lambda-policy", values), names,
                 progress, "launcher role")
     remove_unrouted_templates(ec2, names, template_ids, progress)
 
     # The groups are restated by the handler only where it moves a worker to another subnet.
-    capacity = capacity_environment(max_workers, spot, subnets,
-                                    security_groups or (group_ids if subnets else []))
+    capacity = {**capacity_environment(max_workers, spot, subnets,
+                                       security_groups or (group_ids if subnets else [])),
+                **engine_environment(engine, batch_settings.get("job_queue"),
+                                     batch_settings.get("job_definition"))}
     function_arn = ensure_function(lam, names, build_function_zip(sources=sources), progress,
                                    environ, capacity=capacity)
     # Asynchronous invocations (a person's, or a deployment older than the queue) keep their
@@ -196,11 +219,16 @@ def deploy(clients, names, instance_type=DEFAULT_INSTANCE_TYPE, public_software=
         "image_id": images[plan[names.launch_template][1]],
         "security_group_id": group_ids[0],
         "security_group_ids": group_ids,
+        "engine": engine,
+        **batch_settings,
     }
 
 
-def teardown(clients, names, delete_data=False, progress=None, wait=True):
-    """Remove everything deploy created, in dependency order, tolerating parts already gone."""
+def teardown(clients, names, delete_data=False, progress=None, wait=True, sleep=time.sleep):
+    """Remove everything deploy created, in dependency order, tolerating parts already gone.
+
+    The Batch pieces go after the function (nothing submits any more) whatever the engine:
+    a deployment switched back to ec2 leaves them behind otherwise (teardown_batch)."""
     progress = progress or Progress()
     s3, iam, ec2 = clients("s3"), clients("iam"), clients("ec2")
     lam, sqs, logs = clients("lambda"), clients("sqs"), clients("logs")
@@ -215,6 +243,9 @@ def teardown(clients, names, delete_data=False, progress=None, wait=True):
     terminate_workers(ec2, names, progress, wait=wait, templates=templates)
     for name in templates:
         delete_launch_template(ec2, names, progress, name)
+    # Before the security group, which the compute environments' instances use.
+    teardown_batch(clients("batch"), iam, names, progress, sleep,
+                   required=names.engine == "batch")
     delete_security_group(ec2, names, progress)
     delete_role(iam, names.lambda_role, progress, "launcher role")
     delete_instance_profile(iam, names, progress)

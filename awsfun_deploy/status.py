@@ -36,6 +36,10 @@ from .function import (
     read_function,
 )
 from .reconcile import ended_detail, input_status
+from .batch import (
+    active_revisions, batch_names, batch_status, read_compute_environment, read_job_queue,
+    read_live,
+)
 
 
 def _iso(moment):
@@ -246,7 +250,8 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
                                       if t and t["data"].get("ImageId")],
                            instance_types=types.values(),
                            security_group_ids=groups or ([group_id] if group_id else []),
-                           ebs_key_arn=default_ebs_key(ec2, clients("kms")))
+                           ebs_key_arn=default_ebs_key(ec2, clients("kms")),
+                           batch=names.engine == "batch")
     for what, role, trust, policy_name, policy in (
         ("worker role", names.worker_role, "worker-trust", names.worker_policy_name,
          "worker-policy"),
@@ -289,6 +294,22 @@ def find_drift(clients, names, instance_type=None, routes_file=ROUTES_FILE):
         retry = read_event_invoke_config(lam, names.function_name)
         if retry is None or mismatches({"MaximumRetryAttempts": MAX_RETRY_ATTEMPTS}, retry):
             note("async retry settings", names.function_name, "missing or changed")
+    if names.engine == "batch":
+        batch, parts = clients("batch"), batch_names(names)
+        for kind in ("spot", "ondemand"):
+            environment = read_live(read_compute_environment(batch, parts[kind]))
+            if environment is None:
+                note("compute environment", parts[kind], "missing")
+            elif (environment.get("state"), environment.get("status")) != ("ENABLED", "VALID"):
+                note("compute environment", parts[kind],
+                     f"changed: {environment.get('state')}, {environment.get('status')}")
+        queue = read_live(read_job_queue(batch, parts["queue"]))
+        if queue is None:
+            note("job queue", parts["queue"], "missing")
+        elif queue.get("state") != "ENABLED":
+            note("job queue", parts["queue"], f"changed: {queue.get('state')}")
+        if not active_revisions(batch, parts["definition"]):
+            note("job definition", parts["definition"], "missing")
     return drift
 
 
@@ -357,6 +378,10 @@ def collect_status(clients, names, now=None, instance_type=None, routes_file=ROU
         "counts": counts,
         "ended_without_report": ended,
         "drift": find_drift(clients, names, instance_type, routes_file),
+        # ENGINE in the function's environment (names.discover_names); under batch, the
+        # queue and its jobs by status (ListJobs per status, a capped number of pages).
+        "engine": names.engine,
+        "batch": batch_status(clients("batch"), names) if names.engine == "batch" else None,
     }
 
 
@@ -430,6 +455,15 @@ def print_status(status, stream=None):
                        ("worker role", "worker_role"), ("launcher role", "lambda_role"),
                        ("dead-letter queue", "dlq_name")):
         say(f"  {label:<18} {status[key]}")
+    say(f"engine: {status.get('engine', 'ec2')}")
+    queue = status.get("batch")
+    if queue is not None:
+        if queue.get("missing"):
+            say(f"  job queue          {queue['job_queue']}: MISSING")
+        else:
+            jobs = ", ".join(f"{name.lower()} {count}" for name, count in queue["jobs"].items())
+            say(f"  job queue          {queue['job_queue']} ({queue['state']}, "
+                f"{queue['status']}): {jobs}")
     if status["public_software"]:
         say("  software bucket is PUBLIC: anyone may read the published files")
     say(f"  dead letters       {status['dlq_depth'] if status['dlq_depth'] is not None else '-'}")

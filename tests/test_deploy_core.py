@@ -29,7 +29,8 @@ def test_names_come_from_prefix_account_and_region(monkeypatch):
     other = deploy.derive_names("stage2", ACCOUNT, "eu-west-1")
     # A second stage in the same account and region collides with nothing.
     clash = {v for v in dataclass_values(names)} & {v for v in dataclass_values(other)}
-    assert clash == {ACCOUNT, "eu-west-1", "aws"}
+    # ...but the engine, which is a setting the function's environment records, not a name.
+    assert clash == {ACCOUNT, "eu-west-1", "aws", "ec2"}
     monkeypatch.setenv("LAUNCH_TEMPLATE", "custom_worker")
     assert deploy.derive_names("su2c", ACCOUNT, "eu-west-1").launch_template == "custom_worker"
     explicit = deploy.derive_names("su2c", ACCOUNT, "eu-west-1", data_bucket="my-data",

@@ -31,7 +31,7 @@ SCANNED = [*sorted((REPO / "awsfun_deploy").glob("*.py")), REPO / "lambda_functi
 # reconcile's Reconciler keeps them on self), and `clients("service")` itself.
 CLIENT_NAMES = {"s3": "s3", "iam": "iam", "ec2": "ec2", "lam": "lambda", "sqs": "sqs",
                 "logs": "logs", "ssm": "ssm", "kms": "kms", "s3control": "s3control",
-                "sts": "sts"}
+                "sts": "sts", "batch": "batch"}
 HELPERS = {"get_paginator", "get_waiter", "meta", "exceptions"}
 # S3's IAM actions are not its API operations' names (S3 User Guide, "Required permissions
 # for Amazon S3 API operations"); S3 Control's GetPublicAccessBlock is the account's.
@@ -76,6 +76,13 @@ ALSO_CHECKED = {
     ("lambda", "GetFunction"): ["lambda:ListTags"],
     # Teardown empties versioned buckets: every version and delete marker by VersionId.
     ("s3", "DeleteObjects"): ["s3:DeleteObjectVersion"],
+    # The Batch engine: "If tags are specified in the resource-creating action, AWS performs
+    # additional authorization on the batch:TagResource action" (AWS Batch User Guide, "Grant
+    # permission to tag resources on creation"); a compute environment passes its instance
+    # and service roles, a job definition its job role (iam:PassRole).
+    ("batch", "CreateComputeEnvironment"): ["batch:TagResource", "iam:PassRole"],
+    ("batch", "CreateJobQueue"): ["batch:TagResource"],
+    ("batch", "RegisterJobDefinition"): ["batch:TagResource", "iam:PassRole"],
 }
 SESSION = botocore.session.get_session()
 NAMES = deploy.derive_names("su2c", "123456789012", "us-east-1")
@@ -94,6 +101,9 @@ SUBNET = "subnet-0123456789abcdef0"
 # requests").
 SPOT_ROLE_ARN = (f"arn:aws:iam::{NAMES.account}:role/aws-service-role/spot.amazonaws.com/"
                  "AWSServiceRoleForEC2Spot")
+# Batch's (AWS Batch User Guide, "Using service-linked roles for AWS Batch").
+BATCH_ROLE_ARN = (f"arn:aws:iam::{NAMES.account}:role/aws-service-role/batch.amazonaws.com/"
+                  "AWSServiceRoleForBatch")
 
 
 def operations(service):
@@ -180,16 +190,26 @@ def as_list(value):
     return value if isinstance(value, list) else [value]
 
 
-def rendered(names=NAMES, groups=(), spot=False):
+def rendered(names=NAMES, groups=(), spot=False, batch=False):
     """The policy as `./deploy.sh deployer-policy` prints it (--security-groups `groups`,
-    --spot `spot`)."""
+    --spot `spot`, --engine batch `batch`)."""
     return deploy.render_policy("deployer-policy", deploy.policy_values(
-        names, security_group_ids=groups, spot=spot))
+        names, security_group_ids=groups, spot=spot, batch=batch))
 
 
 def rendered_fully(names=NAMES):
-    """With every optional statement: for spot, and for a group of the user's."""
-    return rendered(names, groups=[USER_GROUP], spot=True)
+    """With every optional statement: for spot, for a group of the user's, for Batch."""
+    return rendered(names, groups=[USER_GROUP], spot=True, batch=True)
+
+
+# What only the Batch engine calls (awsfun_deploy/batch.py), printed with --engine batch.
+BATCH_ONLY = sorted({
+    "batch:CreateComputeEnvironment", "batch:UpdateComputeEnvironment",
+    "batch:DeleteComputeEnvironment", "batch:DescribeComputeEnvironments",
+    "batch:CreateJobQueue", "batch:UpdateJobQueue", "batch:DeleteJobQueue",
+    "batch:DescribeJobQueues", "batch:RegisterJobDefinition", "batch:DeregisterJobDefinition",
+    "batch:DescribeJobDefinitions", "batch:ListJobs", "batch:TagResource",
+    "iam:AttachRolePolicy", "iam:ListRoles"})
 
 
 def granted(document):
@@ -235,8 +255,12 @@ def test_the_deployer_policy_allows_every_call_deploy_makes_and_nothing_else():
                                  for pattern in patterns))
 
     assert missing_from(patterns) == []
-    # Printed without --spot it lacks spot's one action, which deploy calls only for spot.
-    assert missing_from(granted(rendered())) == ["iam:CreateServiceLinkedRole"]
+    # Printed without --spot it lacks spot's one action, which deploy calls only for spot (and
+    # for Batch's role); without --engine batch, what only the Batch engine calls.
+    assert missing_from(granted(rendered(spot=True))) == BATCH_ONLY
+    assert missing_from(granted(rendered(batch=True))) == []
+    assert missing_from(granted(rendered())) == sorted(
+        [*BATCH_ONLY, "iam:CreateServiceLinkedRole"])
     # A wildcard is there only to keep the document under IAM's size limit: it must stand for
     # exactly actions deploy needs (per parliament's copy of AWS's action list).
     needed = {action.lower() for action in required}
@@ -261,8 +285,18 @@ def test_resource_star_only_where_aws_offers_no_resource_to_name():
 
 
 def test_roles_are_passed_only_the_worker_to_ec2_and_the_launcher_to_lambda():
+    """And, for --engine batch, the three roles Batch is given: the instances' role, Batch's
+    service-linked role, the worker role as the job role. Which service Batch names as
+    iam:PassedToService for these is not documented, so that statement names the three ARNs
+    exactly and no condition."""
     passing = [s for s in rendered_fully()["Statement"]
                if "iam:PassRole" in as_list(s["Action"])]
+    (batch,) = [s for s in passing if s["Sid"] == "PassBatchRoles"]
+    assert batch["Resource"] == [
+        f"arn:aws:iam::{NAMES.account}:role/su2c-batch-instance-us-east-1",
+        BATCH_ROLE_ARN, NAMES.worker_role_arn]
+    assert "Condition" not in batch
+    passing = [s for s in passing if s is not batch]
     assert {(s["Resource"], json.dumps(s["Condition"], sort_keys=True)) for s in passing} == {
         (NAMES.worker_role_arn, json.dumps(
             {"StringEqualsIfExists": {"iam:PassedToService": "ec2.amazonaws.com"}})),
@@ -294,7 +328,7 @@ def test_everything_it_changes_is_named_by_the_stack_or_carries_its_tag():
                                                          "vpc/*", "key/*",
                                                          "spot-instances-request/*"))
                     or "ami-amazon-linux-latest" in arn
-                    or arn in (named_group, SPOT_ROLE_ARN)), (statement["Sid"], arn)
+                    or arn in (named_group, SPOT_ROLE_ARN, BATCH_ROLE_ARN)), (statement["Sid"], arn)
 
 
 def test_the_deployer_policy_lints_clean_with_parliament():

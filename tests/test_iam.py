@@ -52,7 +52,7 @@ SECURITY_GROUP_ID = "sg-0123456789abcdef0"
 def rendered(template, names=NAMES):
     return deploy.render_policy(template, deploy.policy_values(
         names, [TEMPLATE_ID], image_ids=[IMAGE_ID], instance_types=INSTANCE_TYPES,
-        security_group_ids=[SECURITY_GROUP_ID], spot=True))
+        security_group_ids=[SECURITY_GROUP_ID], spot=True, batch=True))
 
 
 def run_instances_resources(document):
@@ -140,10 +140,16 @@ def test_no_star_actions_and_no_managed_policies_anywhere():
             assert all("*" not in action for action in actions), (template, actions)
             assert "NotAction" not in statement and "NotResource" not in statement
             assert statement["Effect"] == "Allow"
-    # deploy attaches no managed policy: roles get exactly one inline policy (see test_stack).
+    # deploy attaches no managed policy to its own roles: they get exactly one inline policy
+    # (see test_stack). The one exception is AWS's own role for ECS container instances, which
+    # the Batch engine's instances need (AWS Batch User Guide, "Amazon ECS instance role"):
+    # AWS keeps AmazonEC2ContainerServiceforEC2Role current with what the ECS agent calls.
     sources = [deploy.REPO / "deploy.py", *sorted((deploy.REPO / "awsfun_deploy").glob("*.py"))]
     assert len(sources) > 10, sources  # the package is there: the check reads real code
-    assert not [path.name for path in sources if "attach_role_policy" in path.read_text()]
+    assert [path.name for path in sources if "attach_role_policy" in path.read_text()] == [
+        "batch.py"]
+    from awsfun_deploy.batch import ECS_INSTANCE_POLICY
+    assert ECS_INSTANCE_POLICY == "service-role/AmazonEC2ContainerServiceforEC2Role"
 
 
 def test_parliament_would_catch_a_broken_document():
@@ -245,9 +251,11 @@ def test_no_statement_grants_anything_on_every_resource():
     buckets = (NAMES.data_bucket, NAMES.software_bucket)
     for template in DEPLOYED:
         for statement in rendered(template)["Statement"]:
-            if as_list(statement["Action"]) == ["ec2:DescribeInstances"]:
+            if as_list(statement["Action"]) in (["ec2:DescribeInstances"], ["batch:ListJobs"]):
                 # The cap's count of live workers: EC2's Describe* actions take no resource
-                # (Service Authorization Reference, Amazon EC2), so "*" is the only one.
+                # (Service Authorization Reference, Amazon EC2), so "*" is the only one. So
+                # for the Batch engine's ListJobs (a repeated event's job, by name): AWS Batch
+                # lists no resource type for it (Service Authorization Reference, AWS Batch).
                 assert (template, statement["Resource"]) == ("lambda-policy", "*")
                 continue
             for resource in as_list(statement.get("Resource", [])):
@@ -257,7 +265,9 @@ def test_no_statement_grants_anything_on_every_resource():
 
 
 def test_trust_policies_let_only_their_service_assume_the_role():
-    for template, service in (("worker-trust", "ec2.amazonaws.com"),
+    # The worker role: EC2 instances, and the Batch engine's containers (ECS tasks: "the
+    # ecs-tasks.amazonaws.com service principal", AWS Batch User Guide, IAM roles for jobs).
+    for template, service in (("worker-trust", ["ec2.amazonaws.com", "ecs-tasks.amazonaws.com"]),
                               ("lambda-trust", "lambda.amazonaws.com")):
         (statement,) = rendered(template)["Statement"]
         assert statement["Effect"] == "Allow" and statement["Action"] == "sts:AssumeRole"

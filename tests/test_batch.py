@@ -1,0 +1,607 @@
+"""The AWS Batch engine's deploy side (awsfun_deploy/batch.py): deploy --engine batch on moto,
+a second deploy that changes nothing, teardown, the teardown order on a fake client that
+enforces AWS's rules (moto does not), and the IAM documents for it."""
+
+import io
+import json
+import re
+
+import pytest
+from botocore.exceptions import ClientError
+from conftest import REPO
+from parliament import analyze_policy_string
+
+import deploy
+import lambda_function
+from awsfun_deploy import batch as batch_module
+from awsfun_deploy import reconcile as reconcile_module
+from awsfun_deploy.batch import (
+    DEFAULT_IMAGE,
+    EVALUATE_ON_EXIT,
+    JOB_DEFINITION_LIMIT,
+    batch_names,
+    job_definition_request,
+    job_script,
+    teardown_batch,
+)
+from awsfun_deploy.core import CREATED, DELETED, GONE, KEPT, Progress
+from awsfun_deploy.names import deployed_names
+
+NAMES = deploy.derive_names("su2c", "123456789012", "us-east-1")
+
+
+def no_sleep(_):
+    return None
+
+
+@pytest.fixture(autouse=True)
+def ecs_instance_policy(request):
+    """moto loads AWS's managed policies only when asked (MOTO_IAM_LOAD_MANAGED_POLICIES, all
+    of them, slowly); AWS has AmazonEC2ContainerServiceforEC2Role in every account. Put that
+    one into moto's IAM, as AWS has it, for the tests that deploy."""
+    if "clients" not in request.fixturenames:
+        return
+    from moto.iam.models import (
+        AWSManagedPolicy,
+        aws_managed_policies_data,
+        iam_backends,
+    )
+
+    request.getfixturevalue("clients")
+    name = batch_module.ECS_INSTANCE_POLICY.rsplit("/", 1)[1]
+    data = json.loads(aws_managed_policies_data)[name]
+    backend = iam_backends["123456789012"]["aws"]
+    policy = AWSManagedPolicy.from_data(name, "123456789012", "us-east-1", data)
+    backend.managed_policies[policy.arn] = policy
+
+
+def deploy_batch(clients, names, **options):
+    progress = Progress(echo=False)
+    result = deploy.deploy(clients, names, progress=progress, engine="batch", sleep=no_sleep,
+                           **options)
+    return result, progress
+
+
+def batch_state(clients, names):
+    """What Batch holds for the deployment: environments, queue, ACTIVE definitions."""
+    batch = clients("batch")
+    parts = batch_names(names)
+    environments = {e["computeEnvironmentName"]: e for e in batch.describe_compute_environments(
+        computeEnvironments=[parts["spot"], parts["ondemand"]])["computeEnvironments"]
+        if e.get("status") != "DELETED"}
+    queues = [q for q in batch.describe_job_queues(jobQueues=[parts["queue"]])["jobQueues"]
+              if q.get("status") != "DELETED"]
+    definitions = batch.describe_job_definitions(jobDefinitionName=parts["definition"],
+                                                 status="ACTIVE")["jobDefinitions"]
+    return environments, queues, definitions
+
+
+def function_env(clients, names):
+    config = clients("lambda").get_function(FunctionName=names.function_name)["Configuration"]
+    return config["Environment"]["Variables"]
+
+
+# --- deploy, re-deploy, teardown on moto -----------------------------------------------------
+
+def test_deploy_engine_batch_makes_spot_then_on_demand_a_queue_and_the_job_definition(
+        clients, names):
+    result, progress = deploy_batch(clients, names, max_vcpus=8)
+    parts = batch_names(names)
+    environments, (queue,), (definition,) = batch_state(clients, names)
+
+    spot = environments[parts["spot"]]["computeResources"]
+    ondemand = environments[parts["ondemand"]]["computeResources"]
+    assert (spot["type"], spot["allocationStrategy"]) == ("SPOT", "SPOT_PRICE_CAPACITY_OPTIMIZED")
+    assert (ondemand["type"], ondemand["allocationStrategy"]) == ("EC2", "BEST_FIT_PROGRESSIVE")
+    for resources in (spot, ondemand):
+        assert (resources["minvCpus"], resources["maxvCpus"]) == (0, 8)
+        assert resources["instanceTypes"] == ["optimal"]
+        # The EC2 engine's placement: the default VPC's default subnets, the stack's group.
+        assert resources["securityGroupIds"] == [result["security_group_id"]]
+        assert resources["subnets"]
+        assert resources["instanceRole"].endswith(
+            f":instance-profile/{parts['instance_role']}")
+    # The service-linked role's ARN as IAM gave it (moto: AWSServiceRoleForbatch).
+    assert environments[parts["spot"]]["serviceRole"].startswith(
+        f"arn:aws:iam::{names.account}:role/aws-service-role/batch.amazonaws.com/")
+
+    assert [(e["order"], e["computeEnvironment"].rsplit("/", 1)[1])
+            for e in sorted(queue["computeEnvironmentOrder"], key=lambda e: e["order"])] == [
+        (1, parts["spot"]), (2, parts["ondemand"])]
+    assert queue["state"] == "ENABLED"
+
+    container = definition["containerProperties"]
+    assert container["command"][:2] == ["bash", "-c"]
+    assert container["command"][2] == lambda_function.batch_job_script(
+        (REPO / "bootstrap/bootstrap.sh").read_text(encoding="utf-8"),
+        (REPO / "bootstrap/launcher.py").read_text(encoding="utf-8"))
+    assert container["image"] == DEFAULT_IMAGE
+    assert container["jobRoleArn"] == names.worker_role_arn
+    assert sorted((r["type"], r["value"]) for r in container["resourceRequirements"]) == [
+        ("MEMORY", "2048"), ("VCPU", "1")]
+    assert definition["timeout"] == {"attemptDurationSeconds": 120 * 60}
+    assert definition["retryStrategy"]["attempts"] == 3
+    assert [dict(e, action=e["action"].upper())
+            for e in definition["retryStrategy"]["evaluateOnExit"]] == EVALUATE_ON_EXIT
+    assert definition["platformCapabilities"] == ["EC2"]
+
+    env = function_env(clients, names)
+    assert (env["ENGINE"], env["JOB_QUEUE"], env["JOB_DEFINITION"]) == (
+        "batch", parts["queue"], parts["definition"])
+    assert (result["job_queue"], result["job_definition"]) == (parts["queue"],
+                                                               parts["definition"])
+    # The worker role may be assumed by Batch's containers as well as by EC2.
+    trust = clients("iam").get_role(RoleName=names.worker_role)["Role"]["AssumeRolePolicyDocument"]
+    assert sorted(trust["Statement"][0]["Principal"]["Service"]) == [
+        "ec2.amazonaws.com", "ecs-tasks.amazonaws.com"]
+    # The launcher may submit to its queue.
+    policy = clients("iam").get_role_policy(RoleName=names.lambda_role,
+                                            PolicyName=names.lambda_policy_name)
+    assert "batch:SubmitJob" in json.dumps(policy["PolicyDocument"])
+    assert {s["what"] for s in progress.steps if s["outcome"] == CREATED} >= {
+        "compute environment", "job queue", "job definition", "batch instance role",
+        "batch instance profile"}
+
+
+def test_a_second_batch_deploy_changes_nothing_and_registers_no_revision(clients, names):
+    deploy_batch(clients, names)
+    calls = []
+    clients("batch").meta.events.register(
+        "before-call.batch.*", lambda model, **_: calls.append(model.name))
+    _, progress = deploy_batch(clients, names)
+    changed = [(s["what"], s["name"], s["detail"]) for s in progress.steps
+               if s["outcome"] in deploy.CHANGES]
+    assert changed == []
+    assert {"RegisterJobDefinition", "CreateComputeEnvironment", "UpdateComputeEnvironment",
+            "CreateJobQueue", "UpdateJobQueue"}.isdisjoint(calls), calls
+    (definition,) = batch_state(clients, names)[2]
+    assert definition["revision"] == 1
+
+
+def test_a_changed_image_registers_one_new_revision(clients, names):
+    deploy_batch(clients, names)
+    _, progress = deploy_batch(clients, names, image="public.ecr.aws/example/worker:2")
+    (step,) = [s for s in progress.steps if s["what"] == "job definition"]
+    assert step["outcome"] == "updated" and "image" in step["detail"]
+    revisions = batch_state(clients, names)[2]
+    assert sorted(r["revision"] for r in revisions) == [1, 2]
+
+
+def test_teardown_leaves_no_environment_queue_definition_or_batch_role(clients, names):
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    assert names.engine == "batch"
+    progress = deploy.teardown(clients, names, progress=Progress(echo=False), wait=False,
+                               sleep=no_sleep)
+    assert batch_state(clients, names) == ({}, [], [])
+    role = batch_names(names)["instance_role"]
+    iam = clients("iam")
+    assert role not in [r["RoleName"] for r in iam.list_roles()["Roles"]]
+    assert role not in [p["InstanceProfileName"]
+                        for p in iam.list_instance_profiles()["InstanceProfiles"]]
+    deleted = [s["what"] for s in progress.steps if s["outcome"] == DELETED]
+    assert deleted.index("job queue") < deleted.index("compute environment")
+
+
+def test_teardown_of_an_ec2_deployment_removes_batch_leftovers(clients, names):
+    """Deployed with --engine batch, then again with ec2: the function says ENGINE is gone,
+    the Batch pieces are still there, and teardown removes them."""
+    deploy_batch(clients, names)
+    deploy.deploy(clients, names, progress=Progress(echo=False), sleep=no_sleep)
+    assert "ENGINE" not in function_env(clients, names)
+    names = deployed_names(clients)
+    assert names.engine == "ec2"
+    deploy.teardown(clients, names, progress=Progress(echo=False), wait=False, sleep=no_sleep)
+    assert batch_state(clients, names) == ({}, [], [])
+
+
+# --- the order AWS enforces, which moto does not ---------------------------------------------
+
+def refuse(message, operation):
+    return ClientError({"Error": {"Code": "ClientException", "Message": message}}, operation)
+
+
+class RuleKeepingBatch:
+    """A Batch client that keeps AWS's rules moto skips: DeleteJobQueue only of a DISABLED
+    queue, DeleteComputeEnvironment only of a DISABLED environment no queue refers to
+    (AWS Batch API Reference, DeleteJobQueue, DeleteComputeEnvironment). A change takes one
+    describe in UPDATING, a deletion one in DELETING, then DELETED."""
+
+    def __init__(self, names):
+        parts = batch_names(names)
+        self.calls = []
+        self.environments = {parts[k]: {"computeEnvironmentName": parts[k], "state": "ENABLED",
+                                        "status": "VALID"} for k in ("spot", "ondemand")}
+        self.queues = {parts["queue"]: {"jobQueueName": parts["queue"], "state": "ENABLED",
+                                        "status": "VALID", "computeEnvironmentOrder": [
+                                            {"order": 1, "computeEnvironment": parts["spot"]},
+                                            {"order": 2, "computeEnvironment": parts["ondemand"]}]}}
+        self.definitions = [{"jobDefinitionName": parts["definition"], "revision": r,
+                             "jobDefinitionArn": f"arn:def:{r}", "status": "ACTIVE"}
+                            for r in (1, 2)]
+
+    @staticmethod
+    def _tick(items):
+        for item in items.values():
+            if item["status"] == "UPDATING":
+                item["status"] = "VALID"
+            elif item["status"] == "DELETING":
+                item["status"] = "DELETED"
+
+    def describe_job_queues(self, jobQueues):
+        self.calls.append("DescribeJobQueues")
+        answer = [dict(self.queues[n]) for n in jobQueues if n in self.queues]
+        self._tick(self.queues)
+        return {"jobQueues": answer}
+
+    def describe_compute_environments(self, computeEnvironments):
+        self.calls.append("DescribeComputeEnvironments")
+        answer = [dict(self.environments[n]) for n in computeEnvironments
+                  if n in self.environments]
+        self._tick(self.environments)
+        return {"computeEnvironments": answer}
+
+    def update_job_queue(self, jobQueue, state):
+        self.calls.append(f"UpdateJobQueue {state}")
+        self.queues[jobQueue].update(state=state, status="UPDATING")
+
+    def delete_job_queue(self, jobQueue):
+        self.calls.append("DeleteJobQueue")
+        queue = self.queues[jobQueue]
+        if queue["state"] != "DISABLED" or queue["status"] != "VALID":
+            raise refuse("Job queue must be disabled and VALID", "DeleteJobQueue")
+        queue["status"] = "DELETING"
+
+    def update_compute_environment(self, computeEnvironment, state):
+        self.calls.append(f"UpdateComputeEnvironment {state}")
+        self.environments[computeEnvironment].update(state=state, status="UPDATING")
+
+    def delete_compute_environment(self, computeEnvironment):
+        self.calls.append(f"DeleteComputeEnvironment {computeEnvironment}")
+        found = self.environments[computeEnvironment]
+        if any(e["computeEnvironment"] == computeEnvironment
+               for q in self.queues.values() if q["status"] != "DELETED"
+               for e in q["computeEnvironmentOrder"]):
+            raise refuse("Cannot delete, found existing JobQueue relationship",
+                         "DeleteComputeEnvironment")
+        if found["state"] != "DISABLED" or found["status"] != "VALID":
+            raise refuse("Compute environment must be disabled", "DeleteComputeEnvironment")
+        found["status"] = "DELETING"
+
+    def get_paginator(self, name):
+        assert name == "describe_job_definitions"
+        outer = self
+
+        class Pages:
+            def paginate(self, jobDefinitionName, status):
+                return [{"jobDefinitions": [d for d in outer.definitions
+                                            if d["status"] == status]}]
+        return Pages()
+
+    def deregister_job_definition(self, jobDefinition):
+        self.calls.append(f"DeregisterJobDefinition {jobDefinition}")
+        for definition in self.definitions:
+            if definition["jobDefinitionArn"] == jobDefinition:
+                definition["status"] = "INACTIVE"
+
+
+class NoIam:
+    """IAM with no batch instance role: teardown finds it gone."""
+
+    def get_instance_profile(self, **_):
+        raise ClientError({"Error": {"Code": "NoSuchEntity", "Message": ""}}, "GetInstanceProfile")
+
+    def get_role(self, **_):
+        raise ClientError({"Error": {"Code": "NoSuchEntity", "Message": ""}}, "GetRole")
+
+
+def test_the_fake_client_refuses_what_aws_refuses():
+    """So that the order test below can fail: deleting first is refused."""
+    fake = RuleKeepingBatch(NAMES)
+    parts = batch_names(NAMES)
+    with pytest.raises(ClientError):
+        fake.delete_job_queue(jobQueue=parts["queue"])
+    with pytest.raises(ClientError):
+        fake.delete_compute_environment(computeEnvironment=parts["spot"])
+
+
+def test_teardown_disables_and_waits_before_each_delete_queue_first():
+    fake = RuleKeepingBatch(NAMES)
+    parts = batch_names(NAMES)
+    progress = Progress(echo=False)
+    teardown_batch(fake, NoIam(), NAMES, progress, sleep=no_sleep)
+    writes = [c for c in fake.calls if not c.startswith("Describe")]
+    assert writes == [
+        "UpdateJobQueue DISABLED", "DeleteJobQueue",
+        "UpdateComputeEnvironment DISABLED", f"DeleteComputeEnvironment {parts['spot']}",
+        "UpdateComputeEnvironment DISABLED", f"DeleteComputeEnvironment {parts['ondemand']}",
+        "DeregisterJobDefinition arn:def:2", "DeregisterJobDefinition arn:def:1"]
+    assert all(item["status"] == "DELETED"
+               for item in [*fake.queues.values(), *fake.environments.values()])
+    assert [d["status"] for d in fake.definitions] == ["INACTIVE", "INACTIVE"]
+
+
+def test_teardown_without_batch_permissions_under_ec2_says_it_did_not_look():
+    class Denied:
+        def describe_job_queues(self, **_):
+            raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}},
+                              "DescribeJobQueues")
+
+    progress = Progress(echo=False)
+    teardown_batch(Denied(), NoIam(), NAMES, progress, required=False)
+    assert [(s["outcome"], s["what"]) for s in progress.steps] == [(KEPT, "batch pieces")]
+    with pytest.raises(ClientError):
+        teardown_batch(Denied(), NoIam(), NAMES, Progress(echo=False), required=True)
+
+
+def test_teardown_with_nothing_there_under_ec2_touches_nothing():
+    fake = RuleKeepingBatch(NAMES)
+    fake.queues, fake.environments, fake.definitions = {}, {}, []
+    progress = Progress(echo=False)
+    teardown_batch(fake, NoIam(), NAMES, progress, required=False)
+    assert progress.steps == []
+    teardown_batch(fake, NoIam(), NAMES, progress, required=True)
+    assert {s["outcome"] for s in progress.steps} == {GONE}
+
+
+# --- pure pieces ------------------------------------------------------------------------------
+
+def test_the_job_definition_is_under_batchs_24_kib():
+    """AWS Batch service quotas: a job definition of at most 24 KiB."""
+    request = job_definition_request(NAMES, job_script(), 120)
+    assert len(json.dumps(request).encode("utf-8")) < JOB_DEFINITION_LIMIT
+    with pytest.raises(deploy.DeployError, match="24,576"):
+        job_definition_request(NAMES, "x" * JOB_DEFINITION_LIMIT, 120)
+
+
+def test_the_dockerfile_builds_from_the_default_image():
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    (base,) = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
+    assert base == DEFAULT_IMAGE
+    assert "python3-boto3" in text and "dnf clean all" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--engine", "fargate"], "invalid choice: 'fargate'"),
+    (["--max-vcpus", "0"], "a whole number of vCPUs >= 1"),
+    (["--image", "a b"], "no spaces"),
+])
+def test_cli_mistakes_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as ended:
+        deploy.main(["deploy", *argv])
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_deploy_engine_batch_reaches_deploy(clients, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("awsfun_deploy.cli.deploy",
+                        lambda *a, **k: seen.update(k) or {"function_arn": "arn"})
+    assert deploy.main(["--engine", "batch", "--max-vcpus", "4", "--image", "img:1"],
+                       clients=clients) == 0
+    assert (seen["engine"], seen["max_vcpus"], seen["image"]) == ("batch", 4, "img:1")
+
+
+# --- IAM ----------------------------------------------------------------------------------------
+
+def lambda_policy(batch):
+    return deploy.render_policy("lambda-policy", deploy.policy_values(NAMES, batch=batch))
+
+
+def test_the_launcher_submits_only_to_its_queue_and_definition_and_only_under_batch():
+    assert "batch:" not in json.dumps(lambda_policy(False))
+    document = lambda_policy(True)
+    (submit,) = [s for s in document["Statement"] if s["Action"] == "batch:SubmitJob"]
+    prefix = f"arn:aws:batch:us-east-1:{NAMES.account}"
+    # SubmitJob's resource types are job-queue, job-definition and job (Service
+    # Authorization Reference, AWS Batch); the job's id is Batch's, so job/*.
+    assert submit["Resource"] == [f"{prefix}:job-queue/su2c-jobs",
+                                  f"{prefix}:job-definition/su2c-worker",
+                                  f"{prefix}:job-definition/su2c-worker:*",
+                                  f"{prefix}:job/*"]
+    (listing,) = [s for s in document["Statement"] if s["Action"] == "batch:ListJobs"]
+    # ListJobs has no resource type (Service Authorization Reference): "*" only.
+    assert listing["Resource"] == "*"
+
+
+def test_batch_policies_lint_clean_with_parliament():
+    for name, accepted in (("lambda-policy", {"PRIVILEGE_ESCALATION",
+                                              "PERMISSIONS_MANAGEMENT_ACTIONS"}),
+                           ("deployer-policy", {"PRIVILEGE_ESCALATION",
+                                                "PERMISSIONS_MANAGEMENT_ACTIONS"})):
+        document = deploy.render_policy(name, deploy.policy_values(NAMES, batch=True))
+        findings = analyze_policy_string(json.dumps(document),
+                                         include_community_auditors=True).findings
+        left = [(f.issue, f.detail) for f in findings if f.issue not in accepted
+                and not (f.issue == "RESOURCE_MISMATCH" and all(
+                    item["action"] in ("ec2:RunInstances", "ec2:CreateSecurityGroup")
+                    or item["required_format"] == "*" for item in f.detail))]
+        assert left == [], name
+
+
+def test_the_deployer_passes_only_the_three_batch_roles():
+    document = deploy.render_policy("deployer-policy", deploy.policy_values(NAMES, batch=True))
+    (passing,) = [s for s in document["Statement"] if s.get("Sid") == "PassBatchRoles"]
+    assert passing["Resource"] == [
+        f"arn:aws:iam::{NAMES.account}:role/su2c-batch-instance-us-east-1",
+        (f"arn:aws:iam::{NAMES.account}:role/aws-service-role/batch.amazonaws.com/"
+         "AWSServiceRoleForBatch"),
+        NAMES.worker_role_arn]
+    (attach,) = [s for s in document["Statement"] if s.get("Sid") ==
+                 "BatchInstanceRoleGetsOnlyTheEcsPolicy"]
+    assert attach["Condition"] == {"ArnEquals": {"iam:PolicyARN": (
+        "arn:aws:iam::aws:policy/service-role/AmazonEC2ContainerServiceforEC2Role")}}
+
+
+def test_the_batch_module_is_importable_without_aws():
+    assert batch_module.ENGINES == ("ec2", "batch")
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "ap-southeast-5", "eu-central-2"])
+def test_for_batch_spot_and_three_groups_the_deployer_policy_fits_a_roles_inline_policy(region):
+    """Batch's statements take the deployer policy past a managed policy (6,144 characters):
+    the command says so (deployer_policy_fit); a role's inline policy (10,240) holds it."""
+    names = deploy.derive_names("su2c", "123456789012", region)
+    document = deploy.render_policy("deployer-policy", deploy.policy_values(
+        names, batch=True, spot=True, security_group_ids=[
+            "sg-0aaaaaaaaaaaaaaaa", "sg-0bbbbbbbbbbbbbbbb", "sg-0cccccccccccccccc"]))
+    assert len(deploy.canonical(document)) <= 10240
+
+
+def test_the_deployer_creates_only_batchs_service_linked_role_for_batch():
+    document = deploy.render_policy("deployer-policy", deploy.policy_values(NAMES, batch=True))
+    (statement,) = [s for s in document["Statement"]
+                    if s["Action"] == "iam:CreateServiceLinkedRole"]
+    assert statement["Resource"].endswith(
+        "role/aws-service-role/batch.amazonaws.com/AWSServiceRoleForBatch")
+    assert statement["Condition"] == {
+        "StringEquals": {"iam:AWSServiceName": "batch.amazonaws.com"}}
+
+
+def test_deployer_policy_engine_batch_prints_the_batch_statements(clients, capsys):
+    assert deploy.main(["deployer-policy", "--engine", "batch"], clients=clients) == 0
+    printed = capsys.readouterr()
+    document = json.loads(printed.out[printed.out.index('{\n  "Version"'):])
+    assert "PassBatchRoles" in [s.get("Sid") for s in document["Statement"]]
+    assert "inline policy of a role" in printed.err
+    assert deploy.main(["deployer-policy"], clients=clients) == 0
+    assert "batch:" not in capsys.readouterr().out
+
+
+# --- status ---------------------------------------------------------------------------------
+
+def test_status_under_batch_says_the_engine_and_counts_the_queues_jobs(clients, names):
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    status = deploy.collect_status(clients, names)
+    assert status["engine"] == "batch"
+    assert status["batch"]["job_queue"] == batch_names(names)["queue"]
+    assert status["batch"]["jobs"] == {name: 0 for name in batch_module.JOB_STATUSES}
+    assert status["drift"] == []
+    out = io.StringIO()
+    deploy.print_status(status, stream=out)
+    assert "engine: batch" in out.getvalue()
+    assert "su2c-jobs (ENABLED, VALID): submitted 0" in out.getvalue()
+
+
+def test_status_under_batch_notes_a_missing_queue_as_drift(clients, names):
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    batch = clients("batch")
+    queue = batch_names(names)["queue"]
+    batch.update_job_queue(jobQueue=queue, state="DISABLED")
+    batch.delete_job_queue(jobQueue=queue)
+    status = deploy.collect_status(clients, names)
+    assert {"resource": "job queue", "name": queue, "problem": "missing"} in status["drift"]
+    assert status["batch"] == {"job_queue": queue, "missing": True}
+
+
+def test_job_counts_reads_a_capped_number_of_pages():
+    class Pages:
+        def __init__(self):
+            self.read = []
+
+        def get_paginator(self, name):
+            assert name == "list_jobs"
+            outer = self
+
+            class Paginator:
+                def paginate(self, jobQueue, jobStatus, PaginationConfig):
+                    many = jobStatus == "RUNNING"
+                    for number in range(5 if many else 1):
+                        outer.read.append(jobStatus)
+                        yield {"jobSummaryList": [{"jobName": "j"}] * 100,
+                               "nextToken": "t" if many and number < 4 else None}
+            return Paginator()
+
+    fake = Pages()
+    counts = batch_module.job_counts(fake, "q", pages=2)
+    # Batch's ListJobs pages by nextToken (API Reference, ListJobs).
+    assert counts["RUNNING"] == "200+" and counts["FAILED"] == 100
+    assert fake.read.count("RUNNING") == 2
+    assert batch_module.job_counts(fake, "q", pages=5)["RUNNING"] == 500
+
+
+# --- reconcile --------------------------------------------------------------------------------
+
+def upload(clients, names, key="in/a.csv"):
+    clients("s3").put_object(Bucket=names.data_bucket, Key=key, Body=b"a,b\n1,2\n")
+
+
+def test_reconcile_under_batch_submits_through_the_handler_and_launches_no_instance(
+        clients, names, monkeypatch):
+    """lambda_function.submit_object is the handler side's (issue 16); a stand-in records
+    what reconcile hands it."""
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    upload(clients, names)
+    submitted = []
+
+    def submit_object(obj, settings, batch=None, s3=None, local_dir=None, attempt=0):
+        submitted.append((obj["key"], settings.get("ENGINE"),
+                          batch is not None, local_dir))
+        return "job-0001"
+
+    monkeypatch.setattr(lambda_function, "submit_object", submit_object, raising=False)
+    instances_before = clients("ec2").describe_instances()["Reservations"]
+    result = deploy.reconcile(clients, names, progress=Progress(echo=False))
+    assert [key for key, *_ in submitted] == ["in/a.csv"]
+    assert all(has_client and local_dir == "" for _, _, has_client, local_dir in submitted)
+    assert result["launched"] == [{"key": "in/a.csv", "instance_id": "job-0001",
+                                   "source": "scan"}]
+    assert clients("ec2").describe_instances()["Reservations"] == instances_before
+
+
+def test_reconcile_under_batch_leaves_an_input_with_a_live_job(clients, names, monkeypatch):
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    upload(clients, names)
+    obj = reconcile_module.head_input(clients("s3"), names.data_bucket, "in/a.csv")
+    live = lambda_function.batch_job_name(lambda_function.client_token(obj, 0))
+    monkeypatch.setattr(reconcile_module, "live_job_names", lambda batch, queue: {live})
+    monkeypatch.setattr(lambda_function, "submit_object",
+                        lambda *a, **k: pytest.fail("submitted again"), raising=False)
+    result = deploy.reconcile(clients, names, progress=Progress(echo=False))
+    assert result["launched"] == [{"key": "in/a.csv", "instance_id": live, "source": "scan"}]
+
+
+def test_reconcile_under_batch_without_submit_object_says_so(clients, names, monkeypatch):
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    upload(clients, names)
+    monkeypatch.delattr(lambda_function, "submit_object", raising=False)
+    with pytest.raises(deploy.DeployError, match="submit_object"):
+        deploy.reconcile(clients, names, progress=Progress(echo=False))
+
+
+def test_compute_environment_differences_name_what_an_update_changes():
+    request = batch_module.compute_environment_request(
+        NAMES, "spot", 16, ["subnet-b", "subnet-a"], ["sg-1"], "profile", "service")
+    found = {"state": "ENABLED", "status": "VALID", "serviceRole": "service",
+             "computeResources": dict(request["computeResources"],
+                                      subnets=["subnet-a", "subnet-b"])}
+    assert batch_module.compute_environment_differences(request, found) == []
+    found["computeResources"]["maxvCpus"] = 8
+    found.update(state="DISABLED", status="INVALID", statusReason="profile not found")
+    assert batch_module.compute_environment_differences(request, found) == [
+        "maxvCpus", "state", "INVALID (profile not found)"]
+    # Another kind of environment under the name cannot be updated into ours.
+    found["computeResources"]["type"] = "EC2"
+    with pytest.raises(deploy.DeployError, match="type 'EC2', not 'SPOT'"):
+        batch_module.compute_environment_differences(request, found)
+
+
+def test_job_definition_differences_ignore_what_batch_adds_and_the_case_of_actions():
+    request = job_definition_request(NAMES, "echo", 120)
+    echoed = {**request, "revision": 1, "status": "ACTIVE",
+              "containerProperties": {**request["containerProperties"], "environment": [],
+                                      "resourceRequirements": list(reversed(
+                                          request["containerProperties"][
+                                              "resourceRequirements"]))},
+              "retryStrategy": {"attempts": 3, "evaluateOnExit": [
+                  dict(e, action=e["action"].lower()) for e in EVALUATE_ON_EXIT]}}
+    assert batch_module.job_definition_differences(request, echoed) == []
+    assert batch_module.job_definition_differences(
+        job_definition_request(NAMES, "echo", 60), echoed) == ["timeout"]
+    assert batch_module.job_definition_differences(request, None) == ["missing"]
