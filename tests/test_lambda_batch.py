@@ -12,9 +12,9 @@ import boto3
 import pytest
 from botocore.config import Config
 from moto import mock_aws
+from support import fail_first, record_calls, s3_event, s3_record
 
 import lambda_function as lf
-from support import fail_first, record_calls, s3_event, s3_record
 
 BUCKET = "awsfun-batch-data"
 QUEUE = "awsfun-queue"
