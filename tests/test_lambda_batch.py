@@ -12,7 +12,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from moto import mock_aws
-from support import fail_first, record_calls, s3_event, s3_record
+from support import REPO, fail_first, record_calls, s3_event, s3_record
 
 import lambda_function as lf
 
@@ -230,3 +230,12 @@ def test_find_batch_job_takes_the_newest_exact_name():
     assert fake.params == {"jobQueue": QUEUE,
                            "filters": [{"name": "JOB_NAME", "values": ["awsfun-abc"]}]}
     assert "jobStatus" not in fake.params
+
+
+def test_the_job_definition_script_fits_batch_s_limit():
+    """AWS Batch allows a job definition of 24 KiB (AWS Batch User Guide, "AWS Batch service
+    quotas"); the command carries the whole bootstrap and the launcher's zip, and 4 KiB
+    stay for the rest of the definition."""
+    template = (REPO / "bootstrap" / "bootstrap.sh").read_text()
+    script = lf.batch_job_script(template, (REPO / lf.LAUNCHER_KEY).read_text())
+    assert len(json.dumps(["bash", "-c", script]).encode()) < 20 * 1024
