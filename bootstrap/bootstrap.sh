@@ -167,10 +167,17 @@ main() {
     return 2
   fi
   local status=0 message
-  decode_job || { log "the job's fields did not decode: not rendered by this version?"; return 2; }
+  local decoded=yes
+  decode_job || decoded=""
   # The handler renders only hashed report keys (lambda_function.long_report_key).
   JOB_ERROR_KEY="${JOB_ERROR_KEY:-analysis/$JOB_KEY.error.json}"
   JOB_LOG_KEY="${JOB_LOG_KEY:-analysis/$JOB_KEY.log}"
+  if [[ -z "$decoded" ]]; then
+    # A job of another version may still name its object: on_exit reports on it if it does.
+    [[ -n "$JOB_BUCKET" && -n "$JOB_KEY" ]] || unset JOB_ERROR_KEY JOB_LOG_KEY
+    log "the job's fields did not decode: not rendered by this version?"
+    return 2
+  fi
   base64 -d <<<"$JOB_LAUNCHER_B64" >"$WORK_DIR/launcher.pyz"
   export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-$JOB_REGION}"
   log "job: s3://$JOB_BUCKET/$JOB_KEY; watchdog ${JOB_WATCHDOG_MINUTES} min"

@@ -6,6 +6,7 @@ In a container nothing may shut down (no watchdog, no final `shutdown -h now`): 
 when the script exits, with its status, so Batch marks a failed worker FAILED.
 """
 
+import base64
 import json
 import os
 import signal
@@ -131,15 +132,31 @@ def test_no_python_still_leaves_an_error_report_by_the_aws_cli(s3, tmp_path):
 
 
 def test_undecodable_fields_fail_the_job_without_a_shutdown(s3, tmp_path, monkeypatch):
-    """Fields that do not decode name no object to report on: the job fails (status 2) and
-    says why, and nothing shuts down."""
+    """Fields that name no object leave nothing to report on: the job fails (status 2), says
+    why in its output, and nothing shuts down."""
     monkeypatch.setattr(lf, "batch_environment", lambda obj, settings: [
         {"name": "JOB_FIELDS_B64", "value": "bm90IGEgam9i"},  # "not a job": no NULs
         {"name": "JOB_WATCHDOG_MINUTES", "value": "5"},
         {"name": "JOB_TIMEOUT_SECONDS", "value": "60"}])
     status, output, stub = run_job(s3, "inbox/x.csv", CSV, tmp_path)
     assert status == 2 and "did not decode" in output, output[-3000:]
+    assert s3.list_objects_v2(Bucket=DATA, Prefix="analysis/").get("KeyCount") == 0
     assert stub.calls() == []
+
+
+def test_fields_of_another_version_still_leave_an_error_report(s3, tmp_path, monkeypatch):
+    """A job from a handler with one field more (another version) still names its object:
+    the bootstrap's error report and the log say it did not decode; the job fails (2)."""
+    real = lf.job_fields_b64
+    monkeypatch.setattr(lf, "job_fields_b64", lambda fields: base64.b64encode(
+        base64.b64decode(real(fields)) + b"a field of a newer version\0").decode())
+    key = "inbox/newer ü.csv"
+    status, output, stub = run_job(s3, key, CSV, tmp_path)
+    assert status == 2, output[-3000:]
+    error = report(s3, key, ".error.json")
+    assert (error["written_by"], error["stage"], error["input"]["key"]) == (
+        "bootstrap", "bootstrap", key)
+    assert "did not decode" in log_of(s3, key) and stub.calls() == []
 
 
 def test_a_stopped_job_reports_that_the_job_was_stopped(s3, tmp_path):
