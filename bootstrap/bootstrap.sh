@@ -58,11 +58,14 @@ json_string() {
 # s3_put KEY FILE CONTENT_TYPE: one PutObject with the AWS CLI when Python cannot. Endpoint passed
 # on (CLIs before 1.29.0/2.13.0 ignore the variables); credentials asked of instance metadata
 # 5 times, 3 s each, not once for 1 s (AWS SDKs and Tools Reference, EC2 instance metadata).
+# Without the CLI (a Batch job's image has python3 and boto3 only), boto3 if it imports.
 s3_put() {
   local url="${AWS_ENDPOINT_URL_S3:-${AWS_ENDPOINT_URL:-}}" endpoint=()
   [[ -n "$url" ]] && endpoint=(--endpoint-url "$url")
-  command -v aws >/dev/null 2>&1 ||
-    { log "neither python3 with boto3 nor the aws CLI is available for S3" && return 127; }
+  command -v aws >/dev/null 2>&1 || {
+    python3 -c 'import sys,boto3;b,k,f,t,u=sys.argv[1:];boto3.client("s3",endpoint_url=u or None).upload_file(f,b,k,ExtraArgs={"ContentType":t})' \
+      "$JOB_BUCKET" "$1" "$2" "$3" "$url" && return 0
+    log "neither python3 with boto3 nor the aws CLI is available for S3 (or boto3 failed)" && return 127; }
   AWS_METADATA_SERVICE_NUM_ATTEMPTS="${AWS_METADATA_SERVICE_NUM_ATTEMPTS:-5}" \
     AWS_METADATA_SERVICE_TIMEOUT="${AWS_METADATA_SERVICE_TIMEOUT:-3}" aws "${endpoint[@]}" \
     s3api put-object --bucket "$JOB_BUCKET" --key "$1" --body "$2" --content-type "$3" >/dev/null

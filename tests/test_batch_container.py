@@ -11,7 +11,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -128,6 +130,26 @@ def test_no_python_still_leaves_an_error_report_by_the_aws_cli(s3, tmp_path):
     error = report(s3, key, ".error.json")
     assert (error["written_by"], error["stage"]) == ("bootstrap", "start")
     assert error["instance_id"] == f"{JOB_ID}#1"
+    assert stub.calls() == []
+
+
+def test_a_killed_launcher_is_reported_by_boto3_without_the_aws_cli(s3, tmp_path):
+    """The job's image (deploy's Dockerfile) has python3 and boto3 but no AWS CLI: when the
+    launcher itself dies (here its worker SIGKILLs it, as the OOM killer could), the shell's
+    own error report and the log still reach S3, through boto3."""
+    key = "inbox/killed launcher.csv"
+    s3.put_object(Bucket=SOFTWARE, Key="AwsS3.py",
+                  Body=b"import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n")
+    image = bare_path(tmp_path / "image-bin")
+    python3 = Path(image) / "python3"
+    python3.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python3.chmod(0o755)
+    status, output, stub = run_job(s3, key, CSV, tmp_path, path=image)
+    assert status == 137, output[-3000:]
+    error = report(s3, key, ".error.json")
+    assert (error["written_by"], error["stage"], error["exit_code"]) == ("bootstrap", "worker",
+                                                                         137)
+    assert error["instance_id"] == f"{JOB_ID}#1" and "killed launcher" in log_of(s3, key)
     assert stub.calls() == []
 
 
