@@ -504,15 +504,15 @@ def submit_job_params(obj, settings, token):
 
     The attempt's timeout is the route's watchdog: Batch stops the attempt then and does not
     retry a job stopped for its timeout; the minimum is 60 s (AWS Batch API Reference, SubmitJob
-    `timeout`, JobTimeout). The tags name the upload (awsfun:token, as on an EC2 worker) and the
-    object version (awsfun:object), never the key: tag values allow few characters.
+    `timeout`, JobTimeout). No tags: the name already is the upload's token, and tags on
+    creation need batch:TagResource besides SubmitJob, or the job is not created (AWS Batch
+    User Guide, "Tag your resources"), a grant the launcher role does not have.
     """
     return {
         "jobName": batch_job_name(token), "jobQueue": settings["JOB_QUEUE"],
         "jobDefinition": settings["JOB_DEFINITION"],
         "containerOverrides": {"environment": batch_environment(obj, settings)},
         "timeout": {"attemptDurationSeconds": max(60, int(settings["WATCHDOG_MINUTES"]) * 60)},
-        "tags": {"awsfun:token": token, "awsfun:object": object_version_tag(obj)},
     }
 
 
