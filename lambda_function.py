@@ -1,4 +1,5 @@
-"""awsfun Lambda handler: launch one disposable EC2 worker per new S3 object.
+"""awsfun Lambda handler: launch one disposable EC2 worker (or, with ENGINE=batch, submit one
+AWS Batch job) per new S3 object.
 
 One file, standard library plus boto3, so it can be pasted into the Lambda
 console. The handler only wires together the small functions below; see
@@ -70,7 +71,23 @@ DEFAULTS = {
     "SPOT": "",
     "SUBNET_IDS": "",
     "SECURITY_GROUP_IDS": "",
+    "ENGINE": "ec2",
+    "JOB_QUEUE": "",
+    "JOB_DEFINITION": "",
 }
+ENGINES = ("ec2", "batch")
+# Batch's throttle answer (TooManyRequestsException, HTTP 429: AWS Batch throttles every API per
+# account and Region; https://repost.aws/knowledge-center/aws-batch-requests-error) and the
+# other codes botocore's standard retry mode takes for throttling
+# (botocore.retries.standard.ThrottledRetryableChecker). Met once botocore's retries are spent,
+# a record is deferred, and so is the rest of the invocation: the rate is regional.
+BATCH_THROTTLES = frozenset({
+    "TooManyRequestsException", "Throttling", "ThrottlingException", "ThrottledException",
+    "RequestThrottledException", "RequestLimitExceeded", "RequestThrottled", "SlowDown",
+    "PriorRequestNotComplete", "LimitExceededException",
+})
+# Route fields Batch does not use: its compute environment chooses instances and market.
+EC2_ONLY_ROUTE_FIELDS = ("launch_template", "instance_type", "spot", "root_volume_gib")
 
 # EC2's answers that mean "not now": no capacity, a quota reached, or throttling once botocore's
 # own retries are spent (EC2 API Reference, "Error codes": InsufficientInstanceCapacity,
@@ -141,6 +158,11 @@ def load_settings(environ=None):
     settings["SPOT"] = str(settings["SPOT"]).strip().lower() in ("1", "true", "yes")
     settings["SUBNET_IDS"] = id_list(settings["SUBNET_IDS"])
     settings["SECURITY_GROUP_IDS"] = id_list(settings["SECURITY_GROUP_IDS"])
+    settings["ENGINE"] = str(settings["ENGINE"]).strip().lower() or "ec2"
+    if settings["ENGINE"] not in ENGINES:
+        raise ValueError(f"ENGINE {settings['ENGINE']!r} is not one of {', '.join(ENGINES)}")
+    if settings["ENGINE"] == "batch" and not (settings["JOB_QUEUE"] and settings["JOB_DEFINITION"]):
+        raise ValueError("ENGINE=batch needs JOB_QUEUE and JOB_DEFINITION (deploy sets both)")
     return settings
 
 
@@ -475,6 +497,85 @@ def batch_job_name(token):
     new upload. Names hold up to 128 letters, digits, hyphens and underscores (SubmitJob).
     """
     return f"awsfun-{token}"
+
+
+def submit_job_params(obj, settings, token):
+    """Return SubmitJob's parameters for one object's job (pure; `settings` with its route applied).
+
+    The attempt's timeout is the route's watchdog: Batch stops the attempt then and does not
+    retry a job stopped for its timeout; the minimum is 60 s (AWS Batch API Reference, SubmitJob
+    `timeout`, JobTimeout). No tags: the name already is the upload's token, and tags on
+    creation need batch:TagResource besides SubmitJob, or the job is not created (AWS Batch
+    User Guide, "Tag your resources"), a grant the launcher role does not have.
+    """
+    return {
+        "jobName": batch_job_name(token), "jobQueue": settings["JOB_QUEUE"],
+        "jobDefinition": settings["JOB_DEFINITION"],
+        "containerOverrides": {"environment": batch_environment(obj, settings)},
+        "timeout": {"attemptDurationSeconds": max(60, int(settings["WATCHDOG_MINUTES"]) * 60)},
+    }
+
+
+def find_batch_job(batch, queue, name):
+    """Return the id of the newest job named `name` in `queue`, or None (one ListJobs call).
+
+    With `filters`, ListJobs ignores jobStatus and returns jobs of every status, newest first;
+    JOB_NAME matches case-insensitively, as a prefix only for a value ending in '*', which
+    batch_job_name never does (AWS Batch API Reference, ListJobs).
+    """
+    page = batch.list_jobs(jobQueue=queue, filters=[{"name": "JOB_NAME", "values": [name]}])
+    ids = [job["jobId"] for job in page.get("jobSummaryList", [])
+           if str(job.get("jobName", "")).lower() == name.lower()]
+    return ids[0] if ids else None
+
+
+@functools.lru_cache(maxsize=64)
+def note_ec2_only_fields(route_name, fields):
+    """Say once per warm container (debug) which of a route's fields Batch does not use."""
+    logger.debug("route %s: %s do not apply under ENGINE=batch (the compute environment chooses "
+                 "instances)", route_name, ", ".join(fields))
+
+
+def submit_object_detail(obj, settings, batch=None, s3=None, local_dir=None, attempt=0,
+                         dry_run=False):
+    """Route one object and submit its Batch job unless ListJobs finds one of its name; return
+    {"engine": "batch", "job_id", "job_name", "route", "submitted"}. submitted is False when
+    the job existed (Batch has no client token: the name is the upload's) or with dry_run,
+    which submits nothing (Batch has no DryRun) and gives job_id None for a job not found."""
+    route = choose_route(obj["key"], load_routes(settings, s3, local_dir))
+    launch = apply_route(settings, route)
+    ignored = tuple(field for field in EC2_ONLY_ROUTE_FIELDS[1:] if route and field in route)
+    if ignored:
+        note_ec2_only_fields(route["name"], ignored)
+    batch = batch or get_client("batch")
+    token = client_token(obj, attempt)
+    params = submit_job_params(obj, launch, token)
+    detail = {"engine": "batch", "job_name": params["jobName"], "route": launch["ROUTE"]}
+    job_id = find_batch_job(batch, params["jobQueue"], params["jobName"])
+    if job_id or dry_run:
+        return dict(detail, job_id=job_id, submitted=False)
+    job_id = batch.submit_job(**params)["jobId"]
+    logger.info("submitted job %s (%s) for s3://%s/%s (route %s)", job_id, params["jobName"],
+                printable(obj["bucket"]), printable(obj["key"]), launch["ROUTE"])
+    return dict(detail, job_id=job_id, submitted=True)
+
+
+def submit_object(obj, settings, batch=None, s3=None, local_dir=None, attempt=0):
+    """Route and submit one object's Batch job, once per upload and attempt; return its job id
+    (reconcile: attempt > 0 names a new job, from client_token(obj, attempt))."""
+    return submit_object_detail(obj, settings, batch, s3, local_dir, attempt)["job_id"]
+
+
+def batch_dry_run_entry(obj, detail, settings):
+    """Return DRY_RUN's result entry for a Batch job: what would be submitted (pure)."""
+    found = detail["job_id"]
+    return {"bucket": obj["bucket"], "key": obj["key"], "allowed": True,
+            "code": "AlreadySubmitted" if found else "",
+            "message": (f"job {detail['job_name']} exists ({found}): nothing to submit" if found
+                        else f"would submit {detail['job_name']} to {settings['JOB_QUEUE']} "
+                        f"({settings['JOB_DEFINITION']}); Batch has no DryRun, so SubmitJob's "
+                        "permission is not checked"),
+            "job_name": detail["job_name"], "job_id": found}
 
 
 def render_user_data(template, obj, settings, launcher=None):
@@ -816,9 +917,14 @@ def check_launch_permission(ec2, obj, user_data, settings):
 def prepare_launch(obj, settings, s3=None, local_dir=None):
     """Return (launch settings, user-data) for one object: its route applied, the template rendered."""
     template = load_bootstrap_template(settings, s3, local_dir)
-    launch = apply_route(settings, choose_route(obj["key"], load_routes(settings, s3, local_dir)))
+    launch = route_settings(obj, settings, s3, local_dir)
     launcher = load_launcher(settings, s3, local_dir)
     return launch, render_user_data(template, obj, launch, launcher)
+
+
+def route_settings(obj, settings, s3=None, local_dir=None):
+    """Return the settings for one object: its route (routes.json) applied over `settings`."""
+    return apply_route(settings, choose_route(obj["key"], load_routes(settings, s3, local_dir)))
 
 
 def launch_object(obj, settings, ec2=None, s3=None, local_dir=None, attempt=0, on_demand=False):
@@ -895,11 +1001,13 @@ class Invocation:
 
     The count is made once, before the first launch (count_workers: one DescribeInstances
     with its pages), and kept up to date with this invocation's own launches, so the cap
-    costs at most one call per invocation, however many records it holds.
+    costs at most one call per invocation, however many records it holds. Under ENGINE=batch
+    there is no count and MAX_WORKERS does not apply: the compute environments' maxvCpus is
+    Batch's cap, and jobs past it wait in the queue (RUNNABLE).
     """
 
-    def __init__(self, settings, context, ec2=None):
-        self.settings, self.context, self.ec2 = settings, context, ec2
+    def __init__(self, settings, context, ec2=None, batch=None):
+        self.settings, self.context, self.ec2, self.batch = settings, context, ec2, batch
         self.result = {"launched": [], "skipped": [], "deferred": [], "failed": []}
         self.seen_tokens = set()
         self.alive = None  # {awsfun:token: instance id} of live workers, once counted
@@ -960,6 +1068,8 @@ class Invocation:
         self.seen_tokens.add(token)
         if reason:
             return self.skip(obj, reason)
+        if self.settings["ENGINE"] == "batch":
+            return self.submit(obj)
         if self.settings["DRY_RUN"]:
             try:
                 entry = check_object_permission(obj, self.settings, self.ec2)
@@ -982,6 +1092,26 @@ class Invocation:
                 return self.defer(obj, code, f"EC2 refused: {code} {message}".strip())
             # One record's failure must not cost the others their launch: note it, go on.
             return self.fail(obj, err)
+
+    def submit(self, obj):
+        """Batch: submit one record's job (DRY_RUN: say what would be); defer on throttling."""
+        if self.regional_refusal:
+            return self.defer(obj, self.regional_refusal, "not attempted: Batch refused "
+                              f"{self.regional_refusal} earlier in this invocation")
+        try:
+            detail = submit_object_detail(obj, self.settings, self.batch,
+                                          dry_run=self.settings["DRY_RUN"])
+        except LAUNCH_ERRORS as err:
+            code, message = describe_failure(err)
+            if code in BATCH_THROTTLES:
+                self.regional_refusal = code
+                return self.defer(obj, code, f"Batch refused: {code} {message}".strip())
+            return self.fail(obj, err)
+        if self.settings["DRY_RUN"]:
+            self.result.setdefault("dry_run", []).append(
+                batch_dry_run_entry(obj, detail, self.settings))
+            return LAUNCHED
+        return self.launched(obj, detail)
 
     def launch(self, obj, token):
         """Launch one record's worker unless it has a live one or the cap is reached."""

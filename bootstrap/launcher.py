@@ -10,6 +10,8 @@ Exit status: the worker's 0 or 5 (it reported); 127 without boto3 (no report); 3
 credentials came (no report: the shell's AWS CLI writes it); else, the error report
 written (WORK_DIR/reported then exists): 4 fetch failed, 1 crashed, 124 time limit,
 137 SIGKILL, 143 SIGTERM, 128+N signal N, or the worker's own status.
+As an AWS Batch job (AWS_BATCH_JOB_ID set) it asks no instance metadata: the report's
+instance_id is AWSFUN_INSTANCE_ID (bootstrap.sh: the job id and attempt).
 """
 import json
 import logging
@@ -37,7 +39,12 @@ def deadline(started, limit, now):
     return now + limit - min(10.0, limit / 5)
 
 
-def outcome(code, limit, crash="", timed_out=False):
+def in_container(environ=os.environ):
+    """True when this runs as an AWS Batch job: Batch sets AWS_BATCH_JOB_ID in its container."""
+    return bool(environ.get("AWS_BATCH_JOB_ID"))
+
+
+def outcome(code, limit, crash="", timed_out=False, container=False):
     """Return (exit status, error message or None) for the child's exit code (-N: signal N)."""
     if timed_out:
         return 124, f"worker exceeded its time limit of {limit}s"
@@ -46,7 +53,8 @@ def outcome(code, limit, crash="", timed_out=False):
     if code == -signal.SIGKILL:
         return 137, "worker was killed by SIGKILL: out of memory, or by hand"
     if code == -signal.SIGTERM:
-        return 143, f"worker stopped by SIGTERM before its time limit of {limit}s: a shutdown"
+        stopper = "the Batch job was stopped" if container else "a shutdown"
+        return 143, f"worker stopped by SIGTERM before its time limit of {limit}s: {stopper}"
     if code < 0:
         return 128 - code, f"worker was killed by {signal.Signals(-code).name}"
     if code == 1:
@@ -149,7 +157,7 @@ def spot_interruption(environ=os.environ, timeout=1.0):
     """Return EC2's spot interruption notice ({"action", "time"}) or None, by IMDSv2:
     spot/instance-action is 404 until a reclaim is due (EC2 User Guide, "Spot Instance
     interruption notices"). Honours AWS_EC2_METADATA_SERVICE_ENDPOINT and _DISABLED."""
-    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true" or in_container(environ):
         return None
     from urllib.request import Request, urlopen
     base = environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", IMDS).rstrip("/")
@@ -168,11 +176,13 @@ def spot_interruption(environ=os.environ, timeout=1.0):
 
 def error_report(bucket, key, stage, message, code):
     """Return the error report for a job the worker could not finish (as bootstrap.sh's)."""
+    instance = ""
     try:
-        with open("/sys/devices/virtual/dmi/id/board_asset_tag", encoding="ascii") as tag:
-            instance = tag.read().strip()
+        if not in_container():  # a container may read its host's tag: the job is what ran
+            with open("/sys/devices/virtual/dmi/id/board_asset_tag", encoding="ascii") as tag:
+                instance = tag.read().strip()
     except (OSError, ValueError):
-        instance = ""
+        pass
     if not instance.startswith("i-"):
         instance = os.environ.get("AWSFUN_INSTANCE_ID", "unknown")
     return {"input": {"bucket": bucket, "key": key,
@@ -229,7 +239,8 @@ def main(argv, sleep=time.sleep):
             if os.path.exists(path + ".crash"):
                 with open(path + ".crash", encoding="utf-8") as cause:
                     crash = cause.read()
-            (status, message), stage = outcome(code, limit, crash, timed_out), "worker"
+            (status, message), stage = outcome(code, limit, crash, timed_out,
+                                               in_container()), "worker"
         if message:
             logger.error("%s", message)
             report = error_report(bucket, key, stage, message, status)

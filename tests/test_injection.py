@@ -210,8 +210,9 @@ def expected_worker_argv(key):
     return [f"s3://{DATA}/{key}".encode("utf-8")]
 
 
-def boot_problems(key, done, recording, worker_status):
-    """What went wrong between the user-data and the worker's argv (empty when nothing did)."""
+def boot_problems(key, done, recording, worker_status, container=False):
+    """What went wrong between the user-data (or a Batch job's environment: `container`) and
+    the worker's argv (empty when nothing did)."""
     output = (done.stdout + done.stderr).decode("utf-8", "replace")[-1500:]
     if done.returncode != worker_status:
         return [f"bootstrap exited {done.returncode}, expected {worker_status}: {output}"]
@@ -236,7 +237,8 @@ def boot_problems(key, done, recording, worker_status):
             problems.append(f"unexpected S3 copy {(op, bucket, target)!r}")
     if worker_status:
         problems += error_report_problems(key, recording["error_report"])
-    if not recording["shutdown"] or recording["shutdown"][-1] != "-h now":
+    if (recording["shutdown"] != []) if container else \
+            (not recording["shutdown"] or recording["shutdown"][-1] != "-h now"):
         problems.append(f"shutdown calls {recording['shutdown']!r}")
     return problems
 
@@ -448,3 +450,67 @@ def test_any_key_reaches_the_worker_byte_identical(buckets, key):
     assert calls[0].startswith("-h +") and calls[-1] == "-h now"
     assert not CANARY.exists()
     assert buckets.get_object(Bucket=DATA, Key=key)["Body"].read() == BODY
+
+
+# --- the Batch path: the job's values in the container's environment ----------------------
+
+
+class RecordingBatch:
+    """Batch as the handler sees it: no job exists yet; SubmitJob records its parameters."""
+
+    def __init__(self):
+        self.submits = []
+
+    def list_jobs(self, **_):
+        return {"jobSummaryList": []}
+
+    def submit_job(self, **params):
+        self.submits.append(params)
+        return {"jobId": f"job-{len(self.submits)}", "jobName": params["jobName"]}
+
+
+def boot_batch_recorded(environment, record, machine, worker_status):
+    """Run the job definition's command, `bash -c batch_job_script(...)`, as Batch runs it:
+    the job's environment, AWS_BATCH_JOB_ID, the recording machine on PATH."""
+    record = Path(record)
+    scratch = record.parent / "scratch"
+    scratch.mkdir(exist_ok=True)
+    script = lf.batch_job_script(TEMPLATE, (REPO / lf.LAUNCHER_KEY).read_text(encoding="utf-8"))
+    env = dict(os.environ, PATH=f"{machine}:{os.environ['PATH']}", TMPDIR=str(scratch),
+               AWSFUN_TEST_RECORD=str(record), AWSFUN_TEST_WORKER_STATUS=str(worker_status),
+               AWS_BATCH_JOB_ID="job-1", AWS_BATCH_JOB_ATTEMPT="1",
+               **{item["name"]: item["value"] for item in environment})
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, timeout=60,
+                          check=False)
+
+
+@settings(max_examples=40, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(key=KEYS, worker_status=st.sampled_from([0, FAILING_WORKER_STATUS]))
+@example(key=LONG_KEY, worker_status=FAILING_WORKER_STATUS)
+@example(key=EDGE_KEYS[-1], worker_status=0)
+@example(key="x\n\n", worker_status=FAILING_WORKER_STATUS)
+def test_any_key_reaches_the_worker_byte_identical_through_batch(key, worker_status, tmp_path,
+                                                                 monkeypatch):
+    """event -> handler (ENGINE=batch) -> SubmitJob's containerOverrides.environment ->
+    the job definition's bash -c script (decode_job) -> the launcher's and worker's argv, byte
+    for byte, and the bootstrap's own error report naming the key; no shutdown, no canary."""
+    for name, value in (("ENGINE", "batch"), ("JOB_QUEUE", "q"), ("JOB_DEFINITION", "d")):
+        monkeypatch.setenv(name, value)
+    batch = RecordingBatch()
+    monkeypatch.setitem(lf._clients, "batch", batch)
+    result = lf.lambda_handler(json.loads(json.dumps(s3_event(s3_record(DATA, key)))), None)
+    if lf.DEFAULTS["SKIP_SUBSTRING"] in key:
+        assert batch.submits == [] and result["launched"] == []
+        return
+    [params] = batch.submits
+    environment = params["containerOverrides"]["environment"]
+    assert all(re.fullmatch(r"[A-Za-z0-9+/=]*", item["value"]) for item in environment)
+    with tempfile.TemporaryDirectory(dir=tmp_path) as workdir:
+        machine = write_recording_machine(Path(workdir) / "bin")
+        record = Path(workdir) / "job"
+        done = boot_batch_recorded(environment, record, machine, worker_status)
+        problems = boot_problems(key, done, read_recording(record), worker_status,
+                                 container=True)
+    assert problems == []
+    assert not CANARY.exists()

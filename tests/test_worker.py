@@ -790,3 +790,29 @@ def test_a_worker_stopped_by_a_spot_reclaim_says_so_in_its_error_report(tmp_path
     assert report.get("spot_interruption") == notice
     expected = {"input-etag": "e" * 32, **({"interruption": "spot"} if notice else {})}
     assert head["Metadata"] == expected
+
+
+# --- the launcher as an AWS Batch job (AWS_BATCH_JOB_ID set) -------------------------------
+
+
+def test_in_a_batch_container_the_launcher_asks_no_instance_metadata(monkeypatch):
+    """A container may not reach instance metadata (hop limit 1): the spot notice is not
+    asked, the host's board tag is not read, and the report names the job and attempt."""
+    import urllib.request
+
+    monkeypatch.setenv("AWS_BATCH_JOB_ID", "job-1")
+    monkeypatch.setenv("AWSFUN_INSTANCE_ID", "job-1#2")
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
+    asked, opened = [], []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: asked.append(a))
+    monkeypatch.setattr(launcher, "open", lambda path, *a, **k: opened.append(path),
+                        raising=False)
+    assert launcher.spot_interruption() is None and asked == []
+    report = launcher.error_report("b", "k", "worker", "stopped", 143)
+    assert report["instance_id"] == "job-1#2" and opened == []
+
+
+def test_a_stopped_batch_job_is_not_called_a_shutdown():
+    status, message = launcher.outcome(-signal.SIGTERM, 60, container=True)
+    assert status == 143 and "Batch job was stopped" in message and "shutdown" not in message
+    assert "a shutdown" in launcher.outcome(-signal.SIGTERM, 60)[1]
