@@ -208,7 +208,7 @@ BATCH_ONLY = sorted({
     "batch:DeleteComputeEnvironment", "batch:DescribeComputeEnvironments",
     "batch:CreateJobQueue", "batch:UpdateJobQueue", "batch:DeleteJobQueue",
     "batch:DescribeJobQueues", "batch:RegisterJobDefinition", "batch:DeregisterJobDefinition",
-    "batch:DescribeJobDefinitions", "batch:ListJobs", "batch:TagResource",
+    "batch:DescribeJobDefinitions", "batch:ListJobs", "batch:SubmitJob", "batch:TagResource",
     "iam:AttachRolePolicy", "iam:ListRoles"})
 
 
@@ -310,7 +310,9 @@ def test_everything_it_changes_is_named_by_the_stack_or_carries_its_tag():
     """Writes on named resources name them exactly; EC2 resources, which have ids, not names,
     are scoped by the awsfun:stack tag (on create, aws:RequestTag; after, aws:ResourceTag).
     Besides: the user's own security groups by their ids, when it is rendered for them, and
-    EC2's service-linked role for spot by its one ARN."""
+    EC2's service-linked role for spot by its one ARN. A Batch job has an id, not a name, and
+    SubmitJob (reconcile's, under --engine batch) authorizes `job/*` beside the stack's own
+    queue and job definition (Service Authorization Reference, AWS Batch: SubmitJob)."""
     document = rendered_fully()
     named_group = f"arn:aws:ec2:us-east-1:{NAMES.account}:security-group/{USER_GROUP}"
     stacked = {"aws:RequestTag/awsfun:stack", "aws:ResourceTag/awsfun:stack"}
@@ -326,7 +328,8 @@ def test_everything_it_changes_is_named_by_the_stack_or_carries_its_tag():
             assert (NAMES.prefix in arn or arn.endswith(("instance/*", "volume/*",
                                                          "network-interface/*", "subnet/*",
                                                          "vpc/*", "key/*",
-                                                         "spot-instances-request/*"))
+                                                         "spot-instances-request/*",
+                                                         ":job/*"))
                     or "ami-amazon-linux-latest" in arn
                     or arn in (named_group, SPOT_ROLE_ARN, BATCH_ROLE_ARN)), (statement["Sid"], arn)
 
