@@ -17,7 +17,7 @@ from .names import BUCKET_TAG, TOKEN_TAG, WORKER_KEY_TAG
 from .s3 import bucket_exists, list_keys
 from .sqs import find_queue
 from .function import read_function
-from .batch import batch_names, live_job_names
+from .batch import LIVE_STATUSES, batch_names, live_job_names
 
 logger = logging.getLogger("awsfun.deploy")
 REPORTED, FAILED, RUNNING, UNPROCESSED = "reported", "error-reported", "running", "unprocessed"
@@ -32,6 +32,15 @@ OBJECT_TAG = "awsfun:object"
 LIVE_STATES = ("pending", "running")
 # EC2's states of an instance that is ending or has ended: it writes nothing more.
 ENDED_STATES = ("shutting-down", "terminated", "stopping", "stopped")
+
+
+def job_status(batch, job_id):
+    """Return (status, statusReason) of one Batch job (DescribeJobs); ("gone", "") when Batch
+    no longer lists it."""
+    jobs = batch.describe_jobs(jobs=[job_id]).get("jobs") or []
+    if not jobs:
+        return "gone", ""
+    return jobs[0].get("status", ""), jobs[0].get("statusReason", "")
 
 
 def worker_tokens(obj):
@@ -508,30 +517,45 @@ class Reconciler:
         return None, self.refused[token]
 
     def submit(self, obj):
-        """Submit one object's job through the handler's path (lambda_function.submit_object);
-        return (job id or live job's name, None) or (None, error). An object whose job (by
-        batch_job_name of any of its tokens) is under way is not submitted again."""
+        """Submit one object's job through the handler's path (lambda_function.submit_object_detail);
+        return (job id or live job's name, None) or (None, error).
+
+        An object whose job (by batch_job_name of any of its tokens) is under way is not
+        submitted again. Batch has no client token: a job name already used (ListJobs finds it)
+        belongs to an earlier attempt, which, ended with no report (or the scan would not be
+        here), was lost; the next attempt's name is tried, MAX_RELAUNCHES times at most, as the
+        EC2 path moves on from a token whose worker ended.
+        """
         token = lambda_function.object_version_tag(obj)
         for attempt_token in worker_tokens(obj):
             name = lambda_function.batch_job_name(attempt_token)
             if name in self.live_jobs:
                 return name, None
-        submit_object = getattr(lambda_function, "submit_object", None)
-        if submit_object is None:
-            raise DeployError("reconcile under the Batch engine needs "
-                              "lambda_function.submit_object, which this checkout's handler "
-                              "lacks: update the checkout (issue 16)")
-        try:
-            job_id = submit_object(obj, self.settings, batch=self.batch, s3=self.s3,
-                                   local_dir="")
-        except lambda_function.LAUNCH_ERRORS as err:
-            code, message = lambda_function.describe_failure(err)
-            logger.error("job for s3://%s/%s failed: %s %s", obj["bucket"], obj["key"], code,
-                         message)
-            self.refused[token] = f"{code}: {message}"
-            return None, self.refused[token]
-        self.live_jobs.add(lambda_function.batch_job_name(worker_tokens(obj)[0]))
-        return job_id, None
+        ended = []
+        for attempt in range(MAX_RELAUNCHES + 1):
+            try:
+                detail = lambda_function.submit_object_detail(
+                    obj, self.settings, batch=self.batch, s3=self.s3, local_dir="",
+                    attempt=attempt)
+                status, reason = ("SUBMITTED", "") if detail["submitted"] else \
+                    job_status(self.batch, detail["job_id"])
+            except lambda_function.LAUNCH_ERRORS as err:
+                code, message = lambda_function.describe_failure(err)
+                logger.error("job for s3://%s/%s failed: %s %s", obj["bucket"], obj["key"],
+                             code, message)
+                self.refused[token] = f"{code}: {message}"
+                return None, self.refused[token]
+            if status in LIVE_STATUSES:
+                self.live_jobs.add(detail["job_name"])
+                return detail["job_id"], None
+            logger.warning("s3://%s/%s: job %s (%s) is %s with no report (%s); resubmitting",
+                           obj["bucket"], obj["key"], detail["job_name"], detail["job_id"],
+                           status, reason or "no reason shown")
+            ended.append(f"{detail['job_id']} ({status}{': ' + reason if reason else ''})")
+        self.refused[token] = (f"every job name is used by a job that ended without a "
+                               f"report: {', '.join(ended)}; see their logs")
+        logger.error("s3://%s/%s: %s", obj["bucket"], obj["key"], self.refused[token])
+        return None, self.refused[token]
 
     def replay_record(self, obj):
         """Return (outcome, instance id or error) for one dead-lettered record."""

@@ -2,9 +2,11 @@
 a second deploy that changes nothing, teardown, the teardown order on a fake client that
 enforces AWS's rules (moto does not), and the IAM documents for it."""
 
+import base64
 import io
 import json
 import re
+import urllib.request
 
 import pytest
 from botocore.exceptions import ClientError
@@ -529,28 +531,63 @@ def upload(clients, names, key="in/a.csv"):
     clients("s3").put_object(Bucket=names.data_bucket, Key=key, Body=b"a,b\n1,2\n")
 
 
-def test_reconcile_under_batch_submits_through_the_handler_and_launches_no_instance(
-        clients, names, monkeypatch):
-    """lambda_function.submit_object is the handler side's (issue 16); a stand-in records
-    what reconcile hands it."""
+def jobs_without_docker(endpoint):
+    """moto's Batch marks jobs done without running them, instead of in Docker."""
+    request = urllib.request.Request(f"{endpoint}/moto-api/config", method="POST",
+                                     data=json.dumps({"batch": {"use_docker": False}}).encode())
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+def submitted_jobs(clients, names):
+    """Return [(job name, job id, status)] of every job in the stack's queue, by DescribeJobs."""
+    batch = clients("batch")
+    queue = batch_module.batch_names(names)["queue"]
+    ids = {job["jobId"] for status in batch_module.JOB_STATUSES
+           for job in batch.list_jobs(jobQueue=queue, jobStatus=status)["jobSummaryList"]}
+    return sorted((job["jobName"], job["jobId"], job["status"])
+                  for job in batch.describe_jobs(jobs=sorted(ids))["jobs"]) if ids else []
+
+
+def test_reconcile_under_batch_submits_the_handlers_job_and_launches_no_instance(
+        clients, names, local_aws):
+    """reconcile submits through lambda_function.submit_object_detail: the job is named from
+    the scan's token and carries the object in its environment, and no instance starts."""
+    jobs_without_docker(local_aws)
     deploy_batch(clients, names)
     names = deployed_names(clients)
     upload(clients, names)
-    submitted = []
-
-    def submit_object(obj, settings, batch=None, s3=None, local_dir=None, attempt=0):
-        submitted.append((obj["key"], settings.get("ENGINE"),
-                          batch is not None, local_dir))
-        return "job-0001"
-
-    monkeypatch.setattr(lambda_function, "submit_object", submit_object, raising=False)
     instances_before = clients("ec2").describe_instances()["Reservations"]
     result = deploy.reconcile(clients, names, progress=Progress(echo=False))
-    assert [key for key, *_ in submitted] == ["in/a.csv"]
-    assert all(has_client and local_dir == "" for _, _, has_client, local_dir in submitted)
-    assert result["launched"] == [{"key": "in/a.csv", "instance_id": "job-0001",
-                                   "source": "scan"}]
+    obj = reconcile_module.head_input(clients("s3"), names.data_bucket, "in/a.csv")
+    ((job_name, job_id, _),) = submitted_jobs(clients, names)
+    assert job_name == lambda_function.batch_job_name(lambda_function.client_token(obj, 0))
+    assert result["launched"] == [{"key": "in/a.csv", "instance_id": job_id, "source": "scan"}]
+    (job,) = clients("batch").describe_jobs(jobs=[job_id])["jobs"]
+    environment = {e["name"]: e["value"] for e in job["container"]["environment"]}
+    fields = base64.b64decode(environment["JOB_FIELDS_B64"]).split(b"\0")
+    assert fields[:2] == [names.data_bucket.encode(), b"in/a.csv"]
     assert clients("ec2").describe_instances()["Reservations"] == instances_before
+
+
+def test_reconcile_under_batch_resubmits_when_the_jobs_ended_without_a_report(
+        clients, names, local_aws):
+    """Batch has no client token: a job name already used is an earlier attempt's. Ended
+    with no report, the next attempt's name is submitted."""
+    jobs_without_docker(local_aws)
+    deploy_batch(clients, names)
+    names = deployed_names(clients)
+    upload(clients, names)
+    first = deploy.reconcile(clients, names, progress=Progress(echo=False))["launched"]
+    # moto ends a job at once without Docker; terminate_job makes it FAILED if it has not.
+    clients("batch").terminate_job(jobId=first[0]["instance_id"], reason="host went away")
+    result = deploy.reconcile(clients, names, progress=Progress(echo=False))
+    obj = reconcile_module.head_input(clients("s3"), names.data_bucket, "in/a.csv")
+    jobs = submitted_jobs(clients, names)
+    assert sorted(name for name, _, _ in jobs) == sorted(
+        lambda_function.batch_job_name(lambda_function.client_token(obj, attempt))
+        for attempt in (0, 1))
+    (second,) = [job_id for name, job_id, _ in jobs if job_id != first[0]["instance_id"]]
+    assert result["launched"] == [{"key": "in/a.csv", "instance_id": second, "source": "scan"}]
 
 
 def test_reconcile_under_batch_leaves_an_input_with_a_live_job(clients, names, monkeypatch):
@@ -560,19 +597,10 @@ def test_reconcile_under_batch_leaves_an_input_with_a_live_job(clients, names, m
     obj = reconcile_module.head_input(clients("s3"), names.data_bucket, "in/a.csv")
     live = lambda_function.batch_job_name(lambda_function.client_token(obj, 0))
     monkeypatch.setattr(reconcile_module, "live_job_names", lambda batch, queue: {live})
-    monkeypatch.setattr(lambda_function, "submit_object",
-                        lambda *a, **k: pytest.fail("submitted again"), raising=False)
+    monkeypatch.setattr(lambda_function, "submit_object_detail",
+                        lambda *a, **k: pytest.fail("submitted again"))
     result = deploy.reconcile(clients, names, progress=Progress(echo=False))
     assert result["launched"] == [{"key": "in/a.csv", "instance_id": live, "source": "scan"}]
-
-
-def test_reconcile_under_batch_without_submit_object_says_so(clients, names, monkeypatch):
-    deploy_batch(clients, names)
-    names = deployed_names(clients)
-    upload(clients, names)
-    monkeypatch.delattr(lambda_function, "submit_object", raising=False)
-    with pytest.raises(deploy.DeployError, match="submit_object"):
-        deploy.reconcile(clients, names, progress=Progress(echo=False))
 
 
 def test_compute_environment_differences_name_what_an_update_changes():

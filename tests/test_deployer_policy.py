@@ -208,7 +208,7 @@ BATCH_ONLY = sorted({
     "batch:DeleteComputeEnvironment", "batch:DescribeComputeEnvironments",
     "batch:CreateJobQueue", "batch:UpdateJobQueue", "batch:DeleteJobQueue",
     "batch:DescribeJobQueues", "batch:RegisterJobDefinition", "batch:DeregisterJobDefinition",
-    "batch:DescribeJobDefinitions", "batch:ListJobs", "batch:SubmitJob", "batch:TagResource",
+    "batch:DescribeJobDefinitions", "batch:DescribeJobs", "batch:ListJobs", "batch:SubmitJob", "batch:TagResource",
     "iam:AttachRolePolicy", "iam:ListRoles"})
 
 
