@@ -1,0 +1,173 @@
+"""The local cloud's AWS Batch stand-in (local_batch): each submitted job runs once, here.
+
+moto emulates Batch without Docker when its server's /moto-api/config says
+{"batch": {"use_docker": false}}, but marks every job SUCCEEDED inside SubmitJob and runs
+nothing; the local cloud holds each job RUNNABLE and runs it as a compute environment would.
+"""
+
+import json
+import time
+
+import pytest
+
+import AwsS3
+import lambda_function
+import local_batch
+from local_cloud import REPO, LocalCloud, Tracker
+
+# What each test job writes, one line a run, into $OUT/<job id>: the environment the
+# runner gave it and when it ran (bash's clock), so the test can count runs and overlaps.
+PROBE = r"""
+set -euo pipefail
+start=$EPOCHREALTIME
+sleep "${PROBE_SLEEP:-0.3}"
+end=$EPOCHREALTIME
+START=$start END=$end BASH_SEEN=$BASH_VERSION \
+  "$PROBE_PYTHON" -c 'import json, os; print(json.dumps(dict(os.environ)))' >>"$OUT/$AWS_BATCH_JOB_ID"
+exit "${PROBE_EXIT:-0}"
+"""
+
+
+def register_batch(batch, iam, command, environment=(), timeout=None):
+    """Register an unmanaged compute environment, the queue `local-jobs` and a job
+    definition `local-probe` running `command` with `environment`; return the definition's ARN."""
+    role = iam.create_role(RoleName="batch-service", AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                                                "Principal": {"Service": "batch.amazonaws.com"}}]}))
+    environment_arn = batch.create_compute_environment(
+        computeEnvironmentName="local-ce", type="UNMANAGED", state="ENABLED",
+        serviceRole=role["Role"]["Arn"])["computeEnvironmentArn"]
+    batch.create_job_queue(jobQueueName="local-jobs", state="ENABLED", priority=1,
+                           computeEnvironmentOrder=[{"order": 1,
+                                                     "computeEnvironment": environment_arn}])
+    extra = {"timeout": timeout} if timeout else {}
+    return batch.register_job_definition(
+        jobDefinitionName="local-probe", type="container", containerProperties={
+            "image": "public.ecr.aws/amazonlinux/amazonlinux:2023", "command": command,
+            "resourceRequirements": [{"type": "VCPU", "value": "1"},
+                                     {"type": "MEMORY", "value": "2048"}],
+            "environment": [{"name": n, "value": v} for n, v in environment]},
+        **extra)["jobDefinitionArn"]
+
+
+@pytest.fixture
+def batch_cloud():
+    """A local cloud of 2 slots running Batch jobs; S3 events off, so only the jobs a test
+    submits run (deploy.sh has no Batch engine yet on this branch: the test registers its
+    own compute environment, queue and job definition)."""
+    with LocalCloud(workers=2, tracker=Tracker(quiet=True)) as cloud:
+        cloud.client("s3").put_bucket_notification_configuration(
+            Bucket=cloud.names["data_bucket"], NotificationConfiguration={})
+        cloud.enable_batch()
+        yield cloud
+
+
+def test_job_environment_key_and_timeout_rules():
+    """The overrides win over the definition's environment, by name (AWS Batch API
+    Reference, ContainerOverrides.environment); the key comes out of JOB_FIELDS_B64 byte for
+    byte; the job's timeout comes before the definition's."""
+    merged = local_batch.job_environment(
+        [{"name": "A", "value": "def"}, {"name": "B", "value": "def"}],
+        [{"name": "B", "value": "job"}, {"name": "C", "value": "job"}])
+    assert merged == {"A": "def", "B": "job", "C": "job"}
+    key = "in/$(touch x)\n'q\"/ünï\tcode.csv"
+    obj = {"bucket": "data-b", "key": key, "etag": "e", "version_id": "", "sequencer": "",
+           "event_name": "ObjectCreated:Put", "size": 1}
+    environment = {e["name"]: e["value"] for e in lambda_function.batch_environment(
+        obj, lambda_function.load_settings({}))}
+    assert local_batch.job_key(environment) == key
+    assert local_batch.job_key({}) is None and local_batch.job_key({"JOB_FIELDS_B64": "%%"}) is None
+    assert local_batch.attempt_seconds(None, {"attemptDurationSeconds": 60}) == 60
+    assert local_batch.attempt_seconds({"attemptDurationSeconds": 5}, {"attemptDurationSeconds": 60}) == 5
+    assert local_batch.attempt_seconds({}, None) is None
+
+
+def test_each_job_runs_once_under_bash_with_its_environment_within_the_slots(batch_cloud, tmp_path):
+    """Seven jobs on 2 slots: each job id runs exactly once, though the runner hears of
+    every job twice (start_jobs, as from the handler's answer, and its poll of moto's jobs)
+    and two are only ever found by the poll; never more than 2 at once; each job gets the
+    definition's environment overlaid by its overrides, AWS_BATCH_JOB_ID/ATTEMPT/JQ_NAME,
+    the local endpoint and a TMPDIR of its own, runs under bash, calls no `shutdown`; a
+    non-zero exit ends the job FAILED with that exit code, as Batch reports it; the
+    definition is read once, not per job."""
+    import sys
+
+    cloud = batch_cloud
+    out = tmp_path / "out"
+    out.mkdir()
+    arn = register_batch(cloud.client("batch"), cloud.client("iam"), ["bash", "-c", PROBE],
+                         [("OUT", str(out)), ("PROBE_PYTHON", sys.executable),
+                          ("SHARED", "definition"), ("DEFINITION_ONLY", "d")])
+    batch = cloud.client("batch")
+    submitted = {}
+    for index in range(7):
+        overrides = [{"name": "SHARED", "value": f"job-{index}"},
+                     {"name": "PROBE_EXIT", "value": "3" if index == 4 else "0"}]
+        job_id = batch.submit_job(jobName=f"probe-{index}", jobQueue="local-jobs",
+                                  jobDefinition=arn,
+                                  containerOverrides={"environment": overrides})["jobId"]
+        submitted[job_id] = index
+        if index < 5:  # the other two only the poll finds, as reconcile's submissions
+            cloud.batch.start_jobs([job_id, job_id])
+    deadline = time.monotonic() + 60
+    while cloud.batch.unfinished() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cloud.batch.unfinished() == []
+    time.sleep(1.5)  # a poll after the end: nothing runs again
+    assert sorted(cloud.batch.jobs) == sorted(submitted)
+    runs = {job_id: [json.loads(line) for line in (out / job_id).read_text().splitlines()]
+            for job_id in submitted}
+    assert {job_id: len(lines) for job_id, lines in runs.items()} == {j: 1 for j in submitted}
+    for job_id, [env] in runs.items():
+        assert env["AWS_BATCH_JOB_ID"] == job_id and env["AWS_BATCH_JOB_ATTEMPT"] == "1"
+        assert env["AWS_BATCH_JQ_NAME"] == "local-jobs"
+        assert env["SHARED"] == f"job-{submitted[job_id]}" and env["DEFINITION_ONLY"] == "d"
+        assert env["AWS_ENDPOINT_URL"] == cloud.endpoint and env["BASH_SEEN"]
+        assert env["TMPDIR"].startswith(str(cloud.scratch_root / job_id))
+        assert cloud.batch.jobs[job_id]["shutdown_calls"] == []
+    spans = sorted((float(env["START"]), float(env["END"])) for [env] in runs.values())
+    overlaps = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+    assert overlaps <= 2 and cloud.batch.peak == 2
+    described = {job["jobId"]: job for job in batch.describe_jobs(jobs=list(submitted))["jobs"]}
+    failed = next(j for j, i in submitted.items() if i == 4)
+    assert described[failed]["status"] == "FAILED"
+    assert described[failed]["container"]["exitCode"] == 3
+    assert {described[j]["status"] for j in submitted if j != failed} == {"SUCCEEDED"}
+    assert cloud.batch.definition_reads == 1
+
+
+def test_the_real_job_script_writes_the_report_and_never_calls_shutdown(batch_cloud):
+    """The job definition awsfun deploys (`bash -c` lambda_function.batch_job_script) run
+    with a job's batch_environment: the worker's report for the key, the tracker's stages
+    launched -> running -> report, no `shutdown` (a container has none), SUCCEEDED."""
+    cloud = batch_cloud
+    script = lambda_function.batch_job_script(
+        (REPO / "bootstrap" / "bootstrap.sh").read_text(),
+        (REPO / "bootstrap" / "launcher.py").read_text())
+    arn = register_batch(cloud.client("batch"), cloud.client("iam"), ["bash", "-c", script])
+    s3, bucket = cloud.client("s3"), cloud.names["data_bucket"]
+    key = "batch/$(touch CANARY) 'q'.csv"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"id,value\n1,2\n3,4\n")
+    head = s3.head_object(Bucket=bucket, Key=key)
+    obj = {"bucket": bucket, "key": key, "etag": head["ETag"].strip('"'), "version_id": "",
+           "sequencer": "", "event_name": "ObjectCreated:Put", "size": head["ContentLength"]}
+    settings = lambda_function.load_settings(cloud.function_env)
+    job_id = cloud.client("batch").submit_job(
+        jobName=lambda_function.batch_job_name("t0"), jobQueue="local-jobs", jobDefinition=arn,
+        containerOverrides={"environment": lambda_function.batch_environment(obj, settings)})[
+        "jobId"]
+    cloud.tracker.stage(key, "launched", job_id)
+    cloud.batch.start_jobs([job_id])
+    assert cloud.tracker.wait_for([key], timeout=120) == []
+    assert cloud.tracker.outcome(key) == "report"
+    stages = cloud.tracker.files[key]["stages"]
+    assert stages["launched"] <= stages["running"] <= stages["report"]
+    outcome, report = cloud.fetch_report(key)
+    assert outcome == "report" and report["input"]["key"] == key
+    assert report["summary"]["rows"] == 2
+    assert cloud.batch.jobs[job_id]["shutdown_calls"] == []
+    assert cloud.batch.jobs[job_id]["exit_code"] == 0
+    [job] = cloud.client("batch").describe_jobs(jobs=[job_id])["jobs"]
+    assert job["status"] == "SUCCEEDED"
+    log = s3.get_object(Bucket=bucket, Key=AwsS3.report_key(key, ".log"))["Body"].read()
+    assert b"worker succeeded" in log
