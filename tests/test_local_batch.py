@@ -171,3 +171,122 @@ def test_the_real_job_script_writes_the_report_and_never_calls_shutdown(batch_cl
     assert job["status"] == "SUCCEEDED"
     log = s3.get_object(Bucket=bucket, Key=AwsS3.report_key(key, ".log"))["Body"].read()
     assert b"worker succeeded" in log
+
+
+# --- the Batch engine end to end: deploy.sh --engine batch, the handler's SubmitJob ---------
+
+
+def test_engine_option_parses_and_says_what_it_does():
+    """--engine on every command, ec2 by default; an unknown engine is one line, status 2."""
+    import subprocess
+    import sys
+
+    import local_cloud
+
+    parser = local_cloud.build_parser()
+    assert parser.parse_args(["up", "--engine", "batch"]).engine == "batch"
+    assert parser.parse_args(["demo"]).engine == "ec2"
+    assert parser.parse_args(["run", "x", "--engine=batch"]).engine == "batch"
+    done = subprocess.run([sys.executable, str(REPO / "local_cloud.py"), "run", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert "--engine {ec2,batch}" in done.stdout and "AWS Batch job per file" in done.stdout
+    done = subprocess.run([sys.executable, str(REPO / "local_cloud.py"), "demo", "--engine",
+                           "lambda"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    with pytest.raises(ValueError):
+        LocalCloud(engine="fargate")
+
+
+def test_run_with_the_batch_engine_reports_every_file(tmp_path):
+    """`local_cloud.py run --engine batch`: deploy.sh --engine batch --max-vcpus 2, each
+    upload's event reaches the handler, which submits one job; the job runs here and
+    writes the report; the table and --out are those of the EC2 engine."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    samples = sorted(p for p in (REPO / "samples").iterdir() if p.is_file())
+    done = subprocess.run([sys.executable, str(REPO / "local_cloud.py"), "run", "--engine",
+                           "batch", "--workers", "2", "--prefix", "b", "--out", str(out),
+                           *map(str, samples)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = done.stdout[done.stdout.index("\nfile "):]
+    assert table.split("\n")[1].split()[:6] == ["file", "outcome", "upload", "launch",
+                                                 "worker", "total"]
+    for sample in samples:
+        assert f"b/{sample.name}" in table
+        report = json.loads((out / "b" / f"{sample.name}.json").read_text())
+        assert report["input"]["key"] == f"b/{sample.name}"
+        assert report["sha256"] == AwsS3.analyse_file(str(sample))["sha256"]
+    assert f"{len(samples)} of {len(samples)} files reported" in done.stdout
+    assert "machines still running: 0" in done.stdout
+    assert (out / "summary.csv").exists() and (out / "index.html").exists()
+
+
+# Issue 16's figure beside the EC2 burst (tests/test_local_cloud.py): the same keys and
+# bodies through Batch on 4 local vCPUs. AWSFUN_BURST_FILES=N changes the count for both.
+BATCH_BURST_VCPUS = 4
+
+
+@pytest.mark.long_running
+def test_batch_burst_of_uploads_at_once_with_hostile_names(tmp_path):
+    """BURST_FILES small uploads at once through the events queue, the handler submitting a
+    Batch job for each, 4 local vCPUs: a report for every key and no error (0 lost), one
+    job per key and no job name submitted twice, never more than 4 jobs at once, no job
+    called `shutdown`, nothing dead-lettered, no report for a report, no canary."""
+    import logging
+    import resource
+
+    from test_local_cloud import BURST_FILES, burst_body, burst_keys
+
+    canary = tmp_path / "CANARY"
+    keys = burst_keys(BURST_FILES, canary)
+    before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    with LocalCloud(workers=BATCH_BURST_VCPUS, tracker=Tracker(quiet=True), engine="batch",
+                    warm_python=True) as cloud:
+        s3, bucket = cloud.client("s3"), cloud.names["data_bucket"]
+        started = time.monotonic()
+        for index, key in enumerate(keys):
+            s3.put_object(Bucket=bucket, Key=key, Body=burst_body(index))
+            cloud.tracker.stage(key, "uploaded")
+        pending = cloud.tracker.wait_for(keys, timeout=60 + 3 * BURST_FILES)
+        elapsed = time.monotonic() - started
+        runner = cloud.batch
+        outcomes = {key: cloud.tracker.outcome(key) for key in keys}
+        assert pending == []
+        assert cloud.wait_idle() == []
+        assert outcomes == {key: "report" for key in keys}
+        # One job per key, each run once, each ended 0, none called shutdown.
+        assert sorted(job["key"] for job in runner.jobs.values()) == sorted(keys)
+        assert {job["exit_code"] for job in runner.jobs.values()} == {0}
+        assert all(job["shutdown_calls"] == [] for job in runner.jobs.values())
+        assert 1 <= runner.peak <= BATCH_BURST_VCPUS
+        assert runner.definition_reads == 1
+        # Batch's own record: every job SUCCEEDED, no name twice (the handler's dedup).
+        queue = cloud.function_env["JOB_QUEUE"]
+        batch = cloud.client("batch")
+        names = [summary["jobName"] for status in local_batch.FINAL_STATES
+                 for summary in batch.list_jobs(jobQueue=queue, jobStatus=status)[
+                     "jobSummaryList"]]
+        assert len(names) == len(set(names)) == BURST_FILES
+        assert batch.list_jobs(jobQueue=queue, jobStatus="FAILED")["jobSummaryList"] == []
+        dead = cloud.client("sqs").get_queue_attributes(
+            QueueUrl=cloud.names["dlq_url"], AttributeNames=[
+                "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])[
+            "Attributes"]
+        assert dead == {"ApproximateNumberOfMessages": "0",
+                        "ApproximateNumberOfMessagesNotVisible": "0"}
+        outputs = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="analysis/") for o in page.get("Contents", [])]
+        assert sorted(outputs) == sorted([AwsS3.report_key(k) for k in keys]
+                                         + [AwsS3.report_key(k, ".log") for k in keys]
+                                         + [AwsS3.receipt_key(AwsS3.report_key(k)) for k in keys])
+        assert cloud.warm_starts() == BURST_FILES
+        invocations = cloud.invocations
+    after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
+    logging.getLogger(__name__).warning(
+        "batch burst: %d files in %.1f s (%.2f files/s), %d vCPUs, peak %d jobs, %d "
+        "invocations, %.2f CPU-s per file", BURST_FILES, elapsed, BURST_FILES / elapsed,
+        BATCH_BURST_VCPUS, runner.peak, invocations, cpu / BURST_FILES)
+    assert not canary.exists()
