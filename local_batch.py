@@ -31,6 +31,9 @@ JOB_POLL_SECONDS = 1.0
 # attemptDurationSeconds (ECS Developer Guide, stopTimeout: 30 s by default).
 STOP_TIMEOUT_SECONDS = 30
 FINAL_STATES = ("SUCCEEDED", "FAILED")
+# AWS managed policies deploy --engine batch attaches (the Batch instances' role); moto's IAM
+# holds them only when it loads all ~1,000 (MOTO_IAM_LOAD_MANAGED_POLICIES), slowly.
+AWS_MANAGED_POLICIES = ("AmazonEC2ContainerServiceforEC2Role",)
 
 
 def set_moto_batch_config(endpoint, use_docker):
@@ -82,6 +85,19 @@ def hold_submitted_jobs():
         Job._container_details = original_details
 
     return restore
+
+
+def add_aws_managed_policies(account, names=AWS_MANAGED_POLICIES, partition="aws"):
+    """Put AWS managed policies `names` into moto's IAM for `account`, from moto's own copy
+    of them, as every AWS account has them (arn:aws:iam::aws:policy/...); KeyError for a
+    name moto does not know."""
+    from moto.iam.models import AWSManagedPolicy, aws_managed_policies_data, iam_backends
+
+    known = json.loads(aws_managed_policies_data)
+    backend = iam_backends[account][partition]
+    for name in names:
+        policy = AWSManagedPolicy.from_data(name, account, "us-east-1", known[name])
+        backend.managed_policies.setdefault(policy.arn, policy)
 
 
 def job_environment(definition_environment, override_environment):

@@ -262,6 +262,8 @@ class LocalCloud:
         os.environ.update(local_environment(self.endpoint))
         lambda_function._clients.clear()  # a warm container's clients would reach the old endpoint
         try:
+            if self.engine == "batch":
+                self.prepare_batch()
             self.say(f"deploying the stack with deploy.sh --prefix {self.prefix} to {self.endpoint}")
             self.deploy()
             self.take_over_the_event_source()
@@ -287,12 +289,20 @@ class LocalCloud:
         thread.start()
         self.threads.append(thread)
 
-    def enable_batch(self):
-        """Play the Batch compute environment: moto's Batch without Docker, each submitted
-        job held RUNNABLE and run here on the machine slots (local_batch.BatchRunner),
-        found in the handler's answers and by a poll of moto's jobs; stop() undoes it."""
+    def prepare_batch(self):
+        """Before deploy --engine batch: moto's Batch without Docker, each submitted job held
+        RUNNABLE for this cloud to run, and the AWS managed policies deploy attaches, which
+        every AWS account has and moto's IAM lacks unless it loads them all; stop() undoes it."""
         self.moto_batch_config = local_batch.set_moto_batch_config(self.endpoint, False)
         self.moto_patches.append(local_batch.hold_submitted_jobs())
+        local_batch.add_aws_managed_policies(self.client("sts").get_caller_identity()["Account"])
+
+    def enable_batch(self):
+        """Play the Batch compute environment: each submitted job run here on the machine
+        slots (local_batch.BatchRunner), found in the handler's answers and by a poll of
+        moto's jobs."""
+        if self.moto_batch_config is None:
+            self.prepare_batch()
         self.batch = local_batch.BatchRunner(self)
         self.start_thread(self.batch.poll)
         return self.batch
