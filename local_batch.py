@@ -13,6 +13,7 @@ exit code, as Batch reports it (AWS Batch User Guide, "Job states").
 """
 
 import base64
+import functools
 import json
 import logging
 import os
@@ -89,16 +90,24 @@ def hold_submitted_jobs():
     return restore
 
 
+@functools.lru_cache(maxsize=None)
+def moto_managed_policy(name):
+    """Return moto's copy of the AWS managed policy `name` (parsed once: 1 MB of JSON)."""
+    from moto.iam.models import aws_managed_policies_data
+
+    return json.loads(aws_managed_policies_data)[name]
+
+
 def add_aws_managed_policies(account, names=AWS_MANAGED_POLICIES, partition="aws"):
     """Put AWS managed policies `names` into moto's IAM for `account`, from moto's own copy
     of them, as every AWS account has them (arn:aws:iam::aws:policy/...); KeyError for a
     name moto does not know."""
-    from moto.iam.models import AWSManagedPolicy, aws_managed_policies_data, iam_backends
+    from moto.iam.models import AWSManagedPolicy, iam_backends
 
-    known = json.loads(aws_managed_policies_data)
     backend = iam_backends[account][partition]
     for name in names:
-        policy = AWSManagedPolicy.from_data(name, account, "us-east-1", known[name])
+        policy = AWSManagedPolicy.from_data(name, account, "us-east-1",
+                                            moto_managed_policy(name))
         backend.managed_policies.setdefault(policy.arn, policy)
 
 
