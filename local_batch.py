@@ -90,7 +90,7 @@ def hold_submitted_jobs():
     return restore
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def moto_managed_policy(name):
     """Return moto's copy of the AWS managed policy `name` (parsed once: 1 MB of JSON)."""
     from moto.iam.models import aws_managed_policies_data
@@ -161,6 +161,7 @@ class BatchRunner:
         self.running = 0
         self.peak = 0
         self.account = None
+        self.stop_timeout = STOP_TIMEOUT_SECONDS
 
     # --- finding jobs -------------------------------------------------------------
 
@@ -226,7 +227,7 @@ class BatchRunner:
                 job._mark_stopped(success=False)
 
     def _run_job(self, job_id):
-        from local_cloud import _kill_group, _shut_down_group, local_environment, shutdown_calls
+        from local_cloud import _kill_group, local_environment, shutdown_calls
 
         cloud = self.cloud
         job = self.backend()._jobs[job_id]
@@ -269,8 +270,13 @@ class BatchRunner:
                     exit_code = process.wait(timeout=limit)
                     reason = None
                 except subprocess.TimeoutExpired:
-                    # Batch stops a job at its timeout as ECS stops a task: SIGTERM, then SIGKILL.
-                    _shut_down_group(process, STOP_TIMEOUT_SECONDS)
+                    # Batch stops a job at its timeout as ECS stops a container: SIGTERM to
+                    # its first process alone, SIGKILL to all after the stop timeout.
+                    process.terminate()
+                    try:
+                        process.wait(timeout=self.stop_timeout)
+                    except subprocess.TimeoutExpired:
+                        _kill_group(process)
                     exit_code = process.wait()
                     reason = f"Job attempt duration exceeded timeout ({limit} s)"
                 with cloud.lock:

@@ -5,6 +5,7 @@ moto emulates Batch without Docker when its server's /moto-api/config says
 nothing; the local cloud holds each job RUNNABLE and runs it as a compute environment would.
 """
 
+import gzip
 import json
 import time
 
@@ -19,8 +20,9 @@ from local_cloud import REPO, LocalCloud, Tracker
 # runner gave it and when it ran (bash's clock), so the test can count runs and overlaps.
 PROBE = r"""
 set -euo pipefail
+trap 'echo TERM >"$OUT/$AWS_BATCH_JOB_ID.term"; exit 143' TERM
 start=$EPOCHREALTIME
-sleep "${PROBE_SLEEP:-0.3}"
+sleep "${PROBE_SLEEP:-0.3}" & wait $!
 end=$EPOCHREALTIME
 START=$start END=$end BASH_SEEN=$BASH_VERSION \
   "$PROBE_PYTHON" -c 'import json, os; print(json.dumps(dict(os.environ)))' >>"$OUT/$AWS_BATCH_JOB_ID"
@@ -89,7 +91,9 @@ def test_each_job_runs_once_under_bash_with_its_environment_within_the_slots(bat
     definition's environment overlaid by its overrides, AWS_BATCH_JOB_ID/ATTEMPT/JQ_NAME,
     the local endpoint and a TMPDIR of its own, runs under bash, calls no `shutdown`; a
     non-zero exit ends the job FAILED with that exit code, as Batch reports it; the
-    definition is read once, not per job."""
+    definition is read once, not per job. An eighth job past its SubmitJob timeout gets
+    SIGTERM (its first process) and ends FAILED; its timeout is 1 s, below the 60 s Batch
+    allows (SubmitJob, JobTimeout), which moto does not check."""
     import sys
 
     cloud = batch_cloud
@@ -109,12 +113,22 @@ def test_each_job_runs_once_under_bash_with_its_environment_within_the_slots(bat
         submitted[job_id] = index
         if index < 5:  # the other two only the poll finds, as reconcile's submissions
             cloud.batch.start_jobs([job_id, job_id])
+    cloud.batch.stop_timeout = 2
+    stopped = batch.submit_job(jobName="probe-timeout", jobQueue="local-jobs", jobDefinition=arn,
+                               timeout={"attemptDurationSeconds": 1}, containerOverrides={
+                                   "environment": [{"name": "PROBE_SLEEP", "value": "30"}]})[
+        "jobId"]
+    cloud.batch.start_jobs([stopped])
     deadline = time.monotonic() + 60
     while cloud.batch.unfinished() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert cloud.batch.unfinished() == []
     time.sleep(1.5)  # a poll after the end: nothing runs again
-    assert sorted(cloud.batch.jobs) == sorted(submitted)
+    assert sorted(cloud.batch.jobs) == sorted([*submitted, stopped])
+    assert (out / f"{stopped}.term").read_text() == "TERM\n" and not (out / stopped).exists()
+    [ended] = batch.describe_jobs(jobs=[stopped])["jobs"]
+    assert ended["status"] == "FAILED" and ended["container"]["exitCode"] == 143
+    assert "timeout" in ended["statusReason"]
     runs = {job_id: [json.loads(line) for line in (out / job_id).read_text().splitlines()]
             for job_id in submitted}
     assert {job_id: len(lines) for job_id, lines in runs.items()} == {j: 1 for j in submitted}
@@ -136,41 +150,51 @@ def test_each_job_runs_once_under_bash_with_its_environment_within_the_slots(bat
     assert cloud.batch.definition_reads == 1
 
 
-def test_the_real_job_script_writes_the_report_and_never_calls_shutdown(batch_cloud):
-    """The job definition awsfun deploys (`bash -c` lambda_function.batch_job_script) run
-    with a job's batch_environment: the worker's report for the key, the tracker's stages
-    launched -> running -> report, no `shutdown` (a container has none), SUCCEEDED."""
-    cloud = batch_cloud
-    script = lambda_function.batch_job_script(
-        (REPO / "bootstrap" / "bootstrap.sh").read_text(),
-        (REPO / "bootstrap" / "launcher.py").read_text())
-    arn = register_batch(cloud.client("batch"), cloud.client("iam"), ["bash", "-c", script])
-    s3, bucket = cloud.client("s3"), cloud.names["data_bucket"]
-    key = "batch/$(touch CANARY) 'q'.csv"
-    s3.put_object(Bucket=bucket, Key=key, Body=b"id,value\n1,2\n3,4\n")
-    head = s3.head_object(Bucket=bucket, Key=key)
-    obj = {"bucket": bucket, "key": key, "etag": head["ETag"].strip('"'), "version_id": "",
-           "sequencer": "", "event_name": "ObjectCreated:Put", "size": head["ContentLength"]}
-    settings = lambda_function.load_settings(cloud.function_env)
-    job_id = cloud.client("batch").submit_job(
-        jobName=lambda_function.batch_job_name("t0"), jobQueue="local-jobs", jobDefinition=arn,
-        containerOverrides={"environment": lambda_function.batch_environment(obj, settings)})[
-        "jobId"]
-    cloud.tracker.stage(key, "launched", job_id)
-    cloud.batch.start_jobs([job_id])
-    assert cloud.tracker.wait_for([key], timeout=120) == []
-    assert cloud.tracker.outcome(key) == "report"
-    stages = cloud.tracker.files[key]["stages"]
-    assert stages["launched"] <= stages["running"] <= stages["report"]
-    outcome, report = cloud.fetch_report(key)
-    assert outcome == "report" and report["input"]["key"] == key
-    assert report["summary"]["rows"] == 2
-    assert cloud.batch.jobs[job_id]["shutdown_calls"] == []
-    assert cloud.batch.jobs[job_id]["exit_code"] == 0
-    [job] = cloud.client("batch").describe_jobs(jobs=[job_id])["jobs"]
-    assert job["status"] == "SUCCEEDED"
-    log = s3.get_object(Bucket=bucket, Key=AwsS3.report_key(key, ".log"))["Body"].read()
-    assert b"worker succeeded" in log
+def test_batch_engine_reports_error_reports_and_a_job_that_left_none(tmp_path):
+    """LocalCloud(engine="batch"), the deployed job definition (`bash -c`
+    lambda_function.batch_job_script) run with the handler's batch_environment: a good
+    file's report (SUCCEEDED, exit 0), a broken gzip's error report (the job FAILED with the
+    worker's "failed and reported" status, 5, as the bootstrap passes it on), and a job whose
+    fields do not decode ends FAILED with no report, which the tracker calls "failed"; the
+    stages go launched -> running -> outcome; no job calls `shutdown` (a container has none)."""
+    from local_cloud import process_files
+
+    good = tmp_path / "fine.csv"
+    good.write_text("a,b\n1,2\n3,4\n")
+    bad = tmp_path / "broken.csv.gz"
+    bad.write_bytes(gzip.compress(b"a,b\n1,2\n" * 1000, mtime=0)[:-20])
+    lost = tmp_path / "lost.csv"
+    lost.write_text("a\n1\n")
+
+    def garble(job_id, key, env):
+        if key.endswith("lost.csv"):
+            env["JOB_FIELDS_B64"] = "AAAA"  # decodes to no fields: the bootstrap gives up
+
+    with LocalCloud(workers=2, tracker=Tracker(quiet=True), engine="batch") as cloud:
+        cloud.before_boot = garble
+        outcomes = process_files(cloud, [good, bad, lost], "b", timeout=120)
+        assert outcomes == {"b/fine.csv": "report", "b/broken.csv.gz": "error",
+                            "b/lost.csv": "failed"}
+        assert cloud.wait_idle() == []
+        jobs = {job["key"]: (job_id, job) for job_id, job in cloud.batch.jobs.items()}
+        assert sorted(jobs) == sorted(outcomes)
+        assert {key: job["exit_code"] for key, (_, job) in jobs.items()} == {
+            "b/fine.csv": 0, "b/broken.csv.gz": AwsS3.EXIT_FAILED_REPORTED, "b/lost.csv": 2}
+        assert all(job["shutdown_calls"] == [] for _, job in jobs.values())
+        described = {job["jobId"]: job for job in cloud.client("batch").describe_jobs(
+            jobs=[job_id for job_id, _ in jobs.values()])["jobs"]}
+        assert {key: described[job_id]["status"] for key, (job_id, _) in jobs.items()} == {
+            "b/fine.csv": "SUCCEEDED", "b/broken.csv.gz": "FAILED", "b/lost.csv": "FAILED"}
+        for key in outcomes:
+            stages = cloud.tracker.files[key]["stages"]
+            assert stages["launched"] <= stages["running"] <= stages[outcomes[key]]
+        assert "left no report" in cloud.tracker.files["b/lost.csv"]["detail"]
+        _, report = cloud.fetch_report("b/fine.csv")
+        assert report["summary"]["rows"] == 2
+        _, error = cloud.fetch_report("b/broken.csv.gz")
+        assert "gzip" in error["error"]
+        assert cloud.function_env["JOB_QUEUE"] == described[jobs["b/fine.csv"][0]][
+            "jobQueue"].rsplit("/", 1)[1]
 
 
 # --- the Batch engine end to end: deploy.sh --engine batch, the handler's SubmitJob ---------
