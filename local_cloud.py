@@ -274,8 +274,9 @@ class LocalCloud:
         if self.warm_python:
             self.start_forkserver()
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, "machine")
-        self.say(f"ready: data bucket {self.names['data_bucket']}; this computer runs up to "
-                 f"{plural(self.workers, 'machine')} at once")
+        runs = (f"Batch jobs on {plural(self.workers, 'vCPU')}, one job each" if self.engine == "batch"
+                else f"up to {plural(self.workers, 'machine')} at once")
+        self.say(f"ready: data bucket {self.names['data_bucket']}; this computer runs {runs}")
         self.start_thread(self.pump_events)
         if self.engine == "batch":
             self.enable_batch()
