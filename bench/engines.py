@@ -10,8 +10,9 @@ python3 as in the burst tests): the EC2 engine boots an instance per file (deplo
 vCPUs (deploy.sh --engine batch --max-vcpus SLOTS). The files are the burst tests' hostile
 keys and small CSVs (tests/test_local_cloud.burst_keys). Measured from the first upload to
 the last report: wall time; CPU-s is the engine process's and all its children's (bash, the
-fork server's workers, deploy.sh), start-up and deploy included, read with getrusage once
-the local cloud has stopped. Not a test: the numbers depend on the machine and its load.
+fork server's workers, deploy.sh), read with getrusage: "start-up" up to the first upload
+(moto, deploy.sh, the fork server's own start), "files" from there until the local cloud
+has stopped (the fork server's workers count once it is waited for), CPU-s/file of that. Not a test: the numbers depend on the machine and its load.
 """
 
 import argparse
@@ -53,14 +54,16 @@ def run_engine(engine, files, slots, max_workers):
         with LocalCloud(workers=slots, tracker=Tracker(quiet=True), engine=engine,
                         warm_python=True, **options) as cloud:
             s3, bucket = cloud.client("s3"), cloud.names["data_bucket"]
-            started = time.monotonic()
+            started, ready_cpu = time.monotonic(), cpu_seconds()
             for index, key in enumerate(keys):
                 s3.put_object(Bucket=bucket, Key=key, Body=burst_body(index))
                 cloud.tracker.stage(key, "uploaded")
             pending = cloud.tracker.wait_for(keys, timeout=60 + 3 * files)
             wall = time.monotonic() - started
             reports = sum(cloud.tracker.outcome(key) == "report" for key in keys)
-    return {"engine": engine, "files": files, "wall": wall, "cpu": cpu_seconds() - start_cpu,
+    end_cpu = cpu_seconds()
+    return {"engine": engine, "files": files, "wall": wall, "cpu": end_cpu - start_cpu,
+            "start_cpu": ready_cpu - start_cpu, "files_cpu": end_cpu - ready_cpu,
             "reports": reports, "lost": files - reports, "unfinished": len(pending)}
 
 
@@ -79,15 +82,17 @@ def child(engine, files, slots, max_workers):
 
 def table(results):
     """Return the printed comparison of the engines' results (pure)."""
-    lines = [f"{'engine':<7} {'files':>6} {'wall s':>8} {'CPU-s':>8} {'CPU-s/file':>11} "
-             f"{'reports':>8} {'lost':>5}"]
+    lines = [f"{'engine':<7} {'files':>6} {'wall s':>8} {'CPU-s':>8} {'start-up':>9} "
+             f"{'files':>8} {'CPU-s/file':>11} {'reports':>8} {'lost':>5}"]
     for r in results:
         lines.append(f"{r['engine']:<7} {r['files']:>6} {r['wall']:>8.1f} {r['cpu']:>8.1f} "
-                     f"{r['cpu'] / r['files']:>11.3f} {r['reports']:>8} {r['lost']:>5}")
+                     f"{r['start_cpu']:>9.1f} {r['files_cpu']:>8.1f} "
+                     f"{r['files_cpu'] / r['files']:>11.3f} {r['reports']:>8} {r['lost']:>5}")
     if len(results) == 2 and results[0]["wall"] and results[0]["cpu"]:
         a, b = results
         lines.append(f"{b['engine']}/{a['engine']}: wall {b['wall'] / a['wall']:.2f}, "
-                     f"CPU {b['cpu'] / a['cpu']:.2f}")
+                     f"CPU {b['cpu'] / a['cpu']:.2f}, CPU per file (after start-up) "
+                     f"{(b['files_cpu'] / b['files']) / (a['files_cpu'] / a['files']):.2f}")
     return "\n".join(lines)
 
 
