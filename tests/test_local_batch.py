@@ -150,13 +150,15 @@ def test_each_job_runs_once_under_bash_with_its_environment_within_the_slots(bat
     assert cloud.batch.definition_reads == 1
 
 
-def test_batch_engine_reports_error_reports_and_a_job_that_left_none(tmp_path):
+def test_batch_engine_reports_error_reports_and_a_job_that_left_none(tmp_path, capsys):
     """LocalCloud(engine="batch"), the deployed job definition (`bash -c`
     lambda_function.batch_job_script) run with the handler's batch_environment: a good
     file's report (SUCCEEDED, exit 0), a broken gzip's error report (the job FAILED with the
     worker's "failed and reported" status, 5, as the bootstrap passes it on), and a job whose
     fields do not decode ends FAILED with no report, which the tracker calls "failed"; the
-    stages go launched -> running -> outcome; no job calls `shutdown` (a container has none)."""
+    stages go launched -> running -> outcome; no job calls `shutdown` (a container has none);
+    deploy gave Batch the local vCPUs as maxvCpus; the table and --out are the EC2 engine's."""
+    import local_cloud
     from local_cloud import process_files
 
     good = tmp_path / "fine.csv"
@@ -195,6 +197,22 @@ def test_batch_engine_reports_error_reports_and_a_job_that_left_none(tmp_path):
         assert "gzip" in error["error"]
         assert cloud.function_env["JOB_QUEUE"] == described[jobs["b/fine.csv"][0]][
             "jobQueue"].rsplit("/", 1)[1]
+        # deploy.sh --engine batch --max-vcpus WORKERS: Batch's cap is the local vCPUs.
+        environments = cloud.client("batch").describe_compute_environments()[
+            "computeEnvironments"]
+        assert environments and {e["computeResources"]["maxvCpus"] for e in environments} == {2}
+        # The summary table and --out, as for the EC2 engine.
+        status = local_cloud.finish(cloud, outcomes, tmp_path / "out")
+    assert status == 1  # an error report and a lost job: not every file reported
+    table = capsys.readouterr().out
+    header = table[table.index("\nfile "):].split("\n")[1]
+    assert header.split()[:6] == ["file", "outcome", "upload", "launch", "worker", "total"]
+    assert "1 of 3 files reported; 2 reports saved" in table
+    assert "machines still running: 0" in table
+    saved = json.loads((tmp_path / "out" / "b" / "fine.csv.json").read_text())
+    assert saved["input"]["key"] == "b/fine.csv"
+    assert (tmp_path / "out" / "b" / "broken.csv.gz.error.json").exists()
+    assert (tmp_path / "out" / "summary.csv").exists()
 
 
 # --- the Batch engine end to end: deploy.sh --engine batch, the handler's SubmitJob ---------
@@ -221,30 +239,32 @@ def test_engine_option_parses_and_says_what_it_does():
         LocalCloud(engine="fargate")
 
 
-def test_run_with_the_batch_engine_reports_every_file(tmp_path):
-    """`local_cloud.py run --engine batch`: deploy.sh --engine batch --max-vcpus 2, each
-    upload's event reaches the handler, which submits one job; the job runs here and
-    writes the report; the table and --out are those of the EC2 engine."""
-    import subprocess
-    import sys
+@pytest.mark.parametrize("argv", [["run", "--engine", "batch", "--workers", "3", "{file}"],
+                                  ["demo", "--engine=batch", "--workers", "3"],
+                                  ["up", "--workers", "3", "--engine", "batch"]])
+def test_every_command_starts_the_batch_engine_on_its_workers(tmp_path, monkeypatch, argv):
+    """run, demo and up hand --engine and --workers to the LocalCloud they start (which
+    deploys with --engine batch --max-vcpus WORKERS: the engine test below); none started."""
+    import local_cloud
 
-    out = tmp_path / "out"
-    samples = sorted(p for p in (REPO / "samples").iterdir() if p.is_file())
-    done = subprocess.run([sys.executable, str(REPO / "local_cloud.py"), "run", "--engine",
-                           "batch", "--workers", "2", "--prefix", "b", "--out", str(out),
-                           *map(str, samples)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    table = done.stdout[done.stdout.index("\nfile "):]
-    assert table.split("\n")[1].split()[:6] == ["file", "outcome", "upload", "launch",
-                                                 "worker", "total"]
-    for sample in samples:
-        assert f"b/{sample.name}" in table
-        report = json.loads((out / "b" / f"{sample.name}.json").read_text())
-        assert report["input"]["key"] == f"b/{sample.name}"
-        assert report["sha256"] == AwsS3.analyse_file(str(sample))["sha256"]
-    assert f"{len(samples)} of {len(samples)} files reported" in done.stdout
-    assert "machines still running: 0" in done.stdout
-    assert (out / "summary.csv").exists() and (out / "index.html").exists()
+    sample = tmp_path / "a.csv"
+    sample.write_text("a\n1\n")
+    started = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(**options):
+        started.append(options)
+        raise Stop
+
+    monkeypatch.setattr(local_cloud, "LocalCloud", fake)
+    args = local_cloud.build_parser().parse_args(
+        [part.replace("{file}", str(sample)) for part in argv] + ["--out", str(tmp_path / "o")]
+        if argv[0] != "up" else argv)
+    with pytest.raises(Stop):
+        args.func(args)
+    assert started[0]["engine"] == "batch" and started[0]["workers"] == 3
 
 
 # Issue 16's figure beside the EC2 burst (tests/test_local_cloud.py): the same keys and
