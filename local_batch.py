@@ -217,7 +217,8 @@ class BatchRunner:
     # --- running a job --------------------------------------------------------------
 
     def run_job(self, job_id):
-        """Run one job to its end and record its outcome; a job moto does not hold is skipped."""
+        """Run one job to its end and record its outcome; a job that cannot start (moto does
+        not hold it, its definition is gone) is logged and marked FAILED."""
         try:
             self._run_job(job_id)
         except Exception:  # noqa: BLE001 - one job's failure must not stop the slot
@@ -291,6 +292,7 @@ class BatchRunner:
             with self.lock:
                 self.running -= 1
         calls = shutdown_calls(calls_log)
+        exit_code = container_exit_code(exit_code)
         status = "SUCCEEDED" if exit_code == 0 else "FAILED"
         with self.lock:
             self.jobs[job_id].update(exit_code=exit_code, status=status, shutdown_calls=calls)
@@ -309,6 +311,12 @@ class BatchRunner:
         """Return the ids of jobs moto holds that have not ended (submitted, runnable, running)."""
         return [job.job_id for job in list(self.backend()._jobs.values())
                 if job.status not in FINAL_STATES and not job._child_jobs]
+
+
+def container_exit_code(returncode):
+    """Return the exit code a container runtime reports for a process's return code: a
+    process killed by signal N ends 128 + N, as Docker reports it (137 for SIGKILL) (pure)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _kill_process_group(pgid):

@@ -82,6 +82,7 @@ def test_job_environment_key_and_timeout_rules():
     assert local_batch.attempt_seconds(None, {"attemptDurationSeconds": 60}) == 60
     assert local_batch.attempt_seconds({"attemptDurationSeconds": 5}, {"attemptDurationSeconds": 60}) == 5
     assert local_batch.attempt_seconds({}, None) is None
+    assert [local_batch.container_exit_code(code) for code in (0, 5, -9, -15)] == [0, 5, 137, 143]
 
 
 def test_each_job_runs_once_under_bash_with_its_environment_within_the_slots(batch_cloud, tmp_path):
