@@ -41,7 +41,7 @@ def cpu_seconds():
 
 def run_engine(engine, files, slots, max_workers):
     """Send `files` burst files through one engine; return {"engine", "files", "wall",
-    "cpu", "reports", "lost"}."""
+    "cpu", "start_cpu", "files_cpu", "reports", "lost", "unfinished"}."""
     from local_cloud import LocalCloud, Tracker
     from test_local_cloud import burst_body, burst_keys
 
@@ -82,8 +82,8 @@ def child(engine, files, slots, max_workers):
 
 def table(results):
     """Return the printed comparison of the engines' results (pure)."""
-    lines = [f"{'engine':<7} {'files':>6} {'wall s':>8} {'CPU-s':>8} {'start-up':>9} "
-             f"{'files':>8} {'CPU-s/file':>11} {'reports':>8} {'lost':>5}"]
+    lines = [(f"{'engine':<7} {'files':>6} {'wall s':>8} {'CPU-s':>8} {'start-up':>9} "
+              f"{'files':>8} {'CPU-s/file':>11} {'reports':>8} {'lost':>5}")]
     for r in results:
         lines.append(f"{r['engine']:<7} {r['files']:>6} {r['wall']:>8.1f} {r['cpu']:>8.1f} "
                      f"{r['start_cpu']:>9.1f} {r['files_cpu']:>8.1f} "
