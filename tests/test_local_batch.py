@@ -158,7 +158,10 @@ def test_batch_engine_reports_error_reports_and_a_job_that_left_none(tmp_path, c
     worker's "failed and reported" status, 5, as the bootstrap passes it on), and a job whose
     fields do not decode ends FAILED with no report, which the tracker calls "failed"; the
     stages go launched -> running -> outcome; no job calls `shutdown` (a container has none);
-    deploy gave Batch the local vCPUs as maxvCpus; the table and --out are the EC2 engine's."""
+    deploy gave Batch the local vCPUs as maxvCpus; the table and --out are the EC2 engine's;
+    reconcile's resubmission of the lost job, which only the runner's poll of moto's jobs
+    finds, runs and reports."""
+    import deploy
     import local_cloud
     from local_cloud import process_files
 
@@ -204,6 +207,19 @@ def test_batch_engine_reports_error_reports_and_a_job_that_left_none(tmp_path, c
         assert environments and {e["computeResources"]["maxvCpus"] for e in environments} == {2}
         # The summary table and --out, as for the EC2 engine.
         status = local_cloud.finish(cloud, outcomes, tmp_path / "out")
+        # reconcile resubmits the job that left no report (the next attempt's name); no
+        # handler answer names that job: the runner finds it in moto's jobs and runs it.
+        cloud.before_boot = None
+        cloud.tracker.files.pop("b/lost.csv")
+        clients = deploy.Clients()
+        names = deploy.discover_names(clients("lambda"), deploy.resolve_names(clients, cloud.prefix))
+        result = deploy.reconcile(clients, names, key_prefix="b/",
+                                  progress=deploy.Progress(echo=False))
+        assert [entry["key"] for entry in result["launched"]] == ["b/lost.csv"], result
+        assert cloud.tracker.wait_for(["b/lost.csv"], timeout=60) == []
+        assert cloud.tracker.outcome("b/lost.csv") == "report"
+        again = [job_id for job_id, job in cloud.batch.jobs.items() if job["key"] == "b/lost.csv"]
+        assert len(again) == 2 and len({described_name(cloud, j) for j in again}) == 2
     assert status == 1  # an error report and a lost job: not every file reported
     table = capsys.readouterr().out
     header = table[table.index("\nfile "):].split("\n")[1]
@@ -214,6 +230,11 @@ def test_batch_engine_reports_error_reports_and_a_job_that_left_none(tmp_path, c
     assert saved["input"]["key"] == "b/fine.csv"
     assert (tmp_path / "out" / "b" / "broken.csv.gz.error.json").exists()
     assert (tmp_path / "out" / "summary.csv").exists()
+
+
+def described_name(cloud, job_id):
+    """Return a job's name as DescribeJobs gives it."""
+    return cloud.client("batch").describe_jobs(jobs=[job_id])["jobs"][0]["jobName"]
 
 
 # --- the Batch engine end to end: deploy.sh --engine batch, the handler's SubmitJob ---------
