@@ -42,8 +42,9 @@ def cpu_seconds():
 def run_engine(engine, files, slots, max_workers):
     """Send `files` burst files through one engine; return {"engine", "files", "wall",
     "cpu", "start_cpu", "files_cpu", "reports", "lost", "unfinished"}."""
-    from local_cloud import LocalCloud, Tracker
     from test_local_cloud import burst_body, burst_keys
+
+    from local_cloud import LocalCloud, Tracker
 
     # lambda_function sets the root logger to INFO, as the Lambda runtime expects.
     logging.getLogger().setLevel(logging.WARNING)
