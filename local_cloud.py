@@ -37,6 +37,7 @@ from pathlib import Path
 
 import AwsS3
 import lambda_function
+import local_batch
 import local_forkserver
 from awsfun_deploy import results
 from awsfun_deploy.cli import positive_int
@@ -48,6 +49,8 @@ REGION = "us-east-1"
 # How long a deferred or failed message stays hidden here: the deployed queue's 6 minutes
 # would make a local burst wait for minutes.
 LOCAL_VISIBILITY_SECONDS = 1
+# deploy.sh --engine: an EC2 instance per object, or an AWS Batch job per object.
+ENGINES = ("ec2", "batch")
 LAMBDA_RETRIES = 2  # tries after the first before a dead letter, with max_receive_count=3
 TOKEN_TAG = "awsfun:token"
 MOTO_NO_TOKEN = "ABCDE"  # what moto records as the ClientToken of a launch that gave none
@@ -168,8 +171,16 @@ class LocalCloud:
     def __init__(self, workers=None, prefix="local", tracker=None, keep_scratch=False,
                  watchdog_seconds_per_minute=60.0, max_workers=None, spot=False,
                  max_receive_count=None, visibility_seconds=LOCAL_VISIBILITY_SECONDS,
-                 warm_python=False):
+                 warm_python=False, engine="ec2"):
         self.workers = workers or os.cpu_count() or 2
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
+        # deploy.sh --engine: "ec2", an instance per object, or "batch", a Batch job per
+        # object on `workers` local vCPUs (local_batch.BatchRunner).
+        self.engine = engine
+        self.batch = None  # the BatchRunner, engine "batch"
+        self.moto_batch_config = None  # the moto server's Batch config before this cloud's
+        self.region = REGION
         # deploy.sh --max-workers / --spot; None: deploy's default cap.
         self.max_workers = max_workers
         self.spot = spot
@@ -251,6 +262,8 @@ class LocalCloud:
         os.environ.update(local_environment(self.endpoint))
         lambda_function._clients.clear()  # a warm container's clients would reach the old endpoint
         try:
+            if self.engine == "batch":
+                self.prepare_batch()
             self.say(f"deploying the stack with deploy.sh --prefix {self.prefix} to {self.endpoint}")
             self.deploy()
             self.take_over_the_event_source()
@@ -261,13 +274,39 @@ class LocalCloud:
         if self.warm_python:
             self.start_forkserver()
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, "machine")
-        self.say(f"ready: data bucket {self.names['data_bucket']}; this computer runs up to "
-                 f"{plural(self.workers, 'machine')} at once")
-        for target in (self.pump_events, self.boot_instances):
-            thread = threading.Thread(target=target, daemon=True, name=target.__name__)
-            thread.start()
-            self.threads.append(thread)
+        runs = (f"Batch jobs on {plural(self.workers, 'vCPU')}, one job each" if self.engine == "batch"
+                else f"up to {plural(self.workers, 'machine')} at once")
+        self.say(f"ready: data bucket {self.names['data_bucket']}; this computer runs {runs}")
+        self.start_thread(self.pump_events)
+        if self.engine == "batch":
+            self.enable_batch()
+        else:
+            self.start_thread(self.boot_instances)
         return self
+
+    def start_thread(self, target):
+        """Run target() in a daemon thread until stop()."""
+        thread = threading.Thread(target=target, daemon=True, name=target.__name__)
+        thread.start()
+        self.threads.append(thread)
+
+    def prepare_batch(self):
+        """Before deploy --engine batch: moto's Batch without Docker, each submitted job held
+        RUNNABLE for this cloud to run, and the AWS managed policies deploy attaches, which
+        every AWS account has and moto's IAM lacks unless it loads them all; stop() undoes it."""
+        self.moto_batch_config = local_batch.set_moto_batch_config(self.endpoint, False)
+        self.moto_patches.append(local_batch.hold_submitted_jobs())
+        local_batch.add_aws_managed_policies(self.client("sts").get_caller_identity()["Account"])
+
+    def enable_batch(self):
+        """Play the Batch compute environment: each submitted job run here on the machine
+        slots (local_batch.BatchRunner), found in the handler's answers and by a poll of
+        moto's jobs."""
+        if self.moto_batch_config is None:
+            self.prepare_batch()
+        self.batch = local_batch.BatchRunner(self)
+        self.start_thread(self.batch.poll)
+        return self.batch
 
     def stop(self):
         """Stop pumping, halt running machines and the server, remove scratch space."""
@@ -285,6 +324,9 @@ class LocalCloud:
             self.forkserver.wait()
         if self.server:
             self.reset_moto()
+            if self.moto_batch_config is not None:
+                local_batch.set_moto_batch_config(
+                    self.endpoint, self.moto_batch_config.get("use_docker", True))
             self.server.stop()
         while self.moto_patches:
             self.moto_patches.pop()()
@@ -341,7 +383,9 @@ class LocalCloud:
         command = ["bash", str(REPO / "deploy.sh"), "--prefix", self.prefix]
         options = (["--max-workers", str(self.max_workers)]
                    if self.max_workers is not None else []) + \
-            (["--spot"] if self.spot else [])
+            (["--spot"] if self.spot else []) + \
+            (["--engine", "batch", "--max-vcpus", str(self.workers)]
+             if self.engine == "batch" else [])
         done = subprocess.run(command + ["deploy"] + options, env=os.environ.copy(),
                               capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -423,9 +467,15 @@ class LocalCloud:
         with self.lock:
             self.deferred += len(result.get("deferred", []))
         for entry in result["launched"]:
-            self.tracker.stage(entry["key"], "launched", entry["instance_id"])
-        # Boot at once instead of waiting for the poll: EC2 starts a launched instance at once too.
-        self.boot_new_instances(self.client("ec2"), [e["instance_id"] for e in result["launched"]])
+            self.tracker.stage(entry["key"], "launched",
+                               entry.get("instance_id") or entry.get("job_id", ""))
+        # Boot at once instead of waiting for the poll: EC2 starts a launched instance at
+        # once too, and a Batch job with a free vCPU.
+        instance_ids = [e["instance_id"] for e in result["launched"] if e.get("instance_id")]
+        if instance_ids:
+            self.boot_new_instances(self.client("ec2"), instance_ids)
+        if self.batch:
+            self.batch.start_jobs([e["job_id"] for e in result["launched"] if e.get("job_id")])
         launched = {entry["key"] for entry in result["launched"]}
         for entry in result["skipped"]:
             # A duplicate of a record launched in the same batch (moto sends two events for
@@ -501,29 +551,11 @@ class LocalCloud:
         raw = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
         user_data = base64.b64decode(raw["UserData"]["Value"]).decode("utf-8")
         _, key = job_from_user_data(user_data)
-        scratch = self.scratch_root / instance_id
-        (scratch / "bin").mkdir(parents=True)
-        (scratch / "tmp").mkdir()
+        scratch, calls_log = self.machine_scratch(instance_id)
         script = scratch / "user-data"
         script.write_text(user_data, encoding="utf-8")
-        stub = scratch / "bin" / "shutdown"
-        stub.write_text(SHUTDOWN_STUB, encoding="utf-8")
-        stub.chmod(0o755)
-        if self.forkserver:
-            shim = scratch / "bin" / "python3"
-            shim.write_text(local_forkserver.shim_text(
-                self.forkserver_socket, Path(sys.executable).parent / "python3"), encoding="utf-8")
-            shim.chmod(0o755)
-        calls_log = scratch / "shutdown.calls"
-        env = {**os.environ, **local_environment(self.endpoint)}
-        env.update({
-            "PATH": f"{stub.parent}:{Path(sys.executable).parent}:{env.get('PATH', '')}",
-            "TMPDIR": str(scratch / "tmp"),
-            "AWSFUN_INSTANCE_ID": instance_id,
-            "AWSFUN_SHUTDOWN_LOG": str(calls_log),
-        })
-        for name in self.function_env:
-            env.pop(name, None)  # the Lambda's settings are not the instance's
+        env = self.machine_environment(scratch, calls_log)
+        env["AWSFUN_INSTANCE_ID"] = instance_id
         if self.before_boot:
             self.before_boot(instance_id, key, env)
         with self.lock:
@@ -547,6 +579,37 @@ class LocalCloud:
             self.tracker.stage(key, "stopped?", f"{instance_id} exited without shutdown -h now")
         if not self.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def machine_scratch(self, name):
+        """Make a machine's (an instance's or a Batch job's) scratch folder: bin/ with the
+        `shutdown` stub (and the fork server's python3 shim when warm), tmp/; return
+        (scratch, the stub's calls log)."""
+        scratch = self.scratch_root / name
+        (scratch / "bin").mkdir(parents=True)
+        (scratch / "tmp").mkdir()
+        stub = scratch / "bin" / "shutdown"
+        stub.write_text(SHUTDOWN_STUB, encoding="utf-8")
+        stub.chmod(0o755)
+        if self.forkserver:
+            shim = scratch / "bin" / "python3"
+            shim.write_text(local_forkserver.shim_text(
+                self.forkserver_socket, Path(sys.executable).parent / "python3"), encoding="utf-8")
+            shim.chmod(0o755)
+        return scratch, scratch / "shutdown.calls"
+
+    def machine_environment(self, scratch, calls_log):
+        """Return the environment a machine's script starts with: this process's without
+        the Lambda's settings, the local endpoint, scratch/bin first on PATH, TMPDIR in
+        scratch, and where the `shutdown` stub records its calls."""
+        env = {**os.environ, **local_environment(self.endpoint)}
+        env.update({
+            "PATH": f"{scratch / 'bin'}:{Path(sys.executable).parent}:{env.get('PATH', '')}",
+            "TMPDIR": str(scratch / "tmp"),
+            "AWSFUN_SHUTDOWN_LOG": str(calls_log),
+        })
+        for name in self.function_env:
+            env.pop(name, None)  # the Lambda's settings are not the instance's
+        return env
 
     def wait_for_machine(self, process, calls_log):
         """Wait for the user-data to end, enforcing an armed watchdog; return why it halted."""
@@ -614,7 +677,10 @@ class LocalCloud:
         self.tracker.stage(key, "uploaded", f"{Path(path).stat().st_size:,} bytes")
 
     def running_machines(self):
-        """Return the ids of awsfun workers still pending or running."""
+        """Return the ids of awsfun workers still pending or running (Batch: the jobs not
+        ended)."""
+        if self.batch:
+            return self.batch.unfinished()
         ec2 = self.client("ec2")
         found = []
         for page in ec2.get_paginator("describe_instances").paginate(Filters=[
@@ -1134,7 +1200,7 @@ def check_out(out):
 
 def start_cloud(args, **options):
     """Return a LocalCloud for a command's options that tells the person what it is doing."""
-    cloud = LocalCloud(workers=args.workers, **options)
+    cloud = LocalCloud(workers=args.workers, engine=args.engine, **options)
     cloud.say = say
     return cloud
 
@@ -1159,8 +1225,10 @@ def command_demo(args):
     print(f"awsfun local demo: {plural(len(files), 'sample file')}, a local stand-in for AWS, "
           "no account needed\n")
     with start_cloud(args) as cloud:
-        print(f"deployed locally: data bucket {cloud.names['data_bucket']}, "
-              f"launch template {cloud.function_env.get('LAUNCH_TEMPLATE')}\n")
+        runs_on = (f"Batch job queue {cloud.function_env.get('JOB_QUEUE')}"
+                   if cloud.engine == "batch"
+                   else f"launch template {cloud.function_env.get('LAUNCH_TEMPLATE')}")
+        print(f"deployed locally: data bucket {cloud.names['data_bucket']}, {runs_on}\n")
         outcomes = process_files(cloud, files, "demo", args.timeout)
         return finish(cloud, outcomes, args.out)
 
@@ -1232,9 +1300,17 @@ def build_parser():
                         help="on an error, print the traceback as well as the reason")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def engine(sub):
+        sub.add_argument("--engine", choices=ENGINES, default="ec2",
+                         help="deploy.sh --engine: ec2, one instance per file (default), or "
+                              "batch, one AWS Batch job per file, --workers local vCPUs "
+                              "running the jobs (deploy.sh --max-vcpus)")
+
     def common(sub):
         sub.add_argument("--workers", type=positive_int, default=None,
-                         help="machines running at once (default: the number of cores)")
+                         help="machines (batch: vCPUs, one job each) running at once "
+                              "(default: the number of cores)")
+        engine(sub)
         sub.add_argument("--timeout", type=positive_seconds, default=600,
                          help="seconds to wait for every report (default 600)")
         sub.add_argument("--out", default="analysis-out",
@@ -1269,7 +1345,9 @@ def build_parser():
     up = commands.add_parser("up", help="keep a local cloud running for the aws CLI")
     debug(up)
     up.add_argument("--workers", type=positive_int, default=None,
-                    help="machines running at once (default: the number of cores)")
+                    help="machines (batch: vCPUs, one job each) running at once "
+                         "(default: the number of cores)")
+    engine(up)
     capacity(up)
     up.set_defaults(func=command_up)
     return parser

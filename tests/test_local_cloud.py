@@ -159,6 +159,21 @@ BURST_SLOTS = 4
 BURST_CAP = 3
 
 
+def burst_keys(count, canary):
+    """Return `count` keys for a burst: a folder per index, a command injection that would
+    create the file `canary`, and one of HOSTILE_NAMES (pure; the EC2 and Batch bursts and
+    bench/engines.py send the same keys)."""
+    injections = [f"$(touch {canary})", f"`touch {canary}`", f";touch {canary};",
+                  f"' && touch {canary} #"]
+    return [f"burst/{index:03d}/{injections[index % len(injections)]}/"
+            f"{HOSTILE_NAMES[index % len(HOSTILE_NAMES)]}" for index in range(count)]
+
+
+def burst_body(index):
+    """Return the small CSV a burst uploads as its index-th file (pure)."""
+    return f"id,value\n{index},{index * 2}\n".encode()
+
+
 def sample_live_machines(ec2, stop, peaks):
     """Append, until `stop` is set, how many instances EC2 itself says are pending or running
     (DescribeInstanceStatus, every instance): the cap measured from EC2's own state.
@@ -184,9 +199,7 @@ def test_burst_of_uploads_at_once_with_hostile_names(tmp_path):
     launched (none dead-lettered); no machine left, no token launched twice, no report for a
     report."""
     canary = tmp_path / "CANARY"
-    injections = [f"$(touch {canary})", f"`touch {canary}`", f";touch {canary};", f"' && touch {canary} #"]
-    keys = [f"burst/{index:03d}/{injections[index % len(injections)]}/"
-            f"{HOSTILE_NAMES[index % len(HOSTILE_NAMES)]}" for index in range(BURST_FILES)]
+    keys = burst_keys(BURST_FILES, canary)
     with LocalCloud(workers=BURST_SLOTS, tracker=Tracker(quiet=True),
                     max_workers=BURST_CAP, warm_python=True) as cloud:
         s3, bucket = cloud.client("s3"), cloud.names["data_bucket"]
@@ -196,7 +209,7 @@ def test_burst_of_uploads_at_once_with_hostile_names(tmp_path):
         sampler.start()
         started = time.monotonic()
         for index, key in enumerate(keys):
-            s3.put_object(Bucket=bucket, Key=key, Body=f"id,value\n{index},{index * 2}\n".encode())
+            s3.put_object(Bucket=bucket, Key=key, Body=burst_body(index))
             cloud.tracker.stage(key, "uploaded")
         pending = cloud.tracker.wait_for(keys, timeout=60 + 3 * BURST_FILES)
         elapsed = time.monotonic() - started
