@@ -156,7 +156,9 @@ def test_batch_engine_reports_error_reports_and_a_job_that_left_none(tmp_path, c
     lambda_function.batch_job_script) run with the handler's batch_environment: a good
     file's report (SUCCEEDED, exit 0), a broken gzip's error report (the job FAILED with the
     worker's "failed and reported" status, 5, as the bootstrap passes it on), and a job whose
-    fields do not decode ends FAILED with no report, which the tracker calls "failed"; the
+    fields do not decode ends FAILED with no report, which the tracker calls "failed"; a
+    duplicate delivery of the good file's event submits no second job and leaves its one
+    report as it was; the
     stages go launched -> running -> outcome; no job calls `shutdown` (a container has none);
     deploy gave Batch the local vCPUs as maxvCpus; the table and --out are the EC2 engine's;
     reconcile's resubmission of the lost job, which only the runner's poll of moto's jobs
@@ -178,6 +180,9 @@ def test_batch_engine_reports_error_reports_and_a_job_that_left_none(tmp_path, c
 
     with LocalCloud(workers=2, tracker=Tracker(quiet=True), engine="batch") as cloud:
         cloud.before_boot = garble
+        delivered = []  # every SQS event the handler has handled, as the pump gave it
+        invoke = cloud.invoke_handler
+        cloud.invoke_handler = lambda event: (invoke(event), delivered.append(event))[0]
         outcomes = process_files(cloud, [good, bad, lost], "b", timeout=120)
         assert outcomes == {"b/fine.csv": "report", "b/broken.csv.gz": "error",
                             "b/lost.csv": "failed"}
@@ -201,6 +206,24 @@ def test_batch_engine_reports_error_reports_and_a_job_that_left_none(tmp_path, c
         assert "gzip" in error["error"]
         assert cloud.function_env["JOB_QUEUE"] == described[jobs["b/fine.csv"][0]][
             "jobQueue"].rsplit("/", 1)[1]
+        # A duplicate delivery of the good file's event (SQS delivers at least once): the
+        # handler finds the job by its name and submits none; the one report stays.
+        body = next(record["body"] for event in delivered for record in event["Records"]
+                    if "fine.csv" in record["body"])
+        s3 = cloud.client("s3")
+        report_key = AwsS3.report_key("b/fine.csv")
+        written = s3.head_object(Bucket=cloud.names["data_bucket"], Key=report_key)["ETag"]
+        handled = len(delivered)
+        cloud.client("sqs").send_message(QueueUrl=cloud.queue_url, MessageBody=body)
+        deadline = time.monotonic() + 30
+        while len(delivered) == handled and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(delivered) > handled
+        assert cloud.wait_idle() == []
+        assert [key for _, job in cloud.batch.jobs.items()
+                for key in [job["key"]] if key == "b/fine.csv"] == ["b/fine.csv"]
+        assert s3.head_object(Bucket=cloud.names["data_bucket"], Key=report_key)["ETag"] == \
+            written
         # deploy.sh --engine batch --max-vcpus WORKERS: Batch's cap is the local vCPUs.
         environments = cloud.client("batch").describe_compute_environments()[
             "computeEnvironments"]
