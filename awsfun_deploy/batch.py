@@ -31,7 +31,7 @@ from .core import (
     log_client_error,
     tag_list,
 )
-from .iam import read_instance_profile, read_role
+from .iam import ensure_profile_of, read_instance_profile, read_role
 from .names import STACK_TAG
 
 logger = logging.getLogger(__name__)
@@ -380,23 +380,8 @@ def ensure_instance_role(iam, names, progress):
     progress.record(outcome, "batch instance role", role_name,
                     ", ".join(c for c in changed if c != "created"))
 
-    profile = read_instance_profile(iam, role_name)
-    created = profile is None
-    if created:
-        iam.create_instance_profile(InstanceProfileName=role_name,
-                                    Tags=tag_list({STACK_TAG: names.prefix}))
-        iam.get_waiter("instance_profile_exists").wait(
-            InstanceProfileName=role_name, WaiterConfig={"Delay": 2, "MaxAttempts": 30})
-        profile = read_instance_profile(iam, role_name)
-    roles = [r["RoleName"] for r in profile.get("Roles", [])]
-    for other in roles:
-        if other != role_name:
-            iam.remove_role_from_instance_profile(InstanceProfileName=role_name, RoleName=other)
-    if role_name not in roles:
-        iam.add_role_to_instance_profile(InstanceProfileName=role_name, RoleName=role_name)
-    progress.record(CREATED if created else (UPDATED if roles != [role_name] else IN_PLACE),
-                    "batch instance profile", role_name)
-    return profile["Arn"]
+    return ensure_profile_of(iam, role_name, role_name, names.prefix, progress,
+                             "batch instance profile")
 
 
 def ensure_compute_environment(batch, request, progress, sleep=time.sleep):

@@ -85,12 +85,19 @@ def read_instance_profile(iam, name):
 
 def ensure_instance_profile(iam, names, progress):
     """Create the worker instance profile holding exactly the worker role; return its ARN."""
-    name, role = names.worker_instance_profile, names.worker_role
+    return ensure_profile_of(iam, names.worker_instance_profile, names.worker_role,
+                             names.prefix, progress, "worker instance profile")
+
+
+def ensure_profile_of(iam, name, role, prefix, progress, what):
+    """Create instance profile `name` (tagged with the stack) holding exactly `role`; return
+    its ARN. An instance profile holds at most one role (IAM User Guide, "Use instance
+    profiles"): any other is removed first."""
     profile = read_instance_profile(iam, name)
     created = profile is None
     if created:
         iam.create_instance_profile(InstanceProfileName=name,
-                                    Tags=tag_list({STACK_TAG: names.prefix}))
+                                    Tags=tag_list({STACK_TAG: prefix}))
         iam.get_waiter("instance_profile_exists").wait(
             InstanceProfileName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 30})
         profile = read_instance_profile(iam, name)
@@ -101,7 +108,7 @@ def ensure_instance_profile(iam, names, progress):
     if role not in roles:
         iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=role)
     outcome = CREATED if created else (UPDATED if roles != [role] else IN_PLACE)
-    progress.record(outcome, "worker instance profile", name)
+    progress.record(outcome, what, name)
     return profile["Arn"]
 
 
