@@ -29,9 +29,8 @@ from .core import (
     canonical,
     error_code,
     log_client_error,
-    tag_list,
 )
-from .iam import ensure_profile_of, read_instance_profile, read_role
+from .iam import create_stack_role, ensure_profile_of, read_instance_profile, read_role
 from .names import STACK_TAG
 
 logger = logging.getLogger(__name__)
@@ -355,12 +354,7 @@ def ensure_instance_role(iam, names, progress):
     role = read_role(iam, role_name)
     changed = []
     if role is None:
-        iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=json.dumps(trust),
-                        Description=f"awsfun batch instances ({names.prefix}, {names.region}); "
-                                    "managed by deploy.sh",
-                        Tags=tag_list({STACK_TAG: names.prefix}))
-        iam.get_waiter("role_exists").wait(RoleName=role_name,
-                                           WaiterConfig={"Delay": 2, "MaxAttempts": 30})
+        create_stack_role(iam, role_name, trust, names, "batch instances")
         role = {"trust": trust, "inline": {}, "attached": []}
         changed.append("created")
     if canonical(role["trust"]) != canonical(trust):

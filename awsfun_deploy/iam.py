@@ -46,16 +46,22 @@ def role_differences(role, trust, policy_name, policy):
     return found
 
 
+def create_stack_role(iam, role_name, trust, names, what):
+    """Create a role of this stack (tagged, described as `what`) with `trust` as its trust
+    policy, and wait until IAM answers for it."""
+    iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=json.dumps(trust),
+                    Description=f"awsfun {what} ({names.prefix}, {names.region}); "
+                                "managed by deploy.sh",
+                    Tags=tag_list({STACK_TAG: names.prefix}))
+    iam.get_waiter("role_exists").wait(RoleName=role_name,
+                                       WaiterConfig={"Delay": 2, "MaxAttempts": 30})
+
+
 def ensure_role(iam, role_name, trust, policy_name, policy, names, progress, what):
     """Create or correct a role so it holds exactly one inline policy; return its ARN."""
     role = read_role(iam, role_name)
     if role is None:
-        iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=json.dumps(trust),
-                        Description=f"awsfun {what} ({names.prefix}, {names.region}); "
-                                    "managed by deploy.sh",
-                        Tags=tag_list({STACK_TAG: names.prefix}))
-        iam.get_waiter("role_exists").wait(RoleName=role_name,
-                                           WaiterConfig={"Delay": 2, "MaxAttempts": 30})
+        create_stack_role(iam, role_name, trust, names, what)
         iam.put_role_policy(RoleName=role_name, PolicyName=policy_name,
                             PolicyDocument=json.dumps(policy))
         progress.record(CREATED, what, role_name)
