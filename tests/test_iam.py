@@ -265,13 +265,18 @@ def test_no_statement_grants_anything_on_every_resource():
 
 
 def test_trust_policies_let_only_their_service_assume_the_role():
+    (lambda_trust,) = rendered("lambda-trust")["Statement"]
+    assert lambda_trust["Effect"] == "Allow" and lambda_trust["Action"] == "sts:AssumeRole"
+    assert lambda_trust["Principal"] == {"Service": "lambda.amazonaws.com"}
     # The worker role: EC2 instances, and the Batch engine's containers (ECS tasks: "the
-    # ecs-tasks.amazonaws.com service principal", AWS Batch User Guide, IAM roles for jobs).
-    for template, service in (("worker-trust", ["ec2.amazonaws.com", "ecs-tasks.amazonaws.com"]),
-                              ("lambda-trust", "lambda.amazonaws.com")):
-        (statement,) = rendered(template)["Statement"]
-        assert statement["Effect"] == "Allow" and statement["Action"] == "sts:AssumeRole"
-        assert statement["Principal"] == {"Service": service}
+    # ecs-tasks.amazonaws.com service principal", AWS Batch User Guide, IAM roles for jobs),
+    # the latter only for tasks of this account (aws:SourceAccount, as AWS's own ECS trust
+    # policies do against the confused deputy: IAM User Guide, "The confused deputy problem").
+    ec2, ecs = rendered("worker-trust")["Statement"]
+    assert all(s["Effect"] == "Allow" and s["Action"] == "sts:AssumeRole" for s in (ec2, ecs))
+    assert ec2["Principal"] == {"Service": "ec2.amazonaws.com"} and "Condition" not in ec2
+    assert ecs["Principal"] == {"Service": "ecs-tasks.amazonaws.com"}
+    assert ecs["Condition"] == {"StringEquals": {"aws:SourceAccount": NAMES.account}}
 
 
 def test_china_partition_documents_accept_ec2s_own_service_principal_there():
@@ -280,7 +285,7 @@ def test_china_partition_documents_accept_ec2s_own_service_principal_there():
     passes it (Amazon Web Services in China, IAM differences). Documents naming only
     ec2.amazonaws.com leave every worker there without credentials, or no launch allowed."""
     china = deploy.derive_names("su2c", "123456789012", "cn-north-1", partition="aws-cn")
-    (trust,) = rendered("worker-trust", china)["Statement"]
+    trust = rendered("worker-trust", china)["Statement"][0]
     assert "ec2.amazonaws.com.cn" in as_list(trust["Principal"]["Service"])
     (pass_role,) = [statement for statement in rendered("lambda-policy", china)["Statement"]
                     if statement["Sid"] == "PassOnlyTheWorkerRoleOnlyToEc2"]
