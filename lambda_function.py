@@ -541,7 +541,12 @@ def submit_object_detail(obj, settings, batch=None, s3=None, local_dir=None, att
     """Route one object and submit its Batch job unless ListJobs finds one of its name; return
     {"engine": "batch", "job_id", "job_name", "route", "submitted"}. submitted is False when
     the job existed (Batch has no client token: the name is the upload's) or with dry_run,
-    which submits nothing (Batch has no DryRun) and gives job_id None for a job not found."""
+    which submits nothing (Batch has no DryRun) and gives job_id None for a job not found.
+
+    The name check is the cheap one, not a guarantee: two deliveries of one event handled at
+    the same moment, or a SubmitJob botocore sends again after its answer was lost, can submit
+    two jobs. Both write the same report keys for the same eTag (the worker checks it), so the
+    second report replaces the first and the upload still has one."""
     route = choose_route(obj["key"], load_routes(settings, s3, local_dir))
     launch = apply_route(settings, route)
     ignored = tuple(field for field in EC2_ONLY_ROUTE_FIELDS[1:] if route and field in route)

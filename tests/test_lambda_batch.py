@@ -108,8 +108,11 @@ def test_a_duplicate_delivery_submits_once_and_names_the_same_job(batch):
     assert len(calls_of(calls, "SubmitJob")) == 1
     assert second["launched"][0]["job_id"] == first["launched"][0]["job_id"]
     assert second["launched"][0]["submitted"] is False
-    assert batch.describe_jobs(jobs=[first["launched"][0]["job_id"]])["jobs"][0]["status"] in (
-        "SUCCEEDED", "SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
+    # The job found is the one submitted, under the upload's name (moto has already marked
+    # it SUCCEEDED: ListJobs with a name filter finds jobs of every status).
+    (described,) = batch.describe_jobs(jobs=[first["launched"][0]["job_id"]])["jobs"]
+    assert described["jobName"] == first["launched"][0]["job_name"] == \
+        second["launched"][0]["job_name"]
 
 
 def test_a_duplicate_within_one_invocation_submits_once(batch):
