@@ -401,6 +401,15 @@ def job_fields_b64(fields):
     return base64.b64encode(joined).decode("ascii")
 
 
+def decode_job_fields(text):
+    """Return {field name from JOB_FIELDS: text} of a JOB_FIELDS_B64 value (pure; the inverse
+    of job_fields_b64). ValueError (binascii.Error among them) when it is not one."""
+    fields = base64.b64decode(text, validate=True).split(b"\0")
+    if len(fields) != len(JOB_FIELDS) + 1 or fields[-1]:
+        raise ValueError(f"the job holds {len(fields) - 1} fields, not {len(JOB_FIELDS)}")
+    return {name: field.decode("utf-8") for name, field in zip(JOB_FIELDS, fields)}
+
+
 def decode_job(user_data):
     """Return the job rendered into user-data (pure; for the local cloud and the tests).
 
@@ -410,10 +419,7 @@ def decode_job(user_data):
     values = dict(re.findall(r"^JOB_([A-Z0-9_]+)='([A-Za-z0-9+/=]*)'$", user_data, re.M))
     if "FIELDS_B64" not in values:
         raise ValueError("user-data carries no awsfun job")
-    fields = base64.b64decode(values.pop("FIELDS_B64"), validate=True).split(b"\0")
-    if len(fields) != len(JOB_FIELDS) + 1 or fields[-1]:
-        raise ValueError(f"the job holds {len(fields) - 1} fields, not {len(JOB_FIELDS)}")
-    job = {name: field.decode("utf-8") for name, field in zip(JOB_FIELDS, fields)}
+    job = decode_job_fields(values.pop("FIELDS_B64"))
     job["LAUNCHER"] = base64.b64decode(values.pop("LAUNCHER_B64"), validate=True)
     job.update(values)
     return job

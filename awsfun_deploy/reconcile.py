@@ -12,12 +12,20 @@ from botocore.exceptions import ClientError, WaiterError
 import AwsS3
 import lambda_function
 
-from .core import DeployError, GONE, Progress, _get_or_none, error_code, log_client_error
+from .batch import LIVE_STATUSES, batch_names, live_job_names
+from .batch_jobs import ended_jobs
+from .core import (
+    GONE,
+    DeployError,
+    Progress,
+    _get_or_none,
+    error_code,
+    log_client_error,
+)
+from .function import read_function
 from .names import BUCKET_TAG, TOKEN_TAG, WORKER_KEY_TAG
 from .s3 import bucket_exists, list_keys
 from .sqs import find_queue
-from .function import read_function
-from .batch import LIVE_STATUSES, batch_names, live_job_names
 
 logger = logging.getLogger("awsfun.deploy")
 REPORTED, FAILED, RUNNING, UNPROCESSED = "reported", "error-reported", "running", "unprocessed"
@@ -400,7 +408,17 @@ def input_status(clients, names):
     scanned = scan_inputs(s3, names.data_bucket, lambda_function.DEFAULTS["SKIP_SUBSTRING"],
                           live_workers(ec2, names.data_bucket), listing)
     return state_counts(scanned), without_report(
-        s3, names.data_bucket, ended_workers(ec2, names.data_bucket), scanned, listing[1])
+        s3, names.data_bucket, ended_ones(clients("batch") if names.engine == "batch" else None,
+                                          ec2, names), scanned, listing[1])
+
+
+def ended_ones(batch, ec2, names):
+    """Return the recent ends of the bucket's workers: EC2's ended instances and, with `batch`
+    (the Batch engine), the queue's FAILED jobs (batch_jobs.ended_jobs), in one shape."""
+    ended = ended_workers(ec2, names.data_bucket)
+    if batch is not None:
+        ended += ended_jobs(batch, batch_names(names)["queue"], names.data_bucket)
+    return ended
 
 
 def dead_letter_event(body):
@@ -644,7 +662,7 @@ class Reconciler:
         self.result["counts"] = state_counts(scanned)
         # Before any launch: why each worker that left nothing ended, as EC2 says it.
         self.result["ended_without_report"] = without_report(
-            self.s3, bucket, ended_workers(self.ec2, bucket), scanned, listing[1],
+            self.s3, bucket, ended_ones(self.batch, self.ec2, self.names), scanned, listing[1],
             self.key_prefix)
         for worker in self.result["ended_without_report"]:
             self.progress.record("ended unreported", "worker", worker["instance_id"],

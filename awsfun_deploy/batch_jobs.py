@@ -1,0 +1,79 @@
+"""The Batch engine's ended jobs, for status and reconcile: what ended_workers is to EC2.
+
+A job that ends FAILED without writing a report or an error report (its image could not be
+pulled, boto3 could not be installed, the host went away on its last attempt) leaves nothing
+in the bucket; Batch's statusReason and the container's exit code are then the only account
+of it, as EC2's StateReason is for an instance that never booted.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+import lambda_function
+
+from .batch import _job_pages, read_job_queue, read_live
+
+logger = logging.getLogger(__name__)
+
+# DescribeJobs takes up to 100 job ids a call (AWS Batch API Reference, DescribeJobs).
+DESCRIBE_JOBS_LIMIT = 100
+
+
+def job_input(job):
+    """Return (bucket, key) of the object an awsfun job was submitted for, or None (pure).
+
+    `job` is one of DescribeJobs' jobs; its container's environment holds SubmitJob's
+    overrides (lambda_function.batch_environment), JOB_FIELDS_B64 among them. None for a job
+    this project did not submit, or one of a version whose fields do not decode.
+    """
+    environment = {e.get("name"): e.get("value") for e in
+                   (job.get("container") or {}).get("environment") or []}
+    try:
+        fields = lambda_function.decode_job_fields(environment.get("JOB_FIELDS_B64") or "")
+    except ValueError:
+        return None
+    return fields["BUCKET"], fields["KEY"]
+
+
+def ended_job(job, key):
+    """Describe a FAILED job like reconcile.ended_worker describes an ended instance (pure).
+
+    instance_id is the job id; state_reason Batch's statusReason ("Essential container in task
+    exited", "Host EC2 (instance i-...) terminated.", "CannotPullContainerError: ..."); the
+    transition reason the container's exit code. "object" is empty: the job does not carry the
+    object's version, so an input counts as unreported only with no report of any eTag.
+    """
+    created = job.get("createdAt")  # milliseconds since the epoch
+    launched = (datetime.fromtimestamp(created / 1000, timezone.utc).isoformat()
+                if isinstance(created, (int, float)) else "")
+    exit_code = (job.get("container") or {}).get("exitCode")
+    return {"instance_id": job["jobId"], "state": job.get("status", ""),
+            "key": lambda_function.shorten_tag_value(key), "object": "",
+            "launch_time": launched, "state_reason": job.get("statusReason") or "",
+            "state_transition_reason": ("" if exit_code is None
+                                        else f"the container exited with {exit_code}")}
+
+
+def ended_jobs(batch, queue, bucket, pages=1):
+    """Return ended_job() of the queue's FAILED jobs submitted for objects of `bucket`.
+
+    At most `pages` pages of ListJobs (100 jobs each, newest first for a status filter) and
+    one DescribeJobs per 100 jobs. How long Batch keeps listing a finished job is not
+    documented; these are the recent ends, as EC2 shows a terminated instance for an hour.
+    [] when the queue is gone (ListJobs answers ClientException for it): status reports that
+    as drift.
+    """
+    if read_live(read_job_queue(batch, queue)) is None:
+        return []
+    ids = [job["jobId"] for page, _ in _job_pages(batch, queue, "FAILED", pages)
+           for job in page.get("jobSummaryList") or []]
+    found = []
+    for start in range(0, len(ids), DESCRIBE_JOBS_LIMIT):
+        answer = batch.describe_jobs(jobs=ids[start:start + DESCRIBE_JOBS_LIMIT])
+        for job in answer.get("jobs") or []:
+            target = job_input(job)
+            if target is not None and target[0] == bucket:
+                found.append(ended_job(job, target[1]))
+    return found
