@@ -41,7 +41,7 @@ import local_batch
 import local_forkserver
 from awsfun_deploy import results
 from awsfun_deploy.cli import positive_int
-from awsfun_deploy.core import OneLineParser, escaped, middle_cut, plural
+from awsfun_deploy.core import OneLineParser, escaped, middle_cut, one_line, plural
 
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / "samples"
@@ -59,6 +59,10 @@ MOTO_NO_TOKEN = "ABCDE"  # what moto records as the ClientToken of a launch that
 BOOT_POLL_SECONDS = 1.0
 # What a real shutdown gives running processes between SIGTERM and SIGKILL (systemd: 90 s).
 SHUTDOWN_GRACE_SECONDS = 5.0
+# What ReceiveMessage answers for a queue that does not exist (deleted, e.g. by
+# `deploy.sh teardown`): the query protocol's code, and the JSON protocol's (SQS API
+# Reference, ReceiveMessage, Errors: QueueDoesNotExist).
+QUEUE_GONE_CODES = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 
 logger = logging.getLogger("awsfun.local")
 
@@ -115,6 +119,53 @@ printf '%s\\n' "$*" >>"$AWSFUN_SHUTDOWN_LOG"
 
 class LocalCloudError(RuntimeError):
     """Start-up cannot go on; the message says what to do (main prints it as it is)."""
+
+
+def error_code_of(err):
+    """Return the AWS error code of an exception, or None when it is no ClientError (pure)."""
+    response = getattr(err, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def error_line(err):
+    """Return one line saying what went wrong in a call: a ClientError's code and message,
+    else the exception's text (its type's name when it has none) (pure)."""
+    code = error_code_of(err)
+    if code is not None:
+        message = err.response.get("Error", {}).get("Message") or ""
+        return one_line(f"{code}: {message}" if message else code)
+    return one_line(str(err) or type(err).__name__)
+
+
+class FaultLog:
+    """What a polling loop tells the person about a fault that lasts: one line when it
+    shows or changes, nothing while the same line repeats every poll (a traceback each
+    second buried the terminal), and one line when the loop works again.
+
+    `doing` says what failed ("cannot receive from the events queue"); `log` is the logger.
+    """
+
+    def __init__(self, log, doing):
+        self.log = log
+        self.doing = doing
+        self.last = None  # the line last logged while the fault lasts; None: no fault
+
+    def failed(self, err, line=None, level=logging.ERROR):
+        """Note a failed poll: log `line` (default: `doing`: error_line(err)) unless it is
+        the one logged last; return True when it was logged."""
+        line = line or f"{self.doing}: {error_line(err)}"
+        if line == self.last:
+            self.log.debug("%s (again)", line)
+            return False
+        self.last = line
+        self.log.log(level, "%s", line)
+        return True
+
+    def succeeded(self, line=None, level=logging.INFO):
+        """Note a poll that worked: after a fault, log `line` (default: it works again)."""
+        if self.last is not None:
+            self.log.log(level, "%s", line or f"{self.doing.replace('cannot ', 'can ', 1)} again")
+            self.last = None
 
 
 class Tracker:
@@ -425,18 +476,38 @@ class LocalCloud:
     # --- the Lambda stand-in ----------------------------------------------------
 
     def pump_events(self):
-        """Poll the events queue as Lambda's event source mapping does: batches of up to 10."""
+        """Poll the events queue as Lambda's event source mapping does: batches of up to 10.
+
+        A receive that fails is tried again a second later, its reason logged in one line
+        once (FaultLog). A queue that no longer exists (`deploy.sh teardown`) is said once
+        and waited for quietly; when a redeploy brings it back, this takes over its event
+        source again and goes on."""
         sqs = self.client("sqs")
+        faults = FaultLog(logger, "cannot receive from the events queue")
+        gone = False
         while not self.stop_event.is_set():
             try:
+                if gone:
+                    self.take_over_the_event_source()
                 messages = sqs.receive_message(
                     QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
                     VisibilityTimeout=self.visibility_seconds,
                     AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
-            except Exception:  # noqa: BLE001 - keep polling, as Lambda's poller does
-                logger.exception("cannot receive from the events queue")
+            except Exception as err:  # noqa: BLE001 - keep polling, as Lambda's poller does
+                gone = error_code_of(err) in QUEUE_GONE_CODES
+                if gone:
+                    faults.failed(err, f"the events queue {self.names.get('events_queue', '')} "
+                                       "is gone (torn down?): no event is taken until a "
+                                       "redeploy brings it back", logging.WARNING)
+                else:
+                    faults.failed(err)
                 self.stop_event.wait(1)  # a lasting fault must not become a busy loop
                 continue
+            if gone:
+                faults.succeeded("the events queue is back (redeployed): taking its events "
+                                 "again", logging.WARNING)
+                gone = False
+            faults.succeeded()
             if messages:
                 self.invoke_handler(sqs_event(messages, self.names["events_queue"]))
 
@@ -503,11 +574,14 @@ class LocalCloud:
     def boot_instances(self):
         """Watch EC2 for workers launched outside the handler and boot each one."""
         ec2 = self.client("ec2")
+        faults = FaultLog(logger, "cannot list the running instances")
         while not self.stop_event.wait(BOOT_POLL_SECONDS):
             try:
                 self.boot_new_instances(ec2, self.running_instance_ids())
-            except Exception:  # noqa: BLE001 - keep watching; the next poll retries
-                logger.exception("cannot list the running instances")
+            except Exception as err:  # noqa: BLE001 - keep watching; the next poll retries
+                faults.failed(err)
+            else:
+                faults.succeeded()
 
     def running_instance_ids(self):
         """Return the ids of every pending or running instance, read from moto's own state as
