@@ -1365,9 +1365,36 @@ def positive_seconds(text):
     return value
 
 
+def engine_option_conflict(args):
+    """Return the one-line mistake in options the chosen --engine would ignore, or None
+    (pure): under --engine batch the handler reads neither MAX_WORKERS nor SPOT (the compute
+    environment's maxvCpus, here --workers, bounds the jobs), so --max-workers and --spot
+    would be silently dropped."""
+    if getattr(args, "engine", None) != "batch":
+        return None
+    for option, given in (("--max-workers", getattr(args, "max_workers", None) is not None),
+                          ("--spot", getattr(args, "spot", False))):
+        if given:
+            return (f"argument {option}: applies to --engine ec2 only (under --engine batch, "
+                    "--workers sets the local vCPUs)")
+    return None
+
+
+class LocalCloudParser(OneLineParser):
+    """OneLineParser that also refuses a combination of options (engine_option_conflict),
+    in the same one line and status 2; its subcommands' parsers are of this class too."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        mistake = engine_option_conflict(namespace)
+        if mistake:
+            self.error(mistake)
+        return namespace, rest
+
+
 def build_parser():
     """Return the command-line parser."""
-    parser = OneLineParser(
+    parser = LocalCloudParser(
         description="Run the awsfun pipeline on this machine, with moto standing in for AWS.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",
@@ -1392,10 +1419,12 @@ def build_parser():
 
     def capacity(sub):
         sub.add_argument("--max-workers", type=positive_int, default=None, metavar="N",
-                         help="deploy.sh --max-workers: at most N machines at once, the rest "
-                              "wait in the events queue (default: deploy's, 16)")
+                         help="--engine ec2 only: deploy.sh --max-workers, at most N instances "
+                              "at once, the rest wait in the events queue (default: "
+                              "deploy's, 16)")
         sub.add_argument("--spot", action="store_true",
-                         help="deploy.sh --spot (the local EC2 never refuses spot)")
+                         help="--engine ec2 only: deploy.sh --spot (the local EC2 never "
+                              "refuses spot)")
 
     def debug(sub):  # --debug after the command too
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
