@@ -181,12 +181,18 @@ class BatchRunner:
                 if job.status == "RUNNABLE" and not job._child_jobs]
 
     def poll(self):
-        """Until the cloud stops, start each RUNNABLE job not seen before, every second."""
+        """Until the cloud stops, start each RUNNABLE job not seen before, every second; a
+        poll that fails is logged in one line, once while the same fault lasts."""
+        from local_cloud import FaultLog
+
+        faults = FaultLog(logger, "cannot list the Batch jobs")
         while not self.cloud.stop_event.wait(JOB_POLL_SECONDS):
             try:
                 self.start_jobs(self.runnable_job_ids())
-            except Exception:  # noqa: BLE001 - keep watching; the next poll retries
-                logger.exception("cannot list the Batch jobs")
+            except Exception as err:  # noqa: BLE001 - keep watching; the next poll retries
+                faults.failed(err)
+            else:
+                faults.succeeded()
 
     def start_jobs(self, job_ids):
         """Queue each job id not seen before on the cloud's slots; return those queued."""

@@ -41,7 +41,7 @@ import local_batch
 import local_forkserver
 from awsfun_deploy import results
 from awsfun_deploy.cli import positive_int
-from awsfun_deploy.core import OneLineParser, escaped, middle_cut, plural
+from awsfun_deploy.core import OneLineParser, escaped, middle_cut, one_line, plural
 
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / "samples"
@@ -59,6 +59,10 @@ MOTO_NO_TOKEN = "ABCDE"  # what moto records as the ClientToken of a launch that
 BOOT_POLL_SECONDS = 1.0
 # What a real shutdown gives running processes between SIGTERM and SIGKILL (systemd: 90 s).
 SHUTDOWN_GRACE_SECONDS = 5.0
+# What ReceiveMessage answers for a queue that does not exist (deleted, e.g. by
+# `deploy.sh teardown`): the query protocol's code, and the JSON protocol's (SQS API
+# Reference, ReceiveMessage, Errors: QueueDoesNotExist).
+QUEUE_GONE_CODES = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 
 logger = logging.getLogger("awsfun.local")
 
@@ -117,6 +121,53 @@ class LocalCloudError(RuntimeError):
     """Start-up cannot go on; the message says what to do (main prints it as it is)."""
 
 
+def error_code_of(err):
+    """Return the AWS error code of an exception, or None when it is no ClientError (pure)."""
+    response = getattr(err, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def error_line(err):
+    """Return one line saying what went wrong in a call: a ClientError's code and message,
+    else the exception's text (its type's name when it has none) (pure)."""
+    code = error_code_of(err)
+    if code is not None:
+        message = err.response.get("Error", {}).get("Message") or ""
+        return one_line(f"{code}: {message}" if message else code)
+    return one_line(str(err) or type(err).__name__)
+
+
+class FaultLog:
+    """What a polling loop tells the person about a fault that lasts: one line when it
+    shows or changes, nothing while the same line repeats every poll (a traceback each
+    second buried the terminal), and one line when the loop works again.
+
+    `doing` says what failed ("cannot receive from the events queue"); `log` is the logger.
+    """
+
+    def __init__(self, log, doing):
+        self.log = log
+        self.doing = doing
+        self.last = None  # the line last logged while the fault lasts; None: no fault
+
+    def failed(self, err, line=None, level=logging.ERROR):
+        """Note a failed poll: log `line` (default: `doing`: error_line(err)) unless it is
+        the one logged last; return True when it was logged."""
+        line = line or f"{self.doing}: {error_line(err)}"
+        if line == self.last:
+            self.log.debug("%s (again)", line)
+            return False
+        self.last = line
+        self.log.log(level, "%s", line)
+        return True
+
+    def succeeded(self, line=None, level=logging.INFO):
+        """Note a poll that worked: after a fault, log `line` (default: it works again)."""
+        if self.last is not None:
+            self.log.log(level, "%s", line or f"{self.doing.replace('cannot ', 'can ', 1)} again")
+            self.last = None
+
+
 class Tracker:
     """Keeps each file's stages and prints one progress line per stage."""
 
@@ -171,7 +222,7 @@ class LocalCloud:
     def __init__(self, workers=None, prefix="local", tracker=None, keep_scratch=False,
                  watchdog_seconds_per_minute=60.0, max_workers=None, spot=False,
                  max_receive_count=None, visibility_seconds=LOCAL_VISIBILITY_SECONDS,
-                 warm_python=False, engine="ec2"):
+                 warm_python=False, engine="ec2", batch_ready=False):
         self.workers = workers or os.cpu_count() or 2
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
@@ -179,6 +230,10 @@ class LocalCloud:
         # object on `workers` local vCPUs (local_batch.BatchRunner).
         self.engine = engine
         self.batch = None  # the BatchRunner, engine "batch"
+        # Prepare moto's Batch (prepare_batch) under ec2 too, so a redeploy with
+        # `deploy.sh --engine batch` against a running `up` works and its jobs run here.
+        self.batch_ready = batch_ready
+        self.booting = False  # whether boot_instances runs (engine "ec2", at start or since)
         self.moto_batch_config = None  # the moto server's Batch config before this cloud's
         self.region = REGION
         # deploy.sh --max-workers / --spot; None: deploy's default cap.
@@ -207,6 +262,8 @@ class LocalCloud:
         self.endpoint = None
         self.names = {}
         self.function_env = {}
+        self.config_faults = FaultLog(logger, "cannot read the function's configuration "
+                                              "(its last one stays)")
         self.queue_url = None
         self.stop_event = threading.Event()
         self.threads = []
@@ -262,9 +319,10 @@ class LocalCloud:
         os.environ.update(local_environment(self.endpoint))
         lambda_function._clients.clear()  # a warm container's clients would reach the old endpoint
         try:
-            if self.engine == "batch":
+            if self.engine == "batch" or self.batch_ready:
                 self.prepare_batch()
-            self.say(f"deploying the stack with deploy.sh --prefix {self.prefix} to {self.endpoint}")
+            self.say(f"deploying the stack with deploy.sh {shlex.join(self.deploy_arguments())} "
+                     f"to {self.endpoint}")
             self.deploy()
             self.take_over_the_event_source()
         except BaseException:
@@ -278,10 +336,7 @@ class LocalCloud:
                 else f"up to {plural(self.workers, 'machine')} at once")
         self.say(f"ready: data bucket {self.names['data_bucket']}; this computer runs {runs}")
         self.start_thread(self.pump_events)
-        if self.engine == "batch":
-            self.enable_batch()
-        else:
-            self.start_thread(self.boot_instances)
+        self.follow_engine(self.engine)
         return self
 
     def start_thread(self, target):
@@ -297,6 +352,17 @@ class LocalCloud:
         self.moto_batch_config = local_batch.set_moto_batch_config(self.endpoint, False)
         self.moto_patches.append(local_batch.hold_submitted_jobs())
         local_batch.add_aws_managed_policies(self.client("sts").get_caller_identity()["Account"])
+
+    def follow_engine(self, engine):
+        """Run what the function's ENGINE needs: Batch jobs (enable_batch) or booting
+        instances (boot_instances), started once each. A redeploy that switches the engine
+        starts the other; what the first started keeps running for the work it has."""
+        self.engine = engine
+        if engine == "batch" and self.batch is None:
+            self.enable_batch()
+        elif engine == "ec2" and not self.booting:
+            self.booting = True
+            self.start_thread(self.boot_instances)
 
     def enable_batch(self):
         """Play the Batch compute environment: each submitted job run here on the machine
@@ -378,16 +444,22 @@ class LocalCloud:
                     config=Config(retries={"mode": "standard"}, max_pool_connections=50))
             return self.clients[service]
 
-    def deploy(self):
-        """Deploy with deploy.sh against the local endpoint and read back what it made."""
-        command = ["bash", str(REPO / "deploy.sh"), "--prefix", self.prefix]
+    def deploy_arguments(self):
+        """Return deploy.sh's arguments for this cloud's stack: the prefix, `deploy`, and the
+        engine's options (--max-workers and --spot under ec2; --engine batch and the local
+        vCPUs as --max-vcpus under batch) (pure)."""
         options = (["--max-workers", str(self.max_workers)]
                    if self.max_workers is not None else []) + \
             (["--spot"] if self.spot else []) + \
             (["--engine", "batch", "--max-vcpus", str(self.workers)]
              if self.engine == "batch" else [])
-        done = subprocess.run(command + ["deploy"] + options, env=os.environ.copy(),
-                              capture_output=True, text=True, check=False)
+        return ["--prefix", self.prefix, "deploy", *options]
+
+    def deploy(self):
+        """Deploy with deploy.sh against the local endpoint and read back what it made."""
+        command = ["bash", str(REPO / "deploy.sh"), "--prefix", self.prefix]
+        done = subprocess.run(["bash", str(REPO / "deploy.sh"), *self.deploy_arguments()],
+                              env=os.environ.copy(), capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise LocalCloudError(f"deploy.sh failed ({done.returncode}) on the local "
                                   f"endpoint:\n{done.stdout}{done.stderr}".rstrip())
@@ -395,9 +467,37 @@ class LocalCloud:
         status = subprocess.run(command + ["status", "--json"], env=os.environ.copy(),
                                 capture_output=True, text=True, check=True)
         self.names = json.loads(status.stdout)
+        self.function_env = self.read_function_env()
+
+    def read_function_env(self):
+        """Return the deployed function's Environment.Variables (GetFunctionConfiguration);
+        ClientError when the function is gone."""
         config = self.client("lambda").get_function_configuration(
             FunctionName=self.names["function_name"])
-        self.function_env = config.get("Environment", {}).get("Variables", {})
+        return config.get("Environment", {}).get("Variables", {})
+
+    def refresh_function_env(self):
+        """Take the function's configuration as it is now, as Lambda gives each new
+        invocation the configuration of the last successful UpdateFunctionConfiguration
+        (Lambda Developer Guide, "Lambda function states": LastUpdateStatus): a redeploy
+        against a running `up` (another ENGINE, MAX_WORKERS) applies from the next batch.
+        Variables the new configuration dropped leave os.environ; a switch of ENGINE starts
+        what the new engine needs (follow_engine). When the read fails, the last one stays."""
+        try:
+            fresh = self.read_function_env()
+        except Exception as err:  # noqa: BLE001 - a failed read keeps the last configuration
+            self.config_faults.failed(err)
+            return
+        self.config_faults.succeeded()
+        for name in set(self.function_env) - set(fresh):
+            os.environ.pop(name, None)
+        self.function_env = fresh
+        engine = (fresh.get("ENGINE") or lambda_function.DEFAULTS["ENGINE"]).strip().lower()
+        if engine != self.engine and engine in ENGINES:
+            logger.warning("the function's ENGINE is now %s (redeployed): %s", engine,
+                           "Batch jobs run here" if engine == "batch" else
+                           "instances boot here")
+            self.follow_engine(engine)
 
     def take_over_the_event_source(self):
         """Play Lambda's part of the event source mapping deploy.sh made.
@@ -425,18 +525,38 @@ class LocalCloud:
     # --- the Lambda stand-in ----------------------------------------------------
 
     def pump_events(self):
-        """Poll the events queue as Lambda's event source mapping does: batches of up to 10."""
+        """Poll the events queue as Lambda's event source mapping does: batches of up to 10.
+
+        A receive that fails is tried again a second later, its reason logged in one line
+        once (FaultLog). A queue that no longer exists (`deploy.sh teardown`) is said once
+        and waited for quietly; when a redeploy brings it back, this takes over its event
+        source again and goes on."""
         sqs = self.client("sqs")
+        faults = FaultLog(logger, "cannot receive from the events queue")
+        gone = False
         while not self.stop_event.is_set():
             try:
+                if gone:
+                    self.take_over_the_event_source()
                 messages = sqs.receive_message(
                     QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
                     VisibilityTimeout=self.visibility_seconds,
                     AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
-            except Exception:  # noqa: BLE001 - keep polling, as Lambda's poller does
-                logger.exception("cannot receive from the events queue")
+            except Exception as err:  # noqa: BLE001 - keep polling, as Lambda's poller does
+                gone = error_code_of(err) in QUEUE_GONE_CODES
+                if gone:
+                    faults.failed(err, f"the events queue {self.names.get('events_queue', '')} "
+                                       "is gone (torn down?): no event is taken until a "
+                                       "redeploy brings it back", logging.WARNING)
+                else:
+                    faults.failed(err)
                 self.stop_event.wait(1)  # a lasting fault must not become a busy loop
                 continue
+            if gone:
+                faults.succeeded("the events queue is back (redeployed): taking its events "
+                                 "again", logging.WARNING)
+                gone = False
+            faults.succeeded()
             if messages:
                 self.invoke_handler(sqs_event(messages, self.names["events_queue"]))
 
@@ -445,7 +565,9 @@ class LocalCloud:
 
         An exception fails the whole batch (every message comes back), as in Lambda.
         """
-        # The Lambda's settings, and the endpoint in case a test's fixture swapped the environment.
+        # The Lambda's settings as deployed now, and the endpoint in case a test's fixture
+        # swapped the environment.
+        self.refresh_function_env()
         os.environ.update(self.function_env)
         os.environ.update(local_environment(self.endpoint))
         records = event["Records"]
@@ -503,11 +625,14 @@ class LocalCloud:
     def boot_instances(self):
         """Watch EC2 for workers launched outside the handler and boot each one."""
         ec2 = self.client("ec2")
+        faults = FaultLog(logger, "cannot list the running instances")
         while not self.stop_event.wait(BOOT_POLL_SECONDS):
             try:
                 self.boot_new_instances(ec2, self.running_instance_ids())
-            except Exception:  # noqa: BLE001 - keep watching; the next poll retries
-                logger.exception("cannot list the running instances")
+            except Exception as err:  # noqa: BLE001 - keep watching; the next poll retries
+                faults.failed(err)
+            else:
+                faults.succeeded()
 
     def running_instance_ids(self):
         """Return the ids of every pending or running instance, read from moto's own state as
@@ -677,12 +802,12 @@ class LocalCloud:
         self.tracker.stage(key, "uploaded", f"{Path(path).stat().st_size:,} bytes")
 
     def running_machines(self):
-        """Return the ids of awsfun workers still pending or running (Batch: the jobs not
-        ended)."""
-        if self.batch:
-            return self.batch.unfinished()
+        """Return the ids of awsfun workers not ended: the Batch jobs and the instances, of
+        each engine this cloud runs."""
+        found = self.batch.unfinished() if self.batch else []
+        if not self.booting:
+            return found
         ec2 = self.client("ec2")
-        found = []
         for page in ec2.get_paginator("describe_instances").paginate(Filters=[
                 {"Name": "instance-state-name", "Values": ["pending", "running"]},
                 {"Name": "tag-key", "Values": [TOKEN_TAG]}]):
@@ -1225,18 +1350,25 @@ def command_demo(args):
     print(f"awsfun local demo: {plural(len(files), 'sample file')}, a local stand-in for AWS, "
           "no account needed\n")
     with start_cloud(args) as cloud:
-        runs_on = (f"Batch job queue {cloud.function_env.get('JOB_QUEUE')}"
-                   if cloud.engine == "batch"
-                   else f"launch template {cloud.function_env.get('LAUNCH_TEMPLATE')}")
-        print(f"deployed locally: data bucket {cloud.names['data_bucket']}, {runs_on}\n")
+        print(f"deployed locally: data bucket {cloud.names['data_bucket']}, "
+              f"{runs_on(cloud.engine, cloud.function_env)}\n")
         outcomes = process_files(cloud, files, "demo", args.timeout)
         return finish(cloud, outcomes, args.out)
 
 
-def up_instructions(endpoint, names, prefix, region=REGION):
-    """Return what `up` prints: the names, and commands a person can paste as they are into
-    another shell: the environment the AWS CLI and deploy.sh need for this endpoint, and
-    deploy.sh with the --prefix that finds this stack (pure)."""
+def runs_on(engine, function_env):
+    """Return what the function's work runs on, for a banner: the Batch job queue under
+    engine "batch", else the launch template (pure)."""
+    if engine == "batch":
+        return f"Batch job queue {function_env.get('JOB_QUEUE')}"
+    return f"launch template {function_env.get('LAUNCH_TEMPLATE')}"
+
+
+def up_instructions(endpoint, names, prefix, region=REGION, engine="ec2", function_env=None):
+    """Return what `up` prints: the names (the job queue under engine "batch", the launch
+    template under "ec2"), and commands a person can paste as they are into another shell:
+    the environment the AWS CLI and deploy.sh need for this endpoint, and deploy.sh with the
+    --prefix that finds this stack (pure)."""
     bucket = names["data_bucket"]
     environment = " ".join(f"{name}={shlex.quote(value)}" for name, value in (
         ("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "local"),
@@ -1252,6 +1384,7 @@ def up_instructions(endpoint, names, prefix, region=REGION):
   data bucket      {bucket}
   software bucket  {names['software_bucket']}
   Lambda function  {names['function_name']} (run in this process)
+  runs on          {runs_on(engine, function_env or {})} (run in this process)
 
 In another shell (the AWS CLI, boto3 and deploy.sh read these):
 {activate}  unset AWS_PROFILE AWS_SESSION_TOKEN
@@ -1266,8 +1399,11 @@ In another shell (the AWS CLI, boto3 and deploy.sh read these):
 
 def command_up(args):
     """`up`: keep the local cloud running until Ctrl-C."""
-    with start_cloud(args, max_workers=args.max_workers, spot=args.spot) as cloud:
-        print(up_instructions(cloud.endpoint, cloud.names, cloud.prefix), flush=True)
+    # batch_ready: a redeploy from another shell may switch the engine to batch.
+    with start_cloud(args, max_workers=args.max_workers, spot=args.spot,
+                     batch_ready=True) as cloud:
+        print(up_instructions(cloud.endpoint, cloud.names, cloud.prefix, engine=cloud.engine,
+                              function_env=cloud.function_env), flush=True)
         try:
             while True:
                 time.sleep(3600)
@@ -1291,9 +1427,36 @@ def positive_seconds(text):
     return value
 
 
+def engine_option_conflict(args):
+    """Return the one-line mistake in options the chosen --engine would ignore, or None
+    (pure): under --engine batch the handler reads neither MAX_WORKERS nor SPOT (the compute
+    environment's maxvCpus, here --workers, bounds the jobs), so --max-workers and --spot
+    would be silently dropped."""
+    if getattr(args, "engine", None) != "batch":
+        return None
+    for option, given in (("--max-workers", getattr(args, "max_workers", None) is not None),
+                          ("--spot", getattr(args, "spot", False))):
+        if given:
+            return (f"argument {option}: applies to --engine ec2 only (under --engine batch, "
+                    "--workers sets the local vCPUs)")
+    return None
+
+
+class LocalCloudParser(OneLineParser):
+    """OneLineParser that also refuses a combination of options (engine_option_conflict),
+    in the same one line and status 2; its subcommands' parsers are of this class too."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        mistake = engine_option_conflict(namespace)
+        if mistake:
+            self.error(mistake)
+        return namespace, rest
+
+
 def build_parser():
     """Return the command-line parser."""
-    parser = OneLineParser(
+    parser = LocalCloudParser(
         description="Run the awsfun pipeline on this machine, with moto standing in for AWS.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",
@@ -1318,10 +1481,12 @@ def build_parser():
 
     def capacity(sub):
         sub.add_argument("--max-workers", type=positive_int, default=None, metavar="N",
-                         help="deploy.sh --max-workers: at most N machines at once, the rest "
-                              "wait in the events queue (default: deploy's, 16)")
+                         help="--engine ec2 only: deploy.sh --max-workers, at most N instances "
+                              "at once, the rest wait in the events queue (default: "
+                              "deploy's, 16)")
         sub.add_argument("--spot", action="store_true",
-                         help="deploy.sh --spot (the local EC2 never refuses spot)")
+                         help="--engine ec2 only: deploy.sh --spot (the local EC2 never "
+                              "refuses spot)")
 
     def debug(sub):  # --debug after the command too
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

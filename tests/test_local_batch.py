@@ -7,6 +7,7 @@ nothing; the local cloud holds each job RUNNABLE and runs it as a compute enviro
 
 import gzip
 import json
+import logging
 import time
 
 import pytest
@@ -382,3 +383,38 @@ def test_batch_burst_of_uploads_at_once_with_hostile_names(tmp_path):
     logging.getLogger(__name__).warning("batch burst: %.2f CPU-s per file (%.1f CPU-s)",
                                         cpu / BURST_FILES, cpu)
     assert not canary.exists()
+
+
+def test_a_lasting_job_listing_fault_is_one_line_once(caplog, monkeypatch):
+    """BatchRunner.poll logged a traceback on every poll of a lasting fault; now one line
+    with the AWS code and message, once while it lasts, and a line when it works again."""
+    import threading
+    import time
+    import types
+
+    from botocore.exceptions import ClientError
+
+    failures = iter([ClientError({"Error": {"Code": "ServerException", "Message": "down"}},
+                                 "ListJobs")] * 5)
+
+    def runnable_job_ids():
+        failure = next(failures, None)
+        if failure:
+            raise failure
+        return []
+
+    monkeypatch.setattr(local_batch, "JOB_POLL_SECONDS", 0.05)
+    runner = local_batch.BatchRunner(types.SimpleNamespace(stop_event=threading.Event()))
+    runner.runnable_job_ids = runnable_job_ids
+    caplog.set_level(logging.INFO, logger="awsfun.local.batch")
+    poll = threading.Thread(target=runner.poll)
+    poll.start()
+    time.sleep(0.6)
+    runner.cloud.stop_event.set()
+    poll.join(timeout=5)
+    assert not poll.is_alive() and next(failures, None) is None
+    records = [r for r in caplog.records if r.name == "awsfun.local.batch"]
+    assert [r for r in records if r.exc_info or r.exc_text] == []
+    assert [(r.levelname, r.getMessage()) for r in records if r.levelno >= logging.INFO] == [
+        ("ERROR", "cannot list the Batch jobs: ServerException: down"),
+        ("INFO", "can list the Batch jobs again")]

@@ -541,3 +541,229 @@ def test_up_prints_commands_that_work_pasted_as_they_are(local_aws, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("awsfun lc-2 in account 123456789012, region us-east-1")
     assert " results --prefix lc-2\n" in text and " logs --prefix lc-2 incoming/" in text
+
+
+# --- a running `up` across a teardown and redeploys from another shell ---------------------
+
+
+def client_error(code, message, operation="ReceiveMessage"):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": message}}, operation)
+
+
+def bare_cloud():
+    """A LocalCloud with only what its polling loops read: no server, nothing deployed."""
+    cloud = object.__new__(local_cloud.LocalCloud)
+    cloud.stop_event, cloud.queue_url, cloud.visibility_seconds = threading.Event(), "q", 1
+    cloud.names = {"events_queue": "local-events"}
+    return cloud
+
+
+def run_for(target, stop_event, seconds):
+    thread = threading.Thread(target=target)
+    thread.start()
+    time.sleep(seconds)
+    stop_event.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def person_lines(caplog, logger_name="awsfun.local"):
+    """Return the (level, message) a person would see (WARNING and up) from logger_name;
+    fail on any record that carries a traceback."""
+    records = [r for r in caplog.records if r.name == logger_name]
+    assert [r for r in records if r.exc_info or r.exc_text] == []
+    return [(r.levelname, r.getMessage()) for r in records if r.levelno >= logging.WARNING]
+
+
+def test_a_lasting_receive_fault_is_one_line_once_without_a_traceback(caplog):
+    """A receive that keeps failing is tried about once a second and logged once, as one
+    line with the AWS code and message: it used to log a traceback every second."""
+    calls = []
+
+    class FailingSqs:
+        def receive_message(self, **params):
+            calls.append(params)
+            raise client_error("ServiceUnavailable", "try\nlater")
+
+    cloud = bare_cloud()
+    cloud.client = lambda service: FailingSqs()
+    caplog.set_level(logging.DEBUG, logger="awsfun.local")
+    run_for(cloud.pump_events, cloud.stop_event, 2.5)
+    assert 2 <= len(calls) <= 4, len(calls)
+    assert person_lines(caplog) == [
+        ("ERROR", "cannot receive from the events queue: ServiceUnavailable: try later")]
+
+
+# SQS's code for a missing queue in its query protocol, and in its JSON protocol.
+@pytest.mark.parametrize("code", ["AWS.SimpleQueueService.NonExistentQueue",
+                                  "QueueDoesNotExist"])
+def test_a_torn_down_events_queue_is_said_once_and_taken_again_after_a_redeploy(caplog, code):
+    """`deploy.sh teardown` against a running `up` deletes the events queue: the pump says
+    so once (not a traceback a second), waits quietly, and when a redeploy makes the queue
+    again it takes over its event source and hands the handler its events."""
+    calls, taken_over, handed = [], [], []
+    redeployed = threading.Event()
+    threading.Timer(2.5, redeployed.set).start()  # gone for about two polls
+
+    class Sqs:
+        def receive_message(self, **params):
+            calls.append(params)
+            if len(calls) == 1 or redeployed.is_set():
+                return {"Messages": [{"MessageId": f"m{len(calls)}", "ReceiptHandle": "r",
+                                      "Body": "{}"}]}
+            raise client_error(code, "The specified queue does not exist.")
+
+    def take_over():
+        # What take_over_the_event_source asks first: the queue's URL.
+        if not redeployed.is_set():
+            raise client_error(code, "The specified queue does not exist.", "GetQueueUrl")
+        taken_over.append(True)
+
+    cloud = bare_cloud()
+    cloud.client = lambda service: Sqs()
+    cloud.take_over_the_event_source = take_over
+    cloud.invoke_handler = lambda event: handed.extend(r["messageId"] for r in event["Records"])
+    run_for(cloud.pump_events, cloud.stop_event, 4.5)
+    assert person_lines(caplog) == [
+        ("WARNING", ("the events queue local-events is gone (torn down?): no event is taken "
+                     "until a redeploy brings it back")),
+        ("WARNING", "the events queue is back (redeployed): taking its events again")]
+    assert taken_over == [True] and handed[0] == "m1" and len(handed) >= 2, handed
+
+
+def test_a_lasting_instance_listing_fault_is_one_line_once(caplog, monkeypatch):
+    """boot_instances logged a traceback on every poll of a lasting fault; now one line with
+    the exception's text, once, and a line when it works again."""
+    failures = iter([RuntimeError("moto's backend is gone")] * 5)
+
+    def running_instance_ids():
+        failure = next(failures, None)
+        if failure:
+            raise failure
+        return []
+
+    monkeypatch.setattr(local_cloud, "BOOT_POLL_SECONDS", 0.05)
+    cloud = bare_cloud()
+    cloud.client = lambda service: None
+    cloud.running_instance_ids = running_instance_ids
+    cloud.boot_new_instances = lambda ec2, ids: None
+    caplog.set_level(logging.INFO, logger="awsfun.local")
+    run_for(cloud.boot_instances, cloud.stop_event, 0.6)
+    assert next(failures, None) is None  # every failure was polled, then it worked
+    assert person_lines(caplog) == [
+        ("ERROR", "cannot list the running instances: moto's backend is gone")]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        "can list the running instances again"]
+
+
+def test_a_running_cloud_follows_redeploys_of_the_engine_and_settings(tmp_path, monkeypatch):
+    """Lambda gives each new invocation the function's configuration as last updated: a
+    redeploy against a running `up` with --engine batch has the next upload run as a Batch
+    job here, and one back to ec2 with --max-workers 3 has the next one boot an instance,
+    its handler seeing MAX_WORKERS=3 and no JOB_QUEUE (dropped by the redeploy). The local
+    cloud used to keep the configuration it read at start."""
+    seen = []
+    handler = lambda_function.lambda_handler
+
+    def watched(event, context):
+        seen.append({name: os.environ.get(name) for name in ("ENGINE", "MAX_WORKERS",
+                                                             "JOB_QUEUE")})
+        return handler(event, context)
+
+    monkeypatch.setattr(lambda_function, "lambda_handler", watched)
+    said = []
+    cloud = LocalCloud(workers=2, tracker=Tracker(quiet=True), batch_ready=True)
+    cloud.say = said.append
+    with cloud:
+        assert said[1] == (f"deploying the stack with deploy.sh --prefix local deploy to "
+                           f"{cloud.endpoint}")
+        s3, bucket = cloud.client("s3"), cloud.names["data_bucket"]
+
+        def redeploy(*options):
+            done = subprocess.run(["bash", str(REPO / "deploy.sh"), "--prefix", "local",
+                                   "deploy", *options], env=cloud.environment(),
+                                  capture_output=True, text=True, timeout=300, check=False)
+            assert done.returncode == 0, done.stderr
+
+        def process(key):
+            seen.clear()
+            s3.put_object(Bucket=bucket, Key=key, Body=b"a,b\n1,2\n")
+            cloud.tracker.stage(key, "uploaded")
+            assert cloud.tracker.wait_for([key], 120) == []
+            assert cloud.tracker.outcome(key) == "report"
+            return seen[0]
+
+        redeploy("--engine", "batch", "--max-vcpus", "2")
+        assert process("in/batch.csv")["ENGINE"] == "batch"
+        assert [job["key"] for job in cloud.batch.jobs.values()] == ["in/batch.csv"]
+        redeploy("--max-workers", "3")
+        assert process("in/ec2.csv") == {"ENGINE": None, "MAX_WORKERS": "3", "JOB_QUEUE": None}
+        assert [machine["key"] for machine in cloud.machines.values()] == ["in/ec2.csv"]
+        assert cloud.wait_idle() == []
+
+
+def test_the_start_up_line_names_the_deploy_options_it_uses(monkeypatch):
+    """Under --engine batch the progress line said `deploy.sh --prefix local` only; it now
+    shows the arguments deploy.sh is run with (the deploy is stopped here: it is the line)."""
+    said = []
+    cloud = LocalCloud(workers=3, tracker=Tracker(quiet=True), engine="batch")
+    cloud.say = said.append
+
+    def deploy():
+        raise local_cloud.LocalCloudError("stopped by the test")
+
+    cloud.deploy = deploy
+    with pytest.raises(local_cloud.LocalCloudError):
+        cloud.start()
+    assert said[1] == ("deploying the stack with deploy.sh --prefix local deploy --engine batch "
+                       f"--max-vcpus 3 to {cloud.endpoint}")
+    assert LocalCloud(max_workers=2, spot=True).deploy_arguments() == [
+        "--prefix", "local", "deploy", "--max-workers", "2", "--spot"]
+
+
+def test_up_names_what_the_work_runs_on():
+    names = {"data_bucket": "d", "software_bucket": "s", "function_name": "f"}
+    batch = local_cloud.up_instructions("http://x", names, "local", engine="batch",
+                                        function_env={"JOB_QUEUE": "local-jobs"})
+    assert "  runs on          Batch job queue local-jobs (run in this process)\n" in batch
+    ec2 = local_cloud.up_instructions("http://x", names, "local",
+                                      function_env={"LAUNCH_TEMPLATE": "local_worker"})
+    assert "  runs on          launch template local_worker (run in this process)\n" in ec2
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["up", "--engine", "batch", "--max-workers", "3"], "--max-workers"),
+    (["up", "--spot", "--engine=batch"], "--spot"),
+    (["run", "--engine", "batch", "--max-workers=2", "{file}"], "--max-workers"),
+    (["run", "--engine", "batch", "--spot", "{file}"], "--spot"),
+])
+def test_options_the_batch_engine_ignores_are_refused_in_one_line(tmp_path, capsys,
+                                                                  monkeypatch, argv, option):
+    """The handler reads neither MAX_WORKERS nor SPOT under ENGINE=batch: the options were
+    accepted and dropped silently; now argparse's one line, status 2, nothing started."""
+    sample = tmp_path / "a.csv"
+    sample.write_text("a\n1\n")
+    line = refused(capsys, [part.replace("{file}", str(sample)) for part in argv], monkeypatch)
+    # The program's name is pytest's here; main's is local_cloud.py (the subprocess below).
+    assert line.endswith(f" {argv[0]}: argument {option}: applies to --engine ec2 only (under "
+                         "--engine batch, --workers sets the local vCPUs) (--help for usage)")
+    # Under ec2 (the default) both are taken.
+    args = local_cloud.build_parser().parse_args(["up", "--max-workers", "3", "--spot"])
+    assert (args.max_workers, args.spot, args.engine) == (3, True, "ec2")
+    with pytest.raises(SystemExit):
+        local_cloud.build_parser().parse_args(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--max-workers N --engine ec2 only: deploy.sh --max-workers, at most N instances" \
+        in help_text
+    assert "at most N machines" not in help_text
+
+
+def test_main_refuses_spot_under_the_batch_engine_in_one_line():
+    done = subprocess.run([sys.executable, str(REPO / "local_cloud.py"), "up", "--engine",
+                           "batch", "--spot"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert (done.returncode, done.stderr) == (2, (
+        "local_cloud.py up: argument --spot: applies to --engine ec2 only (under --engine "
+        "batch, --workers sets the local vCPUs) (--help for usage)\n"))
