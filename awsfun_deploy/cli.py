@@ -360,12 +360,16 @@ def build_parser():
     """Return the argument parser with one subparser per registered command."""
     parser = OneLineParser(
         prog="deploy.sh",
-        description="Deploy the awsfun pipeline (S3 -> SQS -> Lambda -> one EC2 worker per "
-                    "object, at most --max-workers at once) "
-                    "with least-privilege IAM, show its status, or tear it down. Uses your "
-                    "usual AWS settings: AWS_PROFILE, AWS_REGION/AWS_DEFAULT_REGION, "
-                    "AWS_ENDPOINT_URL.",
-        epilog="Without a command, deploy. Run `deploy.sh COMMAND --help` for its options.")
+        description="Deploy the awsfun pipeline (S3 -> SQS -> Lambda -> one worker per "
+                    "object) with least-privilege IAM, show its status, or tear it down. "
+                    "Each object gets an EC2 instance of its own (--engine ec2, the default, "
+                    "at most --max-workers at once) or an AWS Batch job on spot, then "
+                    "on-demand capacity (--engine batch, at most --max-vcpus per compute "
+                    "environment). Uses your usual AWS settings: AWS_PROFILE, "
+                    "AWS_REGION/AWS_DEFAULT_REGION, AWS_ENDPOINT_URL.",
+        epilog="Without a command, deploy. `./deploy.sh deploy --help` shows deploy's "
+               "options (--engine, --max-workers, --max-vcpus, --image, ...); "
+               "`./deploy.sh COMMAND --help` another command's.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = _common_options()
     for name, command in COMMANDS.items():
