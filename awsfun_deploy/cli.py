@@ -450,8 +450,9 @@ def build_parser():
         prog="deploy.sh",
         description="Deploy the awsfun pipeline (S3 -> SQS -> Lambda -> one worker per "
                     "object) with least-privilege IAM, show its status, or tear it down. "
-                    "Each object gets an EC2 instance of its own (--engine ec2, the default, "
-                    "at most --max-workers at once) or an AWS Batch job on spot, then "
+                    "Each object gets an EC2 instance of its own (--engine ec2, a new "
+                    "stack's default, at most --max-workers at once) or an AWS Batch job on "
+                    "spot, then "
                     "on-demand capacity (--engine batch, at most --max-vcpus per compute "
                     "environment). Uses your usual AWS settings: AWS_PROFILE, "
                     "AWS_REGION/AWS_DEFAULT_REGION, AWS_ENDPOINT_URL.",
