@@ -11,6 +11,7 @@ import traceback
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
 from .core import (
+    DENIED_CODES,
     OneLineParser,
     plural,
     CREATED, Clients, DELETED, DeployError, GONE, IN_PLACE, Progress, UPDATED, canonical,
@@ -22,6 +23,7 @@ from .names import (
 from .artifacts import ROUTES_FILE
 from .stack import DEFAULT_MAX_WORKERS
 from .batch import DEFAULT_ENGINE, DEFAULT_IMAGE, DEFAULT_MAX_VCPUS, ENGINES
+from .function import read_function
 from .policies import policy_values, render_policy
 from .routes import check_routing_table, load_routes_file, uses_spot
 from .logs import print_log
@@ -38,18 +40,80 @@ def confirm(question, stdin=None, stream=None):
     return answer.strip().lower() in ("y", "yes")
 
 
+def deployed_engine(lam, function_name):
+    """Return the engine the deployed function's ENGINE names ("ec2" when it names none, as
+    the handler reads it), or None when no function is deployed yet; raises ClientError."""
+    config = read_function(lam, function_name)
+    if config is None:
+        return None
+    variables = (config.get("Environment") or {}).get("Variables") or {}
+    return variables.get("ENGINE") or DEFAULT_ENGINE
+
+
+def resolve_engine(given, deployed):
+    """Return (engine, why) (pure): --engine when given, else the deployed one, else the
+    default for a new deployment."""
+    if given is not None:
+        return given, f"--engine {given}"
+    if deployed is not None:
+        return deployed, "as deployed"
+    return DEFAULT_ENGINE, "the default for a new deployment"
+
+
+ENGINE_LABELS = {"ec2": "for one EC2 instance per object",
+                 "batch": "for one AWS Batch job per object"}
+# What stays of the engine deploy leaves (stack.deploy keeps the launch templates under batch;
+# the Batch pieces stay until teardown, which removes them whatever the engine, and with
+# minvCpus 0 their compute environments run no instance once their jobs are done).
+LEFT_BEHIND = {"batch": "the Batch pieces stay, idle and free (minvCpus 0), until teardown",
+               "ec2": "the EC2 launch templates stay, unused under batch and free"}
+
+
+def engine_note(given, deployed):
+    """Return deploy's line about its engine, or None when --engine names the deployed one
+    (pure): which engine and why when --engine is not given, the switch when it changes."""
+    engine, why = resolve_engine(given, deployed)
+    other = next(name for name in ENGINES if name != engine)
+    if given is None:
+        switch = "switches" if deployed is not None else ENGINE_LABELS[other]
+        return f"engine {engine} ({why}; --engine {other} {switch})"
+    if deployed is None or deployed == given:
+        return None
+    return f"engine: {deployed} -> {given}; {LEFT_BEHIND[deployed]}"
+
+
+def batch_only_options(args, engine, why):
+    """Raise DeployError when --max-vcpus or --image is given for an engine other than batch
+    (they would be ignored); return (max_vcpus, image) with batch.py's defaults applied."""
+    given = [flag for flag, value in (("--max-vcpus", args.max_vcpus), ("--image", args.image))
+             if value is not None]
+    if given and engine != "batch":
+        raise DeployError(f"{' and '.join(given)} only {'applies' if len(given) == 1 else 'apply'}"
+                          f" to --engine batch, and the engine is {engine} ({why}) "
+                          "(--help for usage)")
+    return (DEFAULT_MAX_VCPUS if args.max_vcpus is None else args.max_vcpus,
+            DEFAULT_IMAGE if args.image is None else args.image)
+
+
 def run_deploy(args, clients):
-    """`deploy`: create or update everything."""
+    """`deploy`: create or update everything, with --engine or else the deployed engine."""
     # Before any AWS call: a bad routing table is the operator's to fix now, not the handler's later.
     check_routing_table(args.routes, default_launch_template(args.prefix), args.instance_type)
     names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
+    # A re-run without --engine keeps the engine the function runs, not the default's.
+    deployed = deployed_engine(clients("lambda"), names.function_name)
+    engine, why = resolve_engine(args.engine, deployed)
+    max_vcpus, image = batch_only_options(args, engine, why)
     print(f"awsfun deploy: prefix {names.prefix}, account {names.account}, "
           f"region {names.region}")
+    note = engine_note(args.engine, deployed)
+    if note:
+        print(note)
     progress = Progress()
     result = deploy(clients, names, args.instance_type, args.public_software, progress,
                     routes_file=args.routes, max_workers=args.max_workers, spot=args.spot,
                     subnets=args.subnets, security_groups=args.security_groups,
-                    engine=args.engine, max_vcpus=args.max_vcpus, image=args.image)
+                    engine=engine, max_vcpus=max_vcpus, image=image)
     if progress.changed():
         print(f"Deployed: {progress.count(CREATED)} created, {progress.count(UPDATED)} updated, "
               f"{progress.count(DELETED)} removed, {progress.count(IN_PLACE)} already in place.")
@@ -158,6 +222,19 @@ def deployer_policy_fit(size):
             "bucket names")
 
 
+def policy_engine(lam, function_name):
+    """Return (engine, why) of deployer-policy without --engine: the deployed one (as deploy
+    resolves it), ec2 for a new deployment, and ec2 when the caller may not read the function
+    (whoever asks for the policy may have no permission yet: that is what it is for)."""
+    try:
+        return resolve_engine(None, deployed_engine(lam, function_name))
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code")
+        if code not in DENIED_CODES:
+            raise
+        return DEFAULT_ENGINE, f"the deployed function is not readable: {code}"
+
+
 def run_deployer_policy(args, clients):
     """`deployer-policy`: print iam/deployer-policy.json rendered for this deployment.
 
@@ -168,9 +245,14 @@ def run_deployer_policy(args, clients):
     """
     names = resolve_names(clients, args.prefix, args.data_bucket, args.software_bucket)
     spot = uses_spot(args.spot, load_routes_file(args.routes))
+    engine = args.engine
+    if engine is None:
+        engine, why = policy_engine(clients("lambda"), names.function_name)
+        print(f"deploy.sh deployer-policy: for engine {engine} ({why}; --engine "
+              f"{next(name for name in ENGINES if name != engine)} for the other)",
+              file=sys.stderr)
     document = render_policy("deployer-policy", policy_values(
-        names, security_group_ids=args.security_groups, spot=spot,
-        batch=args.engine == "batch"))
+        names, security_group_ids=args.security_groups, spot=spot, batch=engine == "batch"))
     print(json.dumps(document, indent=2))
     print(f"deploy.sh deployer-policy: {deployer_policy_fit(len(canonical(document)))}",
           file=sys.stderr)
@@ -248,8 +330,9 @@ def _deploy_options(parser):
     parser.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
                         help="worker instance type (default: %(default)s)")
     parser.add_argument("--max-workers", type=positive_int, default=DEFAULT_MAX_WORKERS,
-                        metavar="N", help="at most N workers pending or running at once; "
-                        "further uploads wait in the events queue (default: %(default)s)")
+                        metavar="N", help="engine ec2: at most N workers pending or running "
+                        "at once; further uploads wait in the events queue (default: "
+                        "%(default)s)")
     parser.add_argument("--spot", action="store_true",
                         help="launch workers as spot instances, on demand when spot capacity "
                              "is refused")
@@ -259,16 +342,19 @@ def _deploy_options(parser):
     parser.add_argument("--security-groups", type=id_list_option, default=[], metavar="SG,..",
                         help="security groups for the workers (default: the stack's own: no "
                              "inbound, HTTPS out)")
-    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+    # None, not the defaults: run_deploy resolves the engine (the deployed one when not
+    # given), refuses the batch-only options under ec2, then applies their defaults.
+    parser.add_argument("--engine", choices=ENGINES, default=None,
                         help="how each upload is processed: ec2, one instance per object from "
                              "the launch template, or batch, one AWS Batch job per object on "
-                             "spot, then on-demand capacity (default: %(default)s)")
-    parser.add_argument("--max-vcpus", type=vcpus_int, default=DEFAULT_MAX_VCPUS, metavar="N",
-                        help="with --engine batch: each compute environment's maxvCpus "
-                             "(default: %(default)s)")
-    parser.add_argument("--image", type=image_uri, default=DEFAULT_IMAGE, metavar="URI",
-                        help="with --engine batch: the job's container image, e.g. one built "
-                             "from the Dockerfile (default: %(default)s)")
+                             "spot, then on-demand capacity (default: the deployed engine; "
+                             f"{DEFAULT_ENGINE} for a new deployment)")
+    parser.add_argument("--max-vcpus", type=vcpus_int, default=None, metavar="N",
+                        help="engine batch only: each compute environment's maxvCpus "
+                             f"(default: {DEFAULT_MAX_VCPUS})")
+    parser.add_argument("--image", type=image_uri, default=None, metavar="URI",
+                        help="engine batch only: the job's container image, e.g. one built "
+                             f"from the Dockerfile (default: {DEFAULT_IMAGE})")
     _routes_option(parser)
     parser.add_argument("--public-software", action="store_true",
                         help="let anyone read the published files (relaxes Block Public Access "
@@ -313,8 +399,10 @@ def _deployer_policy_options(parser):
                         help="for deploy --spot: let the deployer launch spot workers and create "
                              "EC2's service-linked role for spot (implied by a route of --routes "
                              "with spot)")
-    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
-                        help="for deploy --engine batch: add what the Batch engine needs")
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help="the engine deploy will run: batch adds what the Batch engine "
+                             "needs (default: the deployed engine, as deploy resolves it; "
+                             f"{DEFAULT_ENGINE} for a new deployment)")
     parser.add_argument("--security-groups", type=id_list_option, default=[], metavar="SG,..",
                         help="the groups of your own that deploy --security-groups will use: "
                              "the policy lets the deployer launch workers into them")
@@ -360,12 +448,17 @@ def build_parser():
     """Return the argument parser with one subparser per registered command."""
     parser = OneLineParser(
         prog="deploy.sh",
-        description="Deploy the awsfun pipeline (S3 -> SQS -> Lambda -> one EC2 worker per "
-                    "object, at most --max-workers at once) "
-                    "with least-privilege IAM, show its status, or tear it down. Uses your "
-                    "usual AWS settings: AWS_PROFILE, AWS_REGION/AWS_DEFAULT_REGION, "
-                    "AWS_ENDPOINT_URL.",
-        epilog="Without a command, deploy. Run `deploy.sh COMMAND --help` for its options.")
+        description="Deploy the awsfun pipeline (S3 -> SQS -> Lambda -> one worker per "
+                    "object) with least-privilege IAM, show its status, or tear it down. "
+                    "Each object gets an EC2 instance of its own (--engine ec2, a new "
+                    "stack's default, at most --max-workers at once) or an AWS Batch job on "
+                    "spot, then "
+                    "on-demand capacity (--engine batch, at most --max-vcpus per compute "
+                    "environment). Uses your usual AWS settings: AWS_PROFILE, "
+                    "AWS_REGION/AWS_DEFAULT_REGION, AWS_ENDPOINT_URL.",
+        epilog="Without a command, deploy. `./deploy.sh deploy --help` shows deploy's "
+               "options (--engine, --max-workers, --max-vcpus, --image, ...); "
+               "`./deploy.sh COMMAND --help` another command's.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = _common_options()
     for name, command in COMMANDS.items():

@@ -382,7 +382,38 @@ def collect_status(clients, names, now=None, instance_type=None, routes_file=ROU
         # queue and its jobs by status (ListJobs per status, a capped number of pages).
         "engine": names.engine,
         "batch": batch_status(clients("batch"), names) if names.engine == "batch" else None,
+        # Batch's cap under batch, where the handler ignores MAX_WORKERS (max_workers above).
+        "compute_environments": (compute_environment_caps(clients("batch"), names)
+                                 if names.engine == "batch" else None),
     }
+
+
+def compute_environment_caps(batch, names):
+    """Return [{"name", "max_vcpus"}] of the spot and on-demand compute environments, in that
+    order; max_vcpus None for one that is missing (DescribeComputeEnvironments, one call each).
+
+    maxvCpus is Batch's cap: "The maximum number of vCPUs that a compute environment can
+    support" (AWS Batch API Reference, ComputeResource); jobs past it wait RUNNABLE."""
+    parts = batch_names(names)
+    caps = []
+    for kind in ("spot", "ondemand"):
+        environment = read_live(read_compute_environment(batch, parts[kind]))
+        resources = (environment or {}).get("computeResources") or {}
+        caps.append({"name": parts[kind], "max_vcpus": resources.get("maxvCpus")})
+    return caps
+
+
+def compute_environment_line(caps):
+    """Return the status line of the compute environments' maxvCpus (pure): one figure when
+    they agree (deploy gives both --max-vcpus), else each environment's own."""
+    figures = {cap["max_vcpus"] for cap in caps}
+    if len(figures) == 1 and None not in figures:
+        return (f"  compute environments {', '.join(cap['name'] for cap in caps)}: at most "
+                f"{figures.pop()} vCPUs each (maxvCpus)")
+    each = ", ".join(f"{cap['name']} " + ("MISSING" if cap["max_vcpus"] is None
+                                           else f"at most {cap['max_vcpus']} vCPUs")
+                     for cap in caps)
+    return f"  compute environments {each} (maxvCpus)"
 
 
 def template_summaries(templates, routes, default_template):
@@ -468,9 +499,14 @@ def print_status(status, stream=None):
         say("  software bucket is PUBLIC: anyone may read the published files")
     say(f"  dead letters       {status['dlq_depth'] if status['dlq_depth'] is not None else '-'}")
     if status.get("events_waiting") is not None:
+        # MAX_WORKERS is the EC2 engine's cap only; under batch it is each compute
+        # environment's maxvCpus (the next line).
+        cap = (f"; at most {status['max_workers']} workers at once"
+               if status.get("engine", "ec2") == "ec2" else "")
         say(f"  events queue       {status['events_waiting']} waiting, "
-            f"{status['events_deferred']} deferred or in flight; at most "
-            f"{status['max_workers']} workers at once")
+            f"{status['events_deferred']} deferred or in flight{cap}")
+    if status.get("compute_environments"):
+        say(compute_environment_line(status["compute_environments"]))
     for template in status["launch_templates"]:
         say(f"  template           {template['name']}: {template['instance_type'] or 'MISSING'}"
             f" (routes: {', '.join(template['routes']) or '-'})")
