@@ -52,7 +52,8 @@ def ended_job(job, key):
     return {"instance_id": job["jobId"], "state": job.get("status", ""),
             "key": lambda_function.shorten_tag_value(key), "object": "",
             "launch_time": launched, "state_reason": job.get("statusReason") or "",
-            "state_transition_reason": ("" if exit_code is None
+            "state_transition_reason": ("no exit code (the container never ran, or Batch "
+                                        "does not show it)" if exit_code is None
                                         else f"the container exited with {exit_code}")}
 
 

@@ -169,7 +169,7 @@ def reconcile_summary(result):
     if result.get("ended_without_report"):
         ended = plural(len(result["ended_without_report"]), "worker")
         lines.append(f"{ended} ended without a report; "
-                     "EC2's reasons are above (ended unreported).")
+                     "EC2's or Batch's reasons are above (ended unreported).")
     return "\n".join(lines)
 
 

@@ -522,7 +522,10 @@ def print_status(status, stream=None):
             f"{shown_key(worker['key'] or '')}")
     ended = status["ended_without_report"]
     if ended:
-        say(f"workers ended without a report: {len(ended)} (EC2's StateReason; StateTransitionReason)")
+        why = ("EC2's StateReason; StateTransitionReason, or Batch's statusReason; exit code"
+               if any(not w["instance_id"].startswith("i-") for w in ended)
+               else "EC2's StateReason; StateTransitionReason")
+        say(f"workers ended without a report: {len(ended)} ({why})")
         for worker in ended:
             say(f"  {worker['instance_id']}  {escaped(ended_detail(worker))}")
     say(f"last reports: {len(status['reports'])}")

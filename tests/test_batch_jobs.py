@@ -1,6 +1,8 @@
 """A Batch job that ended without a report is listed by status and reconcile, with Batch's
 reason, as an EC2 worker that ended without one is (awsfun_deploy/batch_jobs.py)."""
 
+import io
+
 from test_batch import (  # noqa: F401 - ecs_instance_policy: an autouse fixture
     deploy_batch,
     ecs_instance_policy,
@@ -98,6 +100,14 @@ def test_status_and_reconcile_list_a_job_that_failed_without_a_report(clients, n
     assert [(e["instance_id"], e["key"], e["state"]) for e in ended] == [
         (job_of["in/a.csv"], "in/a.csv", "FAILED")]
     assert "CannotPullContainerError" in ended[0]["state_reason"]
+
+    printed = io.StringIO()
+    deploy.print_status(deploy.collect_status(clients, names), printed)
+    lines = printed.getvalue().splitlines()
+    assert ("workers ended without a report: 1 (EC2's StateReason; StateTransitionReason, or "
+            "Batch's statusReason; exit code)") in lines
+    assert (f"  {job_of['in/a.csv']}  FAILED, in/a.csv: CannotPullContainerError: no route to "
+            "host; no exit code (the container never ran, or Batch does not show it)") in lines
 
     result = deploy.reconcile(clients, names, progress=Progress(echo=False))
     assert [e["instance_id"] for e in result["ended_without_report"]] == [job_of["in/a.csv"]]
