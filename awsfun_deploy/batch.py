@@ -29,6 +29,7 @@ from .core import (
     canonical,
     error_code,
     log_client_error,
+    plural,
 )
 from .iam import create_stack_role, ensure_profile_of, read_instance_profile, read_role
 from .names import STACK_TAG
@@ -66,6 +67,9 @@ ECS_INSTANCE_POLICY = "service-role/AmazonEC2ContainerServiceforEC2Role"
 # Waiting for Batch's asynchronous CREATING/UPDATING/DELETING states.
 WAIT_SECONDS = 600.0
 WAIT_DELAY = 5.0
+# After an update or a delete, a describe may still show the status from before it (an
+# INVALID one included) for a little while: INVALID fails a wait only after this long.
+INVALID_GRACE_SECONDS = 60.0
 # status: ListJobs per status, at most this many pages of 100 each.
 LIST_JOBS_PAGES = 10
 JOB_STATUSES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED",
@@ -286,15 +290,19 @@ def active_revisions(batch, name):
     return sorted(found, key=lambda d: d["revision"], reverse=True)
 
 
-def wait_for(read, done, what, name, sleep=time.sleep, timeout=WAIT_SECONDS, delay=WAIT_DELAY):
+def wait_for(read, done, what, name, sleep=time.sleep, timeout=WAIT_SECONDS, delay=WAIT_DELAY,
+             invalid_after=0.0):
     """Poll read() until done(answer) holds (an answer of None: gone); return the last answer.
-    DeployError after `timeout` seconds of waiting or on an INVALID status."""
+    DeployError after `timeout` seconds of waiting, or on an INVALID status read once
+    `invalid_after` seconds have been waited (0: at the first read; None: never, for a
+    caller to whom INVALID is no failure)."""
     waited = 0.0
     while True:
         answer = read()
         if done(answer):
             return answer
-        if answer and answer.get("status") == "INVALID":
+        if answer and answer.get("status") == "INVALID" and invalid_after is not None \
+                and waited >= invalid_after:
             raise DeployError(f"{what} {name} is INVALID: {answer.get('statusReason')}")
         if waited >= timeout:
             raise DeployError(f"gave up waiting for {what} {name} "
@@ -306,6 +314,18 @@ def wait_for(read, done, what, name, sleep=time.sleep, timeout=WAIT_SECONDS, del
 def settled(answer):
     """True when a compute environment or queue is VALID, not CREATING/UPDATING (pure)."""
     return answer is not None and answer.get("status") == "VALID"
+
+
+def disabled(answer):
+    """True when a compute environment or queue is DISABLED and no change is under way: its
+    status VALID or INVALID, not CREATING/UPDATING (pure)."""
+    return (answer is not None and answer.get("state") == "DISABLED"
+            and answer.get("status") in ("VALID", "INVALID"))
+
+
+def gone(answer):
+    """True when read_live found nothing (pure)."""
+    return answer is None
 
 
 # --- ensure -----------------------------------------------------------------------------------
@@ -455,28 +475,32 @@ def ensure_batch(batch, iam, names, subnets, group_ids, progress, max_vcpus=DEFA
 
 # --- teardown ---------------------------------------------------------------------------------
 
-def _disable_then_delete(read, disable, delete, what, name, progress, sleep):
-    """DISABLED, wait until VALID (not UPDATING), delete, wait until gone. "You must first
-    disable ... and wait for it to be VALID" before DeleteJobQueue / DeleteComputeEnvironment
-    (AWS Batch API Reference, DeleteJobQueue, DeleteComputeEnvironment)."""
+def _disable_then_delete(read, disable, delete, what, name, progress, sleep,
+                         before=lambda: ""):
+    """Disable, wait until that change has settled, delete, wait until gone; read() is a
+    read_live. "Before you can delete a compute environment, you must set its state to
+    DISABLED with the UpdateComputeEnvironment API operation and disassociate it from any job
+    queues with the UpdateJobQueue API operation" (AWS Batch API Reference,
+    DeleteComputeEnvironment); "You must first disable submissions for a queue with the
+    UpdateJobQueue operation" (DeleteJobQueue). Neither asks for a VALID status: an INVALID
+    one (e.g. made before IAM had propagated its instance profile) is deleted as well. The
+    wait for a settled status (VALID or INVALID) is for our own disabling, which reads
+    UPDATING until Batch has applied it. before() is called once before disabling; what it
+    returns is the detail of the progress line."""
     found = read()
     if found is None:
         progress.record(GONE, what, name)
         return
-    if found.get("status") == "DELETING":
-        wait_for(read, lambda answer: answer is None or answer.get("status") == "DELETED",
-                 what, name, sleep)
-        progress.record(DELETED, what, name)
-        return
-    if found.get("state") != "DISABLED":
-        disable()
-    wait_for(read, lambda answer: answer is not None and answer.get("state") == "DISABLED"
-             and answer.get("status") == "VALID", what, name, sleep)
-    delete()
-    # Described as DELETED for a while after, then not at all.
-    wait_for(read, lambda answer: answer is None or answer.get("status") == "DELETED",
-             what, name, sleep)
-    progress.record(DELETED, what, name)
+    detail = ""
+    if found.get("status") != "DELETING":
+        detail = before()
+        if found.get("state") != "DISABLED":
+            disable()
+        wait_for(read, disabled, what, name, sleep, invalid_after=None)
+        delete()
+    # Described as DELETED (read_live: None) for a while after, then not at all.
+    wait_for(read, gone, what, name, sleep, invalid_after=INVALID_GRACE_SECONDS)
+    progress.record(DELETED, what, name, detail)
 
 
 def teardown_batch(batch, iam, names, progress, sleep=time.sleep, required=True):
@@ -508,7 +532,10 @@ def _remove(batch, iam, names, parts, progress, sleep):
     _disable_then_delete(
         lambda: read_live(read_job_queue(batch, queue)),
         lambda: batch.update_job_queue(jobQueue=queue, state="DISABLED"),
-        lambda: batch.delete_job_queue(jobQueue=queue), "job queue", queue, progress, sleep)
+        lambda: batch.delete_job_queue(jobQueue=queue), "job queue", queue, progress, sleep,
+        # "All jobs in the queue are eventually terminated when you delete a job queue"
+        # (AWS Batch API Reference, DeleteJobQueue): say how many, before they are.
+        lambda: unfinished_jobs_detail(job_counts(batch, queue, LIVE_STATUSES, pages=1)))
     for kind in ("spot", "ondemand"):
         name = parts[kind]
         _disable_then_delete(
@@ -521,8 +548,20 @@ def _remove(batch, iam, names, parts, progress, sleep):
     for revision in revisions:
         batch.deregister_job_definition(jobDefinition=revision["jobDefinitionArn"])
     progress.record(DELETED if revisions else GONE, "job definition", parts["definition"],
-                    f"{len(revisions)} revisions deregistered" if revisions else "")
+                    f"{plural(len(revisions), 'revision')} deregistered" if revisions else "")
     delete_instance_role(iam, parts["instance_role"], progress)
+
+
+def unfinished_jobs_detail(counts):
+    """Return the queue's teardown detail for {status: count} of its unfinished jobs, "" when
+    there is none; a count "N+" (job_counts' cap) makes the total "at least" (pure)."""
+    total = sum(int(str(count).rstrip("+")) for count in counts.values())
+    if not total:
+        return ""
+    capped = any(str(count).endswith("+") for count in counts.values())
+    number = f"{total:,}+ unfinished jobs" if capped else plural(total, "unfinished job")
+    return (f"{number} terminated with it: their inputs get no report; reconcile after the "
+            "next deploy submits them again")
 
 
 def read_live(answer):
