@@ -398,10 +398,23 @@ def ensure_instance_role(iam, names, progress):
                              "batch instance profile")
 
 
+def read_absent_or_live(read, what, name, sleep):
+    """Return read_live(read()), waiting first until one being deleted (DELETING) is gone:
+    Batch describes a deleted item as DELETED for a while and refuses to update it, so a
+    deploy soon after a teardown creates it again. DeployError when the wait times out."""
+    found = read_live(read())
+    if found is not None and found.get("status") == "DELETING":
+        found = wait_for(lambda: read_live(read()), gone, what, name, sleep,
+                         invalid_after=INVALID_GRACE_SECONDS)
+    return found
+
+
 def ensure_compute_environment(batch, request, progress, sleep=time.sleep):
-    """Create or update one compute environment and wait until it is VALID; return its ARN."""
+    """Create or update one compute environment and wait until it is VALID; return its ARN.
+    DeployError when it is still INVALID INVALID_GRACE_SECONDS after an update."""
     name = request["computeEnvironmentName"]
-    found = read_compute_environment(batch, name)
+    found = read_absent_or_live(lambda: read_compute_environment(batch, name),
+                                "compute environment", name, sleep)
     if found is None:
         batch.create_compute_environment(**request)
         outcome, detail = CREATED, ""
@@ -414,8 +427,10 @@ def ensure_compute_environment(batch, request, progress, sleep=time.sleep):
                                              serviceRole=request["serviceRole"])
         outcome = UPDATED if differences else IN_PLACE
         detail = ", ".join(differences)
+    # After an update the first describes may still show the INVALID from before it.
     found = wait_for(lambda: read_compute_environment(batch, name), settled,
-                     "compute environment", name, sleep)
+                     "compute environment", name, sleep,
+                     invalid_after=INVALID_GRACE_SECONDS if outcome == UPDATED else 0.0)
     progress.record(outcome, "compute environment", name, detail)
     return found["computeEnvironmentArn"]
 
@@ -423,7 +438,7 @@ def ensure_compute_environment(batch, request, progress, sleep=time.sleep):
 def ensure_job_queue(batch, request, progress, sleep=time.sleep):
     """Create or update the job queue and wait until it is VALID; return its ARN."""
     name = request["jobQueueName"]
-    found = read_job_queue(batch, name)
+    found = read_absent_or_live(lambda: read_job_queue(batch, name), "job queue", name, sleep)
     if found is None:
         batch.create_job_queue(**request)
         outcome, differences = CREATED, []
@@ -434,7 +449,8 @@ def ensure_job_queue(batch, request, progress, sleep=time.sleep):
                                    priority=request["priority"],
                                    computeEnvironmentOrder=request["computeEnvironmentOrder"])
         outcome = UPDATED if differences else IN_PLACE
-    found = wait_for(lambda: read_job_queue(batch, name), settled, "job queue", name, sleep)
+    found = wait_for(lambda: read_job_queue(batch, name), settled, "job queue", name, sleep,
+                     invalid_after=INVALID_GRACE_SECONDS if differences else 0.0)
     progress.record(outcome, "job queue", name, ", ".join(differences))
     return found["jobQueueArn"]
 

@@ -26,7 +26,7 @@ from awsfun_deploy.batch import (
     job_script,
     teardown_batch,
 )
-from awsfun_deploy.core import CREATED, DELETED, GONE, KEPT, Progress
+from awsfun_deploy.core import CREATED, DELETED, GONE, KEPT, UPDATED, Progress
 from awsfun_deploy.names import deployed_names
 
 NAMES = deploy.derive_names("su2c", "123456789012", "us-east-1")
@@ -438,6 +438,60 @@ def test_teardown_says_one_revision_in_the_singular():
     teardown_batch(fake, NoIam(), NAMES, progress, sleep=no_sleep)
     assert [s[3] for s in steps_of(progress) if s[1] == "job definition"] == [
         "1 revision deregistered"]
+
+
+def described_as(fake, request, **found):
+    """Put into the fake the compute environment `request` makes, with `found` over it."""
+    name = request["computeEnvironmentName"]
+    fake.environments[name] = dict(request, computeEnvironmentArn=f"arn:ce:{name}", **found)
+    return name
+
+
+def environment_request(kind="spot"):
+    return batch_module.compute_environment_request(
+        NAMES, kind, 16, ["subnet-a"], ["sg-1"], "profile", "service")
+
+
+def test_an_update_of_an_invalid_environment_outlasts_a_stale_invalid_read():
+    """The deploy updates an INVALID environment; Batch's describe may still show it INVALID
+    from before the update, which is no reason to give up at once."""
+    fake = RuleKeepingBatch(NAMES)
+    request = environment_request()
+    name = described_as(fake, request, state="ENABLED", status="INVALID",
+                        statusReason="instance profile not found")
+    fake.stale_after_write.add(name)
+    progress = Progress(echo=False)
+    assert batch_module.ensure_compute_environment(fake, request, progress, no_sleep) == \
+        f"arn:ce:{name}"
+    assert steps_of(progress) == [
+        (UPDATED, "compute environment", name, "INVALID (instance profile not found)")]
+    # Still INVALID once the update has been applied: the deploy stops, after the grace.
+    fake = RuleKeepingBatch(NAMES)
+    described_as(fake, request, state="ENABLED", status="INVALID", _settles="INVALID",
+                 statusReason="instance profile not found")
+    with pytest.raises(deploy.DeployError, match="is INVALID: instance profile not found"):
+        batch_module.ensure_compute_environment(fake, request, Progress(echo=False), no_sleep)
+
+
+@pytest.mark.parametrize("status", ["DELETED", "DELETING"])
+def test_a_deploy_soon_after_a_teardown_creates_what_is_still_described(status):
+    """A deleted environment or queue is described as DELETED (DELETING before) for a while;
+    Batch refuses to update it: it is created again, once gone."""
+    fake = RuleKeepingBatch(NAMES)
+    parts = batch_names(NAMES)
+    request = environment_request()
+    described_as(fake, request, state="DISABLED", status=status)
+    queue_request = batch_module.job_queue_request(NAMES)
+    fake.queues[parts["queue"]] = dict(queue_request, state="DISABLED", status=status)
+    progress = Progress(echo=False)
+    batch_module.ensure_compute_environment(fake, request, progress, no_sleep)
+    batch_module.ensure_job_queue(fake, queue_request, progress, no_sleep)
+    assert [s[:3] for s in steps_of(progress)] == [
+        (CREATED, "compute environment", parts["spot"]), (CREATED, "job queue", parts["queue"])]
+    assert [c for c in fake.calls if not c.startswith("Describe")] == [
+        f"CreateComputeEnvironment {parts['spot']}", "CreateJobQueue"]
+    assert fake.environments[parts["spot"]]["status"] == "VALID"
+    assert fake.queues[parts["queue"]]["status"] == "VALID"
 
 
 def test_teardown_without_batch_permissions_under_ec2_says_it_did_not_look():
