@@ -59,6 +59,14 @@ INSTANCE_TYPES = ["optimal"]
 # API Reference, EvaluateOnExit: glob patterns, actions RETRY | EXIT, not case sensitive).
 EVALUATE_ON_EXIT = [{"action": "RETRY", "onStatusReason": "Host EC2*"},
                     {"action": "EXIT", "onReason": "*"}]
+# The instances' AMI family, named rather than left to Batch's default, which has moved: "If
+# Ec2Configuration isn't specified, the default is ECS_AL2 (Amazon Linux 2)", and "Starting
+# in January 2026, AWS Batch will change the default AMI for new Amazon ECS compute
+# environments from Amazon Linux 2 to Amazon Linux 2023" (AWS Batch API Reference,
+# Ec2Configuration; imageType ECS_AL2 | ECS_AL2023 | ...). Pinned, an environment made
+# before and one made after that change run the same AMI, the one the container image
+# (amazonlinux:2023) matches, and AL2's end of support does not reach it.
+IMAGE_TYPE = "ECS_AL2023"
 BATCH_SERVICE = "batch.amazonaws.com"
 # AWS names it AWSServiceRoleForBatch; moto 5.x AWSServiceRoleForbatch: its ARN is read back
 # (CreateServiceLinkedRole's answer, or ListRoles under its path), never built from a name.
@@ -110,7 +118,7 @@ def compute_environment_request(names, kind, max_vcpus, subnets, group_ids, prof
     SPOT with SPOT_PRICE_CAPACITY_OPTIMIZED needs no spotIamFleetRole: "This role is required
     if the allocation strategy set to BEST_FIT or if the allocation strategy isn't specified"
     (AWS Batch API Reference, ComputeResource). minvCpus 0: no instance while the queue is
-    empty.
+    empty. The AMI family is pinned (IMAGE_TYPE) rather than left to Batch's default.
     """
     if int(max_vcpus) < 1:
         raise DeployError(f"--max-vcpus {max_vcpus}: at least 1")
@@ -129,6 +137,7 @@ def compute_environment_request(names, kind, max_vcpus, subnets, group_ids, prof
             "subnets": list(subnets),
             "securityGroupIds": list(group_ids),
             "instanceRole": profile_arn,
+            "ec2Configuration": [{"imageType": IMAGE_TYPE}],
             "tags": {STACK_TAG: names.prefix},
         },
         "serviceRole": service_role_arn,
@@ -227,8 +236,22 @@ def job_definition_differences(request, revision):
     return found
 
 
+# What UpdateComputeEnvironment's ComputeResourceUpdate takes of what we set (AWS Batch API
+# Reference, ComputeResourceUpdate); ec2Configuration included: moto echoes computeResources
+# as created (not as updated), so a second deploy on moto still reads it back equal.
 COMPUTE_UPDATABLE = ("minvCpus", "maxvCpus", "subnets", "securityGroupIds", "instanceTypes",
-                     "instanceRole")
+                     "instanceRole", "ec2Configuration")
+
+
+def _comparable(key, value):
+    """A computeResources setting as compared (pure): lists unordered; ec2Configuration as
+    its image types only, since Batch may add to an entry what we do not set
+    (Ec2Configuration also has imageIdOverride, batchImageStatus)."""
+    if key == "ec2Configuration":
+        return sorted(entry.get("imageType") for entry in value or [])
+    if isinstance(value, list):
+        return sorted(value)
+    return value
 
 
 def compute_environment_differences(request, found):
@@ -243,9 +266,7 @@ def compute_environment_differences(request, found):
                 f"{have.get(key)!r}, not {wanted[key]!r}: remove it (./deploy.sh teardown) "
                 "or choose another --prefix")
     differences = [key for key in COMPUTE_UPDATABLE
-                   if (sorted(wanted[key]) if isinstance(wanted[key], list) else wanted[key])
-                   != (sorted(have.get(key) or []) if isinstance(wanted[key], list)
-                       else have.get(key))]
+                   if _comparable(key, wanted[key]) != _comparable(key, have.get(key))]
     if found.get("state") != "ENABLED":
         differences.append("state")
     if found.get("status") == "INVALID":

@@ -98,6 +98,8 @@ def test_deploy_engine_batch_makes_spot_then_on_demand_a_queue_and_the_job_defin
     for resources in (spot, ondemand):
         assert (resources["minvCpus"], resources["maxvCpus"]) == (0, 8)
         assert resources["instanceTypes"] == ["optimal"]
+        # moto keeps what it was given, so this checks the request and that moto takes it.
+        assert resources["ec2Configuration"] == [{"imageType": "ECS_AL2023"}]
         # The EC2 engine's placement: the default VPC's default subnets, the stack's group.
         assert resources["securityGroupIds"] == [result["security_group_id"]]
         assert resources["subnets"]
@@ -492,6 +494,33 @@ def test_a_deploy_soon_after_a_teardown_creates_what_is_still_described(status):
         f"CreateComputeEnvironment {parts['spot']}", "CreateJobQueue"]
     assert fake.environments[parts["spot"]]["status"] == "VALID"
     assert fake.queues[parts["queue"]]["status"] == "VALID"
+
+
+def test_an_environment_without_the_al2023_image_type_is_updated_to_it():
+    """Environments made before the image type was pinned (Batch's default then ECS_AL2)
+    are updated to ECS_AL2023; what Batch adds to the entry is not a difference."""
+    request = environment_request()
+    assert request["computeResources"]["ec2Configuration"] == [{"imageType": "ECS_AL2023"}]
+    resources = {k: v for k, v in request["computeResources"].items()
+                 if k != "ec2Configuration"}
+    found = {"state": "ENABLED", "status": "VALID", "serviceRole": "service",
+             "computeResources": resources}
+    differences = batch_module.compute_environment_differences
+    assert differences(request, found) == ["ec2Configuration"]
+    resources["ec2Configuration"] = [{"imageType": "ECS_AL2"}]
+    assert differences(request, found) == ["ec2Configuration"]
+    resources["ec2Configuration"] = [{"imageType": "ECS_AL2023", "batchImageStatus": "LATEST"}]
+    assert differences(request, found) == []
+
+    fake = RuleKeepingBatch(NAMES)
+    name = described_as(fake, request, state="ENABLED", status="VALID")
+    fake.environments[name]["computeResources"] = dict(
+        request["computeResources"], ec2Configuration=[{"imageType": "ECS_AL2"}])
+    progress = Progress(echo=False)
+    batch_module.ensure_compute_environment(fake, request, progress, no_sleep)
+    assert steps_of(progress) == [(UPDATED, "compute environment", name, "ec2Configuration")]
+    assert fake.environments[name]["computeResources"]["ec2Configuration"] == [
+        {"imageType": "ECS_AL2023"}]
 
 
 def test_teardown_without_batch_permissions_under_ec2_says_it_did_not_look():
