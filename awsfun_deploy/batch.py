@@ -666,7 +666,8 @@ def batch_status(batch, names):
     """Return {"job_queue", "state", "status", "jobs": job_counts} or {"job_queue", "missing"}."""
     queue = batch_names(names)["queue"]
     found = _get_or_none(batch.describe_job_queues, "reading the job queue", jobQueues=[queue])
-    described = next(iter((found or {}).get("jobQueues") or []), None)
+    # A deleted queue is described as DELETED for a while: missing, as read_live reads it.
+    described = read_live(next(iter((found or {}).get("jobQueues") or []), None))
     if described is None:
         return {"job_queue": queue, "missing": True}
     return {"job_queue": queue, "state": described.get("state"),

@@ -496,6 +496,13 @@ def test_a_deploy_soon_after_a_teardown_creates_what_is_still_described(status):
     assert fake.queues[parts["queue"]]["status"] == "VALID"
 
 
+def test_status_reads_a_queue_described_as_deleted_as_missing():
+    fake = RuleKeepingBatch(NAMES)
+    queue = batch_names(NAMES)["queue"]
+    fake.queues[queue]["status"] = "DELETED"
+    assert batch_module.batch_status(fake, NAMES) == {"job_queue": queue, "missing": True}
+
+
 def test_an_environment_without_the_al2023_image_type_is_updated_to_it():
     """Environments made before the image type was pinned (Batch's default then ECS_AL2)
     are updated to ECS_AL2023; what Batch adds to the entry is not a difference."""
