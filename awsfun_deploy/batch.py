@@ -29,6 +29,7 @@ from .core import (
     canonical,
     error_code,
     log_client_error,
+    plural,
 )
 from .iam import create_stack_role, ensure_profile_of, read_instance_profile, read_role
 from .names import STACK_TAG
@@ -58,6 +59,14 @@ INSTANCE_TYPES = ["optimal"]
 # API Reference, EvaluateOnExit: glob patterns, actions RETRY | EXIT, not case sensitive).
 EVALUATE_ON_EXIT = [{"action": "RETRY", "onStatusReason": "Host EC2*"},
                     {"action": "EXIT", "onReason": "*"}]
+# The instances' AMI family, named rather than left to Batch's default, which has moved: "If
+# Ec2Configuration isn't specified, the default is ECS_AL2 (Amazon Linux 2)", and "Starting
+# in January 2026, AWS Batch will change the default AMI for new Amazon ECS compute
+# environments from Amazon Linux 2 to Amazon Linux 2023" (AWS Batch API Reference,
+# Ec2Configuration; imageType ECS_AL2 | ECS_AL2023 | ...). Pinned, an environment made
+# before and one made after that change run the same AMI, the one the container image
+# (amazonlinux:2023) matches, and AL2's end of support does not reach it.
+IMAGE_TYPE = "ECS_AL2023"
 BATCH_SERVICE = "batch.amazonaws.com"
 # AWS names it AWSServiceRoleForBatch; moto 5.x AWSServiceRoleForbatch: its ARN is read back
 # (CreateServiceLinkedRole's answer, or ListRoles under its path), never built from a name.
@@ -66,6 +75,9 @@ ECS_INSTANCE_POLICY = "service-role/AmazonEC2ContainerServiceforEC2Role"
 # Waiting for Batch's asynchronous CREATING/UPDATING/DELETING states.
 WAIT_SECONDS = 600.0
 WAIT_DELAY = 5.0
+# After an update or a delete, a describe may still show the status from before it (an
+# INVALID one included) for a little while: INVALID fails a wait only after this long.
+INVALID_GRACE_SECONDS = 60.0
 # status: ListJobs per status, at most this many pages of 100 each.
 LIST_JOBS_PAGES = 10
 JOB_STATUSES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED",
@@ -106,7 +118,7 @@ def compute_environment_request(names, kind, max_vcpus, subnets, group_ids, prof
     SPOT with SPOT_PRICE_CAPACITY_OPTIMIZED needs no spotIamFleetRole: "This role is required
     if the allocation strategy set to BEST_FIT or if the allocation strategy isn't specified"
     (AWS Batch API Reference, ComputeResource). minvCpus 0: no instance while the queue is
-    empty.
+    empty. The AMI family is pinned (IMAGE_TYPE) rather than left to Batch's default.
     """
     if int(max_vcpus) < 1:
         raise DeployError(f"--max-vcpus {max_vcpus}: at least 1")
@@ -125,6 +137,7 @@ def compute_environment_request(names, kind, max_vcpus, subnets, group_ids, prof
             "subnets": list(subnets),
             "securityGroupIds": list(group_ids),
             "instanceRole": profile_arn,
+            "ec2Configuration": [{"imageType": IMAGE_TYPE}],
             "tags": {STACK_TAG: names.prefix},
         },
         "serviceRole": service_role_arn,
@@ -223,8 +236,22 @@ def job_definition_differences(request, revision):
     return found
 
 
+# What UpdateComputeEnvironment's ComputeResourceUpdate takes of what we set (AWS Batch API
+# Reference, ComputeResourceUpdate); ec2Configuration included: moto echoes computeResources
+# as created (not as updated), so a second deploy on moto still reads it back equal.
 COMPUTE_UPDATABLE = ("minvCpus", "maxvCpus", "subnets", "securityGroupIds", "instanceTypes",
-                     "instanceRole")
+                     "instanceRole", "ec2Configuration")
+
+
+def _comparable(key, value):
+    """A computeResources setting as compared (pure): lists unordered; ec2Configuration as
+    its image types only, since Batch may add to an entry what we do not set
+    (Ec2Configuration also has imageIdOverride, batchImageStatus)."""
+    if key == "ec2Configuration":
+        return sorted(entry.get("imageType") for entry in value or [])
+    if isinstance(value, list):
+        return sorted(value)
+    return value
 
 
 def compute_environment_differences(request, found):
@@ -239,9 +266,7 @@ def compute_environment_differences(request, found):
                 f"{have.get(key)!r}, not {wanted[key]!r}: remove it (./deploy.sh teardown) "
                 "or choose another --prefix")
     differences = [key for key in COMPUTE_UPDATABLE
-                   if (sorted(wanted[key]) if isinstance(wanted[key], list) else wanted[key])
-                   != (sorted(have.get(key) or []) if isinstance(wanted[key], list)
-                       else have.get(key))]
+                   if _comparable(key, wanted[key]) != _comparable(key, have.get(key))]
     if found.get("state") != "ENABLED":
         differences.append("state")
     if found.get("status") == "INVALID":
@@ -286,15 +311,19 @@ def active_revisions(batch, name):
     return sorted(found, key=lambda d: d["revision"], reverse=True)
 
 
-def wait_for(read, done, what, name, sleep=time.sleep, timeout=WAIT_SECONDS, delay=WAIT_DELAY):
+def wait_for(read, done, what, name, sleep=time.sleep, timeout=WAIT_SECONDS, delay=WAIT_DELAY,
+             invalid_after=0.0):
     """Poll read() until done(answer) holds (an answer of None: gone); return the last answer.
-    DeployError after `timeout` seconds of waiting or on an INVALID status."""
+    DeployError after `timeout` seconds of waiting, or on an INVALID status read once
+    `invalid_after` seconds have been waited (0: at the first read; None: never, for a
+    caller to whom INVALID is no failure)."""
     waited = 0.0
     while True:
         answer = read()
         if done(answer):
             return answer
-        if answer and answer.get("status") == "INVALID":
+        if answer and answer.get("status") == "INVALID" and invalid_after is not None \
+                and waited >= invalid_after:
             raise DeployError(f"{what} {name} is INVALID: {answer.get('statusReason')}")
         if waited >= timeout:
             raise DeployError(f"gave up waiting for {what} {name} "
@@ -306,6 +335,18 @@ def wait_for(read, done, what, name, sleep=time.sleep, timeout=WAIT_SECONDS, del
 def settled(answer):
     """True when a compute environment or queue is VALID, not CREATING/UPDATING (pure)."""
     return answer is not None and answer.get("status") == "VALID"
+
+
+def disabled(answer):
+    """True when a compute environment or queue is DISABLED and no change is under way: its
+    status VALID or INVALID, not CREATING/UPDATING (pure)."""
+    return (answer is not None and answer.get("state") == "DISABLED"
+            and answer.get("status") in ("VALID", "INVALID"))
+
+
+def gone(answer):
+    """True when read_live found nothing (pure)."""
+    return answer is None
 
 
 # --- ensure -----------------------------------------------------------------------------------
@@ -378,10 +419,23 @@ def ensure_instance_role(iam, names, progress):
                              "batch instance profile")
 
 
+def read_absent_or_live(read, what, name, sleep):
+    """Return read_live(read()), waiting first until one being deleted (DELETING) is gone:
+    Batch describes a deleted item as DELETED for a while and refuses to update it, so a
+    deploy soon after a teardown creates it again. DeployError when the wait times out."""
+    found = read_live(read())
+    if found is not None and found.get("status") == "DELETING":
+        found = wait_for(lambda: read_live(read()), gone, what, name, sleep,
+                         invalid_after=INVALID_GRACE_SECONDS)
+    return found
+
+
 def ensure_compute_environment(batch, request, progress, sleep=time.sleep):
-    """Create or update one compute environment and wait until it is VALID; return its ARN."""
+    """Create or update one compute environment and wait until it is VALID; return its ARN.
+    DeployError when it is still INVALID INVALID_GRACE_SECONDS after an update."""
     name = request["computeEnvironmentName"]
-    found = read_compute_environment(batch, name)
+    found = read_absent_or_live(lambda: read_compute_environment(batch, name),
+                                "compute environment", name, sleep)
     if found is None:
         batch.create_compute_environment(**request)
         outcome, detail = CREATED, ""
@@ -394,8 +448,10 @@ def ensure_compute_environment(batch, request, progress, sleep=time.sleep):
                                              serviceRole=request["serviceRole"])
         outcome = UPDATED if differences else IN_PLACE
         detail = ", ".join(differences)
+    # After an update the first describes may still show the INVALID from before it.
     found = wait_for(lambda: read_compute_environment(batch, name), settled,
-                     "compute environment", name, sleep)
+                     "compute environment", name, sleep,
+                     invalid_after=INVALID_GRACE_SECONDS if outcome == UPDATED else 0.0)
     progress.record(outcome, "compute environment", name, detail)
     return found["computeEnvironmentArn"]
 
@@ -403,7 +459,7 @@ def ensure_compute_environment(batch, request, progress, sleep=time.sleep):
 def ensure_job_queue(batch, request, progress, sleep=time.sleep):
     """Create or update the job queue and wait until it is VALID; return its ARN."""
     name = request["jobQueueName"]
-    found = read_job_queue(batch, name)
+    found = read_absent_or_live(lambda: read_job_queue(batch, name), "job queue", name, sleep)
     if found is None:
         batch.create_job_queue(**request)
         outcome, differences = CREATED, []
@@ -414,7 +470,8 @@ def ensure_job_queue(batch, request, progress, sleep=time.sleep):
                                    priority=request["priority"],
                                    computeEnvironmentOrder=request["computeEnvironmentOrder"])
         outcome = UPDATED if differences else IN_PLACE
-    found = wait_for(lambda: read_job_queue(batch, name), settled, "job queue", name, sleep)
+    found = wait_for(lambda: read_job_queue(batch, name), settled, "job queue", name, sleep,
+                     invalid_after=INVALID_GRACE_SECONDS if differences else 0.0)
     progress.record(outcome, "job queue", name, ", ".join(differences))
     return found["jobQueueArn"]
 
@@ -455,28 +512,32 @@ def ensure_batch(batch, iam, names, subnets, group_ids, progress, max_vcpus=DEFA
 
 # --- teardown ---------------------------------------------------------------------------------
 
-def _disable_then_delete(read, disable, delete, what, name, progress, sleep):
-    """DISABLED, wait until VALID (not UPDATING), delete, wait until gone. "You must first
-    disable ... and wait for it to be VALID" before DeleteJobQueue / DeleteComputeEnvironment
-    (AWS Batch API Reference, DeleteJobQueue, DeleteComputeEnvironment)."""
+def _disable_then_delete(read, disable, delete, what, name, progress, sleep,
+                         before=lambda: ""):
+    """Disable, wait until that change has settled, delete, wait until gone; read() is a
+    read_live. "Before you can delete a compute environment, you must set its state to
+    DISABLED with the UpdateComputeEnvironment API operation and disassociate it from any job
+    queues with the UpdateJobQueue API operation" (AWS Batch API Reference,
+    DeleteComputeEnvironment); "You must first disable submissions for a queue with the
+    UpdateJobQueue operation" (DeleteJobQueue). Neither asks for a VALID status: an INVALID
+    one (e.g. made before IAM had propagated its instance profile) is deleted as well. The
+    wait for a settled status (VALID or INVALID) is for our own disabling, which reads
+    UPDATING until Batch has applied it. before() is called once before disabling; what it
+    returns is the detail of the progress line."""
     found = read()
     if found is None:
         progress.record(GONE, what, name)
         return
-    if found.get("status") == "DELETING":
-        wait_for(read, lambda answer: answer is None or answer.get("status") == "DELETED",
-                 what, name, sleep)
-        progress.record(DELETED, what, name)
-        return
-    if found.get("state") != "DISABLED":
-        disable()
-    wait_for(read, lambda answer: answer is not None and answer.get("state") == "DISABLED"
-             and answer.get("status") == "VALID", what, name, sleep)
-    delete()
-    # Described as DELETED for a while after, then not at all.
-    wait_for(read, lambda answer: answer is None or answer.get("status") == "DELETED",
-             what, name, sleep)
-    progress.record(DELETED, what, name)
+    detail = ""
+    if found.get("status") != "DELETING":
+        detail = before()
+        if found.get("state") != "DISABLED":
+            disable()
+        wait_for(read, disabled, what, name, sleep, invalid_after=None)
+        delete()
+    # Described as DELETED (read_live: None) for a while after, then not at all.
+    wait_for(read, gone, what, name, sleep, invalid_after=INVALID_GRACE_SECONDS)
+    progress.record(DELETED, what, name, detail)
 
 
 def teardown_batch(batch, iam, names, progress, sleep=time.sleep, required=True):
@@ -508,7 +569,10 @@ def _remove(batch, iam, names, parts, progress, sleep):
     _disable_then_delete(
         lambda: read_live(read_job_queue(batch, queue)),
         lambda: batch.update_job_queue(jobQueue=queue, state="DISABLED"),
-        lambda: batch.delete_job_queue(jobQueue=queue), "job queue", queue, progress, sleep)
+        lambda: batch.delete_job_queue(jobQueue=queue), "job queue", queue, progress, sleep,
+        # "All jobs in the queue are eventually terminated when you delete a job queue"
+        # (AWS Batch API Reference, DeleteJobQueue): say how many, before they are.
+        lambda: unfinished_jobs_detail(job_counts(batch, queue, LIVE_STATUSES, pages=1)))
     for kind in ("spot", "ondemand"):
         name = parts[kind]
         _disable_then_delete(
@@ -521,8 +585,20 @@ def _remove(batch, iam, names, parts, progress, sleep):
     for revision in revisions:
         batch.deregister_job_definition(jobDefinition=revision["jobDefinitionArn"])
     progress.record(DELETED if revisions else GONE, "job definition", parts["definition"],
-                    f"{len(revisions)} revisions deregistered" if revisions else "")
+                    f"{plural(len(revisions), 'revision')} deregistered" if revisions else "")
     delete_instance_role(iam, parts["instance_role"], progress)
+
+
+def unfinished_jobs_detail(counts):
+    """Return the queue's teardown detail for {status: count} of its unfinished jobs, "" when
+    there is none; a count "N+" (job_counts' cap) makes the total "at least" (pure)."""
+    total = sum(int(str(count).rstrip("+")) for count in counts.values())
+    if not total:
+        return ""
+    capped = any(str(count).endswith("+") for count in counts.values())
+    number = f"{total:,}+ unfinished jobs" if capped else plural(total, "unfinished job")
+    return (f"{number} terminated with it: their inputs get no report; reconcile after the "
+            "next deploy submits them again")
 
 
 def read_live(answer):
@@ -590,7 +666,8 @@ def batch_status(batch, names):
     """Return {"job_queue", "state", "status", "jobs": job_counts} or {"job_queue", "missing"}."""
     queue = batch_names(names)["queue"]
     found = _get_or_none(batch.describe_job_queues, "reading the job queue", jobQueues=[queue])
-    described = next(iter((found or {}).get("jobQueues") or []), None)
+    # A deleted queue is described as DELETED for a while: missing, as read_live reads it.
+    described = read_live(next(iter((found or {}).get("jobQueues") or []), None))
     if described is None:
         return {"job_queue": queue, "missing": True}
     return {"job_queue": queue, "state": described.get("state"),

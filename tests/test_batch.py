@@ -26,7 +26,7 @@ from awsfun_deploy.batch import (
     job_script,
     teardown_batch,
 )
-from awsfun_deploy.core import CREATED, DELETED, GONE, KEPT, Progress
+from awsfun_deploy.core import CREATED, DELETED, GONE, KEPT, UPDATED, Progress
 from awsfun_deploy.names import deployed_names
 
 NAMES = deploy.derive_names("su2c", "123456789012", "us-east-1")
@@ -98,6 +98,8 @@ def test_deploy_engine_batch_makes_spot_then_on_demand_a_queue_and_the_job_defin
     for resources in (spot, ondemand):
         assert (resources["minvCpus"], resources["maxvCpus"]) == (0, 8)
         assert resources["instanceTypes"] == ["optimal"]
+        # moto keeps what it was given, so this checks the request and that moto takes it.
+        assert resources["ec2Configuration"] == [{"imageType": "ECS_AL2023"}]
         # The EC2 engine's placement: the default VPC's default subnets, the stack's group.
         assert resources["securityGroupIds"] == [result["security_group_id"]]
         assert resources["subnets"]
@@ -206,12 +208,19 @@ def refuse(message, operation):
 class RuleKeepingBatch:
     """A Batch client that keeps AWS's rules moto skips: DeleteJobQueue only of a DISABLED
     queue, DeleteComputeEnvironment only of a DISABLED environment no queue refers to
-    (AWS Batch API Reference, DeleteJobQueue, DeleteComputeEnvironment). A change takes one
-    describe in UPDATING, a deletion one in DELETING, then DELETED."""
+    (AWS Batch API Reference, DeleteJobQueue, DeleteComputeEnvironment), neither while a
+    change is under way (UPDATING); no update of what is being deleted or is deleted, and
+    no create under a name still in use (DELETING). A change takes one describe in
+    UPDATING (or CREATING) and then settles to the item's "_settles" status (VALID unless a
+    test says INVALID); a deletion one describe in DELETING, then DELETED. An item in
+    `stale` is described once more as it was before the last write, as Batch's eventually
+    consistent describe may (names in `stale_after_write`). `jobs` holds {status: number} for ListJobs of the queue."""
 
     def __init__(self, names):
         parts = batch_names(names)
         self.calls = []
+        self.stale, self.stale_after_write = {}, set()
+        self.jobs = {}
         self.environments = {parts[k]: {"computeEnvironmentName": parts[k], "state": "ENABLED",
                                         "status": "VALID"} for k in ("spot", "ondemand")}
         self.queues = {parts["queue"]: {"jobQueueName": parts["queue"], "state": "ENABLED",
@@ -225,38 +234,71 @@ class RuleKeepingBatch:
     @staticmethod
     def _tick(items):
         for item in items.values():
-            if item["status"] == "UPDATING":
-                item["status"] = "VALID"
+            if item["status"] in ("UPDATING", "CREATING"):
+                item["status"] = item.get("_settles", "VALID")
             elif item["status"] == "DELETING":
                 item["status"] = "DELETED"
 
+    def _describe(self, items, names):
+        answer = []
+        for name in names:
+            if name in self.stale:
+                answer.append(self.stale.pop(name))
+            elif name in items:
+                answer.append({k: v for k, v in items[name].items() if not k.startswith("_")})
+        self._tick(items)
+        return answer
+
+    def _write(self, items, name, operation):
+        """The item about to change, its description kept for one stale read; refused when
+        it is being deleted or is deleted, as Batch refuses an update of it."""
+        found = items[name]
+        if found["status"] in ("DELETING", "DELETED"):
+            raise refuse(f"{name} is {found['status']}", operation)
+        if name in self.stale_after_write:
+            self.stale[name] = {k: v for k, v in found.items() if not k.startswith("_")}
+        return found
+
     def describe_job_queues(self, jobQueues):
         self.calls.append("DescribeJobQueues")
-        answer = [dict(self.queues[n]) for n in jobQueues if n in self.queues]
-        self._tick(self.queues)
-        return {"jobQueues": answer}
+        return {"jobQueues": self._describe(self.queues, jobQueues)}
 
     def describe_compute_environments(self, computeEnvironments):
         self.calls.append("DescribeComputeEnvironments")
-        answer = [dict(self.environments[n]) for n in computeEnvironments
-                  if n in self.environments]
-        self._tick(self.environments)
-        return {"computeEnvironments": answer}
+        return {"computeEnvironments": self._describe(self.environments, computeEnvironments)}
 
-    def update_job_queue(self, jobQueue, state):
+    def create_job_queue(self, jobQueueName, **request):
+        self.calls.append("CreateJobQueue")
+        if self.queues.get(jobQueueName, {}).get("status", "DELETED") != "DELETED":
+            raise refuse("Object already exists", "CreateJobQueue")
+        self.queues[jobQueueName] = dict(request, jobQueueName=jobQueueName, status="CREATING",
+                                         jobQueueArn=f"arn:queue:{jobQueueName}")
+
+    def update_job_queue(self, jobQueue, state, **request):
         self.calls.append(f"UpdateJobQueue {state}")
-        self.queues[jobQueue].update(state=state, status="UPDATING")
+        self._write(self.queues, jobQueue, "UpdateJobQueue").update(
+            request, state=state, status="UPDATING")
 
     def delete_job_queue(self, jobQueue):
         self.calls.append("DeleteJobQueue")
         queue = self.queues[jobQueue]
-        if queue["state"] != "DISABLED" or queue["status"] != "VALID":
-            raise refuse("Job queue must be disabled and VALID", "DeleteJobQueue")
+        if queue["state"] != "DISABLED" or queue["status"] not in ("VALID", "INVALID"):
+            raise refuse("Job queue must be disabled and not UPDATING", "DeleteJobQueue")
         queue["status"] = "DELETING"
 
-    def update_compute_environment(self, computeEnvironment, state):
+    def create_compute_environment(self, computeEnvironmentName, **request):
+        self.calls.append(f"CreateComputeEnvironment {computeEnvironmentName}")
+        if self.environments.get(computeEnvironmentName, {}).get(
+                "status", "DELETED") != "DELETED":
+            raise refuse("Object already exists", "CreateComputeEnvironment")
+        self.environments[computeEnvironmentName] = dict(
+            request, computeEnvironmentName=computeEnvironmentName, status="CREATING",
+            computeEnvironmentArn=f"arn:ce:{computeEnvironmentName}")
+
+    def update_compute_environment(self, computeEnvironment, state, **request):
         self.calls.append(f"UpdateComputeEnvironment {state}")
-        self.environments[computeEnvironment].update(state=state, status="UPDATING")
+        found = self._write(self.environments, computeEnvironment, "UpdateComputeEnvironment")
+        found.update(request, state=state, status="UPDATING")
 
     def delete_compute_environment(self, computeEnvironment):
         self.calls.append(f"DeleteComputeEnvironment {computeEnvironment}")
@@ -266,16 +308,21 @@ class RuleKeepingBatch:
                for e in q["computeEnvironmentOrder"]):
             raise refuse("Cannot delete, found existing JobQueue relationship",
                          "DeleteComputeEnvironment")
-        if found["state"] != "DISABLED" or found["status"] != "VALID":
+        # DISABLED is the rule (DeleteComputeEnvironment); INVALID is no bar, UPDATING is.
+        if found["state"] != "DISABLED" or found["status"] not in ("VALID", "INVALID"):
             raise refuse("Compute environment must be disabled", "DeleteComputeEnvironment")
         found["status"] = "DELETING"
 
     def get_paginator(self, name):
-        assert name == "describe_job_definitions"
+        assert name in ("describe_job_definitions", "list_jobs")
         outer = self
 
         class Pages:
-            def paginate(self, jobDefinitionName, status):
+            def paginate(self, jobDefinitionName=None, status=None, jobQueue=None,
+                         jobStatus=None, PaginationConfig=None):
+                if name == "list_jobs":
+                    outer.calls.append(f"ListJobs {jobStatus}")
+                    return [{"jobSummaryList": [{"jobName": "j"}] * outer.jobs.get(jobStatus, 0)}]
                 return [{"jobDefinitions": [d for d in outer.definitions
                                             if d["status"] == status]}]
         return Pages()
@@ -305,6 +352,14 @@ def test_the_fake_client_refuses_what_aws_refuses():
         fake.delete_job_queue(jobQueue=parts["queue"])
     with pytest.raises(ClientError):
         fake.delete_compute_environment(computeEnvironment=parts["spot"])
+    # Disabled but not yet applied (UPDATING): refused; DISABLED and INVALID: deleted.
+    fake.queues = {}
+    fake.update_compute_environment(computeEnvironment=parts["spot"], state="DISABLED")
+    with pytest.raises(ClientError):
+        fake.delete_compute_environment(computeEnvironment=parts["spot"])
+    fake.environments[parts["spot"]]["status"] = "INVALID"
+    fake.delete_compute_environment(computeEnvironment=parts["spot"])
+    assert fake.environments[parts["spot"]]["status"] == "DELETING"
 
 
 def test_teardown_disables_and_waits_before_each_delete_queue_first():
@@ -312,7 +367,7 @@ def test_teardown_disables_and_waits_before_each_delete_queue_first():
     parts = batch_names(NAMES)
     progress = Progress(echo=False)
     teardown_batch(fake, NoIam(), NAMES, progress, sleep=no_sleep)
-    writes = [c for c in fake.calls if not c.startswith("Describe")]
+    writes = [c for c in fake.calls if not c.startswith(("Describe", "ListJobs"))]
     assert writes == [
         "UpdateJobQueue DISABLED", "DeleteJobQueue",
         "UpdateComputeEnvironment DISABLED", f"DeleteComputeEnvironment {parts['spot']}",
@@ -321,6 +376,158 @@ def test_teardown_disables_and_waits_before_each_delete_queue_first():
     assert all(item["status"] == "DELETED"
                for item in [*fake.queues.values(), *fake.environments.values()])
     assert [d["status"] for d in fake.definitions] == ["INACTIVE", "INACTIVE"]
+
+
+def steps_of(progress):
+    return [(s["outcome"], s["what"], s["name"], s["detail"]) for s in progress.steps]
+
+
+def test_teardown_deletes_an_invalid_compute_environment_and_goes_on():
+    """An environment made before IAM had propagated its instance profile is INVALID and
+    stays INVALID once disabled; DeleteComputeEnvironment asks for DISABLED only, so it is
+    deleted, and the rest after it."""
+    fake = RuleKeepingBatch(NAMES)
+    parts = batch_names(NAMES)
+    fake.environments[parts["spot"]].update(status="INVALID", _settles="INVALID",
+                                            statusReason="instance profile not found")
+    # The first describe after disabling may still show it ENABLED (and INVALID).
+    fake.stale_after_write.add(parts["spot"])
+    progress = Progress(echo=False)
+    teardown_batch(fake, NoIam(), NAMES, progress, sleep=no_sleep)
+    assert [s[:3] for s in steps_of(progress)][:4] == [
+        (DELETED, "job queue", parts["queue"]),
+        (DELETED, "compute environment", parts["spot"]),
+        (DELETED, "compute environment", parts["ondemand"]),
+        (DELETED, "job definition", parts["definition"])]
+    assert all(item["status"] == "DELETED"
+               for item in [*fake.queues.values(), *fake.environments.values()])
+
+
+def test_teardown_counts_the_unfinished_jobs_its_queue_deletion_terminates():
+    """"All jobs in the queue are eventually terminated when you delete a job queue" (AWS
+    Batch API Reference, DeleteJobQueue): the queue's line says how many, counted before it
+    is disabled, one ListJobs page per unfinished status."""
+    fake = RuleKeepingBatch(NAMES)
+    fake.jobs = {"RUNNABLE": 2, "RUNNING": 1, "SUCCEEDED": 5, "FAILED": 1}
+    progress = Progress(echo=False)
+    teardown_batch(fake, NoIam(), NAMES, progress, sleep=no_sleep)
+    (queue,) = [s for s in steps_of(progress) if s[1] == "job queue"]
+    assert queue[3] == ("3 unfinished jobs terminated with it: their inputs get no report; "
+                        "reconcile after the next deploy submits them again")
+    listed = [c for c in fake.calls if c.startswith("ListJobs")]
+    assert listed == [f"ListJobs {status}" for status in batch_module.LIVE_STATUSES]
+    assert fake.calls.index(listed[-1]) < fake.calls.index("UpdateJobQueue DISABLED")
+
+    fake = RuleKeepingBatch(NAMES)
+    fake.jobs = {"SUCCEEDED": 5}
+    progress = Progress(echo=False)
+    teardown_batch(fake, NoIam(), NAMES, progress, sleep=no_sleep)
+    assert [s[3] for s in steps_of(progress) if s[1] == "job queue"] == [""]
+
+
+def test_unfinished_jobs_detail_counts_a_capped_status_as_at_least():
+    detail = batch_module.unfinished_jobs_detail
+    assert detail({"RUNNABLE": 0, "RUNNING": 0}) == ""
+    assert detail({"RUNNABLE": 1, "RUNNING": 0}).startswith("1 unfinished job terminated ")
+    assert detail({"RUNNABLE": "100+", "RUNNING": 2}).startswith(
+        "102+ unfinished jobs terminated ")
+
+
+def test_teardown_says_one_revision_in_the_singular():
+    fake = RuleKeepingBatch(NAMES)
+    fake.definitions = fake.definitions[:1]
+    progress = Progress(echo=False)
+    teardown_batch(fake, NoIam(), NAMES, progress, sleep=no_sleep)
+    assert [s[3] for s in steps_of(progress) if s[1] == "job definition"] == [
+        "1 revision deregistered"]
+
+
+def described_as(fake, request, **found):
+    """Put into the fake the compute environment `request` makes, with `found` over it."""
+    name = request["computeEnvironmentName"]
+    fake.environments[name] = dict(request, computeEnvironmentArn=f"arn:ce:{name}", **found)
+    return name
+
+
+def environment_request(kind="spot"):
+    return batch_module.compute_environment_request(
+        NAMES, kind, 16, ["subnet-a"], ["sg-1"], "profile", "service")
+
+
+def test_an_update_of_an_invalid_environment_outlasts_a_stale_invalid_read():
+    """The deploy updates an INVALID environment; Batch's describe may still show it INVALID
+    from before the update, which is no reason to give up at once."""
+    fake = RuleKeepingBatch(NAMES)
+    request = environment_request()
+    name = described_as(fake, request, state="ENABLED", status="INVALID",
+                        statusReason="instance profile not found")
+    fake.stale_after_write.add(name)
+    progress = Progress(echo=False)
+    assert batch_module.ensure_compute_environment(fake, request, progress, no_sleep) == \
+        f"arn:ce:{name}"
+    assert steps_of(progress) == [
+        (UPDATED, "compute environment", name, "INVALID (instance profile not found)")]
+    # Still INVALID once the update has been applied: the deploy stops, after the grace.
+    fake = RuleKeepingBatch(NAMES)
+    described_as(fake, request, state="ENABLED", status="INVALID", _settles="INVALID",
+                 statusReason="instance profile not found")
+    with pytest.raises(deploy.DeployError, match="is INVALID: instance profile not found"):
+        batch_module.ensure_compute_environment(fake, request, Progress(echo=False), no_sleep)
+
+
+@pytest.mark.parametrize("status", ["DELETED", "DELETING"])
+def test_a_deploy_soon_after_a_teardown_creates_what_is_still_described(status):
+    """A deleted environment or queue is described as DELETED (DELETING before) for a while;
+    Batch refuses to update it: it is created again, once gone."""
+    fake = RuleKeepingBatch(NAMES)
+    parts = batch_names(NAMES)
+    request = environment_request()
+    described_as(fake, request, state="DISABLED", status=status)
+    queue_request = batch_module.job_queue_request(NAMES)
+    fake.queues[parts["queue"]] = dict(queue_request, state="DISABLED", status=status)
+    progress = Progress(echo=False)
+    batch_module.ensure_compute_environment(fake, request, progress, no_sleep)
+    batch_module.ensure_job_queue(fake, queue_request, progress, no_sleep)
+    assert [s[:3] for s in steps_of(progress)] == [
+        (CREATED, "compute environment", parts["spot"]), (CREATED, "job queue", parts["queue"])]
+    assert [c for c in fake.calls if not c.startswith("Describe")] == [
+        f"CreateComputeEnvironment {parts['spot']}", "CreateJobQueue"]
+    assert fake.environments[parts["spot"]]["status"] == "VALID"
+    assert fake.queues[parts["queue"]]["status"] == "VALID"
+
+
+def test_status_reads_a_queue_described_as_deleted_as_missing():
+    fake = RuleKeepingBatch(NAMES)
+    queue = batch_names(NAMES)["queue"]
+    fake.queues[queue]["status"] = "DELETED"
+    assert batch_module.batch_status(fake, NAMES) == {"job_queue": queue, "missing": True}
+
+
+def test_an_environment_without_the_al2023_image_type_is_updated_to_it():
+    """Environments made before the image type was pinned (Batch's default then ECS_AL2)
+    are updated to ECS_AL2023; what Batch adds to the entry is not a difference."""
+    request = environment_request()
+    assert request["computeResources"]["ec2Configuration"] == [{"imageType": "ECS_AL2023"}]
+    resources = {k: v for k, v in request["computeResources"].items()
+                 if k != "ec2Configuration"}
+    found = {"state": "ENABLED", "status": "VALID", "serviceRole": "service",
+             "computeResources": resources}
+    differences = batch_module.compute_environment_differences
+    assert differences(request, found) == ["ec2Configuration"]
+    resources["ec2Configuration"] = [{"imageType": "ECS_AL2"}]
+    assert differences(request, found) == ["ec2Configuration"]
+    resources["ec2Configuration"] = [{"imageType": "ECS_AL2023", "batchImageStatus": "LATEST"}]
+    assert differences(request, found) == []
+
+    fake = RuleKeepingBatch(NAMES)
+    name = described_as(fake, request, state="ENABLED", status="VALID")
+    fake.environments[name]["computeResources"] = dict(
+        request["computeResources"], ec2Configuration=[{"imageType": "ECS_AL2"}])
+    progress = Progress(echo=False)
+    batch_module.ensure_compute_environment(fake, request, progress, no_sleep)
+    assert steps_of(progress) == [(UPDATED, "compute environment", name, "ec2Configuration")]
+    assert fake.environments[name]["computeResources"]["ec2Configuration"] == [
+        {"imageType": "ECS_AL2023"}]
 
 
 def test_teardown_without_batch_permissions_under_ec2_says_it_did_not_look():
