@@ -19,19 +19,13 @@ import lambda_function
 from .artifacts import BOOTSTRAP_KEY, LAUNCHER_KEY, software_sources
 from .core import (
     CREATED,
-    DELETED,
-    GONE,
     IN_PLACE,
-    KEPT,
     UPDATED,
     DeployError,
-    _get_or_none,
     canonical,
-    error_code,
     log_client_error,
-    plural,
 )
-from .iam import create_stack_role, ensure_profile_of, read_instance_profile, read_role
+from .iam import create_stack_role, ensure_profile_of, read_role
 from .names import STACK_TAG
 
 logger = logging.getLogger(__name__)
@@ -78,11 +72,6 @@ WAIT_DELAY = 5.0
 # After an update or a delete, a describe may still show the status from before it (an
 # INVALID one included) for a little while: INVALID fails a wait only after this long.
 INVALID_GRACE_SECONDS = 60.0
-# status: ListJobs per status, at most this many pages of 100 each.
-LIST_JOBS_PAGES = 10
-JOB_STATUSES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED",
-                "FAILED")
-LIVE_STATUSES = JOB_STATUSES[:5]
 
 
 # --- names ------------------------------------------------------------------------------------
@@ -311,6 +300,11 @@ def active_revisions(batch, name):
     return sorted(found, key=lambda d: d["revision"], reverse=True)
 
 
+def read_live(answer):
+    """A description whose status is DELETED reads as gone (pure)."""
+    return None if answer is None or answer.get("status") == "DELETED" else answer
+
+
 def wait_for(read, done, what, name, sleep=time.sleep, timeout=WAIT_SECONDS, delay=WAIT_DELAY,
              invalid_after=0.0):
     """Poll read() until done(answer) holds (an answer of None: gone); return the last answer.
@@ -508,170 +502,6 @@ def ensure_batch(batch, iam, names, subnets, group_ids, progress, max_vcpus=DEFA
     ensure_job_definition(batch, definition, progress)
     parts = batch_names(names)
     return {"job_queue": parts["queue"], "job_definition": parts["definition"]}
-
-
-# --- teardown ---------------------------------------------------------------------------------
-
-def _disable_then_delete(read, disable, delete, what, name, progress, sleep,
-                         before=lambda: ""):
-    """Disable, wait until that change has settled, delete, wait until gone; read() is a
-    read_live. "Before you can delete a compute environment, you must set its state to
-    DISABLED with the UpdateComputeEnvironment API operation and disassociate it from any job
-    queues with the UpdateJobQueue API operation" (AWS Batch API Reference,
-    DeleteComputeEnvironment); "You must first disable submissions for a queue with the
-    UpdateJobQueue operation" (DeleteJobQueue). Neither asks for a VALID status: an INVALID
-    one (e.g. made before IAM had propagated its instance profile) is deleted as well. The
-    wait for a settled status (VALID or INVALID) is for our own disabling, which reads
-    UPDATING until Batch has applied it. before() is called once before disabling; what it
-    returns is the detail of the progress line."""
-    found = read()
-    if found is None:
-        progress.record(GONE, what, name)
-        return
-    detail = ""
-    if found.get("status") != "DELETING":
-        detail = before()
-        if found.get("state") != "DISABLED":
-            disable()
-        wait_for(read, disabled, what, name, sleep, invalid_after=None)
-        delete()
-    # Described as DELETED (read_live: None) for a while after, then not at all.
-    wait_for(read, gone, what, name, sleep, invalid_after=INVALID_GRACE_SECONDS)
-    progress.record(DELETED, what, name, detail)
-
-
-def teardown_batch(batch, iam, names, progress, sleep=time.sleep, required=True):
-    """Remove the queue, then the compute environments, every ACTIVE job definition revision
-    and the instance role and profile, in that order (a queue refers to the environments).
-
-    required=False (the function says ENGINE=ec2, or there is no function): leftovers are
-    removed just the same, but a deployer without batch:Describe* only hears that they were
-    not looked for (KEPT), since the EC2 engine's deployer policy holds no Batch action.
-    """
-    parts = batch_names(names)
-    try:
-        queue = read_job_queue(batch, parts["queue"])
-    except ClientError as err:
-        if required or error_code(err) not in ("AccessDenied", "AccessDeniedException"):
-            raise
-        progress.record(KEPT, "batch pieces", parts["queue"],
-                        "not looked for: no batch:DescribeJobQueues (deployer-policy "
-                        "--engine batch)")
-        return
-    if queue is not None or required or any(
-            read_compute_environment(batch, parts[k]) for k in ("spot", "ondemand")) or \
-            active_revisions(batch, parts["definition"]):
-        _remove(batch, iam, names, parts, progress, sleep)
-
-
-def _remove(batch, iam, names, parts, progress, sleep):
-    queue = parts["queue"]
-    _disable_then_delete(
-        lambda: read_live(read_job_queue(batch, queue)),
-        lambda: batch.update_job_queue(jobQueue=queue, state="DISABLED"),
-        lambda: batch.delete_job_queue(jobQueue=queue), "job queue", queue, progress, sleep,
-        # "All jobs in the queue are eventually terminated when you delete a job queue"
-        # (AWS Batch API Reference, DeleteJobQueue): say how many, before they are.
-        lambda: unfinished_jobs_detail(job_counts(batch, queue, LIVE_STATUSES, pages=1)))
-    for kind in ("spot", "ondemand"):
-        name = parts[kind]
-        _disable_then_delete(
-            lambda name=name: read_live(read_compute_environment(batch, name)),
-            lambda name=name: batch.update_compute_environment(computeEnvironment=name,
-                                                               state="DISABLED"),
-            lambda name=name: batch.delete_compute_environment(computeEnvironment=name),
-            "compute environment", name, progress, sleep)
-    revisions = active_revisions(batch, parts["definition"])
-    for revision in revisions:
-        batch.deregister_job_definition(jobDefinition=revision["jobDefinitionArn"])
-    progress.record(DELETED if revisions else GONE, "job definition", parts["definition"],
-                    f"{plural(len(revisions), 'revision')} deregistered" if revisions else "")
-    delete_instance_role(iam, parts["instance_role"], progress)
-
-
-def unfinished_jobs_detail(counts):
-    """Return the queue's teardown detail for {status: count} of its unfinished jobs, "" when
-    there is none; a count "N+" (job_counts' cap) makes the total "at least" (pure)."""
-    total = sum(int(str(count).rstrip("+")) for count in counts.values())
-    if not total:
-        return ""
-    capped = any(str(count).endswith("+") for count in counts.values())
-    number = f"{total:,}+ unfinished jobs" if capped else plural(total, "unfinished job")
-    return (f"{number} terminated with it: their inputs get no report; reconcile after the "
-            "next deploy submits them again")
-
-
-def read_live(answer):
-    """A description whose status is DELETED reads as gone (pure)."""
-    return None if answer is None or answer.get("status") == "DELETED" else answer
-
-
-def delete_instance_role(iam, role_name, progress):
-    """Delete the batch instance profile and role (attached policy detached); tolerate gone."""
-    profile = read_instance_profile(iam, role_name)
-    if profile is None:
-        progress.record(GONE, "batch instance profile", role_name)
-    else:
-        for role in profile.get("Roles", []):
-            iam.remove_role_from_instance_profile(InstanceProfileName=role_name,
-                                                  RoleName=role["RoleName"])
-        iam.delete_instance_profile(InstanceProfileName=role_name)
-        progress.record(DELETED, "batch instance profile", role_name)
-    role = read_role(iam, role_name)
-    if role is None:
-        progress.record(GONE, "batch instance role", role_name)
-        return
-    for name in role["inline"]:
-        iam.delete_role_policy(RoleName=role_name, PolicyName=name)
-    for arn in role["attached"]:
-        iam.detach_role_policy(RoleName=role_name, PolicyArn=arn)
-    iam.delete_role(RoleName=role_name)
-    progress.record(DELETED, "batch instance role", role_name)
-
-
-# --- status and reconcile ---------------------------------------------------------------------
-
-def _job_pages(batch, queue, status, pages):
-    """Yield (page, more) for at most `pages` pages of ListJobs of one status; `more` is True
-    when the last page read still has a nextToken (ListJobs answers 100 a page at most)."""
-    for number, page in enumerate(batch.get_paginator("list_jobs").paginate(
-            jobQueue=queue, jobStatus=status, PaginationConfig={"PageSize": 100}), 1):
-        yield page, number == pages and bool(page.get("nextToken"))
-        if number == pages:
-            return
-
-
-def job_counts(batch, queue, statuses=JOB_STATUSES, pages=LIST_JOBS_PAGES):
-    """Return {status: number of jobs} of a queue, reading at most `pages` pages of ListJobs
-    per status; a count that reached the cap is reported as "N+" (a string)."""
-    counts = {}
-    for status in statuses:
-        total, capped = 0, False
-        for page, more in _job_pages(batch, queue, status, pages):
-            total += len(page.get("jobSummaryList") or [])
-            capped = capped or more
-        counts[status] = f"{total}+" if capped else total
-    return counts
-
-
-def live_job_names(batch, queue, pages=LIST_JOBS_PAGES):
-    """Return the names of the queue's jobs that are not finished (at most `pages` pages of
-    ListJobs per status): the uploads that have a job under way."""
-    return {job["jobName"] for status in LIVE_STATUSES
-            for page, _ in _job_pages(batch, queue, status, pages)
-            for job in page.get("jobSummaryList") or []}
-
-
-def batch_status(batch, names):
-    """Return {"job_queue", "state", "status", "jobs": job_counts} or {"job_queue", "missing"}."""
-    queue = batch_names(names)["queue"]
-    found = _get_or_none(batch.describe_job_queues, "reading the job queue", jobQueues=[queue])
-    # A deleted queue is described as DELETED for a while: missing, as read_live reads it.
-    described = read_live(next(iter((found or {}).get("jobQueues") or []), None))
-    if described is None:
-        return {"job_queue": queue, "missing": True}
-    return {"job_queue": queue, "state": described.get("state"),
-            "status": described.get("status"), "jobs": job_counts(batch, queue)}
 
 
 def batch_subnets(ec2, subnets, vpc_id):

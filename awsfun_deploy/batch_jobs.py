@@ -1,4 +1,6 @@
-"""The Batch engine's ended jobs, for status and reconcile: what ended_workers is to EC2.
+"""The Batch engine's jobs as status and reconcile see them: counts by status, the names of
+those under way, and the ones that ended FAILED without a report (what ended_workers is to
+EC2).
 
 A job that ends FAILED without writing a report or an error report (its image could not be
 pulled, boto3 could not be installed, the host went away on its last attempt) leaves nothing
@@ -13,12 +15,73 @@ from datetime import datetime, timezone
 
 import lambda_function
 
-from .batch import _job_pages, read_job_queue, read_live
+from .batch import batch_names, read_job_queue, read_live
+from .core import _get_or_none, plural
 
 logger = logging.getLogger(__name__)
 
 # DescribeJobs takes up to 100 job ids a call (AWS Batch API Reference, DescribeJobs).
 DESCRIBE_JOBS_LIMIT = 100
+# status: ListJobs per status, at most this many pages of 100 each.
+LIST_JOBS_PAGES = 10
+JOB_STATUSES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED",
+                "FAILED")
+LIVE_STATUSES = JOB_STATUSES[:5]
+
+
+def job_pages(batch, queue, status, pages):
+    """Yield (page, more) for at most `pages` pages of ListJobs of one status; `more` is True
+    when the last page read still has a nextToken (ListJobs answers 100 a page at most)."""
+    for number, page in enumerate(batch.get_paginator("list_jobs").paginate(
+            jobQueue=queue, jobStatus=status, PaginationConfig={"PageSize": 100}), 1):
+        yield page, number == pages and bool(page.get("nextToken"))
+        if number == pages:
+            return
+
+
+def job_counts(batch, queue, statuses=JOB_STATUSES, pages=LIST_JOBS_PAGES):
+    """Return {status: number of jobs} of a queue, reading at most `pages` pages of ListJobs
+    per status; a count that reached the cap is reported as "N+" (a string)."""
+    counts = {}
+    for status in statuses:
+        total, capped = 0, False
+        for page, more in job_pages(batch, queue, status, pages):
+            total += len(page.get("jobSummaryList") or [])
+            capped = capped or more
+        counts[status] = f"{total}+" if capped else total
+    return counts
+
+
+def live_job_names(batch, queue, pages=LIST_JOBS_PAGES):
+    """Return the names of the queue's jobs that are not finished (at most `pages` pages of
+    ListJobs per status): the uploads that have a job under way."""
+    return {job["jobName"] for status in LIVE_STATUSES
+            for page, _ in job_pages(batch, queue, status, pages)
+            for job in page.get("jobSummaryList") or []}
+
+
+def batch_status(batch, names):
+    """Return {"job_queue", "state", "status", "jobs": job_counts} or {"job_queue", "missing"}."""
+    queue = batch_names(names)["queue"]
+    found = _get_or_none(batch.describe_job_queues, "reading the job queue", jobQueues=[queue])
+    # A deleted queue is described as DELETED for a while: missing, as read_live reads it.
+    described = read_live(next(iter((found or {}).get("jobQueues") or []), None))
+    if described is None:
+        return {"job_queue": queue, "missing": True}
+    return {"job_queue": queue, "state": described.get("state"),
+            "status": described.get("status"), "jobs": job_counts(batch, queue)}
+
+
+def unfinished_jobs_detail(counts):
+    """Return the queue's teardown detail for {status: count} of its unfinished jobs, "" when
+    there is none; a count "N+" (job_counts' cap) makes the total "at least" (pure)."""
+    total = sum(int(str(count).rstrip("+")) for count in counts.values())
+    if not total:
+        return ""
+    capped = any(str(count).endswith("+") for count in counts.values())
+    number = f"{total:,}+ unfinished jobs" if capped else plural(total, "unfinished job")
+    return (f"{number} terminated with it: their inputs get no report; reconcile after the "
+            "next deploy submits them again")
 
 
 def job_input(job):
@@ -68,7 +131,7 @@ def ended_jobs(batch, queue, bucket, pages=1):
     """
     if read_live(read_job_queue(batch, queue)) is None:
         return []
-    ids = [job["jobId"] for page, _ in _job_pages(batch, queue, "FAILED", pages)
+    ids = [job["jobId"] for page, _ in job_pages(batch, queue, "FAILED", pages)
            for job in page.get("jobSummaryList") or []]
     found = []
     for start in range(0, len(ids), DESCRIBE_JOBS_LIMIT):

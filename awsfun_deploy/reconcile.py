@@ -12,8 +12,8 @@ from botocore.exceptions import ClientError, WaiterError
 import AwsS3
 import lambda_function
 
-from .batch import LIVE_STATUSES, batch_names, live_job_names
-from .batch_jobs import ended_jobs
+from .batch import batch_names
+from .batch_jobs import LIVE_STATUSES, ended_jobs, live_job_names
 from .core import (
     GONE,
     DeployError,

@@ -37,8 +37,8 @@ from .function import (
 from .preflight import check_limits, check_preconditions, check_public_software
 from .batch import (
     DEFAULT_ENGINE, DEFAULT_IMAGE, DEFAULT_MAX_VCPUS, ENGINES, batch_subnets, ensure_batch,
-    teardown_batch,
 )
+from .batch_teardown import teardown_batch
 
 
 # IAM is eventually consistent: a policy change takes a few seconds to reach every service

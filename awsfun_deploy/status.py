@@ -37,9 +37,9 @@ from .function import (
 )
 from .reconcile import ended_detail, input_status
 from .batch import (
-    active_revisions, batch_names, batch_status, read_compute_environment, read_job_queue,
-    read_live,
+    active_revisions, batch_names, read_compute_environment, read_job_queue, read_live,
 )
+from .batch_jobs import batch_status
 
 
 def _iso(moment):

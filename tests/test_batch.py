@@ -16,6 +16,7 @@ from parliament import analyze_policy_string
 import deploy
 import lambda_function
 from awsfun_deploy import batch as batch_module
+from awsfun_deploy import batch_jobs as jobs_module
 from awsfun_deploy import reconcile as reconcile_module
 from awsfun_deploy.batch import (
     DEFAULT_IMAGE,
@@ -24,8 +25,8 @@ from awsfun_deploy.batch import (
     batch_names,
     job_definition_request,
     job_script,
-    teardown_batch,
 )
+from awsfun_deploy.batch_teardown import teardown_batch
 from awsfun_deploy.core import CREATED, DELETED, GONE, KEPT, UPDATED, Progress
 from awsfun_deploy.names import deployed_names
 
@@ -415,7 +416,7 @@ def test_teardown_counts_the_unfinished_jobs_its_queue_deletion_terminates():
     assert queue[3] == ("3 unfinished jobs terminated with it: their inputs get no report; "
                         "reconcile after the next deploy submits them again")
     listed = [c for c in fake.calls if c.startswith("ListJobs")]
-    assert listed == [f"ListJobs {status}" for status in batch_module.LIVE_STATUSES]
+    assert listed == [f"ListJobs {status}" for status in jobs_module.LIVE_STATUSES]
     assert fake.calls.index(listed[-1]) < fake.calls.index("UpdateJobQueue DISABLED")
 
     fake = RuleKeepingBatch(NAMES)
@@ -426,7 +427,7 @@ def test_teardown_counts_the_unfinished_jobs_its_queue_deletion_terminates():
 
 
 def test_unfinished_jobs_detail_counts_a_capped_status_as_at_least():
-    detail = batch_module.unfinished_jobs_detail
+    detail = jobs_module.unfinished_jobs_detail
     assert detail({"RUNNABLE": 0, "RUNNING": 0}) == ""
     assert detail({"RUNNABLE": 1, "RUNNING": 0}).startswith("1 unfinished job terminated ")
     assert detail({"RUNNABLE": "100+", "RUNNING": 2}).startswith(
@@ -500,7 +501,7 @@ def test_status_reads_a_queue_described_as_deleted_as_missing():
     fake = RuleKeepingBatch(NAMES)
     queue = batch_names(NAMES)["queue"]
     fake.queues[queue]["status"] = "DELETED"
-    assert batch_module.batch_status(fake, NAMES) == {"job_queue": queue, "missing": True}
+    assert jobs_module.batch_status(fake, NAMES) == {"job_queue": queue, "missing": True}
 
 
 def test_an_environment_without_the_al2023_image_type_is_updated_to_it():
@@ -686,7 +687,7 @@ def test_status_under_batch_says_the_engine_and_counts_the_queues_jobs(clients, 
     status = deploy.collect_status(clients, names)
     assert status["engine"] == "batch"
     assert status["batch"]["job_queue"] == batch_names(names)["queue"]
-    assert status["batch"]["jobs"] == {name: 0 for name in batch_module.JOB_STATUSES}
+    assert status["batch"]["jobs"] == {name: 0 for name in jobs_module.JOB_STATUSES}
     assert status["drift"] == []
     out = io.StringIO()
     deploy.print_status(status, stream=out)
@@ -725,11 +726,11 @@ def test_job_counts_reads_a_capped_number_of_pages():
             return Paginator()
 
     fake = Pages()
-    counts = batch_module.job_counts(fake, "q", pages=2)
+    counts = jobs_module.job_counts(fake, "q", pages=2)
     # Batch's ListJobs pages by nextToken (API Reference, ListJobs).
     assert counts["RUNNING"] == "200+" and counts["FAILED"] == 100
     assert fake.read.count("RUNNING") == 2
-    assert batch_module.job_counts(fake, "q", pages=5)["RUNNING"] == 500
+    assert jobs_module.job_counts(fake, "q", pages=5)["RUNNING"] == 500
 
 
 # --- reconcile --------------------------------------------------------------------------------
@@ -749,7 +750,7 @@ def submitted_jobs(clients, names):
     """Return [(job name, job id, status)] of every job in the stack's queue, by DescribeJobs."""
     batch = clients("batch")
     queue = batch_module.batch_names(names)["queue"]
-    ids = {job["jobId"] for status in batch_module.JOB_STATUSES
+    ids = {job["jobId"] for status in jobs_module.JOB_STATUSES
            for job in batch.list_jobs(jobQueue=queue, jobStatus=status)["jobSummaryList"]}
     return sorted((job["jobName"], job["jobId"], job["status"])
                   for job in batch.describe_jobs(jobs=sorted(ids))["jobs"]) if ids else []
