@@ -262,6 +262,9 @@ class LocalCloud:
         self.endpoint = None
         self.names = {}
         self.function_env = {}
+        # Settings a test puts over the deployed function's (fault tests: a short watchdog),
+        # kept across refresh_function_env as a redeploy would not keep them.
+        self.setting_overrides = {}
         self.config_faults = FaultLog(logger, "cannot read the function's configuration "
                                               "(its last one stays)")
         self.queue_url = None
@@ -489,6 +492,7 @@ class LocalCloud:
             self.config_faults.failed(err)
             return
         self.config_faults.succeeded()
+        fresh = {**fresh, **self.setting_overrides}
         for name in set(self.function_env) - set(fresh):
             os.environ.pop(name, None)
         self.function_env = fresh

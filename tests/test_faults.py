@@ -52,11 +52,9 @@ def cloud(shared_cloud, monkeypatch):
     # conftest's autouse fixture points every test at no endpoint: point this one at the cloud.
     for name, value in local_cloud.local_environment(shared_cloud.endpoint).items():
         monkeypatch.setenv(name, value)
-    saved = dict(shared_cloud.function_env)
     yield shared_cloud
     shared_cloud.before_boot = None
-    shared_cloud.function_env.clear()
-    shared_cloud.function_env.update(saved)
+    shared_cloud.setting_overrides.clear()
     publish_worker(shared_cloud)
     assert shared_cloud.wait_idle(60) == [], "a machine outlived its test"
 
@@ -79,7 +77,9 @@ def put(cloud, key, body):
 
 
 def set_handler_setting(cloud, monkeypatch, name, value):
-    """Change one of the function's settings for this test (the fixture restores it)."""
+    """Change one of the function's settings for this test (the fixture restores it); the
+    local Lambda reads the deployed configuration for each batch and puts this over it."""
+    cloud.setting_overrides[name] = value
     cloud.function_env[name] = value
     monkeypatch.setenv(name, value)
 

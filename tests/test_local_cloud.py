@@ -661,7 +661,7 @@ def test_a_lasting_instance_listing_fault_is_one_line_once(caplog, monkeypatch):
 def test_a_running_cloud_follows_redeploys_of_the_engine_and_settings(tmp_path, monkeypatch):
     """Lambda gives each new invocation the function's configuration as last updated: a
     redeploy against a running `up` with --engine batch has the next upload run as a Batch
-    job here, and one back to ec2 with --max-workers 3 has the next one boot an instance,
+    job here, and one back to --engine ec2 with --max-workers 3 has the next one boot an instance,
     its handler seeing MAX_WORKERS=3 and no JOB_QUEUE (dropped by the redeploy). The local
     cloud used to keep the configuration it read at start."""
     seen = []
@@ -698,7 +698,8 @@ def test_a_running_cloud_follows_redeploys_of_the_engine_and_settings(tmp_path, 
         redeploy("--engine", "batch", "--max-vcpus", "2")
         assert process("in/batch.csv")["ENGINE"] == "batch"
         assert [job["key"] for job in cloud.batch.jobs.values()] == ["in/batch.csv"]
-        redeploy("--max-workers", "3")
+        # deploy keeps the deployed engine without --engine: switching back names it.
+        redeploy("--engine", "ec2", "--max-workers", "3")
         assert process("in/ec2.csv") == {"ENGINE": None, "MAX_WORKERS": "3", "JOB_QUEUE": None}
         assert [machine["key"] for machine in cloud.machines.values()] == ["in/ec2.csv"]
         assert cloud.wait_idle() == []
