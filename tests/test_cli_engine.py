@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+from test_batch import ecs_instance_policy  # noqa: F401 - the autouse fixture that loads it
 from test_cli_errors import answer_with_error, assert_one_line
 
 import deploy
@@ -15,25 +16,6 @@ from awsfun_deploy.cli import build_parser, engine_note, resolve_engine
 from awsfun_deploy.core import Progress
 from awsfun_deploy.names import deployed_names
 from awsfun_deploy.status import compute_environment_line
-
-
-@pytest.fixture(autouse=True)
-def ecs_instance_policy(request):
-    """AWS has AmazonEC2ContainerServiceforEC2Role in every account; moto only when asked
-    (as tests/test_batch.py puts it there for the tests that deploy Batch)."""
-    if "clients" not in request.fixturenames:
-        return
-    from moto.iam.models import (
-        AWSManagedPolicy,
-        aws_managed_policies_data,
-        iam_backends,
-    )
-
-    request.getfixturevalue("clients")
-    name = batch_module.ECS_INSTANCE_POLICY.rsplit("/", 1)[1]
-    data = json.loads(aws_managed_policies_data)[name]
-    policy = AWSManagedPolicy.from_data(name, "123456789012", "us-east-1", data)
-    iam_backends["123456789012"]["aws"].managed_policies[policy.arn] = policy
 
 
 def function_env(clients, names):
