@@ -35,13 +35,22 @@ import traceback
 import urllib.request
 from pathlib import Path
 
+from botocore.exceptions import ClientError
+
 import AwsS3
 import lambda_function
 import local_batch
 import local_forkserver
 from awsfun_deploy import results
 from awsfun_deploy.cli import positive_int
-from awsfun_deploy.core import OneLineParser, escaped, middle_cut, one_line, plural
+from awsfun_deploy.core import (
+    OneLineParser,
+    error_code,
+    escaped,
+    middle_cut,
+    one_line,
+    plural,
+)
 
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / "samples"
@@ -122,9 +131,9 @@ class LocalCloudError(RuntimeError):
 
 
 def error_code_of(err):
-    """Return the AWS error code of an exception, or None when it is no ClientError (pure)."""
-    response = getattr(err, "response", None)
-    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    """Return the AWS error code of an exception (core.error_code), or None when it is no
+    ClientError (pure)."""
+    return (error_code(err) or None) if isinstance(err, ClientError) else None
 
 
 def error_line(err):
